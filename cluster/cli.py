@@ -1,0 +1,59 @@
+"""The `treelm` console script, assembled from the command groups each package owns.
+
+Each package's ``cli.py`` defines a ``typer.Typer`` group; this module only
+mounts them and turns the project's typed errors into a clear message and exit
+code 2 (never a traceback) for users.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from hierarchy.errors import HierarchyError
+from nodes.cli import base_app, tree_app
+from nodes.errors import NodesError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="treelm",
+    help="TreeLM: a tree of LoRA models over one base, served as one service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(tree_app, name="tree")
+app.add_typer(base_app, name="base")
+
+# Error types that are the user's to fix: printed plainly, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    err = Console(stderr=True)
+    try:
+        # Without standalone mode click returns typer.Exit's code instead of raising it.
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int):
+            return result
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err.print("[red]aborted[/red]")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except USER_ERRORS as exc:
+        err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
