@@ -6,7 +6,13 @@
     │   └── IntegrityError    a file whose sha256 differs from the recorded one
     ├── BuildError            a tree build step that failed (bad data, forgetting bound, ...)
     ├── ExportError           an export that cannot be produced
-    └── EngineError           generation errors (see nodes.engine for its subtypes)
+    └── EngineError           one request failed; the engine keeps serving others
+        ├── UnknownNode       the node id is not in the served tree
+        ├── InvalidRequest    a bad parameter; ``field`` names it
+        ├── QueueFull         admission queue over its bound (retry later)
+        ├── DeadlineExceeded  the request's deadline passed
+        ├── RequestCancelled  the caller cancelled (e.g. client disconnect)
+        └── EngineClosed      the engine is shutting down or stopped
 """
 
 from __future__ import annotations
@@ -16,9 +22,15 @@ __all__ = [
     "BaseModelError",
     "BuildError",
     "EngineError",
+    "DeadlineExceeded",
+    "EngineClosed",
     "ExportError",
     "IntegrityError",
+    "InvalidRequest",
     "NodesError",
+    "QueueFull",
+    "RequestCancelled",
+    "UnknownNode",
 ]
 
 
@@ -48,3 +60,31 @@ class ExportError(NodesError):
 
 class EngineError(NodesError):
     """Generation failed for one request (the engine keeps serving others)."""
+
+
+class UnknownNode(EngineError):
+    """The requested node id is not part of the tree this engine serves."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """A request parameter is out of range; ``field`` names it (e.g. ``params.top_p``)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class QueueFull(EngineError):
+    """The admission queue is at its bound; the caller should back off and retry."""
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed before it finished."""
+
+
+class RequestCancelled(EngineError):
+    """The request was cancelled by its caller."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down or stopped and accepts no new requests."""
