@@ -1,0 +1,200 @@
+"""Errors of the signed update protocol (all pure: raised before anything is changed).
+
+    UpdateError (HierarchyError)
+    ├── EnvelopeError            envelope bytes that are not a DSSE envelope
+    │   └── ManifestError        signed payload that is not a valid update manifest
+    ├── KeyFormatError           key bytes (PEM, raw) that cannot be loaded
+    ├── TrustError               who signed it
+    │   ├── UnknownKeyError      a signature by a key the trust state does not know
+    │   ├── RevokedKeyError      a signature by a revoked (or rotated-out) key
+    │   ├── ThresholdError       too few valid signatures from authorised keys
+    │   └── RotationError        a key-set change that is malformed (not: under-signed)
+    ├── ExpiredError             the manifest's expiry time has passed
+    ├── VersionError             new version is not current + 1
+    │   ├── ReplayError          ... it equals the current version
+    │   ├── RollbackError        ... it is older than the current version
+    │   └── SkippedVersionError  ... it jumps over one or more versions
+    ├── PayloadMismatchError     payload files differ from what the manifest signs
+    │   ├── LengthMismatchError
+    │   ├── HashMismatchError
+    │   ├── MissingFileError
+    │   └── UnexpectedFileError
+    ├── StaleParentError         trained over a parent version that is not current
+    │   └── UnknownParentVersionError   ... or one newer than the receiver knows
+    ├── BaseMismatchError        trained over a different base model
+    ├── ShapeMismatchError       adapted layers / tensor shapes do not fit the parent
+    ├── ScreeningRejected        screening refused the delta (norm, direction)
+    └── AggregationError         children's deltas that cannot be merged
+
+Every error has ``check``: the name of the verification step it belongs to (see
+``hierarchy.updates.verify.VERIFICATION_CHECKS``), so a CLI can print which
+checks passed before the failing one, and ``details``: the figures involved.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from hierarchy.errors import HierarchyError
+
+__all__ = [
+    "AggregationError",
+    "BaseMismatchError",
+    "EnvelopeError",
+    "ExpiredError",
+    "HashMismatchError",
+    "KeyFormatError",
+    "LengthMismatchError",
+    "ManifestError",
+    "MissingFileError",
+    "PayloadMismatchError",
+    "ReplayError",
+    "RevokedKeyError",
+    "RollbackError",
+    "RotationError",
+    "ScreeningRejected",
+    "ShapeMismatchError",
+    "SkippedVersionError",
+    "StaleParentError",
+    "ThresholdError",
+    "TrustError",
+    "UnexpectedFileError",
+    "UnknownKeyError",
+    "UnknownParentVersionError",
+    "UpdateError",
+    "VersionError",
+]
+
+
+class UpdateError(HierarchyError):
+    """Base of every error of the update protocol."""
+
+    check: ClassVar[str] = "update"
+
+    def __init__(self, message: str, **details: Any):
+        super().__init__(message)
+        self.details: dict[str, Any] = dict(details)
+
+
+class EnvelopeError(UpdateError, ValueError):
+    """Bytes that do not parse as a DSSE envelope, or an envelope of the wrong payload type."""
+
+    check = "envelope"
+
+
+class ManifestError(EnvelopeError):
+    """A (signed) payload that is not a canonical, well-formed update manifest; names the field."""
+
+    check = "manifest"
+
+
+class KeyFormatError(UpdateError, ValueError):
+    """A key that cannot be loaded (not Ed25519, bad PEM, wrong password, wrong length)."""
+
+    check = "keys"
+
+
+class TrustError(UpdateError):
+    """Base of the signer checks."""
+
+    check = "keys"
+
+
+class UnknownKeyError(TrustError):
+    """A signature names a key id the trust state has never seen."""
+
+
+class RevokedKeyError(TrustError):
+    """A signature names a key that was revoked or rotated out."""
+
+
+class ThresholdError(TrustError):
+    """Fewer valid signatures from authorised keys than the threshold requires."""
+
+    check = "threshold"
+
+
+class RotationError(TrustError, ValueError):
+    """A key-set change that is malformed: empty, impossible threshold, key owned by another group."""
+
+    check = "rotation"
+
+
+class ExpiredError(UpdateError):
+    """The manifest expired before it was verified."""
+
+    check = "expiry"
+
+
+class VersionError(UpdateError):
+    """The new version is not exactly the current version + 1."""
+
+    check = "version"
+
+
+class ReplayError(VersionError):
+    """The version equals the current one: an already-applied update sent again."""
+
+
+class RollbackError(VersionError):
+    """The version is older than the current one: an attempt to roll the node back."""
+
+
+class SkippedVersionError(VersionError):
+    """The version jumps past current + 1: an intermediate version is missing."""
+
+
+class PayloadMismatchError(UpdateError, ValueError):
+    """Payload files that differ from the signed manifest."""
+
+    check = "files"
+
+
+class LengthMismatchError(PayloadMismatchError):
+    """A payload file whose length differs from the signed length."""
+
+
+class HashMismatchError(PayloadMismatchError):
+    """A payload file whose sha256 differs from the signed digest."""
+
+
+class MissingFileError(PayloadMismatchError):
+    """A file the manifest signs did not arrive."""
+
+
+class UnexpectedFileError(PayloadMismatchError):
+    """A file arrived that the manifest does not sign."""
+
+
+class StaleParentError(UpdateError):
+    """The update was trained over a parent version that is no longer current."""
+
+    check = "parent"
+
+
+class UnknownParentVersionError(StaleParentError):
+    """The update claims a parent version newer than the receiver's current one."""
+
+
+class BaseMismatchError(UpdateError):
+    """The update was trained over a different base model."""
+
+    check = "base"
+
+
+class ShapeMismatchError(UpdateError, ValueError):
+    """Adapted layers or tensor shapes that do not fit the parent's layers."""
+
+    check = "shapes"
+
+
+class ScreeningRejected(UpdateError):
+    """Screening refused a delta; ``details['result']`` holds the ScreenResult."""
+
+    check = "screening"
+
+
+class AggregationError(UpdateError, ValueError):
+    """Children's deltas that cannot be merged (no positive weight, mismatched layers)."""
+
+    check = "aggregation"
