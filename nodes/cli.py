@@ -19,7 +19,7 @@ from hierarchy.errors import SpecError
 from hierarchy.ids import Level
 from hierarchy.spec import TreeSpec, load_spec
 
-__all__ = ["base_app", "tree_app"]
+__all__ = ["base_app", "export_command", "render_build_summary", "tree_app"]
 
 tree_app = typer.Typer(help="Validate, show, build and export trees of models.", no_args_is_help=True)
 base_app = typer.Typer(help="Make and inspect base models.", no_args_is_help=True)
@@ -100,3 +100,152 @@ def tiny(
     config = TinyBaseConfig(hidden=hidden, layers=layers, vocab=vocab, heads=heads, kv_heads=kv_heads, seed=seed)
     path = make_tiny_base(out, config, texts)
     Console().print(f"[green]wrote[/green] tiny base to {escape(str(path))} (digest {base_digest(path)[:12]})")
+
+
+# --------------------------------------------------------------------------- build and export
+
+
+class _RichBuildProgress:
+    """Rich progress for `tree build`: one bar per node being trained, one line per finished node."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def message(self, text: str) -> None:
+        self.console.print(f"[dim]{escape(text)}[/dim]")
+
+    def node_started(self, node_id: str, steps: int) -> None:
+        self.tasks[node_id] = self.progress.add_task(node_id, total=steps, status="")
+
+    def step(self, node_id: str, step: int, total: int, loss: float) -> None:
+        self.progress.update(self.tasks[node_id], completed=step, total=total, status=f"loss {loss:.3f}")
+
+    def phase(self, node_id: str, text: str) -> None:
+        if node_id in self.tasks:
+            self.progress.update(self.tasks[node_id], status=text)
+
+    def node_finished(self, outcome) -> None:
+        if outcome.node_id in self.tasks:
+            self.progress.remove_task(self.tasks.pop(outcome.node_id))
+        style = {"trained": "green", "reused": "cyan", "updated": "cyan", "failed": "red", "skipped": "yellow"}
+        line = f"[{style.get(outcome.status, 'white')}]{outcome.status:>8}[/] {escape(outcome.node_id)}"
+        if outcome.status == "trained":
+            line += f" [dim]({outcome.seconds:.1f} s)[/dim]"
+        self.console.print(line)
+
+
+def _quiet_hf(threads: int) -> None:
+    """One torch thread per process by default; our own progress bars replace transformers' ones."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if threads < 1:
+        raise typer.BadParameter(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_build_summary(report) -> "Table":
+    """The summary table of a build: perplexities, specialisation gain and forgetting per node."""
+    from rich.table import Table
+
+    table = Table(title=f"tree {report.name}: {report.base_model} ({report.seconds:.0f} s)")
+    for col in ("node", "status", "steps", "own ppl parent→node", "gain", "parent-text ppl parent→node",
+                "forgetting", "bound"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("node", "status") else "right")
+    colors = {"trained": "green", "reused": "cyan", "updated": "cyan", "failed": "red", "skipped": "yellow"}
+    for o in report.outcomes:
+        m = o.metrics
+        gain, forgetting, bound = m.get("specialisation_gain"), m.get("forgetting"), m.get("forgetting_bound")
+        gain_txt = "-" if gain is None else f"[{'green' if gain > 0 else 'red'}]{gain:+.1%}[/]"
+        if forgetting is None:
+            forget_txt = "n/a" if m else "-"
+        else:
+            forget_txt = f"[{'green' if forgetting <= (bound or 0) else 'red'}]{forgetting:+.1%}[/]"
+        table.add_row(
+            escape(o.node_id),
+            f"[{colors.get(o.status, 'white')}]{o.status}[/]",
+            _fmt(m.get("steps"), "d"),
+            f"{_fmt(m.get('parent_eval_ppl'))} → {_fmt(m.get('eval_ppl'))}" if m else "-",
+            gain_txt,
+            f"{_fmt(m.get('parent_text_parent_ppl'))} → {_fmt(m.get('parent_text_ppl'))}" if m else "-",
+            forget_txt,
+            "-" if bound is None else f"{bound:.0%}",
+        )
+    return table
+
+
+@tree_app.command("build")
+def build(
+    spec: Annotated[Path, typer.Argument(help="tree spec YAML file")],
+    out: Annotated[Path, typer.Option("--out", help="output directory of the built tree")],
+    force: Annotated[
+        Optional[list[str]], typer.Option("--force", help="retrain this node (path) and its subtree; repeatable")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="training precision: auto | fp32 | bf16 (autocast)")] = "auto",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (keep 1 on small shared machines)")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the build report as JSON")] = False,
+) -> None:
+    """Train every node parents-first over its parent (incremental; reuses what is built)."""
+    from nodes.build import BuildProgress, build_tree
+
+    err = Console(stderr=True)
+    tree = _load(spec, err)
+    _quiet_hf(threads)
+    if as_json:
+        report = build_tree(tree, out, force=force or (), precision=precision, progress=BuildProgress())
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        console = Console()
+        if not console.is_terminal:  # piped (make demo | tee): keep the summary table on one line per node
+            console = Console(width=140)
+        with _RichBuildProgress(console) as progress:
+            report = build_tree(tree, out, force=force or (), precision=precision, progress=progress)
+        console.print(render_build_summary(report))
+        console.print(f"built tree '{escape(report.name)}' into {escape(str(report.root))} in {report.seconds:.1f} s")
+    report.raise_for_failures()
+
+
+def export_command(
+    tree_dir: Annotated[Path, typer.Argument(help="a built tree directory (treelm tree build --out DIR)")],
+    node_id: Annotated[str, typer.Argument(help="node id (<tree>/<path>) or path, e.g. demo/en/medical")],
+    variant: Annotated[str, typer.Option(help="flat | merged | merged-int8")] = "flat",
+    out: Annotated[Path, typer.Option("--out", help="new output directory")] = Path("export"),
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Export one node for end devices: flat adapter, merged model, or int8 merged model."""
+    from nodes.export import export_node
+
+    _quiet_hf(threads)
+    result = export_node(tree_dir, node_id, variant, out)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    Console().print(
+        f"[green]exported[/green] {escape(result.node_id)} as [bold]{variant}[/bold] to {escape(str(result.out))} "
+        f"({result.bytes_on_disk / 1e6:.1f} MB on disk, {len(result.files)} files, manifest.json)"
+    )

@@ -9,6 +9,20 @@
 
 A nested node's folder sits inside its parent's folder (nodes/en/medical/...);
 each node.json lists only its own files.
+
+Fields the tree builder (nodes.build) adds. tree.json: ``description``, ``builder``,
+``spec_source``, and under ``base``: ``kind`` (tiny | smollm2 | gguf | hf), ``hub_id``
+(public model id or null) and ``source`` (the GGUF file and its sha256). node.json:
+``description``, ``guard`` (replay, kl_weight, max_forgetting), ``build_digest`` (the
+training digest that decides reuse), ``builder``, ``training.precision``/``steps_run``,
+``data`` = {train, eval: {file, sha256, tokens}, parent_text: [{node, train_sha256,
+eval_sha256}]}, and ``metrics`` = {``eval_ppl``, ``parent_eval_ppl`` (node / parent on
+the node's eval text), ``specialisation_gain`` (1 - eval_ppl / parent_eval_ppl),
+``parent_text_ppl``, ``parent_text_parent_ppl`` (node / parent on the parent's eval
+text; for children of the base: their sibling nodes' text), ``forgetting``
+(parent_text_ppl / parent_text_parent_ppl - 1, null without a reference text),
+``forgetting_bound``, ``forgetting_reference``, ``train_loss_first``, ``train_loss_last``,
+``steps``, ``tokens``, ``train_seconds``, ``precision``}.
 """
 
 from __future__ import annotations
