@@ -1,0 +1,355 @@
+"""`treelm registry ...`: create and migrate the database, list and inspect nodes, move aliases,
+match a task and a device to a node, and manage tenants and their tokens.
+
+The database is ``--db URL`` (before or after the sub-command), else
+``$TREELM_REGISTRY_URL``, else ``~/.treelm/registry.db``. Errors are
+:class:`registry.errors.RegistryError`; the console script prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from registry.access import create_tenant, get_tenant, issue_token, list_tenants, revoke_token
+from registry.candidates import match as run_match
+from registry.db import init_registry, open_registry, upgrade_registry
+from registry.matching import MatchResult
+from registry.matchtypes import Hardware, MatchRequest, TaskQuery
+from registry.memory import format_bytes, parse_bandwidth, parse_compute, parse_memory_size
+from registry.records import NodeRecord
+from registry.trees import get_node, list_nodes
+from registry.versions import list_versions, set_alias
+
+__all__ = ["DbOption", "db_url", "registry_app"]
+
+registry_app = typer.Typer(
+    help="The model registry: nodes, versions, aliases, matching a task and a device to a node.",
+    no_args_is_help=True,
+)
+tenant_app = typer.Typer(help="Tenants (the owners of private nodes).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens of tenants (stored hashed).", no_args_is_help=True)
+registry_app.add_typer(tenant_app, name="tenant")
+registry_app.add_typer(token_app, name="token")
+
+DbOption = Annotated[
+    Optional[str],
+    typer.Option("--db", help="database URL (default: $TREELM_REGISTRY_URL, else ~/.treelm/registry.db)"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+# The registry CLI talks to the database directly, so its user is an operator and sees every node;
+# --tenant shows what that tenant sees (public nodes and its own private ones). `match` is the
+# exception: without --tenant it answers as an anonymous user (public nodes only).
+TenantOption = Annotated[Optional[str], typer.Option("--tenant", help="act as this tenant (its private nodes)")]
+_LEVEL_STYLE = {"base": "bold magenta", "language": "bold cyan", "domain": "green", "subdomain": "yellow"}
+_FIT_STYLE = {"perfect": "green", "good": "cyan", "marginal": "yellow"}
+
+
+@registry_app.callback()
+def _group(ctx: typer.Context, db: DbOption = None) -> None:
+    ctx.obj = {"db": db}
+
+
+def db_url(ctx: typer.Context, db: str | None) -> str | None:
+    """The command's --db, else the group's --db, else None (then the environment or the default)."""
+    if db:
+        return db
+    root = ctx.find_root()
+    for c in (ctx, ctx.parent, root):
+        if c is not None and isinstance(c.obj, dict) and c.obj.get("db"):
+            return c.obj["db"]
+    return None
+
+
+def _known_tenant(reg, tenant: str | None) -> None:
+    if tenant is not None:
+        get_tenant(reg, tenant)  # a typo must not silently show the public view
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+@registry_app.command("init")
+def init(ctx: typer.Context, db: DbOption = None) -> None:
+    """Create the registry schema (through its migrations)."""
+    status, created = init_registry(db_url(ctx, db))
+    verb = "initialised" if created else "already initialised:"
+    Console().print(f"[green]{verb}[/green] registry at {escape(status.url)} (schema {status.current})")
+
+
+@registry_app.command("upgrade")
+def upgrade(ctx: typer.Context, db: DbOption = None) -> None:
+    """Migrate the registry schema to this treelm's version."""
+    before, after = upgrade_registry(db_url(ctx, db))
+    console = Console()
+    if before.current == after.current:
+        console.print(f"[green]up to date[/green]: {escape(after.url)} is at schema {after.current}")
+    else:
+        console.print(f"[green]upgraded[/green] {escape(after.url)} from schema {before.current} to {after.current}")
+
+
+def _label(node: NodeRecord, *, full: bool = False) -> str:
+    name = node.node_id if full else (node.tree if not node.path else node.path.rsplit("/", 1)[-1])
+    attrs = [node.level]
+    for key in ("language", "domain", "subdomain"):
+        if getattr(node, key):
+            attrs.append(f"{key}={getattr(node, key)}")
+    if node.stable_version is not None:
+        attrs.append(f"stable=v{node.stable_version}")
+    if node.candidate_version is not None:
+        attrs.append(f"candidate=v{node.candidate_version}")
+    if node.tags:
+        attrs.append("tags=" + ",".join(node.tags))
+    if node.visibility == "private":
+        attrs.append(f"[red]private[/red] owner={escape(node.owner or '')}")
+    return f"[{_LEVEL_STYLE.get(node.level, '')}]{escape(name)}[/] [dim]{' '.join(attrs)}[/dim]"
+
+
+@registry_app.command("ls")
+def ls(
+    ctx: typer.Context,
+    db: DbOption = None,
+    tenant: TenantOption = None,
+    tree: Annotated[Optional[str], typer.Option("--tree", help="only this tree")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List nodes as a tree per tree (all of them; with --tenant only what that tenant sees)."""
+    with open_registry(db_url(ctx, db)) as reg:
+        _known_tenant(reg, tenant)
+        nodes = list_nodes(reg, tenant=tenant, include_private=tenant is None, tree=tree)
+    if as_json:
+        _echo_json({"nodes": [n.to_json() for n in nodes]})
+        return
+    console = Console()
+    if not nodes:
+        console.print("no nodes registered: import a built tree with `treelm registry import TREE_DIR`")
+        return
+    branches: dict[str, Tree] = {}
+    roots: list[Tree] = []
+    for node in nodes:  # ordered by tree, then path: parents come first
+        if node.parent is None:
+            branches[node.node_id] = Tree(_label(node))
+            roots.append(branches[node.node_id])
+        else:
+            parent = branches.get(node.parent)
+            if parent is None:  # a private parent the caller cannot see: hang it under the tree
+                parent = branches.setdefault(node.tree, Tree(escape(node.tree)))
+            branches[node.node_id] = parent.add(_label(node))
+    for root in roots:
+        console.print(root)
+
+
+@registry_app.command("show")
+def show(
+    ctx: typer.Context,
+    node_id: Annotated[str, typer.Argument(help="node id, e.g. demo/en/medical")],
+    db: DbOption = None,
+    tenant: TenantOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one node: attributes, base, versions, variants of its stable version, deployments."""
+    with open_registry(db_url(ctx, db)) as reg:
+        _known_tenant(reg, tenant)
+        detail = get_node(reg, node_id, tenant=tenant, include_private=tenant is None)
+    if as_json:
+        _echo_json(detail.to_json())
+        return
+    console, node, base = Console(), detail.node, detail.base
+    console.print(_label(node, full=True))
+    if node.description:
+        console.print(f"  {escape(node.description)}")
+    console.print(
+        f"  base [bold]{escape(base.model)}[/bold] {base.architecture} {base.parameter_count / 1e6:.1f}M parameters "
+        f"({base.weight_dtype}), {base.layers} layers, {base.kv_heads} KV heads x {base.head_dim}, max context "
+        f"{base.max_context}, digest {base.digest[:12]}"
+    )
+    _versions_table(console, detail.versions)
+    if detail.variants:
+        table = Table(title=f"variants of v{node.stable_version}")
+        for col in ("kind", "size", "bytes are", "adapter params", "tokens/s"):
+            table.add_column(col)
+        for v in detail.variants:
+            speed = f"{v.tokens_per_second:.1f} ({v.measured_device})" if v.tokens_per_second else "-"
+            table.add_row(v.kind, format_bytes(v.bytes), "estimated" if v.bytes_estimated else "measured",
+                          f"{v.adapter_parameters:,}", speed)  # fmt: skip
+        console.print(table)
+    for d in detail.deployments:
+        console.print(f"  deployed: trunk {escape(d.trunk)} at {escape(d.endpoint)} ({d.status})")
+
+
+def _versions_table(console: Console, versions) -> None:
+    table = Table(title="versions")
+    for col in ("version", "status", "aliases", "parent version", "manifest", "created", "eval"):
+        table.add_column(col)
+    for v in versions:
+        ppl = v.metrics.get("eval_ppl", v.metrics.get("perplexity"))
+        score = v.metrics.get("eval_score")
+        evaluation = f"score {score:.2f}" if isinstance(score, (int, float)) else (
+            f"ppl {ppl:.2f}" if isinstance(ppl, (int, float)) else "-")  # fmt: skip
+        table.add_row(
+            str(v.version), v.status, ",".join(v.aliases) or "-",
+            "-" if v.parent_version is None else str(v.parent_version), v.manifest_digest[:12],
+            v.created_at.strftime("%Y-%m-%d %H:%M"), evaluation,
+        )  # fmt: skip
+    console.print(table)
+
+
+@registry_app.command("versions")
+def versions(
+    ctx: typer.Context,
+    node_id: Annotated[str, typer.Argument(help="node id, e.g. demo/en/medical")],
+    db: DbOption = None,
+    tenant: TenantOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List a node's versions with their status and aliases."""
+    with open_registry(db_url(ctx, db)) as reg:
+        _known_tenant(reg, tenant)
+        found = list_versions(reg, node_id, tenant=tenant, include_private=tenant is None)
+    if as_json:
+        _echo_json({"versions": [v.to_json() for v in found]})
+        return
+    _versions_table(Console(), found)
+
+
+@registry_app.command("alias")
+def alias(
+    ctx: typer.Context,
+    node_id: Annotated[str, typer.Argument(help="node id")],
+    name: Annotated[str, typer.Argument(help="stable or candidate")],
+    version: Annotated[int, typer.Argument(help="version number to point the alias at")],
+    db: DbOption = None,
+) -> None:
+    """Point a node's alias (stable/candidate) at a version, atomically."""
+    with open_registry(db_url(ctx, db)) as reg:
+        moved = set_alias(reg, node_id, name, version)
+    before = "nowhere" if moved.previous_version is None else f"v{moved.previous_version}"
+    Console().print(f"[green]{moved.name}[/green] of {escape(moved.node_id)}: {before} -> v{moved.version}")
+
+
+@registry_app.command("match")
+def match(
+    ctx: typer.Context,
+    task: Annotated[Optional[str], typer.Option("--task", help="node path (en/medical/radiology) or "
+                                                 "attributes (language=en,domain=medical)")] = None,  # fmt: skip
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps")] = "cpu",
+    memory: Annotated[str, typer.Option("--memory", help="device memory, e.g. 8GiB, 512MiB, 16GB")] = "8GiB",
+    context: Annotated[int, typer.Option("--context", help="context length in tokens")] = 2048,
+    batch: Annotated[int, typer.Option("--batch", help="concurrent sequences")] = 1,
+    bandwidth: Annotated[Optional[str], typer.Option("--bandwidth", help="memory bandwidth, e.g. 50GB/s")] = None,
+    compute: Annotated[Optional[str], typer.Option("--compute", help="compute, e.g. 10TFLOPS")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="serving dtype (default: float32 on cpu, "
+                                                 "float16 on cuda/mps)")] = None,  # fmt: skip
+    language: Annotated[Optional[str], typer.Option("--language", help="task language")] = None,
+    domain: Annotated[Optional[str], typer.Option("--domain", help="task domain")] = None,
+    subdomain: Annotated[Optional[str], typer.Option("--subdomain", help="task sub-domain")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="task tag (repeatable)")] = None,
+    tree: Annotated[Optional[str], typer.Option("--tree", help="only this tree")] = None,
+    tenant: TenantOption = None,
+    top: Annotated[int, typer.Option("--top", help="how many candidates to show")] = 5,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find the node and variant that best fit a task and a device, with the reasons."""
+    tags = tuple(tag or ())
+    if task is not None:
+        query = TaskQuery.parse(task, tags=tags, tree=tree)
+    else:
+        query = TaskQuery(language=language, domain=domain, subdomain=subdomain, tags=tags, tree=tree)
+    hardware = Hardware(
+        device=device.strip().lower(),
+        memory=parse_memory_size(memory),
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth else None,
+        compute=parse_compute(compute) if compute else None,
+        dtype=dtype,
+    )
+    request = MatchRequest(query, hardware, context=context, batch=batch, tenant=tenant, top=top)
+    with open_registry(db_url(ctx, db)) as reg:
+        result = run_match(reg, request)
+    if as_json:
+        _echo_json(result.to_json())
+        return
+    _print_match(Console(), result)
+
+
+def _print_match(console: Console, result: MatchResult) -> None:
+    req = result.request
+    console.print(
+        f"task [bold]{escape(req.task.describe())}[/bold] on {req.hardware.device} with "
+        f"{format_bytes(req.hardware.memory)}, context {req.context}, batch {req.batch}"
+    )
+    if result.candidates:
+        table = Table()
+        for col in ("#", "node", "version", "variant", "fit", "memory", "used", "tokens/s", "score"):
+            table.add_column(col, justify="right" if col in ("#", "memory", "used", "tokens/s", "score") else "left")
+        for i, c in enumerate(result.candidates, 1):
+            style = _FIT_STYLE[c.fit]
+            speed = f"{c.tokens_per_second:.1f}" if c.tokens_per_second else "-"
+            table.add_row(str(i), escape(c.node_id), f"v{c.version}", c.variant, f"[{style}]{c.fit}[/{style}]",
+                          format_bytes(c.memory_bytes), f"{c.utilisation:.0%}", speed, f"{c.score:.3f}")  # fmt: skip
+        console.print(table)
+        best = result.candidates[0]
+        console.print(f"[bold]best: {escape(best.node_id)} v{best.version} {best.variant}[/bold], because:")
+        for reason in best.reasons:
+            console.print(f"  - {escape(reason)}", highlight=False)
+    else:
+        console.print("[bold red]nothing fits this device locally[/bold red]")
+        for note in result.notes:
+            console.print(f"  - {escape(note)}", highlight=False)
+    if result.suggestions:
+        console.print("[bold]what would work:[/bold]")
+        for s in result.suggestions:
+            console.print(f"  - {escape(s.message)}", highlight=False)
+
+
+@tenant_app.command("add")
+def tenant_add(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="tenant name, e.g. st-marys")], db: DbOption = None
+) -> None:
+    """Add a tenant."""
+    with open_registry(db_url(ctx, db)) as reg:
+        created = create_tenant(reg, name)
+    Console().print(f"[green]added[/green] tenant {escape(created.name)}")
+
+
+@tenant_app.command("ls")
+def tenant_ls(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """List tenants."""
+    with open_registry(db_url(ctx, db)) as reg:
+        tenants = list_tenants(reg)
+    if as_json:
+        _echo_json({"tenants": [{"name": t.name, "created_at": t.created_at.isoformat()} for t in tenants]})
+        return
+    for t in tenants:
+        Console().print(escape(t.name))
+
+
+@token_app.command("issue")
+def token_issue(
+    ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="tenant the token acts for")], db: DbOption = None
+) -> None:
+    """Issue an API token for a tenant. It is printed once and stored only hashed."""
+    with open_registry(db_url(ctx, db)) as reg:
+        issued = issue_token(reg, tenant)
+    typer.echo(issued.token)
+    Console(stderr=True).print(
+        f"[yellow]token {issued.token_id} for tenant {escape(tenant)}: store it now, it cannot be shown again[/yellow]"
+    )
+
+
+@token_app.command("revoke")
+def token_revoke(
+    ctx: typer.Context, token_id: Annotated[str, typer.Argument(help="the token's id (the part after tlm_)")],
+    db: DbOption = None,
+) -> None:  # fmt: skip
+    """Revoke an API token by its id."""
+    with open_registry(db_url(ctx, db)) as reg:
+        revoke_token(reg, token_id)
+    Console().print(f"[green]revoked[/green] token {escape(token_id)}")

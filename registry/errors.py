@@ -1,0 +1,147 @@
+"""Errors raised by the registry. Every one is the user's (or operator's) to fix.
+
+    RegistryError
+    ├── DatabaseError             the database cannot be used as it is
+    │   ├── InvalidDatabaseUrl    a URL SQLAlchemy cannot parse or has no driver for
+    │   ├── DatabaseUnavailable   the database cannot be reached (down, wrong host, bad credentials)
+    │   ├── RegistryNotInitialised  no registry schema yet: run `treelm registry init`
+    │   ├── SchemaOutdated        an older schema: run `treelm registry upgrade`
+    │   └── SchemaTooNew          a schema newer than this treelm knows: upgrade treelm
+    ├── NotFound                  a record that does not exist (or is not visible to the tenant)
+    │   ├── NodeNotFound
+    │   ├── VersionNotFound
+    │   ├── TenantNotFound
+    │   └── SigningKeyNotFound
+    ├── InvalidInput              a bad value; ``field`` names the input
+    │   ├── InvalidMemorySize     "eight gigs", "-1GiB", ...
+    │   ├── InvalidHardware       a device kind that does not exist, a bad bandwidth
+    │   ├── InvalidTask           a task that is malformed
+    │   └── UnknownTask           a well-formed task no node matches
+    ├── InvalidToken              a missing, malformed, unknown or revoked API token
+    └── Conflict                  the request contradicts stored records
+        ├── ImportConflict        a tree dir that disagrees with what is registered
+        ├── AliasError            an alias to a version that is revoked, rejected or not accepted
+        └── StatusTransitionError a version status change that is not allowed
+
+A private node of another tenant is reported as :class:`NodeNotFound` with the
+same message as a node that does not exist, so its existence never leaks.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AliasError",
+    "Conflict",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "ImportConflict",
+    "InvalidDatabaseUrl",
+    "InvalidHardware",
+    "InvalidInput",
+    "InvalidMemorySize",
+    "InvalidTask",
+    "InvalidToken",
+    "NodeNotFound",
+    "NotFound",
+    "RegistryError",
+    "RegistryNotInitialised",
+    "SchemaOutdated",
+    "SchemaTooNew",
+    "SigningKeyNotFound",
+    "StatusTransitionError",
+    "TenantNotFound",
+    "UnknownTask",
+    "VersionNotFound",
+]
+
+
+class RegistryError(Exception):
+    """Base of every error raised by :mod:`registry`."""
+
+
+class DatabaseError(RegistryError):
+    """The database cannot be used as it is."""
+
+
+class InvalidDatabaseUrl(DatabaseError, ValueError):
+    """A database URL that cannot be parsed or has no installed driver."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached or refused the connection."""
+
+
+class RegistryNotInitialised(DatabaseError):
+    """The database has no registry schema yet."""
+
+
+class SchemaOutdated(DatabaseError):
+    """The database's schema is older than this code's; migrations must run first."""
+
+
+class SchemaTooNew(DatabaseError):
+    """The database's schema was migrated by a newer treelm than this one."""
+
+
+class NotFound(RegistryError, LookupError):
+    """A record that does not exist, or that the caller may not see."""
+
+
+class NodeNotFound(NotFound):
+    pass
+
+
+class VersionNotFound(NotFound):
+    pass
+
+
+class TenantNotFound(NotFound):
+    pass
+
+
+class SigningKeyNotFound(NotFound):
+    pass
+
+
+class InvalidInput(RegistryError, ValueError):
+    """A bad input value; ``field`` names the input (an option, argument or attribute)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidMemorySize(InvalidInput):
+    pass
+
+
+class InvalidHardware(InvalidInput):
+    pass
+
+
+class InvalidTask(InvalidInput):
+    pass
+
+
+class UnknownTask(InvalidInput):
+    """A well-formed task that no visible node matches."""
+
+
+class InvalidToken(RegistryError):
+    """An API token that is missing, malformed, unknown or revoked (never says which)."""
+
+
+class Conflict(RegistryError):
+    """The request contradicts what is stored."""
+
+
+class ImportConflict(Conflict):
+    pass
+
+
+class AliasError(Conflict):
+    pass
+
+
+class StatusTransitionError(Conflict):
+    pass

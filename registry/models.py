@@ -1,0 +1,274 @@
+"""SQLAlchemy 2 typed models of the registry schema.
+
+These rows never leave :mod:`registry`: repository functions convert them to the
+frozen dataclasses of :mod:`registry.records`. The schema itself is created
+and changed only by the Alembic migrations in ``registry/migrations``; a test
+checks that the migrated schema and these models agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "ALIAS_NAMES",
+    "DEPLOYMENT_STATUSES",
+    "KEY_ROLES",
+    "KEY_STATUSES",
+    "LEVELS",
+    "VARIANT_KINDS",
+    "VERSION_STATUSES",
+    "VISIBILITIES",
+    "ApiToken",
+    "Alias",
+    "BaseModel",
+    "Deployment",
+    "Model",
+    "Node",
+    "NodeTag",
+    "NodeVersion",
+    "SigningKey",
+    "Tenant",
+    "Variant",
+]
+
+LEVELS = ("base", "language", "domain", "subdomain")
+VISIBILITIES = ("public", "private")
+VERSION_STATUSES = ("candidate", "accepted", "rejected", "revoked")
+ALIAS_NAMES = ("stable", "candidate")
+VARIANT_KINDS = ("chain", "flat", "merged", "merged-int8")
+KEY_ROLES = ("node", "evaluator", "operator", "root")
+KEY_STATUSES = ("active", "revoked")
+DEPLOYMENT_STATUSES = ("active", "draining", "stopped")
+
+# Deterministic constraint names, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Model(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Tenant(Model):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BaseModel(Model):
+    """A base (root) model: its digest and the architecture facts memory estimates need."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    model: Mapped[str] = mapped_column(String(200))  # the spec's base.model ("tiny", "smollm2", a dir)
+    architecture: Mapped[str] = mapped_column(String(100))  # e.g. LlamaForCausalLM
+    weight_dtype: Mapped[str] = mapped_column(String(16))  # dtype of the stored weights
+    parameter_count: Mapped[int] = mapped_column(BigInteger)
+    quantizable_parameter_count: Mapped[int] = mapped_column(BigInteger)  # 2-D linear weights (int8-able)
+    weights_bytes: Mapped[int] = mapped_column(BigInteger)  # safetensors bytes on disk
+    layers: Mapped[int] = mapped_column(Integer)
+    hidden_size: Mapped[int] = mapped_column(Integer)
+    attention_heads: Mapped[int] = mapped_column(Integer)
+    kv_heads: Mapped[int] = mapped_column(Integer)
+    head_dim: Mapped[int] = mapped_column(Integer)
+    intermediate_size: Mapped[int | None] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    max_context: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Node(Model):
+    """One model in a tree; the base itself is the node with the empty path."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (
+        UniqueConstraint("tree", "path"),
+        CheckConstraint(_in("level", LEVELS), name="level"),
+        CheckConstraint(_in("visibility", VISIBILITIES), name="visibility"),
+        CheckConstraint("visibility = 'public' OR owner_tenant_id IS NOT NULL", name="private_has_owner"),
+        # Matching seeks on these: a path lineage, or a task's attributes.
+        Index(None, "path"),
+        Index(None, "language", "domain", "subdomain"),
+        Index(None, "domain", "subdomain"),
+        Index(None, "subdomain"),
+        Index(None, "parent_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(300), unique=True)  # "<tree>/<path>", or "<tree>" for the base
+    tree: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(250))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"))
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    level: Mapped[str] = mapped_column(String(16))
+    depth: Mapped[int] = mapped_column(Integer)
+    language: Mapped[str | None] = mapped_column(String(64))
+    domain: Mapped[str | None] = mapped_column(String(64))
+    subdomain: Mapped[str | None] = mapped_column(String(64))
+    visibility: Mapped[str] = mapped_column(String(16), default="public")
+    owner_tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    parent: Mapped[Node | None] = relationship(remote_side=[id])
+    base_model: Mapped[BaseModel] = relationship()
+    owner: Mapped[Tenant | None] = relationship()
+    tags: Mapped[list[NodeTag]] = relationship(order_by="NodeTag.tag", cascade="all, delete-orphan")
+
+
+class NodeTag(Model):
+    __tablename__ = "node_tags"
+    __table_args__ = (Index(None, "tag"),)
+
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class NodeVersion(Model):
+    """An immutable version of one node's adapter; only ``status`` ever changes."""
+
+    __tablename__ = "node_versions"
+    __table_args__ = (
+        UniqueConstraint("node_id", "version"),
+        CheckConstraint(_in("status", VERSION_STATUSES), name="status"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    parent_version: Mapped[int | None] = mapped_column(Integer)  # the parent's version it is pinned to
+    manifest_digest: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alias(Model):
+    """A movable name (``stable``, ``candidate``) for one version of one node."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (
+        UniqueConstraint("node_id", "name"),
+        CheckConstraint(_in("name", ALIAS_NAMES), name="name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))
+    name: Mapped[str] = mapped_column(String(16))
+    version_id: Mapped[int] = mapped_column(ForeignKey("node_versions.id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Variant(Model):
+    """A way to ship one node version to a device, with its size and (when measured) speed."""
+
+    __tablename__ = "variants"
+    __table_args__ = (
+        UniqueConstraint("version_id", "kind"),
+        CheckConstraint(_in("kind", VARIANT_KINDS), name="kind"),
+        CheckConstraint("bytes >= 0 AND adapter_parameters >= 0", name="sizes"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("node_versions.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # what a device downloads and stores
+    bytes_estimated: Mapped[bool] = mapped_column(Boolean)  # False when measured on disk
+    adapter_parameters: Mapped[int] = mapped_column(BigInteger)  # LoRA parameters held beside the weights
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)  # measured decode speed, when known
+    measured_device: Mapped[str | None] = mapped_column(String(8))  # device kind the speed was measured on
+    uri: Mapped[str | None] = mapped_column(Text)  # where the exported artefact lives
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Model):
+    """A tenant's bearer token, stored as HMAC-SHA256(salt, secret); the secret is never stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(32), unique=True)  # public part, for lookup
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    salt: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class SigningKey(Model):
+    """A public key the update protocol trusts for one role (optionally for one node)."""
+
+    __tablename__ = "signing_keys"
+    __table_args__ = (
+        CheckConstraint(_in("role", KEY_ROLES), name="role"),
+        CheckConstraint(_in("status", KEY_STATUSES), name="status"),
+        Index(None, "node_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(64), unique=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    algorithm: Mapped[str] = mapped_column(String(16), default="ed25519")
+    role: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class Deployment(Model):
+    """Which trunk and endpoint serve a node (written by the cluster)."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        UniqueConstraint("node_id", "endpoint"),
+        CheckConstraint(_in("status", DEPLOYMENT_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))
+    trunk: Mapped[str] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(300))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("node_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
