@@ -1,3 +1,7 @@
-"""Composition root: the `treelm` CLI today; the gRPC server and the Ray application later."""
+"""Composition root: the `treelm` CLI, the single-process gRPC server (`treelm serve`); the Ray application later."""
 
-__all__: list[str] = []
+from cluster.catalog import Catalog
+from cluster.server import ServerConfig, TreeServer
+from cluster.trunk import EngineTrunk
+
+__all__: list[str] = ["Catalog", "EngineTrunk", "ServerConfig", "TreeServer"]

@@ -14,9 +14,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cluster.errors import ClusterError
+from cluster.importer import import_command
+from cluster.serve_cli import serve_command
 from hierarchy.errors import HierarchyError
-from nodes.cli import base_app, tree_app
+from nodes.cli import base_app, export_command, tree_app
 from nodes.errors import NodesError
+from registry.cli import registry_app
+from registry.errors import RegistryError
 
 __all__ = ["app", "main"]
 
@@ -29,9 +34,14 @@ app = typer.Typer(
 )
 app.add_typer(tree_app, name="tree")
 app.add_typer(base_app, name="base")
+# `registry import` reads nodes' on-disk layout, so it is attached here, not in registry/.
+registry_app.command("import")(import_command)
+app.add_typer(registry_app, name="registry")
+app.command("export")(export_command)
+app.command("serve")(serve_command)
 
 # Error types that are the user's to fix: printed plainly, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError)
+USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError)
 
 
 def main(argv: list[str] | None = None) -> int:

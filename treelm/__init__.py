@@ -1,5 +1,82 @@
-"""TreeLM client SDK (gRPC). Imports neither torch nor Ray: ``from treelm import Client``."""
+"""TreeLM client SDK (gRPC). Imports neither torch nor Ray: ``from treelm import Client``.
+
+Example::
+
+    from treelm import Client
+
+    client = Client("127.0.0.1:50051", token="tlm_...")
+    print(client.generate("demo/en/medical", prompt="The patient", max_new_tokens=16).text)
+"""
+
+from treelm._async_client import AsyncClient, AsyncStream
+from treelm._client import Client, Stream
+from treelm._errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    NodeNotFound,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    ServerError,
+    TreeLMError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from treelm._transport import RetryPolicy
+from treelm._types import (
+    AdapterCacheCounters,
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    MatchCandidate,
+    MatchResult,
+    MatchSuggestion,
+    Node,
+    NodeVersion,
+    Result,
+    ServerStatus,
+    Timings,
+    TrunkStatus,
+    Usage,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AdapterCacheCounters",
+    "AsyncClient",
+    "AsyncStream",
+    "Cancelled",
+    "ChatMessage",
+    "Chunk",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FinishReason",
+    "InvalidRequest",
+    "MatchCandidate",
+    "MatchResult",
+    "MatchSuggestion",
+    "Node",
+    "NodeNotFound",
+    "NodeVersion",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "Result",
+    "RetryPolicy",
+    "ServerError",
+    "ServerStatus",
+    "Stream",
+    "Timings",
+    "TreeLMError",
+    "TrunkStatus",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Usage",
+    "__version__",
+]

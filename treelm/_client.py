@@ -1,0 +1,287 @@
+"""The blocking client: ``Client(target, token=...)``.
+
+Example::
+
+    from treelm import Client
+
+    with Client("127.0.0.1:50051", token="tlm_...") as client:
+        print(client.generate("demo/en/medical", prompt="The patient").text)
+        for chunk in client.stream("demo/en", prompt="Once", max_new_tokens=16):
+            print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import grpc
+
+from protos.treelm.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from treelm._convert import (
+    MessageLike,
+    chunk_from_proto,
+    generate_request,
+    match_from_proto,
+    match_request,
+    node_from_proto,
+    result_from_proto,
+    status_from_proto,
+    version_from_proto,
+)
+from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
+from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
+from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, ServerStatus
+
+__all__ = ["Client", "Stream"]
+
+_UNSET: Any = object()
+
+
+class _Deadline:
+    """An overall deadline shared by a call's attempts and the sleeps between them."""
+
+    def __init__(self, timeout: float | None):
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the call's timeout passed while retrying", grpc.StatusCode.DEADLINE_EXCEEDED)
+        return left
+
+
+class Stream(Iterator[Chunk]):
+    """Chunks of one streamed generation, in order. ``cancel()`` (or leaving a ``with``) ends it early.
+
+    A stream that fails with UNAVAILABLE / RESOURCE_EXHAUSTED before its first chunk is retried
+    like a unary call; after the first chunk it is never retried (text was already delivered).
+    """
+
+    def __init__(self, start: Callable[[float | None], Any], policy: RetryPolicy, timeout: float | None):
+        self._start = start
+        self._policy = policy
+        self._deadline = _Deadline(timeout)
+        self._call: Any = None
+        self._received = 0
+        self._attempt = 0
+        self._done = False
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Chunk:
+        while not self._done:
+            if self._call is None:
+                self._call = self._start(self._deadline.remaining())
+            try:
+                message = next(self._call)
+            except StopIteration:
+                self._done = True
+                break
+            except grpc.RpcError as exc:
+                if self._done:  # cancelled by us: end quietly
+                    break
+                error = from_rpc_error(exc)
+                if self._received == 0 and self._retry(error):
+                    continue
+                self._done = True
+                raise error from exc
+            self._received += 1
+            chunk = chunk_from_proto(message)
+            if chunk.last:
+                self._done = True
+            return chunk
+        raise StopIteration
+
+    def _retry(self, error: TreeLMError) -> bool:
+        pause = self._policy.backoff(self._attempt)
+        if not self._policy.should_retry(error, self._attempt, self._deadline.remaining(), pause):
+            return False
+        time.sleep(pause)
+        self._attempt += 1
+        self._call = None
+        return True
+
+    def cancel(self) -> None:
+        """Stop the generation; the server frees the request's batch slot at its next step."""
+        self._done = True
+        if self._call is not None:
+            self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class Client:
+    """A blocking TreeLM client.
+
+    Args:
+        target: ``host:port`` of a ``treelm serve`` server (ignored when ``channel`` is given).
+        token: the bearer token from ``treelm registry token issue TENANT``.
+        tls: None (plaintext), True (system roots), PEM bytes or a CA file, or ChannelCredentials.
+        timeout: default seconds per call (streams: for the whole stream); None waits forever.
+        retries: retries of idempotent calls on UNAVAILABLE / RESOURCE_EXHAUSTED (or a RetryPolicy).
+        channel: a ready ``grpc.Channel`` to use instead (tests, custom interceptors); not closed by us.
+
+    Example::
+
+        client = Client("127.0.0.1:50051", token=TOKEN, timeout=30)
+        best = client.match(task="en/medical/radiology", device="cpu", memory="8GiB").best
+        print(best.node, best.variant, best.fit)
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        tls: TLS = None,
+        timeout: float | None = 60.0,
+        retries: int | RetryPolicy = 3,
+        channel: grpc.Channel | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        if channel is None and not target:
+            raise ValueError("give a target ('host:port') or a channel")
+        self._metadata = auth_metadata(token)
+        self._timeout = timeout
+        self._policy = RetryPolicy.of(retries)
+        self._owns_channel = channel is None
+        if channel is None:
+            creds = channel_credentials(tls)
+            opts = list(CHANNEL_OPTIONS) + list(options)
+            channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
+        self._channel = channel
+        self._inference = inference_pb2_grpc.InferenceStub(channel)
+        self._registry = registry_pb2_grpc.RegistryStub(channel)
+        self._admin = admin_pb2_grpc.AdminStub(channel)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    # Every call the client offers today is idempotent: reads, and generation, which changes
+    # nothing on the server. Update submissions (later) will pass idempotent=False.
+    def _unary(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool = True) -> Any:
+        deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                pause = self._policy.backoff(attempt)
+                if not (idempotent and self._policy.should_retry(error, attempt, deadline.remaining(), pause)):
+                    raise error from exc
+                time.sleep(pause)
+                attempt += 1
+
+    # -- inference --------------------------------------------------------------------------
+    def generate(
+        self,
+        node: str,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[MessageLike] | None = None,
+        timeout: float | None = _UNSET,
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Result:
+        """Generate with ``node``; ``params``: max_new_tokens, temperature, top_p, top_k, seed, stop.
+
+        Example::
+
+            r = client.generate("demo/en", prompt="Hello", max_new_tokens=8, temperature=0)
+            r.text, r.usage.completion_tokens, r.node_version
+        """
+        request = generate_request(node, prompt, messages, params, request_id)
+        return result_from_proto(self._unary(self._inference.Generate, request, timeout))
+
+    def stream(
+        self,
+        node: str,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[MessageLike] | None = None,
+        timeout: float | None = _UNSET,
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Stream:
+        """Like :meth:`generate`, but yields :class:`Chunk` s as tokens are produced.
+
+        Example::
+
+            with client.stream("demo/en", messages=[{"role": "user", "content": "hi"}]) as chunks:
+                text = "".join(chunk.text for chunk in chunks)
+        """
+        request = generate_request(node, prompt, messages, params, request_id)
+
+        def start(remaining: float | None) -> Any:
+            return self._inference.GenerateStream(request, timeout=remaining, metadata=self._metadata)
+
+        return Stream(start, self._policy, self._timeout if timeout is _UNSET else timeout)
+
+    # -- registry ---------------------------------------------------------------------------
+    def nodes(self, prefix: str = "", *, timeout: float | None = _UNSET) -> list[Node]:
+        """The nodes this token may use, parents first; ``prefix`` keeps one subtree."""
+        reply = self._unary(self._registry.ListNodes, registry_pb2.ListNodesRequest(prefix=prefix), timeout)
+        return [node_from_proto(n) for n in reply.nodes]
+
+    def node(self, node_id: str, *, timeout: float | None = _UNSET) -> Node:
+        """One node; :class:`NodeNotFound` if it does not exist or is another tenant's private node."""
+        return node_from_proto(self._unary(self._registry.GetNode, registry_pb2.GetNodeRequest(node=node_id), timeout))
+
+    def versions(self, node_id: str, *, timeout: float | None = _UNSET) -> list[NodeVersion]:
+        """A node's versions, oldest first."""
+        reply = self._unary(self._registry.ListVersions, registry_pb2.ListVersionsRequest(node=node_id), timeout)
+        return [version_from_proto(v) for v in reply.versions]
+
+    def match(
+        self,
+        task: str,
+        *,
+        device: str = "cpu",
+        memory: int | str,
+        context: int | None = None,
+        batch: int | None = None,
+        top: int | None = None,
+        bandwidth: str | None = None,
+        compute: str | None = None,
+        tags: Iterable[str] = (),
+        tree: str | None = None,
+        dtype: str | None = None,
+        timeout: float | None = _UNSET,
+    ) -> MatchResult:
+        """The best nodes and variants for a task on a device (private nodes only for their owner).
+
+        Example::
+
+            m = client.match(task="en/medical/radiology", device="cpu", memory="8GiB", context=2048)
+            for c in m.candidates:
+                print(c.node, c.variant, c.fit, c.reasons)
+        """
+        request = match_request(
+            task, device=device, memory=memory, context=context, batch=batch, top=top,
+            bandwidth=bandwidth, compute=compute, tags=tags, tree=tree, dtype=dtype,
+        )  # fmt: skip
+        return match_from_proto(self._unary(self._registry.Match, request, timeout))
+
+    # -- admin ------------------------------------------------------------------------------
+    def status(self, *, timeout: float | None = _UNSET) -> ServerStatus:
+        """What the server is doing: trunks, loaded adapters, queue depth, cache counters."""
+        return status_from_proto(self._unary(self._admin.Status, admin_pb2.StatusRequest(), timeout))
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""Errors raised by the SDK, decoded from the server's gRPC status codes.
+
+    TreeLMError                     any failed call; ``code`` and ``details`` say what the server said
+    ├── NotFound                    NOT_FOUND
+    │   └── NodeNotFound            no such node -- or a private node of another tenant (same answer)
+    ├── InvalidRequest              INVALID_ARGUMENT / OUT_OF_RANGE; ``field`` names the bad parameter
+    │                               (also a message over gRPC's size limit: field "message")
+    ├── Unauthenticated             UNAUTHENTICATED: no token, or a token the server does not know
+    ├── PermissionDenied            PERMISSION_DENIED: the token may not do this
+    ├── FailedPrecondition          FAILED_PRECONDITION / ABORTED / ALREADY_EXISTS
+    ├── Overloaded                  RESOURCE_EXHAUSTED: the queue is full (retried with backoff)
+    ├── Unavailable                 UNAVAILABLE: unreachable or shutting down (retried with backoff)
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED: the call's timeout passed
+    ├── Cancelled                   CANCELLED
+    ├── Unimplemented               UNIMPLEMENTED: this server does not offer the method
+    └── ServerError                 INTERNAL / UNKNOWN / DATA_LOSS: a server bug, not your mistake
+
+Example::
+
+    from treelm import Client, NodeNotFound, InvalidRequest
+
+    try:
+        Client("127.0.0.1:50051", token=TOKEN).generate("demo/xx", prompt="hi")
+    except NodeNotFound as exc:
+        print("no such node:", exc.details)
+    except InvalidRequest as exc:
+        print("fix parameter", exc.field)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+__all__ = [
+    "ERROR_FIELD_KEY",
+    "ERROR_KIND_KEY",
+    "Cancelled",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidRequest",
+    "NodeNotFound",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "ServerError",
+    "TreeLMError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "from_rpc_error",
+]
+
+# Trailing-metadata keys the server sets next to the status code (the wire contract).
+ERROR_FIELD_KEY = "treelm-error-field"  # the request field an INVALID_ARGUMENT is about
+ERROR_KIND_KEY = "treelm-error-kind"  # a finer kind than the code, e.g. "node-not-found"
+
+
+class TreeLMError(Exception):
+    """A call failed. ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    retryable = False  # whether the SDK retries (idempotent calls only)
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+        self.details = details
+        self.code = code
+        super().__init__(details if code is None else f"{code.name}: {details}")
+
+
+class NotFound(TreeLMError):
+    """The thing asked for does not exist (for this caller)."""
+
+
+class NodeNotFound(NotFound):
+    """No such node. A private node of another tenant gives this too, so its existence never leaks."""
+
+
+class InvalidRequest(TreeLMError, ValueError):
+    """A parameter is wrong; ``field`` names it (``"top_p"``, ``"messages.role"``, ...)."""
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, field: str = ""):
+        self.field = field
+        super().__init__(details, code)
+
+
+class Unauthenticated(TreeLMError):
+    """The server needs a token (``Client(..., token=...)``) or does not know this one."""
+
+
+class PermissionDenied(TreeLMError):
+    """The token is valid but may not do this."""
+
+
+class FailedPrecondition(TreeLMError):
+    """The system is not in the state the call needs (e.g. a version that is not current)."""
+
+
+class Overloaded(TreeLMError):
+    """The server's queue is full; back off and retry (the SDK does so for idempotent calls)."""
+
+    retryable = True
+
+
+class Unavailable(TreeLMError):
+    """The server cannot be reached or is shutting down (retried for idempotent calls)."""
+
+    retryable = True
+
+
+class DeadlineExceeded(TreeLMError):
+    """The call's deadline (``timeout=``) passed before it finished."""
+
+
+class Cancelled(TreeLMError):
+    """The call was cancelled."""
+
+
+class Unimplemented(TreeLMError):
+    """The server does not implement this method (yet)."""
+
+
+class ServerError(TreeLMError):
+    """The server failed in a way that is not the caller's mistake (INTERNAL, UNKNOWN, ...)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TreeLMError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+}
+
+
+def _metadata(rpc_error: Any) -> dict[str, str]:
+    try:
+        items = rpc_error.trailing_metadata() or ()
+    except Exception:  # some RpcError kinds carry no call (e.g. a channel that never connected)
+        return {}
+    return {str(k): v if isinstance(v, str) else v.decode("utf-8", "replace") for k, v in items}
+
+
+def from_rpc_error(rpc_error: grpc.RpcError) -> TreeLMError:
+    """The typed error for a failed call (``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code = rpc_error.code() if hasattr(rpc_error, "code") else grpc.StatusCode.UNKNOWN
+    details = (rpc_error.details() if hasattr(rpc_error, "details") else None) or str(rpc_error)
+    meta = _metadata(rpc_error)
+    cls = _BY_CODE.get(code, ServerError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+        # gRPC's own size limit (either side): the request is too big, retrying cannot help.
+        return InvalidRequest(details, code, field="message")
+    if cls is InvalidRequest:
+        field = meta.get(ERROR_FIELD_KEY) or (details.split(":", 1)[0] if ":" in details else "")
+        return InvalidRequest(details, code, field=field.strip())
+    if cls is NotFound and meta.get(ERROR_KIND_KEY) == "node-not-found":
+        cls = NodeNotFound
+    return cls(details, code)

@@ -1,0 +1,90 @@
+"""What the sync and asyncio clients share: retry policy, credentials, metadata, options."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import grpc
+
+from treelm._errors import TreeLMError
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "RetryPolicy",
+    "TLS",
+    "auth_metadata",
+    "channel_credentials",
+]
+
+# Explicit message limits, the same as the server defaults (4 MiB in, 16 MiB out), and a user agent.
+CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    ("grpc.primary_user_agent", "treelm-python"),
+    # gRPC's own retries stay off: ours know which calls are idempotent.
+    ("grpc.enable_retries", 0),
+)
+
+# None: plaintext; True: TLS with the system's roots; bytes/str/Path: a root CA (PEM or its file);
+# or ready grpc.ChannelCredentials.
+TLS = Union[None, bool, bytes, str, Path, grpc.ChannelCredentials]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of idempotent calls on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff.
+
+    The n-th retry sleeps a uniformly random time in ``[0, min(max_backoff, initial_backoff * 2**n)]``
+    ("full jitter"), so many clients that were turned away together do not come back together.
+    A call's ``timeout`` bounds the attempts and sleeps together.
+    """
+
+    retries: int = 3  # attempts after the first
+    initial_backoff: float = 0.1  # seconds
+    max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if not self.initial_backoff >= 0 or not self.max_backoff >= self.initial_backoff:
+            raise ValueError("need 0 <= initial_backoff <= max_backoff")
+
+    @classmethod
+    def of(cls, value: "int | RetryPolicy") -> "RetryPolicy":
+        return value if isinstance(value, RetryPolicy) else cls(retries=value)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to sleep before retry number ``attempt`` (0-based)."""
+        return random.uniform(0.0, min(self.max_backoff, self.initial_backoff * (2**attempt)))
+
+    def should_retry(self, error: TreeLMError, attempt: int, remaining: float | None, pause: float) -> bool:
+        if not error.retryable or attempt >= self.retries:
+            return False
+        return remaining is None or pause < remaining
+
+
+def channel_credentials(tls: TLS) -> grpc.ChannelCredentials | None:
+    """Credentials for ``tls`` (see :data:`TLS`); None means a plaintext channel."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    if isinstance(tls, bytes):
+        return grpc.ssl_channel_credentials(root_certificates=tls)
+    if isinstance(tls, (str, Path)):
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    raise TypeError(f"tls: expected None, True, PEM bytes, a CA file path or grpc.ChannelCredentials, got {tls!r}")
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the bearer token (sent per call, so it works on any channel)."""
+    if token is None:
+        return ()
+    if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+        raise ValueError("token must be a non-empty single-line string")
+    return (("authorization", f"Bearer {token}"),)

@@ -1,0 +1,209 @@
+"""Values the SDK returns: frozen dataclasses, converted from protos at the edge."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping
+
+__all__ = [
+    "AdapterCacheCounters",
+    "ChatMessage",
+    "Chunk",
+    "FinishReason",
+    "MatchCandidate",
+    "MatchResult",
+    "MatchSuggestion",
+    "Node",
+    "NodeVersion",
+    "Result",
+    "ServerStatus",
+    "Timings",
+    "TrunkStatus",
+    "Usage",
+]
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens or the context limit
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; ``role`` is ``system``, ``user`` or ``assistant``. Plain dicts work too."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one request: the prompt as the node's tokenizer saw it, and the completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds measured by the server's engine from admission."""
+
+    queue_s: float
+    ttft_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation: ``client.generate(...)``."""
+
+    request_id: str
+    node: str
+    node_version: int  # the version of the node that answered
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a stream; the last one has ``finish_reason``, ``usage`` and ``timings`` set."""
+
+    request_id: str
+    node: str
+    node_version: int
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node the caller may use (private nodes of other tenants are never returned)."""
+
+    id: str
+    tree: str
+    path: str
+    level: str
+    parent: str | None
+    language: str | None = None
+    domain: str | None = None
+    subdomain: str | None = None
+    tags: tuple[str, ...] = ()
+    visibility: str = "public"
+    owner: str | None = None
+    aliases: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def stable_version(self) -> int | None:
+        return self.aliases.get("stable")
+
+
+@dataclass(frozen=True)
+class NodeVersion:
+    """One immutable version of a node's adapter, pinned to its parent's version."""
+
+    node: str
+    version: int
+    parent_version: int | None
+    status: str  # candidate | accepted | rejected | revoked
+    manifest_digest: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MatchCandidate:
+    """One ranked answer of ``client.match``; ``reasons`` explain the ranking."""
+
+    node: str
+    version: int
+    variant: str
+    fit: str  # perfect | good | marginal
+    memory_bytes: int
+    score: float
+    reasons: tuple[str, ...]
+    tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class MatchSuggestion:
+    """Something that would fit when little or nothing does (``kind``: shorter-context,
+    smaller-variant, shallower-node or remote); ``message`` says it in words."""
+
+    kind: str
+    message: str
+    node: str | None = None
+    variant: str | None = None
+    context: int | None = None
+    fit: str | None = None
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """The answer of ``client.match``: ranked candidates (best first) and suggestions."""
+
+    candidates: tuple[MatchCandidate, ...]
+    suggestions: tuple[MatchSuggestion, ...]
+
+    @property
+    def best(self) -> MatchCandidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+@dataclass(frozen=True)
+class AdapterCacheCounters:
+    """An engine's adapter cache: lookups that hit or missed, loads from disk, evictions."""
+
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    active: int
+    host: int
+    host_bytes: int
+
+
+@dataclass(frozen=True)
+class TrunkStatus:
+    """One base model in one server process and the engine that serves its tree."""
+
+    tree: str
+    base_digest: str
+    loaded_adapters: tuple[str, ...]
+    queue_depth: int
+    running: int
+    max_batch: int
+    cache: AdapterCacheCounters
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """``client.status()``: the server's version, auth mode, the caller's tenant and its trunks."""
+
+    version: str
+    uptime_s: float
+    auth_enabled: bool
+    tenant: str | None
+    trunks: tuple[TrunkStatus, ...]
+    in_flight: int
