@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint-imports demo bench clean help
+.PHONY: install protos test lint-imports demo bench clean help
 
 help:
 	@echo "make test   - install into .venv and run the whole test suite"
@@ -28,17 +28,24 @@ $(STAMP): $(BIN)/python pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) protos
+
+# gRPC code generated from protos/treelm/v1/*.proto (gitignored; the repository root is
+# the include path so the modules import as protos.treelm.v1.*, never shadowing the SDK).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/treelm/v1/*.proto
 
 lint-imports: install
 	$(BIN)/lint-imports
 
-test: install lint-imports
+test: install protos lint-imports
 	$(BIN)/python -m pytest
 
 demo: install
 	$(BIN)/treelm tree validate examples/demo/tree.yaml
 	$(BIN)/treelm tree show examples/demo/tree.yaml
+	# Trains the nine demo nodes over SmolLM2 (first run ~10 min on 2 cores; later runs reuse them).
+	$(BIN)/treelm tree build examples/demo/tree.yaml --out examples/demo/build
 
 bench: install
 	@ls benchmarks/*_bench.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }

@@ -49,6 +49,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filtering
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -132,6 +133,8 @@ class TokenChunk:
     index: int  # 0-based position of the chunk in the stream
     finish_reason: FinishReason | None = None
     node_version: int = 1  # the version of the node that answered
+    usage: Usage | None = None  # set on the last chunk only
+    timings: Timings | None = None  # set on the last chunk only
 
 
 @dataclass(frozen=True)
