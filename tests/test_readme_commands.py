@@ -1,0 +1,75 @@
+"""Every `treelm ...` command documented in README.md still parses against the real CLI.
+
+Commands are taken from fenced shell blocks (lines starting with `treelm` or
+`$ treelm`, with backslash continuations joined). Each is parsed by click down to
+its leaf command -- unknown commands, unknown options and missing arguments fail
+-- without running it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from cluster.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def documented_commands() -> list[str]:
+    commands: list[str] = []
+    in_fence = in_block = False
+    pending = ""
+    for line in README.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+            in_block = in_fence and line.strip().strip("`").strip() in ("", "bash", "sh", "console", "shell")
+            pending = ""
+            continue
+        if not in_block:
+            continue
+        text = pending + line.strip()
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        pending = ""
+        text = re.sub(r"^\$\s+", "", text)
+        if text.startswith("treelm "):
+            commands.append(text)
+    return commands
+
+
+def parse_only(argv: list[str]) -> None:
+    command = typer.main.get_command(app)
+    ctx = command.make_context("treelm", list(argv), resilient_parsing=False)
+    while isinstance(command, click.Group):
+        args = ctx.protected_args + ctx.args if hasattr(ctx, "protected_args") else ctx.args
+        if not args:
+            return
+        name, sub, rest = command.resolve_command(ctx, list(args))
+        ctx = sub.make_context(name, rest, parent=ctx)
+        command = sub
+
+
+COMMANDS = documented_commands()
+
+
+def test_readme_documents_commands():
+    assert len(COMMANDS) >= 10, COMMANDS
+
+
+@pytest.mark.parametrize("line", COMMANDS)
+def test_documented_command_parses(line):
+    words = shlex.split(line, comments=True)
+    assert words[0] == "treelm"
+    argv = [w for w in words[1:] if w not in ("|", "&&")]
+    try:
+        parse_only(argv)
+    except click.BadParameter as exc:  # a path that only exists on a user's machine is fine
+        if "does not exist" not in str(exc):
+            raise
