@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -47,18 +46,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, Regi
 def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
-        # Without standalone mode click returns typer.Exit's code instead of raising it.
-        result = app(args=argv, standalone_mode=False)
-        if isinstance(result, int):
-            return result
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err.print("[red]aborted[/red]")
+        # Standalone mode lets typer print usage errors itself (exit 2) and turn
+        # Exit/Abort into SystemExit; our own typed errors still propagate here.
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
         return 130
-    except click.ClickException as exc:
-        exc.show()
-        return 2
     except USER_ERRORS as exc:
         err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
         return 2
