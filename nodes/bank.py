@@ -55,8 +55,11 @@ class PreparedAdapter:
 def prepare_adapter(
     key: str, adapter: AdapterWeights, shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype
 ) -> PreparedAdapter:
-    """Check ``adapter`` fits the base (``shapes``: module -> (in, out)) and lay it out for the bank."""
-    modules: dict[str, PreparedFactors] = {}
+    """Check ``adapter`` fits the base (``shapes``: module -> (in, out)) and lay it out for the bank.
+
+    All factors of the adapter live in ONE buffer (views per module): one allocation
+    per adapter keeps a cache of thousands of small adapters compact in memory.
+    """
     for name, f in adapter.factors.items():
         shape = shapes.get(name)
         if shape is None:
@@ -65,10 +68,18 @@ def prepare_adapter(
             raise AdapterError(
                 f"adapter {key!r}: {name} is {f.out_features}x{f.in_features}, the base layer is {shape[1]}x{shape[0]}"
             )
-        modules[name] = PreparedFactors(
-            a_t=f.A.detach().to(dtype).t().contiguous(),
-            b_t=(f.B.detach().to(torch.float64) * f.scale).to(dtype).t().contiguous(),
-        )
+    total = sum(f.A.numel() + f.B.numel() for f in adapter.factors.values())
+    buffer = torch.empty(total, dtype=dtype)
+    modules: dict[str, PreparedFactors] = {}
+    offset = 0
+    for name, f in adapter.factors.items():
+        a_t = buffer[offset : offset + f.A.numel()].view(f.in_features, f.rank)
+        offset += f.A.numel()
+        b_t = buffer[offset : offset + f.B.numel()].view(f.rank, f.out_features)
+        offset += f.B.numel()
+        a_t.copy_(f.A.detach().t())
+        b_t.copy_((f.B.detach().to(torch.float64) * f.scale).t())
+        modules[name] = PreparedFactors(a_t=a_t, b_t=b_t)
     return PreparedAdapter.build(key, modules)
 
 

@@ -21,6 +21,7 @@ import torch
 from nodes.bank import AdapterBank
 from nodes.cache import AdapterCache, CacheFull
 from nodes.errors import (
+    AdapterError,
     DeadlineExceeded,
     EngineClosed,
     EngineError,
@@ -242,9 +243,11 @@ class Scheduler:
                 job.keys = self.cache.acquire(job.chain)
             except CacheFull:
                 break  # wait for a running request to release its adapters
-            except NodesError as exc:  # e.g. an adapter file changed on disk: this request fails, others go on
+            except Exception as exc:  # e.g. an adapter file changed on disk: this request fails, others go on
                 with self._cond:
                     self._waiting.popleft()
+                if not isinstance(exc, NodesError):
+                    exc = AdapterError(f"cannot load the adapters of {job.request.node}: {type(exc).__name__}: {exc}")
                 self._fail(job, exc)
                 continue
             with self._cond:

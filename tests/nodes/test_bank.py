@@ -91,7 +91,7 @@ def test_every_bucket_kind_matches_the_merged_model(setup, tokens):
     assert any(layer.needs_zero_row for layer in plan.layers.values())
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_mixes_match_the_merged_model(setup, data):
     bank, chains, ids, reference = setup

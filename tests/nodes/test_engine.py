@@ -68,7 +68,7 @@ async def run_mix(engine, mix):
     return await asyncio.gather(*(one(*m) for m in mix))
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_mixed_batches_match_each_nodes_merged_model(engine, reference, tree, data):
     request = st.tuples(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
+from nodes import cache as cache_module
 from nodes.base import TinyBaseConfig, load_base, make_tiny_base
 from nodes.engine import Engine, EngineConfig, EngineConfigError
-from nodes.errors import BaseModelError, DeadlineExceeded, IntegrityError, InvalidRequest, QueueFull, UnknownNode
+from nodes.errors import AdapterError, BaseModelError, DeadlineExceeded, IntegrityError, InvalidRequest, QueueFull, UnknownNode
 from nodes.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
@@ -142,3 +144,22 @@ def test_engine_config_and_base_mismatches_are_refused(tiny_base_dir, tree, tmp_
         Engine(load_base(other), tree.root)
     with pytest.raises(BaseModelError, match="different base"):
         Engine(other, tree.root)
+
+
+async def test_an_unreadable_adapter_fails_its_request_with_a_typed_error(tiny_base_dir, tmp_path, monkeypatch):
+    tree = make_random_tree(tmp_path / "tree", tiny_base_dir)
+    reference = MergedReference(tiny_base_dir, tree)
+    unreadable = tree.node(f"{tree.name}/fr").directory
+    real_read = cache_module.read_adapter
+
+    def read(path, **kwargs):  # the disk refuses one node's folder (tests run as root: chmod would not)
+        if Path(path) == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(cache_module, "read_adapter", read)
+    async with Engine(tiny_base_dir, tree.root) as engine:
+        with pytest.raises(AdapterError, match="PermissionError"):
+            await engine.generate(request(f"{tree.name}/fr/medical", max_new_tokens=4))
+        assert engine.stats().failed == 1 and engine.stats().cache.pinned == 0
+        await assert_still_serving(engine, reference, f"{tree.name}/en/legal")

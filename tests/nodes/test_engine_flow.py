@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from nodes.base import TinyBaseConfig, make_tiny_base
 from nodes.engine import Engine, EngineConfig
-from nodes.errors import DeadlineExceeded, EngineClosed, InvalidRequest, RequestCancelled
+from nodes.errors import DeadlineExceeded, EngineClosed, EngineError, InvalidRequest, RequestCancelled
 from nodes.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
@@ -149,3 +149,32 @@ async def test_close_fails_waiting_and_running_requests_and_refuses_new_ones(lon
     assert engine.stats().closed
     # The base model is plain again: no wrapped layers are left behind.
     assert not any(type(m).__name__ == "BankLinear" for m in engine.base.model.modules())
+
+
+class FailingForward:
+    """Wraps the model: the forward number ``fail_at`` raises (as an out-of-memory would)."""
+
+    def __init__(self, model, fail_at: int):
+        self.model, self.fail_at, self.calls = model, fail_at, 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated failure in the forward")
+        return self.model(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("fail_at, where", [(1, "prefill"), (3, "generation")])
+async def test_a_failed_forward_fails_its_rows_and_the_engine_goes_on(one_slot, reference, tree, fail_at, where):
+    scheduler = one_slot._scheduler  # noqa: SLF001 - inject the failure at the model call
+    scheduler.model = FailingForward(scheduler.model, fail_at)
+    with pytest.raises(EngineError, match=f"{where} failed"):
+        await one_slot.generate(request(f"{tree.name}/en/medical", 10))
+    stats = one_slot.stats()
+    assert (stats.failed, stats.active_requests, stats.tokens_in_flight, stats.cache.pinned) == (1, 0, 0, 0)
+    ok = request(f"{tree.name}/en/medical", 10)
+    result = await one_slot.generate(ok)
+    assert list(result.token_ids) == reference.tokens(ok.node, one_slot.encode(ok), 10)
