@@ -18,8 +18,11 @@ from nodes.errors import (
     NodesError,
 )
 from nodes.export import ExportResult, export_node
+from nodes.finetune import FineTuneResult, fine_tune, increment
+from nodes.gate import Evaluator, GateBounds, GateReport
 from nodes.quantize import load_int8
 from nodes.tree_store import BuiltNode, BuiltTree, open_tree, verify_node_files
+from nodes.versions import ChainLink, ServedNode, Snapshot, SnapshotTree, VersionStore, open_served_tree
 
 __all__ = [
     "AdapterBank",
@@ -32,27 +35,39 @@ __all__ = [
     "BuiltNode",
     "BuiltTree",
     "CacheStats",
+    "ChainLink",
     "Engine",
     "EngineConfig",
     "EngineConfigError",
     "EngineError",
     "EngineStats",
+    "Evaluator",
     "ExportError",
     "ExportResult",
+    "FineTuneResult",
+    "GateBounds",
+    "GateReport",
     "IntegrityError",
     "LoadedBase",
     "NodeOutcome",
     "NodesError",
     "ResolvedBase",
+    "ServedNode",
+    "Snapshot",
+    "SnapshotTree",
     "TinyBaseConfig",
+    "VersionStore",
     "base_digest",
     "build_tree",
     "export_node",
+    "fine_tune",
     "flatten_adapters",
+    "increment",
     "load_base",
     "load_int8",
     "make_tiny_base",
     "merge_chain",
+    "open_served_tree",
     "open_tree",
     "read_adapter",
     "resolve_base",

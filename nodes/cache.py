@@ -85,7 +85,7 @@ class AdapterCache:
         and IntegrityError/AdapterError when an adapter cannot be loaded; in
         both cases nothing is pinned.
         """
-        keys = tuple(str(node.path) for node in chain)
+        keys = tuple(node.cache_key for node in chain)
         with self._lock:
             missing = [k for k in keys if k not in self._active]
             evictable = sum(1 for k in self._active if not self._pins.get(k) and k not in keys)

@@ -20,7 +20,9 @@ How a request can end:
   DeadlineExceeded is raised; an adapter that fails its sha256 check raises
   IntegrityError; EngineClosed when the engine shuts down.
 
-Node versions come from node.json; the base itself answers as version 0.
+Node versions come from node.json; the base itself answers as version 0. A tree dir with a
+snapshot (nodes.versions) is served as the snapshot pins it; a newer snapshot on disk is picked
+up by the next request (checked at most once a second), or at once with ``use_tree``/``refresh``.
 """
 
 from __future__ import annotations
@@ -48,9 +50,14 @@ from nodes.errors import (
 from nodes.kv import check_supported
 from nodes.requests import GenerationRequest, GenerationResult, TokenChunk
 from nodes.scheduler import Job, Limits, Scheduler
-from nodes.tree_store import BuiltNode, BuiltTree, open_tree
+from nodes.tree_store import BuiltNode, BuiltTree
+from nodes.versions import SNAPSHOT_RECORD, open_served_tree
 
 __all__ = ["Engine", "EngineConfig", "EngineConfigError", "EngineStats"]
+
+
+# How often a request may look at the tree dir's snapshot.json for a newer snapshot (one stat).
+_SNAPSHOT_POLL_S = 1.0
 
 
 class EngineConfigError(NodesError, ValueError):
@@ -133,7 +140,11 @@ class Engine:
 
     def __init__(self, base: str | Path | LoadedBase, tree: str | Path | BuiltTree, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
-        self.tree = tree if isinstance(tree, BuiltTree) else open_tree(tree)
+        # From a directory: what its snapshot serves (nodes.versions), else the built tree itself.
+        self._root = None if isinstance(tree, BuiltTree) else Path(tree)
+        self.tree = tree if isinstance(tree, BuiltTree) else open_served_tree(tree)
+        self._snapshot_stamp = self._stamp()
+        self._snapshot_checked = time.monotonic()
         if isinstance(base, LoadedBase):
             if self.tree.base_digest and base.digest != self.tree.base_digest:
                 raise BaseModelError(
@@ -237,6 +248,8 @@ class Engine:
     def _submit(self, request: GenerationRequest, streaming: bool) -> tuple[Job, _QueueSink]:
         if self._closed:
             raise EngineClosed("the engine is closed")
+        if self._root is not None and time.monotonic() - self._snapshot_checked >= _SNAPSHOT_POLL_S:
+            self.refresh()
         sink = _QueueSink(asyncio.get_running_loop())
         job = self._job(request, sink, streaming)
         self._scheduler.submit(job)
@@ -299,6 +312,46 @@ class Engine:
     def cancel(self, request_id: str) -> bool:
         """Cancel a queued or running request; False if no such request is in flight."""
         return self._scheduler.cancel(request_id)
+
+    # -- snapshots --------------------------------------------------------------
+    def use_tree(self, tree: BuiltTree) -> None:
+        """Serve ``tree`` (another snapshot of the same tree) from the next admitted request on.
+
+        Admitted requests keep the chains they were admitted with, and the cache names every
+        stored version by its own key, so each request sees exactly one snapshot.
+        """
+        if tree.name != self.tree.name or tree.base_digest != self.tree.base_digest:
+            raise EngineConfigError(
+                f"cannot switch tree {self.tree.name!r} (base {self.tree.base_digest[:12]}) to tree "
+                f"{tree.name!r} (base {tree.base_digest[:12]}): only snapshots of the same tree"
+            )
+        depth = max((len(tree.chain(n.node_id)) for n in tree.nodes), default=0)
+        if self.config.max_active_adapters < depth:
+            raise EngineConfigError(f"EngineConfig.max_active_adapters ({self.config.max_active_adapters}) must be "
+                                    f"at least the deepest chain of the tree ({depth})")  # fmt: skip
+        self.tree = tree  # one reference assignment: _job reads either the old tree or the new one
+
+    def _stamp(self) -> tuple[int, int] | None:
+        if self._root is None:
+            return None
+        try:
+            st = (self._root / SNAPSHOT_RECORD).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
+
+    def refresh(self) -> bool:
+        """Serve the tree dir's snapshot if it changed on disk since the last look; True if it did."""
+        self._snapshot_checked = time.monotonic()
+        stamp = self._stamp()
+        if self._root is None or stamp == self._snapshot_stamp:
+            return False
+        self._snapshot_stamp = stamp
+        tree = open_served_tree(self._root)
+        if getattr(tree, "serial", None) == getattr(self.tree, "serial", None):
+            return False
+        self.use_tree(tree)
+        return True
 
     # -- status and lifecycle ---------------------------------------------------
     def stats(self) -> EngineStats:

@@ -6,6 +6,7 @@
         adapter_config.json
         adapter_model.safetensors
         node.json                    id, level, parent, digests, training settings, metrics
+    DIR/versions/, DIR/snapshot.json stored node versions and the snapshot served (nodes.versions)
 
 A nested node's folder sits inside its parent's folder (nodes/en/medical/...);
 each node.json lists only its own files.
@@ -74,10 +75,16 @@ class BuiltNode:
     data: Mapping[str, Any] = field(default_factory=dict)  # data file digests
     metrics: Mapping[str, Any] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    store_key: str = ""  # set for a stored version (nodes.versions): "<path>@v<version>-<sha12>"
 
     @property
     def path(self) -> NodePath:
         return self.node_id.path
+
+    @property
+    def cache_key(self) -> str:
+        """The adapter cache's name for these weights: one key per stored version, else the path."""
+        return self.store_key or str(self.path)
 
     @property
     def sha256(self) -> Mapping[str, str]:

@@ -31,6 +31,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "ALIAS_NAMES",
     "DEPLOYMENT_STATUSES",
+    "PIN_STATUSES",
+    "UPDATE_KINDS",
+    "UPDATE_STATES",
     "KEY_ROLES",
     "KEY_STATUSES",
     "LEVELS",
@@ -41,12 +44,16 @@ __all__ = [
     "Alias",
     "BaseModel",
     "Deployment",
+    "KeyGroup",
     "Model",
     "Node",
     "NodeTag",
     "NodeVersion",
     "SigningKey",
+    "ServingPin",
     "Tenant",
+    "UpdateEvent",
+    "UpdateRecord",
     "Variant",
 ]
 
@@ -58,6 +65,10 @@ VARIANT_KINDS = ("chain", "flat", "merged", "merged-int8")
 KEY_ROLES = ("node", "evaluator", "operator", "root")
 KEY_STATUSES = ("active", "revoked")
 DEPLOYMENT_STATUSES = ("active", "draining", "stopped")
+# The signed update protocol (cluster.updates): what an update record is and where it stands.
+UPDATE_KINDS = ("package", "candidate", "contribution")
+UPDATE_STATES = ("pending", "aggregated", "absorbed", "awaiting-approval", "stable", "rejected")
+PIN_STATUSES = ("pinned", "held")
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING = {
@@ -272,3 +283,90 @@ class Deployment(Model):
     version_id: Mapped[int | None] = mapped_column(ForeignKey("node_versions.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UpdateRecord(Model):
+    """One update of the protocol: a signed package, a parent's candidate, or a contribution upward.
+
+    ``envelope`` is the DSSE envelope (JSON); ``approvals`` the detached approval signatures;
+    ``figures`` screening and gate numbers; ``round_id`` the candidate a contribution went into.
+    """
+
+    __tablename__ = "updates"
+    __table_args__ = (
+        CheckConstraint(_in("kind", UPDATE_KINDS), name="kind"),
+        CheckConstraint(_in("state", UPDATE_STATES), name="state"),
+        Index(None, "target_id", "state"),
+        Index(None, "node_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    update_id: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))  # whose version this is
+    version: Mapped[int] = mapped_column(Integer)
+    parent_version: Mapped[int] = mapped_column(Integer)  # the parent version it was made over
+    target_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))  # the parent it contributes to
+    state: Mapped[str] = mapped_column(String(24))
+    manifest_digest: Mapped[str] = mapped_column(String(64))
+    envelope: Mapped[str] = mapped_column(Text)
+    approvals: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    figures: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reasons: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    round_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UpdateEvent(Model):
+    """An append-only log of every state change the update protocol makes."""
+
+    __tablename__ = "update_events"
+    __table_args__ = (Index(None, "node_id"), Index(None, "update_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    event: Mapped[str] = mapped_column(String(32))
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"))
+    update_id: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class KeyGroup(Model):
+    """Signing policy of one key group (role, optional node): threshold and key-set version."""
+
+    __tablename__ = "key_groups"
+    __table_args__ = (
+        CheckConstraint(_in("role", KEY_ROLES), name="role"),
+        CheckConstraint("threshold >= 1", name="threshold_positive"),
+        UniqueConstraint("role", "scope"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(300))  # the node id, or "*" for a role-wide group
+    threshold: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServingPin(Model):
+    """How a node was served: the exact chain of versions, and whether it is held on older ones.
+
+    Append-only: the row with the highest id per node is current; older rows are the chains the
+    node was validated against (a rollback restores one of them without measuring again).
+    """
+
+    __tablename__ = "serving_pins"
+    __table_args__ = (
+        CheckConstraint(_in("status", PIN_STATUSES), name="status"),
+        Index(None, "node_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    chain: Mapped[list[Any]] = mapped_column(JSON)  # [{"path", "version", "adapter"}, ...] top ancestor first
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -37,9 +37,11 @@ from treelm._types import (
     Node,
     NodeVersion,
     Result,
+    RollbackResult,
     ServerStatus,
     Timings,
     TrunkStatus,
+    UpdateStatus,
     Usage,
 )
 
@@ -68,6 +70,7 @@ __all__ = [
     "PermissionDenied",
     "Result",
     "RetryPolicy",
+    "RollbackResult",
     "ServerError",
     "ServerStatus",
     "Stream",
@@ -77,6 +80,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "UpdateStatus",
     "Usage",
     "__version__",
 ]

@@ -17,12 +17,24 @@ Example::
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
 import grpc.aio
 
-from protos.treelm.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from hierarchy.updates.envelope import sign_payload
+from hierarchy.updates.keys import SigningKey
+from hierarchy.updates.statements import ROLLBACK_PAYLOAD_TYPE, rollback_statement
+from protos.treelm.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    updates_pb2,
+    updates_pb2_grpc,
+)
 from treelm._client import _Deadline
 from treelm._convert import (
     MessageLike,
@@ -37,7 +49,14 @@ from treelm._convert import (
 )
 from treelm._errors import TreeLMError, from_rpc_error
 from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
-from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, ServerStatus
+from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, RollbackResult, ServerStatus, UpdateStatus
+from treelm._updates import (
+    approval_signature,
+    load_signing_key,
+    package_chunks,
+    rollback_from_proto,
+    update_status_from_proto,
+)
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
@@ -145,6 +164,7 @@ class AsyncClient:
         self._inference = inference_pb2_grpc.InferenceStub(channel)
         self._registry = registry_pb2_grpc.RegistryStub(channel)
         self._admin = admin_pb2_grpc.AdminStub(channel)
+        self._updates = updates_pb2_grpc.UpdatesStub(channel)
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool = True) -> Any:
         deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
@@ -229,6 +249,36 @@ class AsyncClient:
 
     async def status(self, *, timeout: float | None = _UNSET) -> ServerStatus:
         return status_from_proto(await self._unary(self._admin.Status, admin_pb2.StatusRequest(), timeout))
+
+    async def submit_update(self, package: str | Path, *, timeout: float | None = _UNSET) -> UpdateStatus:
+        """Stream an update package (see :meth:`treelm.Client.submit_update`); never retried."""
+        chunks = package_chunks(package)
+        deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
+        try:
+            reply = await self._updates.Submit(chunks, timeout=deadline.remaining(), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return update_status_from_proto(reply)
+
+    async def update_status(self, update_id: str, *, timeout: float | None = _UNSET) -> UpdateStatus:
+        request = updates_pb2.GetStatusRequest(update_id=update_id)
+        return update_status_from_proto(await self._unary(self._updates.GetStatus, request, timeout))
+
+    async def approve(self, update_id: str, key: SigningKey | str | Path, *, password: bytes | None = None,
+                      timeout: float | None = _UNSET) -> UpdateStatus:  # fmt: skip
+        signer = load_signing_key(key, password)
+        signature = approval_signature(await self.update_status(update_id, timeout=timeout), signer)
+        request = updates_pb2.ApproveRequest(update_id=update_id, key_id=signer.keyid, signature=signature)
+        return update_status_from_proto(await self._unary(self._updates.Approve, request, timeout, idempotent=False))
+
+    async def rollback(self, node: str, to_version: int, keys: Any, *, password: bytes | None = None,
+                       timeout: float | None = _UNSET) -> RollbackResult:  # fmt: skip
+        signers = [load_signing_key(k, password) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
+        current = (await self.node(node, timeout=timeout)).stable_version or 0
+        signatures = sign_payload(ROLLBACK_PAYLOAD_TYPE, rollback_statement(node, current, to_version), signers)
+        request = updates_pb2.RollbackRequest(node=node, alias="stable", to_version=to_version, signatures=[
+            updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures])  # fmt: skip
+        return rollback_from_proto(await self._unary(self._updates.Rollback, request, timeout, idempotent=False))
 
     async def close(self) -> None:
         if self._owns_channel:

@@ -13,11 +13,23 @@ Example::
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 
-from protos.treelm.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from hierarchy.updates.envelope import Signature, sign_payload
+from hierarchy.updates.keys import SigningKey
+from hierarchy.updates.statements import ROLLBACK_PAYLOAD_TYPE, rollback_statement
+from protos.treelm.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    updates_pb2,
+    updates_pb2_grpc,
+)
 from treelm._convert import (
     MessageLike,
     chunk_from_proto,
@@ -31,7 +43,14 @@ from treelm._convert import (
 )
 from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
 from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
-from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, ServerStatus
+from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, RollbackResult, ServerStatus, UpdateStatus
+from treelm._updates import (
+    approval_signature,
+    load_signing_key,
+    package_chunks,
+    rollback_from_proto,
+    update_status_from_proto,
+)
 
 __all__ = ["Client", "Stream"]
 
@@ -163,10 +182,11 @@ class Client:
         self._inference = inference_pb2_grpc.InferenceStub(channel)
         self._registry = registry_pb2_grpc.RegistryStub(channel)
         self._admin = admin_pb2_grpc.AdminStub(channel)
+        self._updates = updates_pb2_grpc.UpdatesStub(channel)
 
     # -- plumbing ---------------------------------------------------------------------------
-    # Every call the client offers today is idempotent: reads, and generation, which changes
-    # nothing on the server. Update submissions (later) will pass idempotent=False.
+    # Reads and generation are idempotent (they change nothing on the server) and are retried;
+    # update calls (submit, approve, rollback) pass idempotent=False and are never retried.
     def _unary(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool = True) -> Any:
         deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
         attempt = 0
@@ -270,6 +290,50 @@ class Client:
             bandwidth=bandwidth, compute=compute, tags=tags, tree=tree, dtype=dtype,
         )  # fmt: skip
         return match_from_proto(self._unary(self._registry.Match, request, timeout))
+
+    # -- updates ----------------------------------------------------------------------------
+    def submit_update(self, package: str | Path, *, timeout: float | None = _UNSET) -> UpdateStatus:
+        """Stream an update package (a `treelm update make` directory); never retried.
+
+        Example::
+
+            status = client.submit_update("onc-v2")
+            status.state, status.candidate_id   # e.g. "aggregated", the parent's candidate
+        """
+        chunks = package_chunks(package)
+        try:
+            reply = self._updates.Submit(chunks, timeout=_Deadline(self._timeout if timeout is _UNSET else timeout)
+                                         .remaining(), metadata=self._metadata)  # fmt: skip
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return update_status_from_proto(reply)
+
+    def update_status(self, update_id: str, *, timeout: float | None = _UNSET) -> UpdateStatus:
+        """Where an update stands (state, reasons, approvals, screening and gate figures)."""
+        request = updates_pb2.GetStatusRequest(update_id=update_id)
+        return update_status_from_proto(self._unary(self._updates.GetStatus, request, timeout))
+
+    def approve(self, update_id: str, key: SigningKey | str | Path, *, password: bytes | None = None,
+                timeout: float | None = _UNSET) -> UpdateStatus:  # fmt: skip
+        """Sign and send one approval of a candidate (the key stays here; only the signature travels).
+
+        ``key``: a SigningKey, or a key directory / private PEM file from `treelm keys gen`.
+        """
+        signer = load_signing_key(key, password)
+        signature = approval_signature(self.update_status(update_id, timeout=timeout), signer)
+        request = updates_pb2.ApproveRequest(update_id=update_id, key_id=signer.keyid, signature=signature)
+        return update_status_from_proto(self._unary(self._updates.Approve, request, timeout, idempotent=False))
+
+    def rollback(self, node: str, to_version: int, keys: Sequence[SigningKey | str | Path] | SigningKey | str | Path,
+                 *, password: bytes | None = None, timeout: float | None = _UNSET) -> RollbackResult:  # fmt: skip
+        """Move ``node``'s ``stable`` alias to ``to_version``, signed by operator key(s); re-signs nothing."""
+        signers = [load_signing_key(k, password) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
+        current = self.node(node, timeout=timeout).stable_version or 0
+        statement = rollback_statement(node, current, to_version)
+        signatures: tuple[Signature, ...] = sign_payload(ROLLBACK_PAYLOAD_TYPE, statement, signers)
+        request = updates_pb2.RollbackRequest(node=node, alias="stable", to_version=to_version, signatures=[
+            updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures])  # fmt: skip
+        return rollback_from_proto(self._unary(self._updates.Rollback, request, timeout, idempotent=False))
 
     # -- admin ------------------------------------------------------------------------------
     def status(self, *, timeout: float | None = _UNSET) -> ServerStatus:

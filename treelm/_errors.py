@@ -58,9 +58,11 @@ ERROR_KIND_KEY = "treelm-error-kind"  # a finer kind than the code, e.g. "node-n
 
 
 class TreeLMError(Exception):
-    """A call failed. ``code`` is the gRPC status code, ``details`` the server's message."""
+    """A call failed. ``code`` is the gRPC status code, ``details`` the server's message, ``kind`` the
+    server's finer reason when it gives one (e.g. ``"hash-mismatch"``, ``"stale-parent"``)."""
 
     retryable = False  # whether the SDK retries (idempotent calls only)
+    kind = ""
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None):
         self.details = details
@@ -160,7 +162,10 @@ def from_rpc_error(rpc_error: grpc.RpcError) -> TreeLMError:
         return InvalidRequest(details, code, field="message")
     if cls is InvalidRequest:
         field = meta.get(ERROR_FIELD_KEY) or (details.split(":", 1)[0] if ":" in details else "")
-        return InvalidRequest(details, code, field=field.strip())
-    if cls is NotFound and meta.get(ERROR_KIND_KEY) == "node-not-found":
-        cls = NodeNotFound
-    return cls(details, code)
+        error: TreeLMError = InvalidRequest(details, code, field=field.strip())
+    else:
+        if cls is NotFound and meta.get(ERROR_KIND_KEY) == "node-not-found":
+            cls = NodeNotFound
+        error = cls(details, code)
+    error.kind = meta.get(ERROR_KIND_KEY, "")
+    return error

@@ -18,9 +18,11 @@ __all__ = [
     "Node",
     "NodeVersion",
     "Result",
+    "RollbackResult",
     "ServerStatus",
     "Timings",
     "TrunkStatus",
+    "UpdateStatus",
     "Usage",
 ]
 
@@ -207,3 +209,47 @@ class ServerStatus:
     tenant: str | None
     trunks: tuple[TrunkStatus, ...]
     in_flight: int
+
+
+@dataclass(frozen=True)
+class UpdateStatus:
+    """Where one update stands: ``client.submit_update(...)``, ``client.update_status(id)``.
+
+    ``kind``: package (what a node signed), candidate (a parent version awaiting approvals) or
+    contribution (an approved version offered to its own parent). ``state``: pending, aggregated,
+    absorbed, awaiting-approval, stable or rejected; ``reasons`` say why. ``figures`` holds the
+    screening and gate numbers (e.g. ``gate.checks.canary.change``).
+    """
+
+    update_id: str
+    kind: str
+    node: str
+    version: int
+    parent: str
+    parent_version: int
+    state: str
+    reasons: tuple[str, ...]
+    approvals: int
+    approvals_needed: int
+    candidate_id: str | None
+    figures: Mapping[str, float] = field(default_factory=dict)
+    manifest_digest: str = ""
+    envelope: bytes = field(default=b"", repr=False)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest this update carries (review it before approving)."""
+        import base64
+        import json
+
+        return json.loads(base64.b64decode(json.loads(self.envelope)["payload"]))
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """``client.rollback(...)``: the alias's new and previous version, and nodes that stayed put."""
+
+    node: str
+    alias: str
+    version: int
+    previous_version: int
+    held: tuple[str, ...] = ()

@@ -12,6 +12,7 @@ from hierarchy.updates.errors import (
     BaseMismatchError,
     EnvelopeError,
     ExpiredError,
+    GateRejected,
     HashMismatchError,
     KeyFormatError,
     LengthMismatchError,
@@ -45,6 +46,12 @@ from hierarchy.updates.manifest import (
     sha256_digest,
     sign_manifest,
 )
+from hierarchy.updates.statements import (
+    REPIN_PAYLOAD_TYPE,
+    ROLLBACK_PAYLOAD_TYPE,
+    repin_statement,
+    rollback_statement,
+)
 from hierarchy.updates.trust import (
     KeyGroup,
     KeyStatus,
@@ -70,6 +77,8 @@ from hierarchy.updates.verify import (
 
 __all__ = [
     "ADAPTER_FORMAT",
+    "REPIN_PAYLOAD_TYPE",
+    "ROLLBACK_PAYLOAD_TYPE",
     "UPDATE_PAYLOAD_TYPE",
     "VERIFICATION_CHECKS",
     "AggregationError",
@@ -80,6 +89,7 @@ __all__ = [
     "ExpiredError",
     "FileEntry",
     "FileMeasure",
+    "GateRejected",
     "HashMismatchError",
     "KeyFormatError",
     "KeyGroup",
@@ -119,7 +129,9 @@ __all__ = [
     "key_id",
     "pae",
     "parse_manifest",
+    "repin_statement",
     "revoke_key",
+    "rollback_statement",
     "rotate_keys",
     "sha256_digest",
     "sign_envelope",

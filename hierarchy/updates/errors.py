@@ -24,6 +24,7 @@
     ├── BaseMismatchError        trained over a different base model
     ├── ShapeMismatchError       adapted layers / tensor shapes do not fit the parent
     ├── ScreeningRejected        screening refused the delta (norm, direction)
+    ├── GateRejected             the evaluation gate refused a candidate (perplexity regressions)
     └── AggregationError         children's deltas that cannot be merged
 
 Every error has ``check``: the name of the verification step it belongs to (see
@@ -42,6 +43,7 @@ __all__ = [
     "BaseMismatchError",
     "EnvelopeError",
     "ExpiredError",
+    "GateRejected",
     "HashMismatchError",
     "KeyFormatError",
     "LengthMismatchError",
@@ -192,6 +194,12 @@ class ScreeningRejected(UpdateError):
     """Screening refused a delta; ``details['result']`` holds the ScreenResult."""
 
     check = "screening"
+
+
+class GateRejected(UpdateError):
+    """The gate found a regression beyond its bound; ``details['report']`` holds every figure."""
+
+    check = "gate"
 
 
 class AggregationError(UpdateError, ValueError):

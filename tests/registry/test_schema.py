@@ -30,7 +30,7 @@ from tests.registry.helpers import demo_tree, snapshot
 
 def test_migrations_create_exactly_the_models_schema(db_url):
     status, created = init_registry(db_url)
-    assert created and status.current == head_revision() == "0002_access"
+    assert created and status.current == head_revision() == "0003_updates"
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -64,12 +64,12 @@ def test_older_schema_asks_for_upgrade_and_upgrade_keeps_data(db_url):
         conn.execute(text("INSERT INTO tenants (name, created_at) VALUES ('old-tenant', CURRENT_TIMESTAMP)"))
     engine.dispose()
     before, after = upgrade_registry(db_url)
-    assert (before.current, after.current) == ("0001_core", "0002_access")
+    assert (before.current, after.current) == ("0001_core", head_revision())
     with open_registry(db_url) as reg:
         from registry import get_tenant
 
         assert get_tenant(reg, "old-tenant").name == "old-tenant"
-    assert upgrade_registry(db_url)[1].current == "0002_access"  # a second upgrade is a no-op
+    assert upgrade_registry(db_url)[1].current == head_revision()  # a second upgrade is a no-op
 
 
 def test_newer_schema_is_refused(db_url):

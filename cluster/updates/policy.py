@@ -1,0 +1,140 @@
+"""How a tree absorbs updates: when to aggregate, how hard to step, what to screen and gate, who approves.
+
+Defaults work for any tree; ``TREE_DIR/update-policy.yaml`` (or ``--policy FILE``) overrides
+any field, for example::
+
+    min_updates: 3            # aggregate once three screened updates wait for a parent ...
+    window_s: 86400           # ... or when the oldest has waited a day (checked by `treelm update tick`)
+    eta: 0.5                  # candidate parent = parent + eta * merge(children's increments)
+    merge: auto               # concat | ties | auto (TIES when the children disagree in sign)
+    gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02}
+    screen: {max_relative: 10.0, min_relative: 0.01, min_cosine: 0.0, on_too_large: reject}
+    approvals: {evaluator: 1, operator: 1}
+    probes: {en/medical/oncology: /secure/oncology-probe.txt}
+    canary: /data/general.txt
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cluster.updates.errors import PolicyError
+from hierarchy.updates.screening import ScreenPolicy
+from hierarchy.updates.trust import Role
+from nodes.gate import GateBounds
+
+__all__ = ["POLICY_FILE", "UpdatePolicy"]
+
+POLICY_FILE = "update-policy.yaml"
+_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """Every knob of the coordinator; validated in ``__post_init__`` (ValueError names the field)."""
+
+    min_updates: int = field(default=1, metadata={"help": "m: aggregate when this many screened updates wait"})
+    window_s: float | None = field(default=None, metadata={"help": "or when the oldest has waited this long"})
+    eta: float = field(default=0.5, metadata={"help": "server step: candidate = parent + eta * merge"})
+    merge: str = field(default="auto", metadata={"help": "concat, ties, or auto (TIES on sign conflict)"})
+    screen: ScreenPolicy = field(default_factory=ScreenPolicy)
+    gate: GateBounds = field(default_factory=GateBounds)
+    approvals: Mapping[str, int] = field(default_factory=lambda: {"evaluator": 1, "operator": 1})
+    reference_steps: int = field(default=10, metadata={"help": "steps of the parent's own reference fine-tune"})
+    reference_lr: float = field(default=3e-3, metadata={"help": "learning rate of the reference fine-tune"})
+    reference_seed: int = field(default=1234, metadata={"help": "seed of the reference fine-tune"})
+    max_rank: int | None = field(default=64, metadata={"help": "refuse update adapters of a higher rank"})
+    approval_ttl_s: float = field(default=7 * _DAY, metadata={"help": "a candidate's manifest expires after this"})
+    probes: Mapping[str, str] = field(default_factory=dict, metadata={"help": "node path -> probe text file"})
+    canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
+    max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyError(f"update policy: {name} must be an integer >= 1, got {value!r}")
+
+        for name in ("min_updates", "reference_steps", "max_package_bytes"):
+            positive_int(name)
+        if self.max_rank is not None:
+            positive_int("max_rank")
+        if self.window_s is not None and not (isinstance(self.window_s, (int, float)) and self.window_s > 0):
+            raise PolicyError(f"update policy: window_s must be > 0 seconds, got {self.window_s!r}")
+        for name in ("eta", "reference_lr", "approval_ttl_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise PolicyError(f"update policy: {name} must be a number > 0, got {value!r}")
+        if self.merge not in ("auto", "concat", "ties"):
+            raise PolicyError(f"update policy: merge must be auto, concat or ties, got {self.merge!r}")
+        approvals = {}
+        for role, count in dict(self.approvals).items():
+            parsed = Role.parse(role)
+            if parsed not in (Role.EVALUATOR, Role.OPERATOR, Role.ROOT):
+                raise PolicyError(f"update policy: approvals may need evaluator, operator or root keys, not {role!r}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise PolicyError(f"update policy: approvals[{role!r}] must be an integer >= 0, got {count!r}")
+            if count:
+                approvals[parsed.value] = count
+        if not approvals:
+            raise PolicyError("update policy: approvals must require at least one signature")
+        object.__setattr__(self, "approvals", approvals)
+        object.__setattr__(self, "probes", {str(k).strip("/"): str(v) for k, v in dict(self.probes).items()})
+
+    @property
+    def required_approvals(self) -> dict[Role, int]:
+        return {Role.parse(r): n for r, n in self.approvals.items()}
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any], base_dir: Path | None = None) -> "UpdatePolicy":
+        try:
+            return cls._from_dict(obj, base_dir)
+        except PolicyError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise PolicyError(str(exc) if str(exc).startswith("update policy") else f"update policy: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, obj: Mapping[str, Any], base_dir: Path | None) -> "UpdatePolicy":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise PolicyError(f"update policy: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = dict(obj)
+        if "screen" in values:
+            values["screen"] = ScreenPolicy(**dict(values["screen"]))
+        if "gate" in values:
+            values["gate"] = GateBounds(**dict(values["gate"]))
+        # Text files are relative to the policy file.
+        if base_dir is not None:
+            values["probes"] = {k: str((base_dir / v).resolve()) for k, v in dict(values.get("probes", {})).items()}
+            if values.get("canary"):
+                values["canary"] = str((base_dir / values["canary"]).resolve())
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "UpdatePolicy":
+        path = Path(path)
+        try:
+            obj = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise PolicyError(f"cannot read update policy {path}: {exc}") from None
+        if not isinstance(obj, dict):
+            raise PolicyError(f"update policy {path} must be a mapping of fields")
+        return cls.from_dict(obj, path.parent)
+
+    @classmethod
+    def for_tree(cls, root: str | Path, override: str | Path | None = None) -> "UpdatePolicy":
+        """``override``, else ``ROOT/update-policy.yaml`` when present, else the defaults."""
+        if override is not None:
+            return cls.from_file(override)
+        file = Path(root) / POLICY_FILE
+        return cls.from_file(file) if file.is_file() else cls()
+
+    def with_(self, **changes: Any) -> "UpdatePolicy":
+        return replace(self, **changes)

@@ -1,0 +1,117 @@
+"""The coordinator's model-side work: adapters of stored versions, reference increments, gate runs.
+
+One base model is loaded (lazily, on first use) beside the serving engine's, so measuring never
+disturbs serving. Texts: each node's probe is its eval text from the build (or the policy's
+``probes``), the parent's held-out text is its own probe, the canary is the policy's file or the
+first-level nodes' texts.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Mapping, Sequence
+
+from cluster.updates.policy import UpdatePolicy
+from hierarchy.chain import LoraFactors
+from hierarchy.ids import NodeId, NodePath
+from hierarchy.spec import TrainSettings
+from nodes.adapters import AdapterWeights
+from nodes.base import load_base
+from nodes.finetune import fine_tune, increment
+from nodes.gate import Comparison, EvalText, Evaluator, GateCheck, canary_text, node_eval_text, read_eval_text
+from nodes.tree_store import BuiltNode
+from nodes.versions import ChainLink, VersionStore
+
+__all__ = ["Workbench"]
+
+Delta = Mapping[str, LoraFactors]
+_MAX_CACHED = 256  # adapters / reference increments kept in memory (each a few MB at most)
+
+
+class Workbench:
+    """Loads adapters, measures chains and computes reference increments for one tree."""
+
+    def __init__(self, store: VersionStore, policy: UpdatePolicy):
+        self.store = store
+        self.policy = policy
+        self._lock = threading.RLock()
+        self._evaluator: Evaluator | None = None
+        self._adapters: dict[ChainLink, AdapterWeights] = {}
+        self._texts: dict[str, EvalText] = {}
+        self._references: dict[tuple, dict[str, LoraFactors]] = {}
+        first = store.tree.nodes[0] if store.tree.nodes else None
+        self.seq_len = int((first.training if first else {}).get("max_seq_len", 64) or 64)
+
+    # -- loading ---------------------------------------------------------------------------
+    @property
+    def evaluator(self) -> Evaluator:
+        with self._lock:
+            if self._evaluator is None:
+                base = load_base(self.store.tree.base_dir, digest=self.store.tree.base_digest)
+                self._evaluator = Evaluator(base, seq_len=self.seq_len)
+            return self._evaluator
+
+    def adapter(self, link: ChainLink) -> AdapterWeights:
+        with self._lock:
+            if link not in self._adapters:
+                if len(self._adapters) >= _MAX_CACHED:  # a long-running server sees many versions
+                    self._adapters.clear()
+                self._adapters[link] = self.store.adapter(link)
+            return self._adapters[link]
+
+    def adapters(self, chain: Sequence[ChainLink]) -> list[AdapterWeights]:
+        return [self.adapter(link) for link in chain]
+
+    def _built(self, path: str) -> BuiltNode:
+        return self.store.tree.node(NodeId(self.store.tree.name, NodePath(path)))
+
+    def probe(self, path: str) -> EvalText:
+        """The probe text of node ``path`` (the policy's file, else its eval text from the build)."""
+        with self._lock:
+            if path not in self._texts:
+                override = self.policy.probes.get(path)
+                self._texts[path] = (read_eval_text(override, f"probe of {path} ({override})") if override
+                                     else node_eval_text(self.store.tree, self._built(path)))  # fmt: skip
+            return self._texts[path]
+
+    def canary(self) -> EvalText:
+        with self._lock:
+            if "\0canary" not in self._texts:
+                c = self.policy.canary
+                self._texts["\0canary"] = read_eval_text(c, f"canary ({c})") if c else canary_text(self.store.tree)
+            return self._texts["\0canary"]
+
+    # -- computing -------------------------------------------------------------------------
+    def reference(self, chain: Sequence[ChainLink]) -> dict[str, LoraFactors]:
+        """The parent's own reference increment for the node at the end of ``chain`` (FLTrust-style).
+
+        The node's served adapter fine-tuned for a few steps on its clean probe text, over its
+        served ancestors: the direction an honest update of that node should roughly share.
+        """
+        path = chain[-1].path
+        settings = TrainSettings(steps=self.policy.reference_steps, lr=self.policy.reference_lr, batch_size=4,
+                                 max_seq_len=self.seq_len, seed=self.policy.reference_seed)  # fmt: skip
+        text = self.probe(path)
+        key = (tuple(chain), text.sha256, settings)
+        with self._lock:
+            if key not in self._references:
+                if len(self._references) >= _MAX_CACHED:
+                    self._references.clear()
+                ev = self.evaluator
+                current = self.adapter(chain[-1])
+                with ev.lock:
+                    result = fine_tune(ev.base.model, self.adapters(chain[:-1]), current, ev.tokens(text), settings)
+                self._references[key] = increment(current, result.adapter)
+            return self._references[key]
+
+    def measure(self, subject: str, comparisons: Sequence[Comparison]):
+        return self.evaluator.run(subject, comparisons, self.policy.gate)
+
+    def revalidate(self, path: str, current: Sequence[ChainLink], target: Sequence[ChainLink]) -> GateCheck:
+        """The node's probe under its current chain and under ``target``, against the re-pin bound."""
+        report = self.measure(f"re-validation of {path}", [Comparison(
+            f"probe {path}", "repin", self.probe(path), self.adapters(current), self.adapters(target),
+            before_key=tuple(current), after_key=tuple(target),
+        )])  # fmt: skip
+        return report.checks[0]
+

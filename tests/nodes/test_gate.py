@@ -1,0 +1,63 @@
+"""nodes.gate: every check measured before and after, each against its own bound; a refusal
+carries every figure; node eval texts are found beside the spec and checked against node.json."""
+
+from __future__ import annotations
+
+import pytest
+
+from hierarchy.updates.errors import GateRejected
+from nodes.adapters import read_adapter
+from nodes.base import load_base
+from nodes.gate import Comparison, Evaluator, GateBounds, GateTextMissing, canary_text, node_eval_text, read_eval_text
+from nodes.tree_store import open_tree
+from tests.cluster.update_world import built_tree
+from tests.nodes.treefactory import make_random_tree
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tree = open_tree(built_tree(tmp_path_factory) / "tree")
+    chain = [read_adapter(n.directory, expected_sha256=n.sha256) for n in tree.chain("ut/en/medical")]
+    return tree, Evaluator(load_base(tree.base_dir, digest=tree.base_digest), seq_len=32), chain
+
+
+def test_same_chain_passes_and_forgetting_the_domain_is_refused_with_figures(setup):
+    tree, evaluator, chain = setup
+    medical = node_eval_text(tree, tree.node("ut/en/medical"))
+    assert "ut/en/medical eval" in medical.label and medical.sha256 == tree.node("ut/en/medical").data["eval"]["sha256"]
+    same = Comparison("parent held-out", "parent", medical, chain, list(chain))
+    # Dropping en/medical's adapter forgets the domain: the builder measured that it helps (gain > 0).
+    forgot = Comparison("probe ut/en/medical", "probe", medical, chain, chain[:1])
+    canary = Comparison("canary", "canary", canary_text(tree), chain[:1], chain[:1])
+    report = evaluator.run("candidate ut/en/medical v2", [same, forgot, canary], GateBounds(probe=0.02))
+    checks = {c.name: c for c in report.checks}
+    assert checks["parent held-out"].change == pytest.approx(0.0, abs=1e-9) and checks["parent held-out"].passed
+    gain = tree.node("ut/en/medical").metrics["specialisation_gain"]
+    assert checks["probe ut/en/medical"].change == pytest.approx(1 / (1 - gain) - 1, rel=1e-3)
+    assert not report.passed and [c.name for c in report.failures] == ["probe ut/en/medical"]
+    with pytest.raises(GateRejected) as info:
+        report.raise_if_failed()
+    bad = checks["probe ut/en/medical"]
+    assert f"{bad.before:.3f} -> {bad.after:.3f}" in str(info.value) and info.value.details["report"] is report
+    loose = evaluator.run("candidate", [forgot], GateBounds(probe=bad.change + 0.01))
+    assert loose.passed and loose.checks[0].after == pytest.approx(bad.after)  # the bound decides, not the figure
+
+
+def test_bounds_are_validated():
+    for value in (-0.01, float("nan"), True, "2%"):
+        with pytest.raises(ValueError, match="parent"):
+            GateBounds(parent=value)
+
+
+def test_texts_are_checked_against_their_recorded_digest(tmp_path, tiny_base_dir):
+    path = tmp_path / "eval.txt"
+    path.write_text("some clinical text")
+    good = read_eval_text(path)
+    assert read_eval_text(path, sha256=good.sha256).text == "some clinical text"
+    with pytest.raises(GateTextMissing, match="changed since the build"):
+        read_eval_text(path, sha256="1" * 64)
+    with pytest.raises(GateTextMissing, match="cannot read"):
+        read_eval_text(tmp_path / "missing.txt")
+    random_tree = make_random_tree(tmp_path / "t", tiny_base_dir)  # built without data: nothing to gate on
+    with pytest.raises(GateTextMissing, match="records no eval text"):
+        node_eval_text(random_tree, random_tree.node("rt/en"))

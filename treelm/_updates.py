@@ -1,0 +1,102 @@
+"""Client side of the signed update protocol: stream a package, sign approvals and rollbacks.
+
+A package is a directory written by ``treelm update make``::
+
+    PKG/envelope.json       DSSE envelope around the manifest (signed by the node's key)
+    PKG/files/<name>        the adapter files the manifest signs
+
+Signing happens here, on the caller's machine: the private key never travels. An approval is
+an Ed25519 signature over the DSSE PAE of the candidate's envelope (GetStatus returns it; the
+manifest digest is checked first, so you sign exactly what the server named); a rollback signs
+the canonical rollback statement (hierarchy.updates.statements).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+from hierarchy.updates.envelope import Envelope
+from hierarchy.updates.keys import SigningKey
+from protos.treelm.v1 import updates_pb2
+from treelm._errors import InvalidRequest
+from treelm._types import RollbackResult, UpdateStatus
+
+__all__ = [
+    "ENVELOPE_FILE",
+    "FILES_DIR",
+    "approval_signature",
+    "load_signing_key",
+    "package_chunks",
+    "rollback_from_proto",
+    "update_status_from_proto",
+]
+
+ENVELOPE_FILE = "envelope.json"  # the same layout as cluster.updates.package (a test keeps them equal)
+FILES_DIR = "files"
+CHUNK_BYTES = 1 << 20  # below the server's default 4 MiB message limit
+
+
+def package_chunks(package: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[updates_pb2.SubmitChunk]:
+    """The Submit stream for a package directory: node + envelope first, then the files in pieces."""
+    root = Path(package)
+    try:
+        envelope = (root / ENVELOPE_FILE).read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"{root} is not an update package: {exc.strerror or exc}", field="package") from None
+    try:
+        node = json.loads(Envelope.from_bytes(envelope).payload)["node"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequest(f"{root / ENVELOPE_FILE} is not a DSSE envelope of a manifest: {exc}",
+                             field="envelope") from None  # fmt: skip
+    files = sorted(p for p in (root / FILES_DIR).rglob("*") if p.is_file()) if (root / FILES_DIR).is_dir() else []
+
+    def chunks() -> Iterator[updates_pb2.SubmitChunk]:
+        yield updates_pb2.SubmitChunk(node=str(node), envelope=envelope)
+        for file in files:
+            name = file.relative_to(root / FILES_DIR).as_posix()
+            with open(file, "rb") as fh:
+                while piece := fh.read(chunk_bytes):
+                    yield updates_pb2.SubmitChunk(file=name, data=piece)
+
+    return chunks()
+
+
+def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None) -> SigningKey:
+    """A SigningKey, or one read from a key directory (its private.pem) or a PEM file."""
+    if isinstance(key, SigningKey):
+        return key
+    path = Path(key)
+    file = path / "private.pem" if path.is_dir() else path
+    try:
+        return SigningKey.from_pem(file.read_bytes(), password)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read private key {file}: {exc.strerror or exc}", field="key") from None
+
+
+def approval_signature(status: UpdateStatus, key: SigningKey) -> bytes:
+    """Sign the candidate's envelope (after checking it is the manifest the status names)."""
+    if status.kind != "candidate":
+        raise InvalidRequest(f"update {status.update_id} is a {status.kind}; only candidates are approved",
+                             field="update_id")  # fmt: skip
+    envelope = Envelope.from_bytes(status.envelope)
+    if hashlib.sha256(envelope.payload).hexdigest() != status.manifest_digest:
+        raise InvalidRequest("the envelope does not carry the manifest the status names; refusing to sign",
+                             field="envelope")  # fmt: skip
+    return key.sign(envelope.pae())
+
+
+def update_status_from_proto(msg: updates_pb2.UpdateStatus) -> UpdateStatus:
+    return UpdateStatus(
+        update_id=msg.update_id, kind=msg.kind, node=msg.node, version=msg.version, parent=msg.parent,
+        parent_version=msg.parent_version, state=msg.state, reasons=tuple(msg.reasons), approvals=msg.approvals,
+        approvals_needed=msg.approvals_needed, candidate_id=msg.candidate_id or None, figures=dict(msg.figures),
+        manifest_digest=msg.manifest_digest, envelope=bytes(msg.envelope),
+    )  # fmt: skip
+
+
+def rollback_from_proto(msg: updates_pb2.RollbackResponse) -> RollbackResult:
+    return RollbackResult(node=msg.node, alias=msg.alias, version=msg.version,
+                          previous_version=msg.previous_version, held=tuple(msg.held))  # fmt: skip
