@@ -13,9 +13,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cluster.cluster_cli import cluster_app
 from cluster.errors import ClusterError
 from cluster.importer import import_command
 from cluster.serve_cli import serve_command
+from cluster.updates.cli import keys_app, update_app
 from hierarchy.errors import HierarchyError
 from nodes.cli import base_app, export_command, tree_app
 from nodes.errors import NodesError
@@ -38,6 +40,9 @@ registry_app.command("import")(import_command)
 app.add_typer(registry_app, name="registry")
 app.command("export")(export_command)
 app.command("serve")(serve_command)
+app.add_typer(keys_app, name="keys")
+app.add_typer(update_app, name="update")
+app.add_typer(cluster_app, name="cluster")
 
 # Error types that are the user's to fix: printed plainly, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError)

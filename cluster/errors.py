@@ -7,7 +7,8 @@
         ├── PermissionDenied    a valid token that may not do this
         ├── NodeNotVisible      no such node for this caller (unknown, or another tenant's private node)
         ├── BadArgument         a request field is wrong; ``field`` names it
-        └── ShuttingDown        the server is draining and takes no new work
+        ├── ShuttingDown        the server is draining and takes no new work
+        └── ReplicaUnavailable  the Ray replica serving the call died or is unreachable (retry it)
 
 cluster/interceptors.py maps these, and the errors of nodes/ and registry/, to
 gRPC status codes in one table.
@@ -21,6 +22,7 @@ __all__ = [
     "ClusterError",
     "NodeNotVisible",
     "PermissionDenied",
+    "ReplicaUnavailable",
     "ServeError",
     "ShuttingDown",
     "Unauthenticated",
@@ -65,3 +67,7 @@ class BadArgument(CallError, ValueError):
 
 class ShuttingDown(CallError):
     """The server is draining for shutdown."""
+
+
+class ReplicaUnavailable(CallError):
+    """The replica serving a call failed (died, its node left); the call did not complete."""

@@ -8,10 +8,11 @@
 | a valid token that may not do this | PERMISSION_DENIED |
 | the engine's queue is full | RESOURCE_EXHAUSTED |
 | the request's deadline passed | DEADLINE_EXCEEDED |
-| the engine or server is shutting down; the database is unreachable | UNAVAILABLE |
+| the engine or server is shutting down; a Ray replica died; the database is unreachable | UNAVAILABLE |
 | a stored state that forbids the call (alias to a revoked version, outdated schema) | FAILED_PRECONDITION |
 | an adapter file changed on disk | DATA_LOSS |
-| a method not offered yet (Updates) | UNIMPLEMENTED |
+| the update protocol's refusals (bad signature, stale version, screening, gate, ...) | see cluster/updates/wire.py |
+| Updates on a server without an update coordinator | UNIMPLEMENTED |
 | anything else: a server bug, logged with its traceback | INTERNAL |
 
 Private nodes: a node that is private to another tenant is answered with NOT_FOUND
@@ -36,7 +37,15 @@ import grpc
 import grpc.aio
 
 from cluster.auth import CALLER, Authenticator
-from cluster.errors import BadArgument, NodeNotVisible, PermissionDenied, ShuttingDown, Unauthenticated
+from cluster.updates.wire import update_wire_status
+from cluster.errors import (
+    BadArgument,
+    NodeNotVisible,
+    PermissionDenied,
+    ReplicaUnavailable,
+    ShuttingDown,
+    Unauthenticated,
+)
 from hierarchy.errors import InvalidNodePath
 from nodes import errors as engine_errors
 from nodes.errors import AdapterError, BaseModelError, IntegrityError
@@ -97,6 +106,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (engine_errors.DeadlineExceeded, _S.DEADLINE_EXCEEDED, None),
     (engine_errors.EngineClosed, _S.UNAVAILABLE, "shutting-down"),
     (ShuttingDown, _S.UNAVAILABLE, "shutting-down"),
+    (ReplicaUnavailable, _S.UNAVAILABLE, "replica-unavailable"),
     (registry_errors.DatabaseUnavailable, _S.UNAVAILABLE, None),
     (engine_errors.RequestCancelled, _S.CANCELLED, None),
     (registry_errors.DatabaseError, _S.FAILED_PRECONDITION, None),
@@ -111,6 +121,10 @@ _SERVER_FAULTS = (AdapterError, BaseModelError)
 
 def wire_status(exc: BaseException) -> WireStatus:
     """The status code, message and metadata for an error raised while serving a call."""
+    update = update_wire_status(exc)  # the update protocol's refusals: cluster/updates/wire.py
+    if update is not None:
+        code, kind, field = update
+        return WireStatus(code, str(exc) or type(exc).__name__, field, kind)
     for error_type, code, kind in _TABLE:
         if isinstance(exc, error_type):
             field = getattr(exc, "field", None)

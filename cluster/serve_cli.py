@@ -27,6 +27,8 @@ from cluster.errors import ServeError
 from cluster.importer import import_tree
 from cluster.server import ServerConfig, TreeServer
 from cluster.trunk import EngineTrunk
+from cluster.updates.coordinator import Coordinator
+from cluster.updates.policy import UpdatePolicy
 from nodes.engine import Engine, EngineConfig
 from nodes.tree_store import open_tree
 from registry.access import record_deployment
@@ -54,6 +56,10 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 1024,
     threads: Annotated[Optional[int], typer.Option(help="torch threads for the engine (default: torch's)")] = None,
+    updates: Annotated[bool, typer.Option("--updates/--no-updates", help="serve the Updates service (signed update "
+                                          "protocol) over this tree dir and registry")] = True,  # fmt: skip
+    update_policy: Annotated[Optional[Path], typer.Option("--update-policy", help="update policy YAML (default: "
+                                                          "TREE_DIR/update-policy.yaml)")] = None,  # fmt: skip
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection)."""
     console, err = Console(), Console(stderr=True)
@@ -79,15 +85,21 @@ def serve_command(
             log.warning("authentication is OFF (--insecure-no-auth)")
         if threads is not None:
             torch.set_num_threads(threads)
+        coordinator = None
+        if updates:  # pins every node's version and writes the snapshot the engine then serves
+            coordinator = Coordinator.open(registry, tree.root, UpdatePolicy.for_tree(tree.root, update_policy))
         with console.status(f"loading the base of {escape(tree.name)} ..."):
             engine = Engine(tree.base_dir, tree.root, EngineConfig(max_batch_size=max_batch, max_queue=max_queue))
-        asyncio.run(_run(engine, registry, config, console))
+        if coordinator is not None:
+            coordinator.on_snapshot(engine.use_tree)
+        asyncio.run(_run(engine, registry, config, console, coordinator))
     finally:
         registry.close()
 
 
-async def _run(engine: Engine, registry: Registry, config: ServerConfig, console: Console) -> None:
-    server = TreeServer([EngineTrunk(engine)], Catalog(registry), config, close_trunks=True)
+async def _run(engine: Engine, registry: Registry, config: ServerConfig, console: Console,
+               coordinator: Coordinator | None = None) -> None:  # fmt: skip
+    server = TreeServer([EngineTrunk(engine)], Catalog(registry), config, close_trunks=True, updates=coordinator)
     try:
         await server.start()
     except ServeError:
@@ -104,11 +116,26 @@ async def _run(engine: Engine, registry: Registry, config: ServerConfig, console
         f"[green]serving[/green] {escape(engine.tree.name)} on {endpoint} "
         f"(tls {'on' if config.tls else 'off'}, auth {'on' if config.auth else 'OFF'}{metrics}); Ctrl-C to stop"
     )
+    ticker = None
+    if coordinator is not None and coordinator.policy.window_s:  # time-window aggregation needs a clock
+        ticker = asyncio.create_task(_tick(coordinator, min(60.0, coordinator.policy.window_s / 10)))
     await stop.wait()
+    if ticker is not None:
+        ticker.cancel()
     console.print(f"draining (up to {config.grace_s:g}s for in-flight calls) ...")
     await server.stop()
     await asyncio.to_thread(_record, registry, engine, endpoint, "stopped")
     console.print("[green]stopped[/green]")
+
+
+async def _tick(coordinator: Coordinator, every_s: float) -> None:
+    """Aggregate parents whose policy window has passed (what `treelm update tick` does from cron)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(coordinator.tick)
+        except Exception:  # one failed round must not stop serving; the log has it
+            log.exception("update aggregation tick failed")
 
 
 def _record(registry: Registry, engine: Engine, endpoint: str, status: str) -> None:

@@ -33,6 +33,8 @@ from cluster.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.metrics import ServerMetrics
 from cluster.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter, UpdatesServicer
 from cluster.trunk import Trunk
+from cluster.updates.coordinator import Coordinator
+from cluster.updates.servicer import UpdateServicer
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -107,11 +109,12 @@ class TreeServer:
     """A grpc.aio server over trunks and a registry (see the module docstring)."""
 
     def __init__(self, trunks: Sequence[Trunk], catalog: Catalog, config: ServerConfig = ServerConfig(), *,
-                 close_trunks: bool = False):  # fmt: skip
+                 close_trunks: bool = False, updates: "Coordinator | None" = None):  # fmt: skip
         self.config = config
         self.router = TrunkRouter({t.tree: t for t in trunks})
         self.catalog = catalog
         self._close_trunks = close_trunks
+        self.updates = updates  # the update coordinator; None: Updates answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.metrics = ServerMetrics(known_node=lambda node: any(t.serves(node) for t in self.router.trunks.values()))
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
@@ -138,7 +141,8 @@ class TreeServer:
         observe = self.metrics.observe_generation
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.router, self.access, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
-        updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(), server)
+        updates = UpdatesServicer() if self.updates is None else UpdateServicer(self.updates, self.access)
+        updates_pb2_grpc.add_UpdatesServicer_to_server(updates, server)
         admin = AdminServicer(
             self.router, self.access, version=SERVER_VERSION, auth_enabled=c.auth,
             in_flight=lambda: self.status_interceptor.in_flight,

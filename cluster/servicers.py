@@ -157,6 +157,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         caller = current_caller()
         trunks = []
         for trunk in self._router.trunks.values():
+            refresh = getattr(trunk, "refresh", None)  # remote trunks (cluster.ray_backend) fetch their state
+            if refresh is not None:
+                await refresh()
             snap = trunk.snapshot()
             # Private adapters of other tenants are not named, not even as "loaded".
             visible = tuple([n for n in snap.loaded_adapters if await self._access.visible(n, caller)])
@@ -171,11 +174,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         )
 
 
-_UPDATES_LATER = "the signed update protocol is not served by this server yet"
+_UPDATES_LATER = "the signed update protocol is not served by this server (it runs no update coordinator)"
 
 
 class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
-    """Every method answers UNIMPLEMENTED until the update protocol is wired in."""
+    """Every method answers UNIMPLEMENTED: a server without an update coordinator (cluster.updates)."""
 
     async def Submit(self, request_iterator, context):
         raise NotImplementedError(_UPDATES_LATER)

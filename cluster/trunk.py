@@ -80,7 +80,8 @@ class EngineTrunk:
         stats = self.engine.stats()
         c = stats.cache
         cache = self.engine.cache
-        loaded = tuple(node for node, key in self._ids.items() if cache.tier_of(key) == "active")
+        # Keys from the tree served now: a snapshot names each stored version by its own key.
+        loaded = tuple(str(n.node_id) for n in self.engine.tree.nodes if cache.tier_of(n.cache_key) == "active")
         return TrunkSnapshot(
             tree=self.tree,
             base_digest=self.engine.tree.base_digest,

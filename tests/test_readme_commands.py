@@ -65,14 +65,26 @@ def test_readme_documents_commands():
     assert len(COMMANDS) >= 10, COMMANDS
 
 
+def segments(line: str) -> list[list[str]]:
+    """Split a shell line at &&, ||, ; and | into the treelm invocations it contains."""
+    words = shlex.split(line, comments=True, posix=True)
+    out: list[list[str]] = [[]]
+    for word in words:
+        if word in ("&&", "||", ";", "|"):
+            out.append([])
+        else:
+            out[-1].append(word)
+    return [seg[1:] for seg in out if seg and seg[0] == "treelm"]
+
+
 @pytest.mark.parametrize("line", COMMANDS)
 def test_documented_command_parses(line):
-    words = shlex.split(line, comments=True)
-    assert words[0] == "treelm"
-    argv = [w for w in words[1:] if w not in ("|", "&&")]
-    try:
-        parse_only(argv)
-    except Exception as exc:
-        # A path that only exists on a user's machine is fine; every other usage error is not.
-        if not (type(exc).__name__ == "BadParameter" and "does not exist" in str(exc)):
-            raise
+    invocations = segments(line)
+    assert invocations, line
+    for argv in invocations:
+        try:
+            parse_only(argv)
+        except Exception as exc:
+            # A path that only exists on a user's machine is fine; every other usage error is not.
+            if not (type(exc).__name__ == "BadParameter" and "does not exist" in str(exc)):
+                raise

@@ -1,0 +1,199 @@
+"""cluster.yaml validation, Ray command lines and state, and the values that cross Ray: no cluster needed."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.cluster_config import ClusterConfigError, RayPorts, load_cluster_config, parse_cluster_config
+from cluster.errors import ClusterError
+from cluster.ray_app import Scaling
+from cluster.ray_backend import aggregate
+from cluster.ray_board import ReplicaReport
+from cluster.ray_runtime import ClusterState, NodeProcess, load_state, node_command, save_state
+from cluster.ray_wire import RemoteError, TrunkInfo
+from cluster.trunk import CacheSnapshot
+from nodes.errors import InvalidRequest, NodesError, QueueFull, UnknownNode
+from tests.nodes.treefactory import make_random_tree
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def tree_dir(tiny_base_dir, tmp_path_factory):
+    return make_random_tree(tmp_path_factory.mktemp("cfg") / "rt", tiny_base_dir).root
+
+
+@pytest.fixture
+def doc(tree_dir):
+    return {"name": "t", "registry": "sqlite:///registry.db", "trunks": [{"tree": str(tree_dir)}]}
+
+
+def parse(doc, tmp_path):
+    return parse_cluster_config(doc, file="c.yaml", base=tmp_path)
+
+
+def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
+    config = parse(doc, tmp_path)
+    (trunk,) = config.trunks
+    assert trunk.tree == "rt" and trunk.min_replicas == trunk.max_replicas == 1 and not trunk.autoscaling
+    assert config.registry == f"sqlite:///{tmp_path / 'registry.db'}"  # relative to the file
+    ports = config.ray.ports
+    used = [*ports.node_ports().values(), ports.gcs, ports.client_server, ports.dashboard, ports.serve_http,
+            ports.serve_grpc, config.ingress.port]  # fmt: skip
+    assert len(set(used)) == len(used) and not {6379, 8265, 8000, 10001} & set(used)
+    assert config.ray.auth == "token" and config.ingress.auth and config.ingress.on_head
+
+
+def test_the_examples_are_valid(tree_dir, monkeypatch):
+    one = load_cluster_config(REPO / "examples/cluster/one-machine.yaml")
+    assert one.trunks[0].autoscaling and one.trunks[0].resources.memory == 2 << 30
+    demo = load_cluster_config(REPO / "examples/demo/cluster.yaml")
+    assert demo.trunks[0].tree_dir == (REPO / "examples/demo/build").resolve()
+    multi = yaml.safe_load((REPO / "examples/cluster/multi-machine.yaml").read_text())
+    multi["trunks"][0]["tree"] = str(tree_dir)  # its tree lives on the cluster's machines
+    monkeypatch.setenv("TREELM_DB_PASSWORD", "s3cret")
+    config = parse_cluster_config(multi, file="multi-machine.yaml", base=REPO)
+    assert config.registry == "postgresql+psycopg://treelm:s3cret@10.0.0.5:5432/treelm"
+    assert config.ingress.host == "0.0.0.0" and not config.ingress.on_head
+    monkeypatch.delenv("TREELM_DB_PASSWORD")
+    with pytest.raises(ClusterConfigError, match="TREELM_DB_PASSWORD is not set"):
+        parse_cluster_config(multi, file="multi-machine.yaml", base=REPO)
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        (lambda d: d.pop("trunks"), "trunks", "at least one trunk"),
+        (lambda d: d["trunks"][0].pop("tree"), "trunks[0].tree", "is required"),
+        (lambda d: d["trunks"][0].update(tree="/nonexistent"), "trunks[0].tree", "not a built tree"),
+        (lambda d: d["trunks"][0].update(replicas={"min": 3, "max": 2}), "trunks[0].replicas.max", "must be >= min"),
+        (lambda d: d["trunks"][0].update(replicas=0), "trunks[0].replicas", ">= 1"),
+        (lambda d: d["trunks"][0].update(replicas={"min": 1, "max": 2, "initial": 5}), "trunks[0].replicas.initial",
+         "min..max"),
+        (lambda d: d["trunks"][0].update(resources={"memory": "lots"}), "trunks[0].resources.memory", "not a size"),
+        (lambda d: d["trunks"][0].update(resources={"cpus": -1}), "trunks[0].resources.cpus", ">= 0"),
+        (lambda d: d["trunks"][0].update(max_adapters=2), "trunks[0].max_adapters", "deepest chain"),
+        (lambda d: d["trunks"][0].update(preload=["rt/xx"]), "trunks[0].preload", "not a node"),
+        (lambda d: d["trunks"].append(dict(d["trunks"][0])), "trunks[1].tree", "one trunk per tree"),
+        (lambda d: d["trunks"][0].update(replica=2), "trunks[0].replica", "unknown key"),
+        (lambda d: d.update(ray={"ports": {"gcs": 6379}}), "ray.ports.gcs", "Redis"),
+        (lambda d: d.update(ray={"ports": {"dashboard": 8265}}), "ray.ports.dashboard", "dashboard"),
+        (lambda d: d.update(ray={"ports": {"node_manager": 46383}}), "ray.ports.object_manager", "also"),
+        (lambda d: d.update(ray={"ports": {"workers": [1, 2]}}), "ray.ports.workers", "at least 10 ports"),
+        (lambda d: d.update(ray={"ports": {"gcs": 46450}}), "ray.ports.gcs", "inside the workers range"),
+        (lambda d: d.update(ray={"auth": "maybe"}), "ray.auth", "token, disabled"),
+        (lambda d: d.update(ray={"address": "no-port"}), "ray.address", "HOST:PORT"),
+        (lambda d: d.update(ingress={"port": 46379}), "ingress.port", "also a Ray port"),
+        (lambda d: d.update(ingress={"tls_cert": "/x.crt"}), "ingress.tls_cert", "both tls_cert and tls_key"),
+        (lambda d: d.update(ingress={"on_head": False}), "ingress.on_head", "SQLite"),
+        (lambda d: d.pop("registry"), "registry", "is required"),
+        (lambda d: d.update(name="Bad Name"), "name", "lowercase"),
+        (lambda d: d.update(trunkz=[]), "trunkz", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_file_and_the_field(doc, tmp_path, change, field, message):
+    bad = copy.deepcopy(doc)
+    change(bad)
+    with pytest.raises(ClusterConfigError) as info:
+        parse(bad, tmp_path)
+    assert info.value.field == field and info.value.file == "c.yaml"
+    assert str(info.value).startswith(f"c.yaml: {field}: ") and message in str(info.value)
+
+
+def test_unreadable_files_are_errors_too(tmp_path):
+    with pytest.raises(ClusterConfigError, match="no such file"):
+        load_cluster_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("trunks: [unclosed")
+    with pytest.raises(ClusterConfigError, match="not valid YAML"):
+        load_cluster_config(tmp_path / "bad.yaml")
+
+
+def test_ray_commands_set_every_port_and_block():
+    ports = RayPorts()
+    head = node_command(ports, Path("/tmp/r"), head=True, num_cpus=4)
+    worker = node_command(ports, Path("/tmp/r"), head=False, address="10.0.0.5:46379", resources={"zone-b": 1})
+    for cmd in (head, worker):
+        assert "--block" in cmd and cmd[cmd.index("--temp-dir") + 1] == "/tmp/r"
+        for flag, port in (("--node-manager-port", ports.node_manager), ("--object-manager-port", ports.object_manager),
+                           ("--dashboard-agent-listen-port", ports.dashboard_agent),
+                           ("--dashboard-agent-grpc-port", ports.dashboard_agent_grpc),
+                           ("--runtime-env-agent-port", ports.runtime_env_agent),
+                           ("--metrics-export-port", ports.metrics_export), ("--min-worker-port", ports.workers[0]),
+                           ("--max-worker-port", ports.workers[1])):  # fmt: skip
+            assert cmd[cmd.index(flag) + 1] == str(port)
+        assert not {"6379", "8265", "8000", "10001"} & set(cmd)
+    assert head[head.index("--port") + 1] == "46379" and head[head.index("--include-dashboard") + 1] == "false"
+    assert head[head.index("--dashboard-port") + 1] == "46381" and "--address" not in head
+    assert worker[worker.index("--address") + 1] == "10.0.0.5:46379" and "--head" not in worker
+    assert worker[worker.index("--resources") + 1] == '{"zone-b": 1}'
+
+
+def test_cluster_state_round_trips_and_a_missing_one_says_what_to_do(tmp_path):
+    state = ClusterState(config_file="/c.yaml", name="t", gcs_address="10.0.0.5:46379", namespace="treelm",
+                         auth="token", token_file="/s/ray_token", head=NodeProcess(12, "/s/head.log", "/tmp/r"),
+                         endpoints=("127.0.0.1:50051",), overrides={"rt": {"min": 1, "max": 3}})  # fmt: skip
+    save_state(tmp_path, state)
+    assert load_state(tmp_path) == state
+    with pytest.raises(ClusterError, match="treelm cluster up"):
+        load_state(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [InvalidRequest("top_p", "must be in (0, 1], got 3.0"), UnknownNode("node 'x' is not served here"),
+     QueueFull("1024 requests are waiting")],  # fmt: skip
+)
+def test_replica_errors_cross_ray_as_values_and_come_back_typed(error):
+    remote = pickle.loads(pickle.dumps(RemoteError.of(error)))  # what Ray does to a returned value
+    again = remote.rebuild()
+    assert type(again) is type(error) and str(again) == str(error)
+    assert getattr(again, "field", None) == getattr(error, "field", None)
+    assert isinstance(RemoteError("NoSuchKind", "odd").rebuild(), NodesError)
+
+
+def test_a_trunk_snapshot_sums_its_replicas():
+    info = TrunkInfo(tree="rt", app="a", deployment="Trunk", base_digest="d" * 64, nodes=("rt", "rt/en"), max_batch=16)
+
+    def report(replica, loaded, queue, hits):
+        return ReplicaReport(trunk="rt", replica=replica, node_id="n", node_ip="ip", pid=1, base_digest="d" * 64,
+                             loaded=loaded, routed=loaded, queue_depth=queue, running=1, ongoing=2,
+                             in_flight=("r1", "r2"), max_batch=16,
+                             completed=5, failed=0, requests_per_s=1.0, p50_ms=3.0, p95_ms=9.0,
+                             cache=CacheSnapshot(hits=hits, loads=1, active=len(loaded)))  # fmt: skip
+
+    snap = aggregate(info, [report("a", ("rt/en",), 2, 3), report("b", ("rt/en", "rt/fr"), 1, 4)])
+    assert snap.loaded_adapters == ("rt/en", "rt/fr") and snap.queue_depth == 3 and snap.running == 2
+    assert snap.max_batch == 32 and snap.cache.hits == 7 and snap.cache.loads == 2 and snap.cache.active == 3
+    assert aggregate(info, []).max_batch == 16 and aggregate(info, []).loaded_adapters == ()
+
+
+def test_scaling_values_are_checked():
+    assert Scaling.fixed(2) == Scaling(2, 2) and Scaling(0, 4).as_dict() == {"min": 0, "max": 4}
+    for bad in (lambda: Scaling.fixed(0), lambda: Scaling(3, 2), lambda: Scaling(0, 0), lambda: Scaling(-1, 2)):
+        with pytest.raises(ClusterError):
+            bad()
+
+
+def test_cli_errors_exit_2_without_a_traceback_and_start_nothing(tmp_path, capsys, tree_dir):
+    state = tmp_path / "state"
+    assert main(["cluster", "status", "--state-dir", str(state)]) == 2
+    assert "treelm cluster up" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"registry": "sqlite:///r.db", "trunks": [{"tree": str(tree_dir), "replicas": 0}]}))
+    assert main(["cluster", "up", str(bad), "--state-dir", str(state)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trunks[0].replicas" in err and "Traceback" not in err and not state.exists()
+    for args, message in (
+        (["--replicas", "2", "--min", "1"], "not both"),
+        (["--min", "1"], "both --min and --max"),
+        (["--replicas", "0"], "--replicas must be"),
+        (["--min", "3", "--max", "2"], "--max (2)"),
+    ):
+        assert main(["cluster", "scale", "rt", *args, "--state-dir", str(state)]) == 2
+        assert message in " ".join(capsys.readouterr().err.split())
