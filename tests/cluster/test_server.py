@@ -168,7 +168,13 @@ def test_prometheus_metrics_count_requests_tokens_and_the_cache(world, server):
         with pytest.raises(treelm.NodeNotFound):
             client.generate("rt/made/up", "x")
     port = server.server.metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    # The server counts a call after its status is sent, so a fast client can scrape first: poll.
+    expected = 'treelm_requests_total{code="NOT_FOUND",method="Inference/Generate",node="other"}'
+    for _ in range(50):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if expected in text:
+            break
+        time.sleep(0.1)
     assert 'treelm_requests_total{code="OK",method="Inference/Generate",node="rt/fr/medical"}' in text
     assert 'treelm_requests_total{code="NOT_FOUND",method="Inference/Generate",node="other"}' in text
     assert "rt/made/up" not in text  # made-up ids do not become labels
