@@ -46,6 +46,8 @@ demo: install
 	$(BIN)/treelm tree show examples/demo/tree.yaml
 	# Trains the nine demo nodes over SmolLM2 (first run ~10 min on 2 cores; later runs reuse them).
 	$(BIN)/treelm tree build examples/demo/tree.yaml --out examples/demo/build
+	# The scenario through the SDK (state: examples/demo/state/; tables + PNGs: demo-report/).
+	$(BIN)/python examples/demo/run_demo.py --cluster examples/demo/cluster.yaml
 
 bench: install
 	@ls benchmarks/*_bench.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }

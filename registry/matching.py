@@ -50,6 +50,8 @@ FIT_VALUE = {"perfect": 1.0, "good": 0.67, "marginal": 0.33}
 # Perplexity of the version on its own eval text: the tree builder writes ``eval_ppl``.
 PERPLEXITY_KEYS = ("eval_ppl", "perplexity")
 VARIANT_PREFERENCE = {"merged": 0, "flat": 1, "chain": 2, "merged-int8": 3}
+# Variants whose kernels run on the CPU only (torch's int8 linear layers).
+CPU_ONLY_VARIANTS = frozenset({"merged-int8"})
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,8 @@ def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], reques
     for r in visible:
         if r.node_id not in specs or r.variant is None or r.version_status != "accepted":
             continue
+        if r.variant.kind in CPU_ONLY_VARIANTS and hw.device != "cpu":
+            continue  # its int8 kernels are torch's CPU ones: not a way to serve on a GPU
         estimate = _estimate(r, r.variant, request)
         too_long = request.context > r.base.max_context
         fit = None if too_long else classify_fit(estimate.total, hw.memory)

@@ -267,3 +267,13 @@ def _row(path, *, depth_attrs, visibility="public", owner=None):
         language=lang, domain=dom, subdomain=sub, visibility=visibility, owner=owner, base=smollm2_base(),
         version=1, version_status="accepted", variant=VariantFacts("merged", 1, True, 0),
     )  # fmt: skip
+
+
+def test_int8_variants_are_offered_on_cpu_only(demo_reg):
+    # The same node and memory: a CPU gets the int8 model among its choices, a GPU never does
+    # (torch's int8 linear kernels are CPU kernels), so a workstation is told to run merged weights.
+    cpu = match(demo_reg, request("en/medical/cardiology", memory="24GiB", device="cpu", top=50))
+    gpu = match(demo_reg, request("en/medical/cardiology", memory="24GiB", device="cuda", top=50))
+    assert "merged-int8" in {c.variant for c in cpu.candidates}
+    assert gpu.candidates and "merged-int8" not in {c.variant for c in gpu.candidates}
+    assert gpu.candidates[0].node_id == "demo/en/medical/cardiology"

@@ -1,0 +1,90 @@
+"""State for the demo scenario: a fresh working copy of the tree, a registry, keys, tenants, tokens.
+
+Everything lives under one state dir (examples/demo/state/ for `make demo`, gitignored). Keys are
+made once and reused; the tree copy and the registry are re-made on every run so the update story
+always starts from version 1 (re-runnable). The built tree itself is never written to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+HOSPITAL, OTHER = "st-marys", "globex"
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message says which command and what it printed."""
+
+
+def cli(*args: object) -> str:
+    """Run one `treelm` command in this process and return what it printed (stdout)."""
+    from cluster.cli import main  # the composition root; imported late so `--help` stays fast
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    if code != 0:
+        raise DemoError(f"treelm {' '.join(map(str, args))} exited {code}: {err.getvalue().strip() or out.getvalue()}")
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class DemoState:
+    """Paths and secrets of one demo run."""
+
+    dir: Path
+    tree: Path  # the working copy served and updated (hard links into the built tree)
+    url: str  # SQLAlchemy URL of the embedded SQLite registry
+    keys: Path  # keys/<name>/{private,public}.pem
+    tokens: dict[str, str]  # tenant -> bearer token
+    tree_name: str
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    # Hard links: the base is ~540 MB; updates write new files (temp dir + rename), never in place.
+    if dst.exists():
+        shutil.rmtree(dst)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def prepare(built: Path, state_dir: Path) -> DemoState:
+    """Fresh tree copy + registry; keys made once (idempotent); tenants and tokens issued."""
+    import json
+
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tree = state_dir / "tree"
+    _copy_tree(built.resolve(), tree)
+    name = json.loads((tree / "tree.json").read_text())["name"]
+    db = state_dir / "registry.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    url = f"sqlite:///{db}"
+    cli("registry", "init", "--db", url)
+    cli("registry", "import", tree, "--db", url)  # also adds st-marys, owner of the private node
+    cli("registry", "tenant", "add", OTHER, "--db", url)
+    tokens = {t: cli("registry", "token", "issue", t, "--db", url).strip().splitlines()[-1].strip()
+              for t in (HOSPITAL, OTHER)}  # fmt: skip
+    keys = state_dir / "keys"
+    onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
+    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL):
+        if not (keys / key / "private.pem").exists():
+            cli("keys", "gen", "--out", keys / key)
+    cli("keys", "register", keys / "root", "--role", "root", "--db", url)
+    for key, role, node in (("operator", "operator", None), ("medical-eval", "evaluator", med),
+                            ("en-eval", "evaluator", en), (HOSPITAL, "node", onc)):  # fmt: skip
+        extra = ["--node", node] if node else []
+        cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)
+    return DemoState(state_dir, tree, url, keys, tokens, name)

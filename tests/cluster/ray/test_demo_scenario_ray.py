@@ -1,0 +1,40 @@
+"""`make demo`'s scenario with `--cluster` on the tiny tree: the status step comes from a real Ray
+cluster (`treelm cluster up` on free explicit ports), answers go through its ingress, and the
+cluster is taken down afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from examples.demo.scenario import DemoConfig, run
+from tests.cluster.ray.cluster_harness import cluster_yaml, free_port_block
+from tests.cluster.update_world import TREE, built_tree
+
+
+def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_factory, tmp_path):
+    built = built_tree(tmp_path_factory)
+    temp_dir = Path(tempfile.mkdtemp(prefix="tl-demo-"))  # short: Ray's socket paths must stay under 108 bytes
+    try:
+        # The scenario replaces the registry and the trunk's tree with its own state's.
+        template = cluster_yaml(tmp_path / "cluster.yaml", base=free_port_block(), registry_url="sqlite:///unused.db",
+                                temp_dir=temp_dir, trees={built / "tree": {"replicas": 1,
+                                                                          "resources": {"cpus": 0.5}}})  # fmt: skip
+        config = DemoConfig(built / "tree", tmp_path / "state", tmp_path / "report",
+                            built / "data" / "en/medical/oncology" / "local.txt", cluster=template,
+                            max_new_tokens=4, update_steps=20)  # fmt: skip
+        console = Console(record=True, width=160)
+        tables = run(config, console)
+        rows = tables["status"].rows
+        assert any(r[0] == "ray cluster" and "RUNNING" in r[2] for r in rows)
+        replicas = [r for r in rows if r[0].startswith("  replica")]
+        assert replicas and any(f"{TREE}/en/medical/cardiology" in r[2] for r in replicas)
+        assert any(r[0].startswith("ray node") and r[1] == "head" for r in rows)
+        assert "through the Ray cluster" in console.export_text()
+        # Down: the cluster's record is gone (`down` removes it after stopping the Ray head it started).
+        assert not (tmp_path / "state" / "cluster" / "state.json").exists()
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""`make demo`'s scenario on the tiny update tree (single process, no Ray, for time): every step
+runs through the SDK against a real `treelm serve`, and the report is written."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from examples.demo.scenario import DemoConfig, run
+from tests.cluster.update_world import TREE, built_tree
+
+
+def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, tmp_path):
+    built = built_tree(tmp_path_factory)
+    built_before = sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*"))
+    config = DemoConfig(built / "tree", tmp_path / "state", tmp_path / "report",
+                        built / "data" / "en/medical/oncology" / "local.txt", max_new_tokens=6, update_steps=20)  # fmt: skip
+    console = Console(record=True, width=160)
+    tables = run(config, console)
+
+    # (1) a profile per row, each with a node on the cardiology path (or a reason it does not fit)
+    match = [r for r in tables["match"].rows if not r[0].startswith("  (#")]
+    assert [r[0].split(" (")[0] for r in match] == ["clinician laptop", "GPU workstation"]
+    assert all(r[1] == f"{TREE}/en/medical/cardiology" and r[4] in ("perfect", "good") for r in match)
+    # (2) the four levels answered, each at its version, with tokens
+    chain = tables["chain"].rows
+    assert [r[0] for r in chain] == [TREE, f"{TREE}/en", f"{TREE}/en/medical", f"{TREE}/en/medical/cardiology"]
+    assert [r[1] for r in chain] == [0, 1, 1, 1] and all(r[2] > 0 and r[3] > 0 for r in chain)
+    # (3) the owner uses its private node; the other tenant neither sees it nor may call it
+    rows = tables["tenants"].rows
+    assert [(r[0], r[1]) for r in rows[::2]] == [("st-marys", "nodes() lists it: True"),
+                                                 ("globex", "nodes() lists it: False")]  # fmt: skip
+    assert rows[1][2].startswith("v1:") and rows[3][2].startswith("NodeNotFound: NOT_FOUND")
+    # (4) the update went through and the tampered copy was refused for its signature
+    update = tables["update"].rows
+    steps = {r[0]: r[2] for r in update}
+    assert steps["submit: verify, screen, gate, aggregate"].startswith("aggregated")
+    assert steps["the hospital's node is served at its new version"].endswith("v2")
+    assert steps["new stable parent"].endswith("= v2")
+    repinned = [r for r in update if r[0] == "re-pinned over the new parent"]
+    assert repinned and all("en/medical@v2" in r[2] for r in repinned)
+    assert "PermissionDenied [threshold]" in steps["submit a tampered copy"]
+    # (5) the status table and the report
+    assert any(r[1] == "loaded adapters" for r in tables["status"].rows)
+    names = sorted(p.name for p in config.report.iterdir())
+    assert {"match.json", "chain.json", "tenants.json", "update.json", "status.json", "tree.png",
+            "tokens_per_s.png"} <= set(names)  # fmt: skip
+    assert json.loads((config.report / "chain.json").read_text())["rows"][0][0] == TREE
+    assert (config.report / "tree.png").read_bytes().startswith(b"\x89PNG")
+    assert "4. St Mary's updates its private node" in console.export_text()
+
+    # Re-runnable: the same state dir starts again from version 1; the built tree is untouched.
+    again = run(config, Console(record=True, width=160))
+    assert {r[0]: r[2] for r in again["update"].rows}["new stable parent"].endswith("= v2")
+    assert sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*")) == built_before
