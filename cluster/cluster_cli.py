@@ -165,6 +165,7 @@ def up_command(
     """Start (or join) Ray on explicit ports, deploy every trunk and the gRPC ingress, wait until healthy."""
     from cluster.ray_app import deploy
     from cluster.ray_board import ensure_board
+    from cluster.ray_updates import DeskSpec, ensure_desk
 
     console = Console()
     config = load_cluster_config(config_file)
@@ -181,6 +182,11 @@ def up_command(
     save_state(state_dir, state)  # before deploying: `down` can always stop what was started
     with _driver(state):
         ensure_board(config.ray.namespace)
+        if config.ingress.updates:  # before the replicas start: it pins versions and writes the snapshots
+            trees = tuple((t.tree, str(t.tree_dir)) for t in config.trunks)
+            with console.status("opening the update desk (signed updates) ..."):
+                ensure_desk(DeskSpec(config.registry, trees, config.ingress.update_threads), config.ray.namespace,
+                            timeout)  # fmt: skip
         deploy(config)
         _wait(config, console, "deploying", timeout)
         endpoints = _endpoints(config)
@@ -308,6 +314,7 @@ def down_command(state_dir: StateDir = None) -> None:
 
     from cluster.ray_app import app_names, teardown
     from cluster.ray_board import BOARD_NAME
+    from cluster.ray_updates import kill_desk
 
     state_dir = state_dir or default_state_dir()
     state = load_state(state_dir)
@@ -321,6 +328,7 @@ def down_command(state_dir: StateDir = None) -> None:
                 ray.kill(ray.get_actor(BOARD_NAME, namespace=state.namespace))
             except ValueError:
                 pass
+            kill_desk(state.namespace)
         _record(config, state.endpoints, "stopped", console)
     if state.head is not None:
         if ray.is_initialized():

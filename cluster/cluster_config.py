@@ -103,6 +103,8 @@ class IngressConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace_s: float = 10.0
+    updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
+    update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,8 @@ def _ingress(r: _Reader) -> IngressConfig:
         tls_cert=r.path("tls_cert"),
         tls_key=r.path("tls_key"),
         grace_s=r.number("grace_s", 10.0),
+        updates=r.flag("updates", True),
+        update_threads=r.integer("update_threads", 1, low=1),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")

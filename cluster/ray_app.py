@@ -154,7 +154,7 @@ def ingress_application(config: ClusterConfig):
         trunks=tuple(trunk_info(t) for t in config.trunks), registry_url=config.registry,
         namespace=config.ray.namespace, host=ing.host, port=ing.port, auth=ing.auth,
         tls_cert=str(ing.tls_cert) if ing.tls_cert else None, tls_key=str(ing.tls_key) if ing.tls_key else None,
-        metrics_port=ing.metrics_port, grace_s=ing.grace_s,
+        metrics_port=ing.metrics_port, grace_s=ing.grace_s, updates=ing.updates,
     )  # fmt: skip
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

@@ -4,7 +4,9 @@ Each ingress replica starts a :class:`cluster.server.TreeServer` on an event loo
 of its own (a thread), with :class:`cluster.ray_backend.RayTrunk` trunks in place
 of in-process engines. So the public contract is literally the same code: the
 four ``treelm.v1`` services, bearer-token auth and tenants, private nodes,
-status codes, gRPC health and reflection, Prometheus metrics. The registry is
+status codes, gRPC health and reflection, Prometheus metrics, and the Updates
+service, whose calls go to the one update desk actor on the head
+(cluster/ray_updates.py). The registry is
 opened here, beside the ingress, and every request's tenant and node visibility
 are resolved before it reaches a replica.
 
@@ -28,6 +30,7 @@ from ray import serve
 from cluster.catalog import Catalog
 from cluster.ray_backend import BoardView, RayTrunk
 from cluster.ray_board import ensure_board
+from cluster.ray_updates import RemoteCoordinator
 from cluster.ray_wire import IngressSpec
 from cluster.server import ServerConfig, TreeServer
 from registry.db import open_registry
@@ -56,7 +59,9 @@ class TreeIngress:
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
         )  # fmt: skip
         try:
-            self.server: TreeServer = self._call(self._start(trunks, config))
+            # Updates go to the one desk actor on the head (cluster/ray_updates.py), never run here.
+            updates = RemoteCoordinator(spec.namespace) if spec.updates else None
+            self.server: TreeServer = self._call(self._start(trunks, config, updates))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._registry.close()
@@ -67,8 +72,10 @@ class TreeIngress:
     def _call(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    async def _start(self, trunks: list[RayTrunk], config: ServerConfig) -> TreeServer:
-        server = TreeServer(trunks, Catalog(self._registry), config)  # grpc.aio objects live on this loop
+    async def _start(self, trunks: list[RayTrunk], config: ServerConfig,
+                     updates: RemoteCoordinator | None) -> TreeServer:  # fmt: skip
+        # grpc.aio objects live on this loop
+        server = TreeServer(trunks, Catalog(self._registry), config, updates=updates)
         await server.start()
         return server
 

@@ -109,6 +109,7 @@ class IngressSpec:
     tls_key: str | None = None
     metrics_port: int | None = None
     grace_s: float = 10.0
+    updates: bool = True  # serve Updates through the desk actor (cluster/ray_updates.py)
 
 
 def tree_content_digest(tree_dir: Path) -> str:

@@ -34,7 +34,7 @@ from cluster.metrics import ServerMetrics
 from cluster.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter, UpdatesServicer
 from cluster.trunk import Trunk
 from cluster.updates.coordinator import Coordinator
-from cluster.updates.servicer import UpdateServicer
+from cluster.updates.servicer import UpdateBackend, UpdateServicer
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -109,7 +109,7 @@ class TreeServer:
     """A grpc.aio server over trunks and a registry (see the module docstring)."""
 
     def __init__(self, trunks: Sequence[Trunk], catalog: Catalog, config: ServerConfig = ServerConfig(), *,
-                 close_trunks: bool = False, updates: "Coordinator | None" = None):  # fmt: skip
+                 close_trunks: bool = False, updates: "Coordinator | UpdateBackend | None" = None):  # fmt: skip
         self.config = config
         self.router = TrunkRouter({t.tree: t for t in trunks})
         self.catalog = catalog

@@ -9,6 +9,7 @@ cluster/interceptors.py (update errors: cluster/updates/wire.py).
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Protocol, Sequence
 
 from cluster.access import NodeAccess
 from cluster.auth import current_caller
@@ -22,7 +23,22 @@ from hierarchy.updates.envelope import Signature
 from protos.treelm.v1 import updates_pb2, updates_pb2_grpc
 from registry.updates import UpdateNotFound
 
-__all__ = ["UpdateServicer", "status_to_proto"]
+__all__ = ["UpdateBackend", "UpdateServicer", "status_to_proto"]
+
+
+class UpdateBackend(Protocol):
+    """What the servicer calls: a local :class:`Coordinator`, or the Ray desk's proxy
+    (cluster.ray_updates.RemoteCoordinator). Blocking calls; the servicer runs them in a thread."""
+
+    policy: Any  # .max_package_bytes bounds a streamed package
+
+    def submit(self, package: Any) -> UpdateStatus: ...
+
+    def status(self, update_id: str) -> UpdateStatus: ...
+
+    def approve(self, update_id: str, keyid: str, signature: bytes) -> UpdateStatus: ...
+
+    def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> Any: ...
 
 
 def status_to_proto(s: UpdateStatus) -> updates_pb2.UpdateStatus:
@@ -42,7 +58,7 @@ def _node_id(value: str, field: str = "node") -> str:
 
 
 class UpdateServicer(updates_pb2_grpc.UpdatesServicer):
-    def __init__(self, coordinator: Coordinator, access: NodeAccess):
+    def __init__(self, coordinator: "Coordinator | UpdateBackend", access: NodeAccess):
         self._coordinator = coordinator
         self._access = access
 

@@ -48,6 +48,8 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
             ports.serve_grpc, config.ingress.port]  # fmt: skip
     assert len(set(used)) == len(used) and not {6379, 8265, 8000, 10001} & set(used)
     assert config.ray.auth == "token" and config.ingress.auth and config.ingress.on_head
+    assert config.ingress.updates  # the Updates service is on unless the file turns it off
+    assert not parse({**doc, "ingress": {"updates": False}}, tmp_path).ingress.updates
 
 
 def test_the_examples_are_valid(tree_dir, monkeypatch):
@@ -100,6 +102,7 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"port": 46379}), "ingress.port", "also a Ray port"),
         (lambda d: d.update(ingress={"tls_cert": "/x.crt"}), "ingress.tls_cert", "both tls_cert and tls_key"),
         (lambda d: d.update(ingress={"on_head": False}), "ingress.on_head", "SQLite"),
+        (lambda d: d.update(ingress={"updates": "sometimes"}), "ingress.updates", "must be true or false"),
         (lambda d: d.pop("registry"), "registry", "is required"),
         (lambda d: d.update(name="Bad Name"), "name", "lowercase"),
         (lambda d: d.update(trunkz=[]), "trunkz", "unknown key"),
