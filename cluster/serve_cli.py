@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -87,7 +88,10 @@ def serve_command(
             torch.set_num_threads(threads)
         coordinator = None
         if updates:  # pins every node's version and writes the snapshot the engine then serves
-            coordinator = Coordinator.open(registry, tree.root, UpdatePolicy.for_tree(tree.root, update_policy))
+            # The next level's aggregation round runs after an approval returns (one at a time).
+            rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-update-round")
+            coordinator = Coordinator.open(registry, tree.root, UpdatePolicy.for_tree(tree.root, update_policy),
+                                           background=rounds.submit)  # fmt: skip
         with console.status(f"loading the base of {escape(tree.name)} ..."):
             engine = Engine(tree.base_dir, tree.root, EngineConfig(max_batch_size=max_batch, max_queue=max_queue))
         if coordinator is not None:

@@ -194,9 +194,12 @@ class GateReport:
 class Evaluator:
     """Measures chains on texts with one loaded base (one caller at a time: the model is patched)."""
 
-    def __init__(self, base: LoadedBase, *, seq_len: int = 64):
+    def __init__(self, base: LoadedBase, *, seq_len: int = 64, max_tokens: int | None = None):
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         self.base = base
         self.seq_len = seq_len
+        self.max_tokens = max_tokens  # each text measured on its first max_tokens tokens (None: all of it)
         self.lock = threading.RLock()
         self._tokens: dict[str, torch.Tensor] = {}
         self._ppl: dict[tuple[Hashable, str], float] = {}
@@ -207,7 +210,7 @@ class Evaluator:
             ids = tokenize_text(self.base.tokenizer, text.text)
             if ids.numel() < 2:
                 raise GateTextMissing(f"{text.label} has fewer than 2 tokens")
-            self._tokens[text.sha256] = ids
+            self._tokens[text.sha256] = ids[: self.max_tokens] if self.max_tokens else ids
         return self._tokens[text.sha256]
 
     def perplexity(self, chain: Sequence[AdapterWeights], text: EvalText, key: Hashable = None) -> float:

@@ -106,8 +106,13 @@ class Coordinator:
     """One tree's update protocol over a registry (see the module docstring)."""
 
     def __init__(self, registry: Registry, tree_dir: str | Path, policy: UpdatePolicy | None = None, *,
-                 clock: Callable[[], float] = time.time):  # fmt: skip
+                 clock: Callable[[], float] = time.time,
+                 background: Callable[[Callable[[], object]], object] | None = None):  # fmt: skip
+        """``background``: runs the next level's aggregation round after ``approve`` returns (an
+        executor's ``submit``); None runs it before ``approve`` returns. Either way the contribution
+        is recorded in the approval's transaction, so a round lost to a crash is made by ``tick``."""
         self.registry = registry
+        self._background = background
         self.store = VersionStore(tree_dir)
         self.tree: BuiltTree = self.store.tree
         self.policy = policy or UpdatePolicy.for_tree(self.store.root)
@@ -120,8 +125,9 @@ class Coordinator:
 
     @classmethod
     def open(cls, registry: Registry, tree_dir: str | Path, policy: UpdatePolicy | None = None, *,
-             clock: Callable[[], float] = time.time) -> "Coordinator":  # fmt: skip
-        coordinator = cls(registry, tree_dir, policy, clock=clock)
+             clock: Callable[[], float] = time.time,
+             background: Callable[[Callable[[], object]], object] | None = None) -> "Coordinator":  # fmt: skip
+        coordinator = cls(registry, tree_dir, policy, clock=clock, background=background)
         coordinator.prepare()
         return coordinator
 
@@ -244,6 +250,9 @@ class Coordinator:
     # -- submit --------------------------------------------------------------------------------
     def submit(self, package: Package) -> UpdateStatus:
         """Verify, screen and gate a package, then store and serve it (see the module docstring)."""
+        # Refuse what does not verify before waiting behind a round in progress (read-only and cheap);
+        # verified again under the lock, where the keys and versions it checks cannot change.
+        self.verify(package)
         with self._locked():
             view = self._view()
             path = self._locate(view, package)
@@ -447,8 +456,17 @@ class Coordinator:
                          screen_figures(screen)),
             ]  # fmt: skip
         self._commit(changes, view, decisions)
-        if parent:
+        if parent and self._background is None:
             self._maybe_aggregate(parent)
+        elif parent:
+            self._background(lambda: self._aggregate_later(parent))
+
+    def _aggregate_later(self, parent: str) -> None:
+        try:
+            with self._locked():
+                self._maybe_aggregate(parent)
+        except Exception:  # the contribution stays pending: the next tick or submission tries again
+            log.exception("aggregation round for %s failed", parent)
 
     # -- rollback and repin --------------------------------------------------------------------
     def rollback_statement(self, node: str, to_version: int) -> bytes:

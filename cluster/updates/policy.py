@@ -53,6 +53,8 @@ class UpdatePolicy:
     probes: Mapping[str, str] = field(default_factory=dict, metadata={"help": "node path -> probe text file"})
     canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
     max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
+    gate_max_tokens: int | None = field(default=None, metadata={"help": "measure each gate text on its first N "
+                                                                "tokens (bounds the gate's cost; default: all)"})
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -62,8 +64,9 @@ class UpdatePolicy:
 
         for name in ("min_updates", "reference_steps", "max_package_bytes"):
             positive_int(name)
-        if self.max_rank is not None:
-            positive_int("max_rank")
+        for name in ("max_rank", "gate_max_tokens"):
+            if getattr(self, name) is not None:
+                positive_int(name)
         if self.window_s is not None and not (isinstance(self.window_s, (int, float)) and self.window_s > 0):
             raise PolicyError(f"update policy: window_s must be > 0 seconds, got {self.window_s!r}")
         for name in ("eta", "reference_lr", "approval_ttl_s"):

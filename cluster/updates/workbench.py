@@ -48,7 +48,7 @@ class Workbench:
         with self._lock:
             if self._evaluator is None:
                 base = load_base(self.store.tree.base_dir, digest=self.store.tree.base_digest)
-                self._evaluator = Evaluator(base, seq_len=self.seq_len)
+                self._evaluator = Evaluator(base, seq_len=self.seq_len, max_tokens=self.policy.gate_max_tokens)
             return self._evaluator
 
     def adapter(self, link: ChainLink) -> AdapterWeights:

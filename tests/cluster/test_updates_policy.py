@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cluster.cli import main
+from cluster.updates.coordinator import Coordinator
 from cluster.updates.policy import UpdatePolicy
 from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_parent
 from hierarchy.updates.envelope import Envelope
@@ -107,5 +108,50 @@ def test_a_first_level_node_update_is_gated_on_itself_and_its_subtree_follows(tm
         assert [x["version"] for x in pins[f"{TREE}/en"].chain] == [2]
         for node_id, pin in pins.items():  # every descendant re-validated: over en v2, or held on en v1
             assert pin.chain[0]["version"] == (1 if pin.status == "held" else 2), node_id
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, True, "512"])
+def test_gate_max_tokens_must_be_a_positive_integer(value):
+    from cluster.updates.errors import PolicyError
+
+    assert UpdatePolicy(gate_max_tokens=512).gate_max_tokens == 512 and UpdatePolicy().gate_max_tokens is None
+    with pytest.raises(PolicyError, match="gate_max_tokens"):
+        UpdatePolicy(gate_max_tokens=value)
+
+
+def test_with_a_background_runner_approval_returns_before_the_next_levels_round(tmp_path_factory):
+    w = make_world(tmp_path_factory.mktemp("bg"), built_tree(tmp_path_factory))
+    try:
+        later: list = []
+        w.coordinator = Coordinator.open(w.registry, w.tree, w.coordinator.policy, background=later.append)
+        status = w.coordinator.submit(package_of(w, ONC, honest_adapter(w, ONC))[0])
+        envelope = Envelope.from_bytes(w.coordinator.status(status.candidate_id).envelope)
+        for key in (w.keys.evaluators[MED], w.keys.operator):
+            done = w.coordinator.approve(status.candidate_id, key.keyid, key.sign(envelope.pae()))
+        assert done.state == "stable" and len(later) == 1  # the round for en is queued, not run
+        contribution = w.coordinator.updates(node=f"{TREE}/{MED}")
+        assert [u.state for u in contribution if u.kind == "contribution"] == ["pending"]
+        assert not [u for u in w.coordinator.updates(node=f"{TREE}/en") if u.kind == "candidate"]
+        later.pop()()  # the runner runs it: en gets its candidate
+        (candidate,) = [u for u in w.coordinator.updates(node=f"{TREE}/en") if u.kind == "candidate"]
+        assert candidate.state == "awaiting-approval"
+        assert w.coordinator.tick() == []  # one candidate at a time: nothing more to make
+    finally:
+        w.close()
+
+
+def test_a_queued_round_lost_to_a_crash_is_made_by_tick(tmp_path_factory):
+    w = make_world(tmp_path_factory.mktemp("bg-lost"), built_tree(tmp_path_factory))
+    try:
+        w.coordinator = Coordinator.open(w.registry, w.tree, w.coordinator.policy, background=lambda job: None)
+        status = w.coordinator.submit(package_of(w, ONC, honest_adapter(w, ONC))[0])
+        envelope = Envelope.from_bytes(w.coordinator.status(status.candidate_id).envelope)
+        for key in (w.keys.evaluators[MED], w.keys.operator):
+            w.coordinator.approve(status.candidate_id, key.keyid, key.sign(envelope.pae()))
+        assert not [u for u in w.coordinator.updates(node=f"{TREE}/en") if u.kind == "candidate"]
+        made = w.reopen().tick()  # a restarted coordinator: the pending contribution is still there
+        assert len(made) == 1 and w.coordinator.status(made[0]).node == f"{TREE}/en"
     finally:
         w.close()

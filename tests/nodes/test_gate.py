@@ -61,3 +61,16 @@ def test_texts_are_checked_against_their_recorded_digest(tmp_path, tiny_base_dir
     random_tree = make_random_tree(tmp_path / "t", tiny_base_dir)  # built without data: nothing to gate on
     with pytest.raises(GateTextMissing, match="records no eval text"):
         node_eval_text(random_tree, random_tree.node("rt/en"))
+
+
+def test_max_tokens_measures_the_prefix_of_each_text(setup):
+    tree, evaluator, chain = setup
+    medical = node_eval_text(tree, tree.node("ut/en/medical"))
+    full = evaluator.tokens(medical)
+    assert full.numel() > 100
+    short = Evaluator(evaluator.base, seq_len=32, max_tokens=100)
+    assert short.tokens(medical).tolist() == full[:100].tolist()
+    # The same figure as measuring a text that holds only those tokens' worth: fewer windows, other value.
+    assert short.perplexity(chain, medical) != pytest.approx(evaluator.perplexity(chain, medical), rel=1e-6)
+    with pytest.raises(ValueError, match="max_tokens"):
+        Evaluator(evaluator.base, max_tokens=1)
