@@ -244,12 +244,21 @@ def update_make(
     expires_days: Annotated[float, typer.Option("--expires-days", help="days until the package expires")] = 7.0,
     password_env: PasswordEnv = None,
     as_json: JsonOption = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
 ) -> None:
     """Fine-tune a node on local data and write a signed package (manifest + DSSE envelope + PEFT files)."""
+    import torch
+
     signer = load_signing_key(key, _password(password_env))
-    with Console(stderr=True).status(f"fine-tuning {escape(node_id)} for {steps} steps ..."):
-        made = make_package(tree_dir, node_id, train, signer, out, eval_file=eval_file, steps=steps, lr=lr, seed=seed,
-                            version=version, expires_in=timedelta(days=expires_days))  # fmt: skip
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with Console(stderr=True).status(f"fine-tuning {escape(node_id)} for {steps} steps ..."):
+            made = make_package(tree_dir, node_id, train, signer, out, eval_file=eval_file, steps=steps, lr=lr,
+                                seed=seed, version=version, expires_in=timedelta(days=expires_days))  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)  # an in-process caller (the demo) keeps its own setting
     m = made.manifest
     if as_json:
         _echo_json({"package": str(made.path), "node": str(m.node), "version": m.version,

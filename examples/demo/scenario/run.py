@@ -21,11 +21,25 @@ class DemoConfig:
     state: Path  # keys, registry, working copy (re-made each run except keys)
     report: Path  # demo-report/
     notes: Path  # the hospital's local notes for its fine-tune
-    cluster: Path | None = None  # a cluster.yaml to bring up a Ray cluster for the status step
+    cluster: Path | None = None  # a cluster.yaml: serve on a Ray cluster (else one `treelm serve` process)
     max_new_tokens: int = 24
     update_steps: int = 8
     update_lr: float = 0.003
     policy: Path | None = None  # copied to the served tree as update-policy.yaml
+    threads: int = 1  # torch threads of the hospital's local fine-tune (a child process)
+
+
+class _Clock:
+    """Wall time per step, for the closing "where the time went" table."""
+
+    def __init__(self) -> None:
+        self.rows: list[list] = []
+        self._last = time.monotonic()
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self.rows.append([step, round(now - self._last, 1)])
+        self._last = now
 
 
 def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.Table]:
@@ -33,23 +47,39 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
     console = console or Console()
     started = time.monotonic()
     console.rule("TreeLM demo: a hospital on a tree of models")
+    clock = _Clock()
     state = prepare(config.tree, config.state)
     if config.policy is not None:
         shutil.copyfile(config.policy, state.tree / "update-policy.yaml")
     console.print(f"state in {state.dir}: registry, keys, tokens for st-marys and globex")
+    clock.lap("state: tree copy, registry, keys, tokens")
     previous = interrupt_as_keyboard()
-    server = ServeProcess(state)
-    cluster = None
+    # The hospital fine-tunes on its own machine while the service starts (nothing waits for it until step 4).
+    local = steps.LocalFineTune(state, config.notes, config.update_steps, config.update_lr, config.threads)
+    server: ServeProcess | None = None
+    cluster: RayCluster | None = None
     tables: list[steps.Table] = []
     try:
-        server.wait_ready(state.tokens[HOSPITAL])
-        console.print(f"treelm serve {state.tree} on {server.address}")
+        if config.cluster is not None:  # every step through the Ray cluster's gRPC ingress
+            cluster = RayCluster(state, config.cluster)
+            console.print(f"treelm cluster up {cluster.config}")
+            cluster.up()
+            address = cluster.address
+            console.print(f"serving through the Ray cluster: gRPC ingress on {address}")
+            clock.lap("treelm cluster up (Ray head, update desk, replica, ingress)")
+        else:  # one process: `treelm serve`
+            server = ServeProcess(state)
+            server.wait_ready(state.tokens[HOSPITAL])
+            address = server.address
+            console.print(f"treelm serve {state.tree} on {address}")
+            clock.lap("treelm serve (loading the base)")
         from treelm import Client
 
-        with Client(server.address, token=state.tokens[HOSPITAL], timeout=600) as client:
+        with Client(address, token=state.tokens[HOSPITAL], timeout=600) as client:
             base = json.loads((state.tree / "base" / "config.json").read_text())
             tables.append(steps.match_profiles(client, state.tree_name, int(base.get("max_position_embeddings", 2048))))
             report.show(console, tables[-1])
+            clock.lap("1. match")
             console.rule("2. streaming")
 
             def echo(text: str, end: str = "\n") -> None:
@@ -58,37 +88,33 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             table = steps.ask_the_chain(client, state.tree_name, echo, config.max_new_tokens)
             tables.append(table)
             report.show(console, table)
-            tables.append(steps.tenants(server.address, state, config.max_new_tokens))
+            clock.lap("2. the question down the chain")
+            tables.append(steps.tenants(address, state, config.max_new_tokens))
             report.show(console, tables[-1])
+            clock.lap("3. tenants")
             console.rule("4. update (fine-tune, sign, submit, screen, gate, approve)")
-            tables.append(steps.update_story(server.address, state, config.notes, config.update_steps, config.update_lr))
+            tables.append(steps.update_story(address, state, local, lap=clock.lap))
             report.show(console, tables[-1])
             versions = {n.id: n.stable_version for n in client.nodes()}
-            status = None
-            if config.cluster is not None:
-                server.stop()  # free the cores for Ray
-                cluster = RayCluster(state, config.cluster)
-                console.print(f"treelm cluster up {cluster.config}")
-                cluster.up()
-                with Client(cluster.address, token=state.tokens[HOSPITAL], timeout=600) as ray_client:
-                    node = f"{state.tree_name}/en/medical/cardiology"
-                    r = ray_client.generate(node, messages=[{"role": "user", "content": steps.QUESTION}],
-                                            max_new_tokens=config.max_new_tokens, temperature=0)  # fmt: skip
-                    console.print(f"through the Ray cluster: {node} v{r.node_version}: {r.text.strip()!r}",
-                                  markup=False, highlight=False)  # fmt: skip
-                    tables.append(steps.server_status(ray_client, cluster.status()))
-            else:
-                tables.append(steps.server_status(client, None))
+            tables.append(steps.server_status(client, cluster.status() if cluster is not None else None))
             report.show(console, tables[-1])
+            clock.lap("5. status")
     finally:
+        local.stop()
         try:
             if cluster is not None:
                 cluster.down()
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
             restore_sigterm(previous)
+    clock.lap("treelm cluster down" if cluster is not None else "stop the server")
     chain = next(t for t in tables if t.name == "chain")
     rates = {row[0]: float(row[3]) for row in chain.rows}
+    total = round(time.monotonic() - started, 1)
+    tables.append(steps.Table("timings", "Where the time went (wall seconds)", ["step", "s"],
+                              [*clock.rows, ["total", total]]))  # fmt: skip
+    report.show(console, tables[-1])
     written = report.write(config.report, tables, report.tree_nodes(state.tree, versions), rates)
     console.print(f"report: {', '.join(str(p) for p in written)}")
     console.print(f"done in {time.monotonic() - started:.0f} s")

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from treelm import Client, TreeLMError
 
-from examples.demo.scenario.setup import HOSPITAL, OTHER, DemoState, cli
+from examples.demo.scenario.setup import HOSPITAL, OTHER, DemoState
 
 QUESTION = "A patient with chest pain and shortness of breath has an abnormal ECG. What should the clinician check?"
 
@@ -148,17 +148,62 @@ def _forge(package: Path, out: Path) -> Path:
     return write_package(out, Envelope(p.envelope.payload_type, payload, p.envelope.signatures), p.files)
 
 
-def update_story(address: str, state: DemoState, notes: Path, steps: int, lr: float = 0.003) -> Table:
-    """(4) Fine-tune locally, sign, submit; screen, aggregate, gate; approve; re-pin; a tampered copy."""
+class LocalFineTune:
+    """`treelm update make` in a child process: the hospital fine-tunes its node on its own machine
+    (here: beside the service, while the cluster starts), then signs the package with its key."""
+
+    def __init__(self, state: DemoState, notes: Path, steps: int, lr: float, threads: int = 1):
+        import subprocess
+        import sys
+
+        self.package = state.dir / "packages" / "onc-update"
+        if self.package.exists():
+            shutil.rmtree(self.package)
+        self.package.parent.mkdir(parents=True, exist_ok=True)
+        node = f"{state.tree_name}/en/medical/oncology"
+        args = ["update", "make", state.tree, node, "--train", notes, "--key", state.keys / HOSPITAL,
+                "--out", self.package, "--steps", steps, "--lr", lr, "--threads", threads, "--json"]  # fmt: skip
+        self._log = state.dir / "update-make.log"
+        self._out = open(state.dir / "update-make.json", "w+b")
+        with open(self._log, "wb") as err:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from cluster.cli import main; sys.exit(main())", *map(str, args)],
+                stdout=self._out, stderr=err, cwd=Path(__file__).resolve().parents[3],
+            )  # fmt: skip
+
+    def result(self, timeout: float = 1800.0) -> dict:
+        """Wait for the package; its `--json` summary (version, parent version, local metrics)."""
+        from examples.demo.scenario.setup import DemoError
+
+        code = self._proc.wait(timeout)
+        self._out.seek(0)
+        text = self._out.read().decode()
+        self._out.close()
+        if code != 0:
+            raise DemoError(f"treelm update make exited {code}: {self._log.read_text()[-2000:]}")
+        return json.loads(text)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if not self._out.closed:
+            self._out.close()
+
+
+def update_story(address: str, state: DemoState, local: LocalFineTune, *,
+                 lap: Callable[[str], None] = lambda step: None) -> Table:  # fmt: skip
+    """(4) Fine-tune locally, sign, submit; screen, aggregate, gate; approve; re-pin; a tampered copy.
+
+    ``local``: the hospital's fine-tune, started earlier; ``lap(step)`` is called after each timed
+    part (the demo's "where the time went" table)."""
     tree = state.tree_name
     onc, med = f"{tree}/en/medical/oncology", f"{tree}/en/medical"
     table = Table("update", "4. St Mary's updates its private node; the tree follows",
                   ["step", "who", "result"])  # fmt: skip
-    package = state.dir / "packages" / "onc-update"
-    if package.exists():
-        shutil.rmtree(package)
-    made = json.loads(cli("update", "make", state.tree, onc, "--train", notes, "--key", state.keys / HOSPITAL,
-                          "--out", package, "--steps", steps, "--lr", lr, "--json"))  # fmt: skip
+    made = local.result()
+    package = local.package
+    lap("4a. wait for the local fine-tune + signature (treelm update make, started beside the service)")
     m = made.get("metrics", {})
     table.rows.append(["fine-tune on local notes + sign (treelm update make)", HOSPITAL,
                        f"v{made['version']} over parent v{made['parent_version']}; local eval ppl "
@@ -169,6 +214,7 @@ def update_story(address: str, state: DemoState, notes: Path, steps: int, lr: fl
         except TreeLMError as exc:
             table.rows.append(["submit the signed package", HOSPITAL, f"refused: {type(exc).__name__}: {exc}"])
             return table
+        lap("4b. submit: verify, screen, gate, aggregate a candidate")
         figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(status.figures.items())
                             if k.startswith(("screen.norm", "screen.cosine", "gate.passed")))  # fmt: skip
         table.rows.append(["submit: verify, screen, gate, aggregate", "parent en/medical",
@@ -184,6 +230,7 @@ def update_story(address: str, state: DemoState, notes: Path, steps: int, lr: fl
                 done = hospital.approve(status.candidate_id, state.keys / key)
                 table.rows.append([f"approve (signed with keys/{key})", key,
                                    f"{done.state}, {done.approvals}/{done.approvals_needed}"])  # fmt: skip
+            lap("4c. approvals: stable, re-pins, the increment offered one level up")
             table.rows.append(["new stable parent", "registry", f"{med} stable = v{hospital.node(med).stable_version}"])
             for path, chain in _pins(state, med).items():
                 table.rows.append(["re-pinned over the new parent", path, chain])
@@ -194,6 +241,7 @@ def update_story(address: str, state: DemoState, notes: Path, steps: int, lr: fl
         except TreeLMError as exc:
             kind = getattr(exc, "kind", "")
             table.rows.append(["submit a tampered copy", "attacker", f"refused: {type(exc).__name__} [{kind}]: {exc}"])
+        lap("4d. the tampered copy")
     return table
 
 

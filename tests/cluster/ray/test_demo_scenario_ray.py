@@ -1,6 +1,7 @@
-"""`make demo`'s scenario with `--cluster` on the tiny tree: the status step comes from a real Ray
-cluster (`treelm cluster up` on free explicit ports), answers go through its ingress, and the
-cluster is taken down afterwards."""
+"""`make demo`'s scenario with `--cluster` on the tiny tree: every step goes through a real Ray
+cluster (`treelm cluster up` on free explicit ports): answers from its trunk replicas, the signed
+update through its ingress to the update desk (gate, approvals, re-pins), the new versions served
+by the replicas, and the cluster is taken down afterwards."""
 
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
                             max_new_tokens=4, update_steps=20)  # fmt: skip
         console = Console(record=True, width=160)
         tables = run(config, console)
+        chain = tables["chain"].rows
+        assert [r[1] for r in chain] == [0, 1, 1, 1] and all(r[2] > 0 for r in chain)
+        tenants = tables["tenants"].rows
+        assert tenants[1][2].startswith("v1:") and tenants[3][2].startswith("NodeNotFound: NOT_FOUND")
+        update = {r[0]: r[2] for r in tables["update"].rows}
+        assert update["submit: verify, screen, gate, aggregate"].startswith("aggregated")
+        assert update["the hospital's node is served at its new version"].endswith("v2")  # by a Ray replica
+        assert update["new stable parent"].endswith("= v2")
+        repinned = [r for r in tables["update"].rows if r[0] == "re-pinned over the new parent"]
+        assert repinned and all("en/medical@v2" in r[2] for r in repinned)
+        assert "PermissionDenied [threshold]" in update["submit a tampered copy"]
         rows = tables["status"].rows
         assert any(r[0] == "ray cluster" and "RUNNING" in r[2] for r in rows)
         replicas = [r for r in rows if r[0].startswith("  replica")]
