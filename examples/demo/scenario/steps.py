@@ -66,6 +66,8 @@ def ask_the_chain(client: Client, tree: str, echo: Callable[[str], None], max_ne
     """(2) The same question to every level on the cardiology path, streamed."""
     table = Table("chain", "2. The same clinical question, base -> cardiology (streamed, greedy)",
                   ["node", "version", "tokens", "tokens/s", "ttft (s)", "answer"])  # fmt: skip
+    table.notes.append("One request at a time, streamed through the gRPC ingress (and, on a cluster, a Ray replica "
+                       "with one thread); the hospital's local fine-tune may be running beside it (step 4).")
     for path in ("", "en", "en/medical", "en/medical/cardiology"):
         node = f"{tree}/{path}" if path else tree
         echo(f"{node}: ", end="")
@@ -281,9 +283,10 @@ def cluster_rows(status: dict) -> list[list[Any]]:
                      f"{trunk.get('status', '?')} / {len(trunk.get('replicas', []))} "
                      f"({trunk.get('min_replicas')}..{trunk.get('max_replicas')})"])  # fmt: skip
         for r in trunk.get("replicas", []):
+            p50 = f"{r['p50_ms']:.0f} ms" if isinstance(r.get("p50_ms"), (int, float)) else "-"
             rows.append([f"  replica {r.get('replica')}", f"on {r.get('node_ip')} pid {r.get('pid')}",
                          f"loaded: {', '.join(r.get('loaded', [])) or '-'}; queue {r.get('queue_depth')}, "
-                         f"ongoing {r.get('ongoing')}, completed {r.get('completed')}, p50 {r.get('p50_ms')} ms"])
+                         f"ongoing {r.get('ongoing')}, completed {r.get('completed')}, p50 {p50}"])
     for n in status.get("nodes", []):
         rows.append([f"ray node {n.get('address')}", "head" if n.get("head") else "worker",
                      f"alive {n.get('alive')}, {n.get('cpus')} CPUs, {n.get('gpus')} GPUs, "
