@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from cluster.importer import import_tree
-from cluster.updates.errors import ApprovalRejected, NotAwaitingApproval, UpdateStateError
+from cluster.updates.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.updates.keys import load_trust
+from cluster.updates.operator_actions import OperatorActions
 from cluster.updates.package import Package
 from cluster.updates.pins import PinDecision, TreeView, pin_changes, plan_pins
 from cluster.updates.policy import UpdatePolicy
@@ -50,7 +51,7 @@ from cluster.updates.rounds import (
     screen_figures,
     store_candidate,
 )
-from cluster.updates.status import RollbackResult, UpdateStatus, check_operator
+from cluster.updates.status import UpdateStatus
 from cluster.updates.workbench import Workbench
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId
@@ -64,12 +65,6 @@ from hierarchy.updates.errors import (
 )
 from hierarchy.updates.manifest import UpdateManifest, parse_manifest
 from hierarchy.updates.screening import ScreenResult, delta_norm, scale_delta, screen_update
-from hierarchy.updates.statements import (
-    REPIN_PAYLOAD_TYPE,
-    ROLLBACK_PAYLOAD_TYPE,
-    repin_statement,
-    rollback_statement,
-)
 from hierarchy.updates.trust import NodeVersion
 from hierarchy.updates.verify import Expectations, VerifiedUpdate, check_approvals, verify_update
 from nodes.adapters import AdapterWeights, read_adapter
@@ -78,7 +73,7 @@ from nodes.finetune import increment
 from nodes.tree_store import BuiltTree
 from nodes.versions import ChainLink, ServedNode, Snapshot, VersionStore, checkpoint
 from registry.db import Registry
-from registry.errors import AliasError, Conflict, NodeNotFound
+from registry.errors import NodeNotFound
 from registry.updates import (
     AddEvent,
     AddPin,
@@ -102,7 +97,7 @@ log = logging.getLogger("treelm.updates")
 LOCK_FILE = ".updates.lock"
 
 
-class Coordinator:
+class Coordinator(OperatorActions):
     """One tree's update protocol over a registry (see the module docstring)."""
 
     def __init__(self, registry: Registry, tree_dir: str | Path, policy: UpdatePolicy | None = None, *,
@@ -467,72 +462,6 @@ class Coordinator:
                 self._maybe_aggregate(parent)
         except Exception:  # the contribution stays pending: the next tick or submission tries again
             log.exception("aggregation round for %s failed", parent)
-
-    # -- rollback and repin --------------------------------------------------------------------
-    def rollback_statement(self, node: str, to_version: int) -> bytes:
-        view = self._view()
-        return rollback_statement(str(NodeId.parse(node)), view.stable(view.path_of(node)) or 0, to_version)
-
-    def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
-        """Move ``stable`` of ``node`` to an accepted ``to_version``; re-pin its subtree; re-sign nothing."""
-        with self._locked():
-            node_id = str(NodeId.parse(node))
-            view = self._view()
-            path = view.path_of(node_id)
-            if path not in view.pins:
-                raise NodeNotFound(f"unknown node {node_id!r} in tree {self.tree.name!r}")
-            current = view.stable(path) or 0
-            statement = rollback_statement(node_id, current, to_version)
-            signers = check_operator(load_trust(self.registry), ROLLBACK_PAYLOAD_TYPE, statement, signatures, node_id)
-            status = view.versions[node_id].statuses.get(to_version)
-            if to_version == current:
-                raise Conflict(f"{node_id} is already at stable version {current}")
-            if status != "accepted":
-                raise AliasError(f"{node_id} version {to_version} is {status or 'unknown'}: `stable` needs an "
-                                 "accepted version")  # fmt: skip
-            link = self._link_of(node_id, to_version)
-            view = self._view(history_for=path)
-            decisions = plan_pins(view, path, {path: link}, {}, self.bench.revalidate)
-            changes: list[Change] = [
-                MoveAlias(node_id, "stable", to_version),
-                AddEvent("rollback", node_id, None, {"from": current, "to": to_version, "signers": list(signers)}),
-                *pin_changes(view, decisions),
-            ]
-            self._commit(changes, view, decisions)
-            held = tuple(view.node_id(d.path) for d in decisions if d.how == "held")
-            return RollbackResult(node_id, "stable", to_version, current, held)
-
-    def _link_of(self, node_id: str, version: int) -> ChainLink:
-        path = str(NodeId.parse(node_id).path)
-        for pin in reversed(pin_history(self.registry, node_id)):
-            for x in pin.chain:
-                if x["path"] == path and int(x["version"]) == version:
-                    return ChainLink.from_dict(x)
-        raise UpdateStateError(f"{node_id} version {version} was never served here; nothing to roll back to")
-
-    def repin_statement(self, node: str) -> bytes:
-        view = self._view()
-        path = view.path_of(node)
-        target = (*view.chain(view.parent(path)), view.pins[path].link)
-        return repin_statement(str(NodeId.parse(node)), [x.to_dict() for x in target])
-
-    def repin(self, node: str, signatures: Sequence[Signature]) -> ServedNode:
-        """An operator's decision: serve a held node over its parent's chain without re-validation."""
-        with self._locked():
-            node_id = str(NodeId.parse(node))
-            view = self._view()
-            path = view.path_of(node_id)
-            target = (*view.chain(view.parent(path)), view.pins[path].link)
-            statement = repin_statement(node_id, [x.to_dict() for x in target])
-            signers = check_operator(load_trust(self.registry), REPIN_PAYLOAD_TYPE, statement, signatures, node_id)
-            served = ServedNode(path, target)
-            decision = PinDecision(path, served, "made-for")
-            view = self._view(history_for=path)
-            decisions = [decision] + plan_pins(replace(view, pins=dict(view.pins) | {path: served}), path, {}, {},
-                                               self.bench.revalidate)  # fmt: skip
-            changes = [*pin_changes(view, decisions), AddEvent("repin-forced", node_id, None, {"signers": list(signers)})]
-            self._commit(changes, view, decisions)
-            return served
 
     # -- reading -------------------------------------------------------------------------------
     def resolve(self, update_id: str) -> str:
