@@ -45,6 +45,7 @@ __all__ = ["DESK_NAME", "DeskSpec", "PortableError", "RemoteCoordinator", "Updat
 
 log = logging.getLogger("treelm.updates.desk")
 DESK_NAME = "treelm-update-desk"
+_METHODS = frozenset({"submit", "status", "approve", "rollback"})  # what RemoteCoordinator may call
 _CALL_TIMEOUT_S = 1800.0  # a submission may train nothing but evaluates and aggregates on the head's CPU
 
 
@@ -139,8 +140,10 @@ class UpdateDesk:
         return max((c.policy.max_package_bytes for c in self._coordinators.values()), default=64 << 20)
 
     def call(self, method: str, *args: Any) -> tuple[bool, Any]:
-        """(True, result) or (False, PortableError)."""
+        """(True, result) or (False, PortableError); ``method``: submit, status, approve or rollback."""
         try:
+            if method not in _METHODS:
+                raise ValueError(f"the update desk has no method {method!r}")
             return True, getattr(self, f"_{method}")(*args)
         except Exception as exc:  # every error goes back to the caller as a value
             return False, PortableError.of(exc)
@@ -170,8 +173,11 @@ class UpdateDesk:
 
     def _submit(self, package: Package) -> UpdateStatus:
         hint = package.node_hint()  # only to choose the coordinator; it verifies everything itself
-        coordinator = self._of_node(hint) if hint else next(iter(self._coordinators.values()))
-        return coordinator.submit(package)
+        if hint:
+            return self._of_node(hint).submit(package)
+        if not self._coordinators:
+            raise UpdateStateError("this cluster serves no tree")
+        return next(iter(self._coordinators.values())).submit(package)  # it refuses the malformed manifest
 
     def _status(self, update_id: str) -> UpdateStatus:
         coordinator, full = self._of_update(update_id)
