@@ -65,8 +65,8 @@ def cli(*args: str, timeout: float = 600) -> str:
 
 
 def prepare(workdir: Path) -> dict:
-    from cluster.importer import import_tree
-    from nodes.base import TinyBaseConfig, make_tiny_base
+    from cluster.tree_import import import_tree
+    from nodes.base.model import TinyBaseConfig, make_tiny_base
     from registry.access import issue_token
     from registry.db import init_registry, open_registry
     from tests.cluster.ray.cluster_harness import cluster_yaml, free_port_block

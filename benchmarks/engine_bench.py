@@ -69,10 +69,10 @@ MODELS = {
 # ----------------------------------------------------------------------------- setup (main process)
 def prepare(model: str, workdir: Path) -> dict:
     """Make (once) the base, the tree of random adapters and each leaf's flattened adapter."""
-    from nodes.adapters import read_adapter, write_adapter
-    from nodes.base import TinyBaseConfig, make_tiny_base
-    from nodes.compose import flatten_adapters
-    from nodes.tree_store import open_tree
+    from nodes.store.adapters import read_adapter, write_adapter
+    from nodes.base.model import TinyBaseConfig, make_tiny_base
+    from nodes.build.compose import flatten_adapters
+    from nodes.store.tree import open_tree
     from tests.nodes.treefactory import balanced_spec, make_random_tree
 
     root = workdir / model
@@ -85,7 +85,7 @@ def prepare(model: str, workdir: Path) -> dict:
             )
     else:
         from hierarchy.spec import BaseSpec
-        from nodes.bases import resolve_base
+        from nodes.base.resolve import resolve_base
 
         base_dir = resolve_base(BaseSpec(model="smollm2"), root).directory
     tree_dir = root / "tree"
@@ -158,8 +158,8 @@ def hf_generate(model, prompts, tokens, pad_id, **kw) -> list[list[int]]:
 def run_peft(kind: str, paths: dict, requests, prompts, tokens: int, repeats: int) -> dict:
     from peft import PeftModel
 
-    from nodes.base import load_base
-    from nodes.tree_store import open_tree
+    from nodes.base.model import load_base
+    from nodes.store.tree import open_tree
 
     base = load_base(paths["base_dir"])
     tree = open_tree(paths["tree_dir"])
@@ -218,7 +218,7 @@ def run_peft(kind: str, paths: dict, requests, prompts, tokens: int, repeats: in
 
 
 def run_hf_base(paths: dict, requests, prompts, tokens: int, repeats: int) -> dict:
-    from nodes.base import load_base
+    from nodes.base.model import load_base
 
     base = load_base(paths["base_dir"])
     pad = base.tokenizer.pad_token_id
@@ -237,8 +237,8 @@ def run_hf_base(paths: dict, requests, prompts, tokens: int, repeats: int) -> di
 
 
 def run_engine(kind: str, paths: dict, requests, prompts, tokens: int, repeats: int) -> dict:
-    from nodes.engine import Engine, EngineConfig
-    from nodes.requests import GenerationRequest, SamplingParams
+    from nodes.runtime.engine import Engine, EngineConfig
+    from nodes.runtime.requests import GenerationRequest, SamplingParams
 
     engine = Engine(paths["base_dir"], paths["tree_dir"], EngineConfig(max_batch_size=CONCURRENCY))
     tree = engine.tree
@@ -277,8 +277,8 @@ async def _gather(engine, batch):
 
 def run_memory(paths: dict, requests, tokens: int) -> dict:
     """RSS of a warm engine on the base, then with every adapter of the workload resident, then after serving."""
-    from nodes.engine import Engine, EngineConfig
-    from nodes.requests import GenerationRequest, SamplingParams
+    from nodes.runtime.engine import Engine, EngineConfig
+    from nodes.runtime.requests import GenerationRequest, SamplingParams
 
     engine = Engine(paths["base_dir"], paths["tree_dir"], EngineConfig(max_batch_size=CONCURRENCY))
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
@@ -329,8 +329,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from nodes.base import load_base  # noqa: F401  (imports transformers once before timing)
-    from nodes.tree_store import open_tree
+    from nodes.base.model import load_base  # noqa: F401  (imports transformers once before timing)
+    from nodes.store.tree import open_tree
     from transformers import AutoTokenizer
 
     paths, kind, tokens, repeats = spec["paths"], spec["contender"], spec["tokens"], spec["repeats"]

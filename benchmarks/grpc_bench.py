@@ -104,8 +104,8 @@ def inproc_worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from nodes.engine import Engine, EngineConfig
-    from nodes.requests import GenerationRequest, SamplingParams
+    from nodes.runtime.engine import Engine, EngineConfig
+    from nodes.runtime.requests import GenerationRequest, SamplingParams
 
     engine = Engine(spec["base_dir"], spec["tree_dir"], EngineConfig(max_batch_size=32))
 
@@ -139,7 +139,7 @@ class InProc:
 
 # ----------------------------------------------------------------------------- setup
 def prepare(workdir: Path) -> dict:
-    from nodes.base import TinyBaseConfig, make_tiny_base
+    from nodes.base.model import TinyBaseConfig, make_tiny_base
     from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
     base_dir, tree_dir = workdir / "base", workdir / "tree"
@@ -150,7 +150,7 @@ def prepare(workdir: Path) -> dict:
         make_random_tree(tree_dir, base_dir, RandomTreeSpec(name="bench", init_scale=0.05))
     db = workdir / "registry.db"
     db.unlink(missing_ok=True)
-    from cluster.importer import import_tree
+    from cluster.tree_import import import_tree
     from registry.access import issue_token
     from registry.db import init_registry, open_registry
 

@@ -1,18 +1,8 @@
-"""Composition root: the `treelm` CLI, the single-process gRPC server (`treelm serve`), and the Ray
-cluster (`treelm cluster ...`: cluster_config, ray_runtime, ray_app, ray_replica, ray_ingress, ray_backend;
-those import Ray, so they are imported from their modules, not here)."""
+"""Composition root: the ``treelm`` CLI (:mod:`cluster.cli`), one server's composition
+(:mod:`cluster.service`), the Ray cluster (:mod:`cluster.ray`), the update desk
+(:mod:`cluster.updates`) and importing built trees into the registry
+(:mod:`cluster.tree_import`). Nothing is re-exported here: importing a submodule (the CLI's
+help, say) must not load torch or Ray; import from the modules.
+"""
 
-from cluster.catalog import Catalog
-from cluster.cluster_config import ClusterConfig, ClusterConfigError, load_cluster_config
-from cluster.server import ServerConfig, TreeServer
-from cluster.trunk import EngineTrunk
-
-__all__: list[str] = [
-    "Catalog",
-    "ClusterConfig",
-    "ClusterConfigError",
-    "EngineTrunk",
-    "ServerConfig",
-    "TreeServer",
-    "load_cluster_config",
-]
+__all__: list[str] = []

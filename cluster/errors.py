@@ -10,7 +10,7 @@
         ├── ShuttingDown        the server is draining and takes no new work
         └── ReplicaUnavailable  the Ray replica serving the call died or is unreachable (retry it)
 
-cluster/interceptors.py maps these, and the errors of nodes/ and registry/, to
+cluster/service/interceptors.py maps these, and the errors of nodes/ and registry/, to
 gRPC status codes in one table.
 """
 

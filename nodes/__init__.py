@@ -1,36 +1,63 @@
-"""The model runtime: bases, adapters in PEFT format, chain composition, built trees."""
+"""The model runtime: bases (:mod:`nodes.base`), built trees on disk (:mod:`nodes.store`),
+serving (:mod:`nodes.runtime`) and making models (:mod:`nodes.build`).
 
-from nodes.adapters import AdapterWeights, read_adapter, write_adapter
-from nodes.base import LoadedBase, TinyBaseConfig, base_digest, load_base, make_tiny_base
-from nodes.bank import AdapterBank
-from nodes.bases import ResolvedBase, resolve_base
-from nodes.build import BuildReport, NodeOutcome, build_tree
-from nodes.cache import AdapterCache, CacheStats
-from nodes.compose import flatten_adapters, merge_chain
-from nodes.engine import Engine, EngineConfig, EngineConfigError, EngineStats
-from nodes.errors import (
-    AdapterError,
-    BaseModelError,
-    BuildError,
-    EngineError,
-    ExportError,
-    IntegrityError,
-    NodesError,
-)
-from nodes.export import ExportResult, export_node
-from nodes.finetune import FineTuneResult, fine_tune, increment
-from nodes.gate import Evaluator, GateBounds, GateReport
-from nodes.quantize import load_int8
-from nodes.tree_store import BuiltNode, BuiltTree, open_tree, verify_node_files
-from nodes.versions import ChainLink, ServedNode, Snapshot, SnapshotTree, VersionStore, open_served_tree
+The names below are re-exported lazily (PEP 562): ``import nodes.errors`` or the ``treelm``
+CLI's help must not load torch and transformers, which most of these modules need.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "AdapterBank": "nodes.runtime.bank",
+    "AdapterCache": "nodes.runtime.cache",
+    "AdapterWeights": "nodes.store.adapters",
+    "BuildReport": "nodes.build.builder",
+    "BuiltNode": "nodes.store.tree",
+    "BuiltTree": "nodes.store.tree",
+    "CacheStats": "nodes.runtime.cache",
+    "ChainLink": "nodes.store.versions",
+    "Engine": "nodes.runtime.engine",
+    "EngineConfig": "nodes.runtime.engine",
+    "EngineConfigError": "nodes.runtime.engine",
+    "EngineStats": "nodes.runtime.engine",
+    "Evaluator": "nodes.build.gate",
+    "ExportResult": "nodes.build.export",
+    "FineTuneResult": "nodes.build.finetune",
+    "GateBounds": "nodes.build.gate",
+    "GateReport": "nodes.build.gate",
+    "LoadedBase": "nodes.base.model",
+    "NodeOutcome": "nodes.build.builder",
+    "ResolvedBase": "nodes.base.resolve",
+    "ServedNode": "nodes.store.versions",
+    "Snapshot": "nodes.store.versions",
+    "SnapshotTree": "nodes.store.versions",
+    "TinyBaseConfig": "nodes.base.model",
+    "VersionStore": "nodes.store.versions",
+    "base_digest": "nodes.base.model",
+    "build_tree": "nodes.build.builder",
+    "export_node": "nodes.build.export",
+    "fine_tune": "nodes.build.finetune",
+    "flatten_adapters": "nodes.build.compose",
+    "increment": "nodes.build.finetune",
+    "load_base": "nodes.base.model",
+    "load_int8": "nodes.build.quantize",
+    "make_tiny_base": "nodes.base.model",
+    "merge_chain": "nodes.build.compose",
+    "open_served_tree": "nodes.store.versions",
+    "open_tree": "nodes.store.tree",
+    "read_adapter": "nodes.store.adapters",
+    "resolve_base": "nodes.base.resolve",
+    "verify_node_files": "nodes.store.tree",
+    "write_adapter": "nodes.store.adapters",
+}
 
 __all__ = [
     "AdapterBank",
     "AdapterCache",
-    "AdapterError",
     "AdapterWeights",
-    "BaseModelError",
-    "BuildError",
     "BuildReport",
     "BuiltNode",
     "BuiltTree",
@@ -39,18 +66,14 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineConfigError",
-    "EngineError",
     "EngineStats",
     "Evaluator",
-    "ExportError",
     "ExportResult",
     "FineTuneResult",
     "GateBounds",
     "GateReport",
-    "IntegrityError",
     "LoadedBase",
     "NodeOutcome",
-    "NodesError",
     "ResolvedBase",
     "ServedNode",
     "Snapshot",
@@ -74,3 +97,29 @@ __all__ = [
     "verify_node_files",
     "write_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+if TYPE_CHECKING:
+    from nodes.base.model import LoadedBase, TinyBaseConfig, base_digest, load_base, make_tiny_base
+    from nodes.base.resolve import ResolvedBase, resolve_base
+    from nodes.build.builder import BuildReport, NodeOutcome, build_tree
+    from nodes.build.compose import flatten_adapters, merge_chain
+    from nodes.build.export import ExportResult, export_node
+    from nodes.build.finetune import FineTuneResult, fine_tune, increment
+    from nodes.build.gate import Evaluator, GateBounds, GateReport
+    from nodes.build.quantize import load_int8
+    from nodes.runtime.bank import AdapterBank
+    from nodes.runtime.cache import AdapterCache, CacheStats
+    from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError, EngineStats
+    from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
+    from nodes.store.tree import BuiltNode, BuiltTree, open_tree, verify_node_files
+    from nodes.store.versions import ChainLink, ServedNode, Snapshot, SnapshotTree, VersionStore, open_served_tree

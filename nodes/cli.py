@@ -88,7 +88,7 @@ def tiny(
     text: Annotated[Optional[list[Path]], typer.Option(help="text file(s) to train the tokenizer on")] = None,
 ) -> None:
     """Write a tiny random Llama with a byte-level BPE tokenizer (for tests and trials)."""
-    from nodes.base import TinyBaseConfig, base_digest, make_tiny_base
+    from nodes.base.model import TinyBaseConfig, base_digest, make_tiny_base
     from nodes.errors import BaseModelError
 
     texts = []
@@ -210,7 +210,7 @@ def build(
     as_json: Annotated[bool, typer.Option("--json", help="print the build report as JSON")] = False,
 ) -> None:
     """Train every node parents-first over its parent (incremental; reuses what is built)."""
-    from nodes.build import BuildProgress, build_tree
+    from nodes.build.builder import BuildProgress, build_tree
 
     err = Console(stderr=True)
     tree = _load(spec, err)
@@ -238,7 +238,7 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Export one node for end devices: flat adapter, merged model, or int8 merged model."""
-    from nodes.export import export_node
+    from nodes.build.export import export_node
 
     _quiet_hf(threads)
     result = export_node(tree_dir, node_id, variant, out)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     """A tiny random Llama + tokenizer written once per test session."""
-    from nodes.base import TinyBaseConfig, make_tiny_base
+    from nodes.base.model import TinyBaseConfig, make_tiny_base
 
     out = tmp_path_factory.mktemp("bases") / "tiny"
     return make_tiny_base(out, TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2))

@@ -20,7 +20,7 @@ from cluster.updates.keys import load_signing_key, load_trust, register_key, rev
 from cluster.updates.make import make_package
 from cluster.updates.package import Package, read_package, write_package
 from cluster.updates.policy import UpdatePolicy
-from cluster.updates.servicer import UpdateServicer
+from cluster.service.update_servicer import UpdateServicer
 from cluster.updates.status import RollbackResult, UpdateStatus
 
 __all__ = [

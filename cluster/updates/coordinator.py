@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from cluster.importer import import_tree
+from cluster.tree_import import import_tree
 from cluster.updates.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.updates.keys import load_trust
 from cluster.updates.operator_actions import OperatorActions
@@ -67,11 +67,11 @@ from hierarchy.updates.manifest import UpdateManifest, parse_manifest
 from hierarchy.updates.screening import ScreenResult, delta_norm, scale_delta, screen_update
 from hierarchy.updates.trust import NodeVersion
 from hierarchy.updates.verify import Expectations, VerifiedUpdate, check_approvals, verify_update
-from nodes.adapters import AdapterWeights, read_adapter
+from nodes.store.adapters import AdapterWeights, read_adapter
 from nodes.errors import AdapterError
-from nodes.finetune import increment
-from nodes.tree_store import BuiltTree
-from nodes.versions import ChainLink, ServedNode, Snapshot, VersionStore, checkpoint
+from nodes.build.finetune import increment
+from nodes.store.tree import BuiltTree
+from nodes.store.versions import ChainLink, ServedNode, Snapshot, VersionStore, checkpoint
 from registry.db import Registry
 from registry.errors import NodeNotFound
 from registry.updates import (

@@ -20,12 +20,12 @@ from hierarchy.spec import TrainSettings
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import FileEntry, LayerSpec, UpdateManifest, sha256_digest, sign_manifest
-from nodes.adapters import AdapterWeights, read_adapter, write_adapter
-from nodes.base import load_base
-from nodes.finetune import chain_perplexity, fine_tune
-from nodes.gate import read_eval_text
-from nodes.training import tokenize_text
-from nodes.versions import open_served_tree
+from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
+from nodes.base.model import load_base
+from nodes.build.finetune import chain_perplexity, fine_tune
+from nodes.build.gate import read_eval_text
+from nodes.build.training import tokenize_text
+from nodes.store.versions import open_served_tree
 
 __all__ = ["MadePackage", "adapter_files", "build_manifest", "make_package"]
 

@@ -22,7 +22,7 @@ from hierarchy.updates.statements import (
     repin_statement,
     rollback_statement,
 )
-from nodes.versions import ChainLink, ServedNode
+from nodes.store.versions import ChainLink, ServedNode
 from registry.errors import AliasError, Conflict, NodeNotFound
 from registry.updates import AddEvent, Change, MoveAlias, pin_history
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from hierarchy.ids import NodeId, NodePath
-from nodes.gate import GateCheck
-from nodes.tree_store import BuiltTree
-from nodes.versions import ChainLink, ServedNode
+from nodes.build.gate import GateCheck
+from nodes.store.tree import BuiltTree
+from nodes.store.versions import ChainLink, ServedNode
 from registry.updates import AddEvent, AddPin, Change, NodeVersions, PinEntry
 
 __all__ = ["PinDecision", "TreeView", "plan_pins", "pin_changes"]

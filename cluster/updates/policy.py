@@ -26,7 +26,7 @@ import yaml
 from cluster.updates.errors import PolicyError
 from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
-from nodes.gate import GateBounds
+from nodes.build.gate import GateBounds
 
 __all__ = ["POLICY_FILE", "UpdatePolicy"]
 

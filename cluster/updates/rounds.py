@@ -29,9 +29,9 @@ from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_pa
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE, FileEntry, LayerSpec, UpdateManifest
 from hierarchy.updates.screening import ScreenResult, delta_norm
-from nodes.adapters import AdapterWeights
-from nodes.gate import Comparison, GateReport
-from nodes.versions import ChainLink, VersionStore
+from nodes.store.adapters import AdapterWeights
+from nodes.build.gate import Comparison, GateReport
+from nodes.store.versions import ChainLink, VersionStore
 from registry.updates import AddEvent, AddUpdate, AddVersion, Change, MoveAlias, SetUpdate, UpdateEntry
 
 __all__ = [

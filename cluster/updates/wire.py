@@ -1,4 +1,4 @@
-"""Status codes for the update protocol's errors (cluster/interceptors.py asks here first).
+"""Status codes for the update protocol's errors (cluster/service/interceptors.py asks here first).
 
 | error | code | `treelm-error-kind` |
 |---|---|---|

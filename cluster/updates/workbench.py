@@ -15,12 +15,12 @@ from cluster.updates.policy import UpdatePolicy
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId, NodePath
 from hierarchy.spec import TrainSettings
-from nodes.adapters import AdapterWeights
-from nodes.base import load_base
-from nodes.finetune import fine_tune, increment
-from nodes.gate import Comparison, EvalText, Evaluator, GateCheck, canary_text, node_eval_text, read_eval_text
-from nodes.tree_store import BuiltNode
-from nodes.versions import ChainLink, VersionStore
+from nodes.store.adapters import AdapterWeights
+from nodes.base.model import load_base
+from nodes.build.finetune import fine_tune, increment
+from nodes.build.gate import Comparison, EvalText, Evaluator, GateCheck, canary_text, node_eval_text, read_eval_text
+from nodes.store.tree import BuiltNode
+from nodes.store.versions import ChainLink, VersionStore
 
 __all__ = ["Workbench"]
 

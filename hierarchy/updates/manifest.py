@@ -116,7 +116,7 @@ class FileEntry:
 class LayerSpec:
     """One adapted linear layer: its module name in the base model and its LoRA shape."""
 
-    module: str  # e.g. model.layers.0.self_attn.q_proj (as in nodes.adapters)
+    module: str  # e.g. model.layers.0.self_attn.q_proj (as in nodes.store.adapters)
     out_features: int
     in_features: int
     rank: int

@@ -17,7 +17,7 @@ __all__ = ["lora_shapes", "read_tensor_shapes"]
 
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _PEFT_PREFIX = "base_model.model."
-# Same key grammar as nodes.adapters: <module>.lora_A[.<adapter>].weight
+# Same key grammar as nodes.store.adapters: <module>.lora_A[.<adapter>].weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 

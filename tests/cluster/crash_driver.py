@@ -3,7 +3,7 @@
     python -m tests.cluster.crash_driver WORLD_DIR STEP NTH submit PKG
     python -m tests.cluster.crash_driver WORLD_DIR STEP NTH approve UPDATE_ID KEY_PEM
 
-STEP is a name passed to nodes.versions.checkpoint (see there and cluster.updates.coordinator);
+STEP is a name passed to nodes.store.versions.checkpoint (see there and cluster.updates.coordinator);
 the process kills itself the NTH time it reaches it. Exit 0 means the step was never reached.
 """
 
@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main(argv: list[str]) -> int:
     import cluster.updates.coordinator as coordinator_module
-    import nodes.versions as versions_module
+    import nodes.store.versions as versions_module
     from cluster.updates.coordinator import Coordinator
     from cluster.updates.keys import load_signing_key
     from cluster.updates.package import read_package

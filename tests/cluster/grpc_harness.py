@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
-from cluster.catalog import Catalog
-from cluster.importer import import_tree
-from cluster.server import ServerConfig, TreeServer
-from cluster.trunk import EngineTrunk
-from nodes.engine import Engine, EngineConfig
-from nodes.tree_store import BuiltTree
+from cluster.service.catalog import Catalog
+from cluster.tree_import import import_tree
+from cluster.service.server import ServerConfig, TreeServer
+from cluster.service.trunk import EngineTrunk
+from nodes.runtime.engine import Engine, EngineConfig
+from nodes.store.tree import BuiltTree
 from registry.access import create_tenant, issue_token
 from registry.db import Registry, init_registry, open_registry
 from tests.nodes.treefactory import make_random_tree

@@ -1,4 +1,4 @@
-"""The error table of cluster/interceptors.py and bearer-token auth, unit by unit.
+"""The error table of cluster/service/interceptors.py and bearer-token auth, unit by unit.
 
 End-to-end codes from real calls are in tests/cluster/test_server_errors.py.
 """
@@ -8,10 +8,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cluster.access import NodeAccess, NodeVisibility
-from cluster.auth import ANONYMOUS, Authenticator, Caller, bearer_token
+from cluster.service.access import NodeAccess, NodeVisibility
+from cluster.service.auth import ANONYMOUS, Authenticator, Caller, bearer_token
 from cluster.errors import BadArgument, NodeNotVisible, PermissionDenied, ShuttingDown, Unauthenticated
-from cluster.interceptors import ERROR_FIELD_KEY, ERROR_KIND_KEY, wire_status
+from cluster.service.interceptors import ERROR_FIELD_KEY, ERROR_KIND_KEY, wire_status
 from hierarchy.errors import InvalidNodePath
 from nodes import errors as ne
 from registry import errors as re_

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from cluster.importer import base_facts_from_dir, safetensors_summary, tree_import
+from cluster.tree_import import base_facts_from_dir, safetensors_summary, tree_import
 from registry import kv_bytes_per_token
 from tests.registry.helpers import write_built_tree
 
@@ -26,7 +26,7 @@ def test_base_facts_match_the_real_model(tiny_base_dir):
     assert facts.parameter_count == model.num_parameters()
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    assert facts.quantizable_parameter_count == linear  # what nodes.quantize turns into int8
+    assert facts.quantizable_parameter_count == linear  # what nodes.build.quantize turns into int8
     cfg = model.config
     assert (facts.layers, facts.kv_heads, facts.head_dim) == (cfg.num_hidden_layers, cfg.num_key_value_heads, 16)
     assert (facts.max_context, facts.vocab_size, facts.weight_dtype) == (512, 400, "float32")

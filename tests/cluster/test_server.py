@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 import treelm
-from nodes.base import TinyBaseConfig, make_tiny_base
-from nodes.engine import EngineConfig
-from nodes.requests import ChatMessage, GenerationRequest, SamplingParams
+from nodes.base.model import TinyBaseConfig, make_tiny_base
+from nodes.runtime.engine import EngineConfig
+from nodes.runtime.requests import ChatMessage, GenerationRequest, SamplingParams
 from tests.cluster.grpc_harness import PRIVATE, PUBLIC_LEAVES, make_world, serve
 
 pytestmark = pytest.mark.timeout(180)

@@ -10,12 +10,12 @@ import grpc
 import pytest
 
 import treelm
-from cluster.catalog import Catalog
-from cluster.importer import import_tree
-from cluster.server import ServerConfig, TreeServer
-from cluster.trunk import EngineTrunk
-from nodes.base import TinyBaseConfig, make_tiny_base
-from nodes.engine import Engine, EngineConfig
+from cluster.service.catalog import Catalog
+from cluster.tree_import import import_tree
+from cluster.service.server import ServerConfig, TreeServer
+from cluster.service.trunk import EngineTrunk
+from nodes.base.model import TinyBaseConfig, make_tiny_base
+from nodes.runtime.engine import Engine, EngineConfig
 from protos.treelm.v1 import updates_pb2, updates_pb2_grpc
 from tests.cluster.grpc_harness import PRIVATE, ServerThread, make_world, serve
 from tests.nodes.treefactory import RandomTreeSpec, make_random_tree

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import treelm
 from cluster.cli import main
-from nodes.base import TinyBaseConfig, make_tiny_base
-from nodes.engine import EngineConfig
+from nodes.base.model import TinyBaseConfig, make_tiny_base
+from nodes.runtime.engine import EngineConfig
 from registry.access import list_deployments
 from tests.cluster.grpc_harness import make_world, serve
 

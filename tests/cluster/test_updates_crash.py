@@ -18,7 +18,7 @@ from cluster.updates.keys import load_signing_key
 from cluster.updates.package import read_package
 from cluster.updates.policy import UpdatePolicy
 from hierarchy.updates.envelope import Envelope
-from nodes.versions import VersionStore
+from nodes.store.versions import VersionStore
 from registry.db import open_registry
 from tests.cluster.update_world import REPO, World, built_tree, honest_adapter, make_world, package_of, semantic_state
 

@@ -14,9 +14,9 @@ import stat
 import pytest
 
 from cluster.cli import main
-from nodes.engine import Engine, EngineConfig
-from nodes.requests import GenerationRequest, SamplingParams
-from nodes.versions import VersionStore
+from nodes.runtime.engine import Engine, EngineConfig
+from nodes.runtime.requests import GenerationRequest, SamplingParams
+from nodes.store.versions import VersionStore
 from registry.updates import current_pins, list_update_events, tree_versions
 from tests.cluster.update_world import TREE, built_tree, make_world
 from tests.nodes.treefactory import MergedReference

@@ -10,13 +10,13 @@ import grpc
 import pytest
 
 import treelm
-from cluster.catalog import Catalog
-from cluster.server import ServerConfig, TreeServer
-from cluster.trunk import EngineTrunk
+from cluster.service.catalog import Catalog
+from cluster.service.server import ServerConfig, TreeServer
+from cluster.service.trunk import EngineTrunk
 from cluster.updates.package import Package, write_package
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
-from nodes.engine import Engine, EngineConfig
+from nodes.runtime.engine import Engine, EngineConfig
 from registry.access import create_tenant, issue_token
 from tests.cluster.grpc_harness import ServerThread
 from tests.cluster.update_world import (

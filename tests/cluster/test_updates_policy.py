@@ -15,9 +15,9 @@ from cluster.updates.policy import UpdatePolicy
 from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_parent
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.errors import ThresholdError
-from nodes.finetune import increment
-from nodes.gate import GateBounds
-from nodes.versions import ChainLink
+from nodes.build.finetune import increment
+from nodes.build.gate import GateBounds
+from nodes.store.versions import ChainLink
 from registry.updates import current_pins, get_update
 from tests.cluster.update_world import TREE, built_tree, honest_adapter, make_world, package_of, served
 

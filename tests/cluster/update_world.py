@@ -34,10 +34,10 @@ from hierarchy.spec import TrainSettings, load_spec
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import UpdateManifest, sign_manifest
-from nodes.adapters import AdapterWeights
-from nodes.build import build_tree
-from nodes.finetune import fine_tune, lora_settings_of
-from nodes.training import ChainPatch, tokenize_text
+from nodes.store.adapters import AdapterWeights
+from nodes.build.builder import build_tree
+from nodes.build.finetune import fine_tune, lora_settings_of
+from nodes.build.training import ChainPatch, tokenize_text
 from registry.db import Registry, init_registry, open_registry
 from registry.updates import current_pins, list_updates, tree_versions
 from tests.registry.helpers import snapshot as db_rows

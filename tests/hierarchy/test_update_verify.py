@@ -69,7 +69,7 @@ WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 def adapter_bytes(shapes=SHAPES, rank=RANK, seed=0) -> bytes:
-    """A PEFT-format LoRA weights file, as nodes.adapters.write_adapter names its tensors."""
+    """A PEFT-format LoRA weights file, as nodes.store.adapters.write_adapter names its tensors."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for module, (out, inp) in shapes.items():

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hierarchy.chain import LoraFactors
-from nodes.adapters import AdapterWeights, read_adapter
-from nodes.bank import AdapterBank, BankLinear, prepare_adapter
-from nodes.bank_plan import BucketKind
-from nodes.base import load_base
-from nodes.compose import merge_chain
+from nodes.store.adapters import AdapterWeights, read_adapter
+from nodes.runtime.bank import AdapterBank, BankLinear, prepare_adapter
+from nodes.runtime.plan import BucketKind
+from nodes.base.model import load_base
+from nodes.build.compose import merge_chain
 from nodes.errors import AdapterError
 from tests.nodes.treefactory import make_random_tree
 

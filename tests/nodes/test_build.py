@@ -12,12 +12,12 @@ import yaml
 from peft import PeftModel
 
 from hierarchy.spec import load_spec
-from nodes.adapters import read_adapter
-from nodes.base import load_base
-from nodes.build import build_tree
-from nodes.compose import merge_chain
-from nodes.training import ChainPatch, perplexity, tokenize_text
-from nodes.tree_store import open_tree, verify_node_files
+from nodes.store.adapters import read_adapter
+from nodes.base.model import load_base
+from nodes.build.builder import build_tree
+from nodes.build.compose import merge_chain
+from nodes.build.training import ChainPatch, perplexity, tokenize_text
+from nodes.store.tree import open_tree, verify_node_files
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "demo" / "data"

@@ -12,9 +12,9 @@ import yaml
 
 from cluster.cli import main
 from hierarchy.spec import load_spec
-from nodes.build import build_tree
+from nodes.build.builder import build_tree
 from nodes.errors import BaseModelError, BuildError, IntegrityError
-from nodes.tree_store import open_tree
+from nodes.store.tree import open_tree
 from tests.nodes.test_build import TINY_NODES, write_spec
 
 SMALL = {"en": TINY_NODES["en"], "en/medical": TINY_NODES["en/medical"]}
@@ -130,7 +130,7 @@ def test_other_base_name_or_removed_node_is_refused(small_tree, tmp_path, tiny_b
 
 def test_parent_changed_under_a_built_child(tmp_path):
     """A parent replaced under its built child: the child no longer exports, and the next build retrains it."""
-    from nodes.export import export_node
+    from nodes.build.export import export_node
 
     spec = write_spec(tmp_path, SMALL)
     out = tmp_path / "out"

@@ -13,10 +13,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hierarchy.spec import load_spec
-from nodes.bases import SMOLLM2_HUB_ID
-from nodes.build import build_tree
-from nodes.export import export_node, load_chain_model
-from nodes.tree_store import open_tree
+from nodes.base.resolve import SMOLLM2_HUB_ID
+from nodes.build.builder import build_tree
+from nodes.build.export import export_node, load_chain_model
+from nodes.store.tree import open_tree
 from tests.nodes.test_build import DATA
 
 pytestmark = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nodes.adapters import read_adapter
-from nodes.bank import AdapterBank, prepare_adapter
-from nodes.base import load_base
-from nodes.cache import AdapterCache, CacheFull
+from nodes.store.adapters import read_adapter
+from nodes.runtime.bank import AdapterBank, prepare_adapter
+from nodes.base.model import load_base
+from nodes.runtime.cache import AdapterCache, CacheFull
 from nodes.errors import IntegrityError
 from tests.nodes.treefactory import RandomNode, RandomTreeSpec, make_random_tree
 

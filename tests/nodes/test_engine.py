@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodes.engine import Engine, EngineConfig
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.errors import IntegrityError, UnknownNode
-from nodes.requests import ChatMessage, FinishReason, GenerationRequest, SamplingParams
+from nodes.runtime.requests import ChatMessage, FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
 PROMPTS = [

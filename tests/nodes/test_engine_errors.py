@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from nodes import cache as cache_module
-from nodes.base import TinyBaseConfig, load_base, make_tiny_base
-from nodes.engine import Engine, EngineConfig, EngineConfigError
+from nodes.runtime import cache as cache_module
+from nodes.base.model import TinyBaseConfig, load_base, make_tiny_base
+from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
 from nodes.errors import AdapterError, BaseModelError, DeadlineExceeded, IntegrityError, InvalidRequest, QueueFull, UnknownNode
-from nodes.requests import FinishReason, GenerationRequest, SamplingParams
+from nodes.runtime.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
 PROMPT = "The patient was admitted with chest pain."

@@ -8,10 +8,10 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from nodes.base import TinyBaseConfig, make_tiny_base
-from nodes.engine import Engine, EngineConfig
+from nodes.base.model import TinyBaseConfig, make_tiny_base
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.errors import DeadlineExceeded, EngineClosed, EngineError, InvalidRequest, RequestCancelled
-from nodes.requests import FinishReason, GenerationRequest, SamplingParams
+from nodes.runtime.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
 PROMPT = "The contract was signed by both parties"

@@ -15,13 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.cli import main
 from hierarchy.spec import load_spec
-from nodes.build import build_tree
-from nodes.digest import sha256_file
+from nodes.build.builder import build_tree
+from nodes.store.digest import sha256_file
 from nodes.errors import ExportError, IntegrityError
-from nodes.export import export_node, load_chain_model
-from nodes.quantize import load_int8
-from nodes.training import perplexity, tokenize_text
-from nodes.tree_store import open_tree
+from nodes.build.export import export_node, load_chain_model
+from nodes.build.quantize import load_int8
+from nodes.build.training import perplexity, tokenize_text
+from nodes.store.tree import open_tree
 from tests.nodes.test_build import DATA, TINY_NODES, write_spec
 
 NODE = "tt/en/medical/radiology"

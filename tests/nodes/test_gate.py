@@ -1,4 +1,4 @@
-"""nodes.gate: every check measured before and after, each against its own bound; a refusal
+"""nodes.build.gate: every check measured before and after, each against its own bound; a refusal
 carries every figure; node eval texts are found beside the spec and checked against node.json."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from hierarchy.updates.errors import GateRejected
-from nodes.adapters import read_adapter
-from nodes.base import load_base
-from nodes.gate import Comparison, Evaluator, GateBounds, GateTextMissing, canary_text, node_eval_text, read_eval_text
-from nodes.tree_store import open_tree
+from nodes.store.adapters import read_adapter
+from nodes.base.model import load_base
+from nodes.build.gate import Comparison, Evaluator, GateBounds, GateTextMissing, canary_text, node_eval_text, read_eval_text
+from nodes.store.tree import open_tree
 from tests.cluster.update_world import built_tree
 from tests.nodes.treefactory import make_random_tree
 

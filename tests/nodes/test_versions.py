@@ -1,4 +1,4 @@
-"""nodes.versions: immutable content-addressed versions, snapshots switched atomically, per-node
+"""nodes.store.versions: immutable content-addressed versions, snapshots switched atomically, per-node
 pinned chains, and an engine that serves each request from exactly one snapshot."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import asyncio
 import pytest
 
 from hierarchy.chain import LoraFactors
-from nodes.adapters import AdapterWeights
-from nodes.engine import Engine, EngineConfig, EngineConfigError
+from nodes.store.adapters import AdapterWeights
+from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
 from nodes.errors import IntegrityError, NodesError
-from nodes.requests import GenerationRequest, SamplingParams
-from nodes.versions import ChainLink, ServedNode, VersionStore, open_served_tree
+from nodes.runtime.requests import GenerationRequest, SamplingParams
+from nodes.store.versions import ChainLink, ServedNode, VersionStore, open_served_tree
 from tests.nodes.treefactory import MergedReference, RandomTreeSpec, make_random_tree
 
 

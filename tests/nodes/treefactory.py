@@ -1,4 +1,4 @@
-"""Write a *built tree* with random adapters, in the exact on-disk layout of nodes.tree_store.
+"""Write a *built tree* with random adapters, in the exact on-disk layout of nodes.store.tree.
 
 For engine tests and benchmarks: real PEFT-format adapters (safetensors +
 adapter_config.json, loadable by stock peft), mixed ranks and target modules,
@@ -22,11 +22,11 @@ from typing import Sequence
 import torch
 
 from hierarchy.chain import LoraFactors
-from nodes.adapters import AdapterWeights, read_adapter, write_adapter
-from nodes.base import base_digest, load_base
-from nodes.compose import merge_chain
-from nodes.digest import sha256_file
-from nodes.tree_store import NODE_RECORD, TREE_RECORD, BuiltTree, node_dir, open_tree
+from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
+from nodes.base.model import base_digest, load_base
+from nodes.build.compose import merge_chain
+from nodes.store.digest import sha256_file
+from nodes.store.tree import NODE_RECORD, TREE_RECORD, BuiltTree, node_dir, open_tree
 
 __all__ = ["DEFAULT_NODES", "MergedReference", "RandomNode", "RandomTreeSpec", "balanced_spec", "make_random_tree"]
 
@@ -177,7 +177,7 @@ def make_random_tree(root: str | Path, base_dir: str | Path, spec: RandomTreeSpe
 
 
 class MergedReference:
-    """Greedy continuations from each node's *merged* model (nodes.compose.merge_chain), by stock
+    """Greedy continuations from each node's *merged* model (nodes.build.compose.merge_chain), by stock
     ``transformers`` generate, one request at a time: what the engine must reproduce exactly."""
 
     def __init__(self, base_dir: str | Path, tree: BuiltTree, horizon: int = 16):

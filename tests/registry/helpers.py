@@ -120,7 +120,7 @@ def demo_tree(name: str = "demo", base: BaseFacts | None = None, nodes: dict | N
 
 
 def write_built_tree(root: Path, base_dir: Path, name: str = "demo", nodes: dict | None = None, r: int = 4) -> Path:
-    """A built tree on disk in nodes.tree_store's layout: tree.json, node.json, real PEFT adapters.
+    """A built tree on disk in nodes.store.tree's layout: tree.json, node.json, real PEFT adapters.
 
     Adapters are random (rank ``r`` on q_proj and v_proj of every layer); what the
     registry reads is the layout, the digests and the safetensors headers.
@@ -130,8 +130,8 @@ def write_built_tree(root: Path, base_dir: Path, name: str = "demo", nodes: dict
     import torch
 
     from hierarchy.chain import LoraFactors
-    from nodes.adapters import AdapterWeights, write_adapter
-    from nodes.base import base_digest
+    from nodes.store.adapters import AdapterWeights, write_adapter
+    from nodes.base.model import base_digest
 
     config = json.loads((base_dir / "config.json").read_text())
     hidden, heads = config["hidden_size"], config["num_attention_heads"]

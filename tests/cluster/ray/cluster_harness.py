@@ -20,9 +20,9 @@ from typing import Any, Callable
 import yaml
 
 from cluster.cli import main
-from cluster.cluster_config import RayPorts
-from cluster.ray_runtime import NodeProcess, node_command, ray_env, start_node, stop_node
-from nodes.requests import GenerationRequest, SamplingParams
+from cluster.ray.config import RayPorts
+from cluster.ray.runtime import NodeProcess, node_command, ray_env, start_node, stop_node
+from nodes.runtime.requests import GenerationRequest, SamplingParams
 from tests.cluster.grpc_harness import World
 from tests.nodes.treefactory import RandomNode, RandomTreeSpec
 
@@ -111,7 +111,7 @@ class RayWorld:
 
     def start_worker_node(self, num_cpus: float = 2, resources: dict | None = None) -> NodeProcess:
         """`ray start --address` a second Ray node on this machine (own ports and temp dir)."""
-        from cluster.ray_runtime import load_state
+        from cluster.ray.runtime import load_state
 
         state = load_state(self.state_dir)
         ports = worker_ports(self.base)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.base import TinyBaseConfig, make_tiny_base
+from nodes.base.model import TinyBaseConfig, make_tiny_base
 from tests.cluster.grpc_harness import make_world
 from tests.cluster.ray.cluster_harness import KB_SPEC, RayWorld, cluster_yaml, free_port_block
 from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
@@ -22,8 +22,8 @@ from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
 @pytest.fixture(scope="session")
 def ray_world(tiny_base_dir, tmp_path_factory):
-    from cluster.importer import import_tree
-    from cluster.ray_runtime import connect, load_state
+    from cluster.tree_import import import_tree
+    from cluster.ray.runtime import connect, load_state
 
     root = tmp_path_factory.mktemp("ray-cluster")
     world = make_world(tiny_base_dir, root)  # tree rt over the session base, registry, tenants acme + globex
@@ -59,7 +59,7 @@ def ray_world(tiny_base_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def kb_engine(ray_world):
     """A local engine over trunk kb's tree: the tokens its replicas must produce."""
-    from nodes.engine import Engine, EngineConfig
+    from nodes.runtime.engine import Engine, EngineConfig
 
     engine = Engine(ray_world.kb_tree.base_dir, ray_world.kb_tree.root, EngineConfig(max_batch_size=8))
     yield engine

@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.cluster_config import ClusterConfigError, RayPorts, load_cluster_config, parse_cluster_config
+from cluster.ray.config import ClusterConfigError, RayPorts, load_cluster_config, parse_cluster_config
 from cluster.errors import ClusterError
-from cluster.ray_app import Scaling
-from cluster.ray_backend import aggregate
-from cluster.ray_board import ReplicaReport
-from cluster.ray_runtime import ClusterState, NodeProcess, load_state, node_command, save_state
-from cluster.ray_wire import RemoteError, TrunkInfo
-from cluster.trunk import CacheSnapshot
+from cluster.ray.app import Scaling
+from cluster.ray.backend import aggregate
+from cluster.ray.board import ReplicaReport
+from cluster.ray.runtime import ClusterState, NodeProcess, load_state, node_command, save_state
+from cluster.ray.wire import RemoteError, TrunkInfo
+from cluster.service.trunk import CacheSnapshot
 from nodes.errors import InvalidRequest, NodesError, QueueFull, UnknownNode
 from tests.nodes.treefactory import make_random_tree
 

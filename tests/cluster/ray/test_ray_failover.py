@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 import treelm
-from cluster.ray_board import board
+from cluster.ray.board import board
 from tests.cluster.ray.cluster_harness import expected, wait_until
 from treelm._transport import CHANNEL_OPTIONS
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import treelm
-from cluster.ray_board import board
+from cluster.ray.board import board
 from tests.cluster.grpc_harness import PRIVATE
 from tests.cluster.ray.cluster_harness import expected, wait_until
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import treelm
-from cluster.ray_updates import DESK_NAME, PortableError
+from cluster.ray.desk import DESK_NAME, PortableError
 from cluster.updates.errors import NotAwaitingApproval, PackageError
 from cluster.updates.wire import update_wire_status
 from hierarchy.updates import errors as e
@@ -54,7 +54,7 @@ def test_an_error_whose_attributes_do_not_pickle_keeps_type_and_message():
 def test_the_ingress_answers_updates_through_the_desk_with_precise_codes(ray_world):
     import ray
 
-    from cluster.cluster_config import load_cluster_config
+    from cluster.ray.config import load_cluster_config
 
     assert ray.get_actor(DESK_NAME, namespace=load_cluster_config(ray_world.config).ray.namespace)  # from `up`
     w = ray_world.world

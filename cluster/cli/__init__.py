@@ -1,0 +1,67 @@
+"""The `treelm` console script, assembled from the command groups each package owns.
+
+Each package's ``cli.py`` defines a ``typer.Typer`` group; this module only
+mounts them and turns the project's typed errors into a clear message and exit
+code 2 (never a traceback) for users.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cluster.cli.cluster import cluster_app
+from cluster.errors import ClusterError
+from cluster.tree_import import import_command
+from cluster.cli.serve import serve_command
+from cluster.cli.updates import keys_app, update_app
+from hierarchy.errors import HierarchyError
+from nodes.cli import base_app, export_command, tree_app
+from nodes.errors import NodesError
+from registry.cli import registry_app
+from registry.errors import RegistryError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="treelm",
+    help="TreeLM: a tree of LoRA models over one base, served as one service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(tree_app, name="tree")
+app.add_typer(base_app, name="base")
+# `registry import` reads nodes' on-disk layout, so it is attached here, not in registry/.
+registry_app.command("import")(import_command)
+app.add_typer(registry_app, name="registry")
+app.command("export")(export_command)
+app.command("serve")(serve_command)
+app.add_typer(keys_app, name="keys")
+app.add_typer(update_app, name="update")
+app.add_typer(cluster_app, name="cluster")
+
+# Error types that are the user's to fix: printed plainly, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    err = Console(stderr=True)
+    try:
+        # Standalone mode lets typer print usage errors itself (exit 2) and turn
+        # Exit/Abort into SystemExit; our own typed errors still propagate here.
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        return 130
+    except USER_ERRORS as exc:
+        err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
+        return 2
+    return 0
+

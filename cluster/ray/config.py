@@ -1,0 +1,441 @@
+"""`cluster.yaml`: what a Ray cluster serves and how, validated into frozen dataclasses.
+
+    config = load_cluster_config("examples/cluster/one-machine.yaml")
+    config.trunks[0].tree, config.ingress.port, config.ray.ports.gcs
+
+Every error is a :class:`ClusterConfigError` naming the file and the field
+(``cluster.yaml: trunks[1].replicas.max: must be >= min (2), got 1``). Unknown
+keys are errors too, so a typo never silently falls back to a default. Paths are
+relative to the file. Every Ray port has an explicit default away from Ray's own
+defaults (6379 is often Redis, 8265 a dashboard, 8000 another Serve).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cluster.errors import ClusterError
+from nodes.errors import NodesError
+from nodes.store.tree import open_tree
+from registry.errors import InvalidMemorySize
+from registry.memory import parse_memory_size
+
+__all__ = [
+    "ClusterConfig",
+    "ClusterConfigError",
+    "IngressConfig",
+    "RayConfig",
+    "RayPorts",
+    "ReplicaResources",
+    "TrunkConfig",
+    "load_cluster_config",
+    "parse_cluster_config",
+]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+_RAY_DEFAULT_PORTS = {6379: "Ray's default GCS port (often a Redis)", 8265: "Ray's default dashboard port",
+                      8000: "Serve's default HTTP port", 10001: "Ray's default client port"}  # fmt: skip
+
+
+class ClusterConfigError(ClusterError, ValueError):
+    """A cluster.yaml value is missing or wrong; ``field`` names it, ``file`` says where."""
+
+    def __init__(self, file: str, field: str, message: str):
+        self.file = file
+        self.field = field
+        super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+
+@dataclass(frozen=True)
+class RayPorts:
+    """Every port a Ray node opens, set explicitly (a second node on one machine needs its own set)."""
+
+    gcs: int = 46379  # head only: the address workers join (`ray start --address HOST:gcs`)
+    client_server: int = 46380  # head only: Ray Client
+    dashboard: int = 46381  # head only: bound only with `dashboard: true`, set anyway
+    node_manager: int = 46382
+    object_manager: int = 46383
+    dashboard_agent: int = 46384
+    dashboard_agent_grpc: int = 46385
+    runtime_env_agent: int = 46386
+    metrics_export: int = 46387
+    serve_http: int = 46388  # Serve's HTTP proxy (not started: TreeLM's ingress is gRPC)
+    serve_grpc: int = 46389  # Serve's gRPC proxy (not started, see README "Run a cluster")
+    workers: tuple[int, int] = (46400, 46499)  # worker processes' port range, inclusive
+
+    def node_ports(self) -> dict[str, int]:
+        """The ports every node (head or worker) binds."""
+        names = ("node_manager", "object_manager", "dashboard_agent", "dashboard_agent_grpc", "runtime_env_agent",
+                 "metrics_export")  # fmt: skip
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # HOST:PORT of a running cluster's GCS to join; None = start a head here
+    num_cpus: float | None = None  # logical CPUs the head offers (None = Ray detects); replicas ask for fractions
+    num_gpus: int | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)  # custom resources of the head node
+    temp_dir: Path = Path("/tmp/treelm-ray")
+    auth: str = "token"  # RAY_AUTH_MODE for head, workers and drivers: token | disabled
+    dashboard: bool = False
+    namespace: str = "treelm"
+    ports: RayPorts = RayPorts()
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    """The gRPC front door: the same servicers, auth and health as `treelm serve`, in a Serve deployment."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    replicas: int = 1  # at most one per Ray node (each binds host:port on its node)
+    on_head: bool = True  # keep it beside a SQLite registry file; false with PostgreSQL
+    cpus: float = 0.25
+    metrics_port: int | None = None
+    auth: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_s: float = 10.0
+    updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
+    update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
+
+
+@dataclass(frozen=True)
+class ReplicaResources:
+    cpus: float = 0.5
+    gpus: float = 0.0
+    memory: int | None = None  # bytes Ray reserves per replica (`memory: 2GiB` in the file)
+    custom: Mapping[str, float] = field(default_factory=dict)  # e.g. {zone-b: 1}: pin replicas to nodes
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    """One trunk: one built tree over one base, a Serve deployment whose replicas each hold an engine."""
+
+    tree_dir: Path
+    tree: str  # the tree's name, read from tree.json (the trunk's name in `treelm cluster scale`)
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0  # autoscaling aims at this many requests per replica
+    max_ongoing_requests: int = 64  # sent to one replica at once; the engine batches them together
+    resources: ReplicaResources = ReplicaResources()
+    max_adapters: int = 64  # per replica: active adapters in the engine and node ids Serve routes by
+    max_batch: int = 16
+    max_queue: int = 256
+    host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
+    preload: tuple[str, ...] = ()  # node ids loaded before a replica takes traffic
+    health_check_period_s: float = 2.0
+    graceful_shutdown_s: float = 10.0
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    file: str
+    name: str
+    registry: str
+    trunks: tuple[TrunkConfig, ...]
+    ray: RayConfig = RayConfig()
+    ingress: IngressConfig = IngressConfig()
+
+    def trunk(self, tree: str) -> TrunkConfig:
+        for trunk in self.trunks:
+            if trunk.tree == tree:
+                return trunk
+        raise ClusterConfigError(self.file, "trunks", f"no trunk serves tree {tree!r} (trunks: "
+                                 f"{', '.join(t.tree for t in self.trunks)})")  # fmt: skip
+
+
+class _Reader:
+    """Reads one mapping of the file, remembering where it is for error messages."""
+
+    def __init__(self, file: str, base: Path, data: Any, where: str):
+        if not isinstance(data, Mapping):
+            raise ClusterConfigError(file, where, f"must be a mapping, got {type(data).__name__}")
+        self.file, self.base, self.data, self.where = file, base, dict(data), where
+        self._seen: set[str] = set()
+
+    def path_of(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, message: str) -> ClusterConfigError:
+        return ClusterConfigError(self.file, self.path_of(key), message)
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self._seen.add(key)
+        value = self.data.get(key, default)
+        return default if value is None else value
+
+    def child(self, key: str) -> "_Reader":
+        return _Reader(self.file, self.base, self.raw(key, {}), self.path_of(key))
+
+    def integer(self, key: str, default: int | None, low: int = 0, high: int | None = None) -> int | None:
+        value = self.raw(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+            raise self.error(key, f"must be {bound}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float | None, low: float = 0.0, strict: bool = False) -> float | None:
+        value = self.raw(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
+            raise self.error(key, f"must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
+        return float(value)
+
+    def port(self, key: str, default: int | None) -> int | None:
+        value = self.integer(key, default, low=0 if key in ("port", "metrics_port") else 1, high=65535)
+        if value in _RAY_DEFAULT_PORTS:
+            raise self.error(key, f"{value} is {_RAY_DEFAULT_PORTS[value]}; choose another port explicitly")
+        return value
+
+    def text(self, key: str, default: str | None, choices: tuple[str, ...] = ()) -> str | None:
+        value = self.raw(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"must be a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value.strip()
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        value = self.text(key, None)
+        if value is None:
+            return default
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    def resources(self, key: str) -> dict[str, float]:
+        reader = self.child(key)
+        out = {}
+        for name in reader.data:
+            if not isinstance(name, str) or not name:
+                raise reader.error(str(name), "resource names must be non-empty strings")
+            out[name] = reader.number(name, None, strict=True)
+        reader.done()
+        return out
+
+    def done(self) -> None:
+        unknown = sorted(str(k) for k in self.data if k not in self._seen)
+        if unknown:
+            raise self.error(unknown[0], f"unknown key (known here: {', '.join(sorted(self._seen))})")
+
+
+def _ports(r: _Reader) -> RayPorts:
+    d = RayPorts()
+    values = {name: r.port(name, getattr(d, name)) for name in
+              ("gcs", "client_server", "dashboard", "serve_http", "serve_grpc", *d.node_ports())}  # fmt: skip
+    workers = r.raw("workers", list(d.workers))
+    if (not isinstance(workers, (list, tuple)) or len(workers) != 2
+            or not all(isinstance(p, int) and not isinstance(p, bool) and 1024 <= p <= 65535 for p in workers)
+            or workers[1] - workers[0] < 9):  # fmt: skip
+        raise r.error("workers", f"must be [first, last] ports with at least 10 ports in 1024..65535, got {workers!r}")
+    ports = RayPorts(workers=(workers[0], workers[1]), **values)
+    singles = [(name, value) for name, value in values.items()]
+    seen: dict[int, str] = {}
+    for name, value in singles:
+        if value in seen:
+            raise r.error(name, f"port {value} is also {r.path_of(seen[value])}")
+        if workers[0] <= value <= workers[1]:
+            raise r.error(name, f"port {value} lies inside the workers range {workers[0]}..{workers[1]}")
+        seen[value] = name
+    r.done()
+    return ports
+
+
+def _ray(r: _Reader) -> RayConfig:
+    address = r.text("address", None)
+    if address is not None and not re.match(r"^[\w.\-]+:\d{1,5}$", address):
+        raise r.error("address", f"must be HOST:PORT of the head's GCS, got {address!r}")
+    namespace = r.text("namespace", "treelm")
+    config = RayConfig(
+        address=address,
+        num_cpus=r.number("num_cpus", None, strict=True),
+        num_gpus=r.integer("num_gpus", None),
+        resources=r.resources("resources"),
+        temp_dir=r.path("temp_dir", RayConfig.temp_dir),
+        auth=r.text("auth", "token", choices=("token", "disabled")),
+        dashboard=r.flag("dashboard", False),
+        namespace=namespace,
+        ports=_ports(r.child("ports")),
+    )
+    r.done()
+    return config
+
+
+def _ingress(r: _Reader) -> IngressConfig:
+    config = IngressConfig(
+        host=r.text("host", "127.0.0.1"),
+        port=r.port("port", 50051),
+        replicas=r.integer("replicas", 1, low=1),
+        on_head=r.flag("on_head", True),
+        cpus=r.number("cpus", 0.25),
+        metrics_port=r.port("metrics_port", None),
+        auth=r.flag("auth", True),
+        tls_cert=r.path("tls_cert"),
+        tls_key=r.path("tls_key"),
+        grace_s=r.number("grace_s", 10.0),
+        updates=r.flag("updates", True),
+        update_threads=r.integer("update_threads", 1, low=1),
+    )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(config, name)
+        if value is not None and not value.is_file():
+            raise r.error(name, f"{value} is not a file")
+    r.done()
+    return config
+
+
+def _replicas(r: _Reader, key: str) -> tuple[int, int, int | None]:
+    value = r.raw(key, 1)
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = r.integer(key, 1, low=1)
+        return count, count, None
+    sub = r.child(key)
+    low = sub.integer("min", 1, low=0)
+    high = sub.integer("max", max(low, 1), low=1)
+    initial = sub.integer("initial", None, low=0)
+    if high < low:
+        raise sub.error("max", f"must be >= min ({low}), got {high}")
+    if initial is not None and not low <= initial <= high:
+        raise sub.error("initial", f"must lie in min..max ({low}..{high}), got {initial}")
+    sub.done()
+    return low, high, initial
+
+
+def _memory(r: _Reader, key: str) -> int | None:
+    value = r.raw(key, None)
+    if value is None:
+        return None
+    try:
+        return parse_memory_size(str(value), field=key)
+    except InvalidMemorySize as exc:
+        raise r.error(key, str(exc)) from None
+
+
+def _trunk(r: _Reader) -> TrunkConfig:
+    tree_dir = r.path("tree")
+    if tree_dir is None:
+        raise r.error("tree", "is required: the directory of a built tree (treelm tree build ... --out DIR)")
+    try:
+        tree = open_tree(tree_dir)
+    except NodesError as exc:
+        raise r.error("tree", str(exc)) from None
+    low, high, initial = _replicas(r, "replicas")
+    res = r.child("resources")
+    resources = ReplicaResources(
+        cpus=res.number("cpus", 0.5), gpus=res.number("gpus", 0.0), memory=_memory(res, "memory"),
+        custom=res.resources("custom"),
+    )  # fmt: skip
+    res.done()
+    engine = r.child("engine")
+    preload = r.raw("preload", [])
+    if not isinstance(preload, list) or not all(isinstance(p, str) for p in preload):
+        raise r.error("preload", "must be a list of node ids")
+    for node in preload:
+        if node != tree.name and not tree.has(node):
+            raise r.error("preload", f"{node!r} is not a node of tree {tree.name!r}")
+    config = TrunkConfig(
+        tree_dir=tree_dir,
+        tree=tree.name,
+        min_replicas=low,
+        max_replicas=high,
+        initial_replicas=initial,
+        target_ongoing_requests=r.number("target_ongoing_requests", 8.0, strict=True),
+        max_ongoing_requests=r.integer("max_ongoing_requests", 64, low=1),
+        resources=resources,
+        max_adapters=r.integer("max_adapters", 64, low=1),
+        max_batch=engine.integer("max_batch", 16, low=1),
+        max_queue=engine.integer("max_queue", 256, low=1),
+        host_cache=_memory(engine, "host_cache") or (1 << 30),
+        preload=tuple(preload),
+        health_check_period_s=r.number("health_check_period_s", 2.0, low=0.1),
+        graceful_shutdown_s=r.number("graceful_shutdown_s", 10.0),
+    )
+    engine.done()
+    depth = max((len(tree.chain(n.node_id)) for n in tree.nodes), default=0)
+    if config.max_adapters < depth:
+        raise r.error("max_adapters", f"must be at least the deepest chain of {tree.name!r} ({depth}), "
+                      f"got {config.max_adapters}")  # fmt: skip
+    r.done()
+    return config
+
+
+def parse_cluster_config(data: Any, file: str = "cluster.yaml", base: Path | None = None) -> ClusterConfig:
+    """Validate an already-parsed document (``file`` and ``base`` give messages and relative paths)."""
+    base = base or Path.cwd()
+    r = _Reader(file, base, data if data is not None else {}, "")
+    name = r.text("name", "treelm")
+    if not _NAME.match(name):
+        raise r.error("name", f"must be lowercase letters, digits and '-', at most 40, got {name!r}")
+    registry = r.raw("registry", None)
+    if isinstance(registry, Mapping):
+        registry = r.child("registry")
+        url = registry.text("url", None)
+        registry.done()
+    else:
+        url = r.text("registry", None)
+    if url is None:
+        raise r.error("registry", "is required: a SQLAlchemy URL (sqlite:///registry.db on one machine, "
+                      "postgresql+psycopg://... for several)")  # fmt: skip
+    missing = [name for name in re.findall(r"\$\{(\w+)\}", url) if name not in os.environ]
+    if missing:  # secrets stay out of the file: postgresql+psycopg://treelm:${TREELM_DB_PASSWORD}@host/db
+        raise r.error("registry", f"the environment variable {missing[0]} is not set")
+    url = re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], url)
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"  # relative to the file, like other paths
+    items = r.raw("trunks", None)
+    if not isinstance(items, list) or not items:
+        raise r.error("trunks", "must list at least one trunk (- tree: DIR)")
+    trunks = tuple(_trunk(_Reader(file, base, item, f"trunks[{i}]")) for i, item in enumerate(items))
+    names = [t.tree for t in trunks]
+    for i, tree in enumerate(names):
+        if names.index(tree) != i:
+            raise ClusterConfigError(file, f"trunks[{i}].tree", f"tree {tree!r} is already served by "
+                                     f"trunks[{names.index(tree)}]; one trunk per tree")  # fmt: skip
+    ray_config = _ray(r.child("ray"))
+    ingress = _ingress(r.child("ingress"))
+    if ingress.port and ingress.port in (*ray_config.ports.node_ports().values(), ray_config.ports.gcs):
+        raise ClusterConfigError(file, "ingress.port", f"port {ingress.port} is also a Ray port")
+    if url.startswith("sqlite") and not ingress.on_head:
+        raise ClusterConfigError(file, "ingress.on_head", "a SQLite registry is a file on the head: keep the "
+                                 "ingress there (on_head: true) or use PostgreSQL")  # fmt: skip
+    r.done()
+    return ClusterConfig(file=file, name=name, registry=url, trunks=trunks, ray=ray_config, ingress=ingress)
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a cluster.yaml (see the module docstring)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ClusterConfigError(str(path), "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClusterConfigError(str(path), "", f"cannot read it: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ClusterConfigError(str(path), "", f"not valid YAML: {exc}") from None
+    return parse_cluster_config(data, file=str(path), base=path.resolve().parent)

@@ -1,0 +1,298 @@
+"""The update protocol in a Ray cluster: one detached desk actor owns every trunk's coordinator.
+
+    desk = ensure_desk(DeskSpec(registry_url, (("demo", "/srv/demo/build"),)), namespace)  # `cluster up`
+    backend = RemoteCoordinator(namespace)     # in each ingress replica: what UpdateServicer calls
+
+Why one actor and not the ingress: the coordinator is the single writer of a tree's
+versions (it holds the tree dir's file lock and moves ``stable`` in one registry
+transaction), while there may be several ingress replicas on several machines. The desk
+runs on the head, beside the tree dirs the head serves, so every submission, approval and
+rollback of the cluster goes through one place, in order. The next level's aggregation round
+(after an approval made a parent stable) runs in a thread of the desk after the approval has
+returned; a package that does not verify is refused at once even while a round runs. When a version goes stable it
+writes the tree's snapshot; each trunk replica's engine notices the new snapshot on its
+next request (it checks at most once a second) and serves it from then on, without a
+restart. Replicas on other machines see it only when the tree dir is a shared mount.
+
+Typed errors do not survive Ray's pickling (their constructors take other arguments than
+``args``), so the desk returns them as :class:`PortableError` values and the ingress raises
+the same type again; the status mapping of cluster/service/interceptors.py then applies unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ray
+
+from cluster.errors import ClusterError, ReplicaUnavailable
+from cluster.updates.coordinator import Coordinator
+from cluster.updates.errors import UpdateStateError
+from cluster.updates.package import Package
+from cluster.updates.policy import UpdatePolicy
+from cluster.updates.status import RollbackResult, UpdateStatus
+from hierarchy.errors import InvalidNodePath
+from hierarchy.ids import NodeId
+from hierarchy.updates.envelope import Signature
+
+__all__ = ["DESK_NAME", "DeskSpec", "PortableError", "RemoteCoordinator", "UpdateDesk", "ensure_desk", "kill_desk"]
+
+log = logging.getLogger("treelm.updates.desk")
+DESK_NAME = "treelm-update-desk"
+_METHODS = frozenset({"submit", "status", "approve", "rollback"})  # what RemoteCoordinator may call
+_CALL_TIMEOUT_S = 1800.0  # a submission may train nothing but evaluates and aggregates on the head's CPU
+
+
+@dataclass(frozen=True)
+class DeskSpec:
+    """What the desk opens: the registry and each served tree (name, directory on the head)."""
+
+    registry_url: str
+    trees: tuple[tuple[str, str], ...]
+    threads: int = 1  # torch threads for gating and aggregation (replicas keep theirs)
+
+
+@dataclass(frozen=True)
+class PortableError:
+    """An error raised in the desk, carried as a value (see the module docstring)."""
+
+    module: str
+    name: str
+    message: str
+    state: bytes  # the error's attributes (details, field), pickled; empty when they would not pickle
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "PortableError":
+        try:
+            state = pickle.dumps(dict(vars(exc)))
+        except Exception:
+            state = b""
+        return cls(type(exc).__module__, type(exc).__qualname__, str(exc), state)
+
+    def rebuild(self) -> BaseException:
+        """The same type with the same message and attributes; a RuntimeError if the type is not importable."""
+        try:
+            error_type = getattr(importlib.import_module(self.module), self.name)
+            if not (isinstance(error_type, type) and issubclass(error_type, BaseException)):
+                raise TypeError(self.name)
+        except Exception:
+            return RuntimeError(f"{self.name}: {self.message}")
+        error = error_type.__new__(error_type)
+        BaseException.__init__(error, self.message)
+        if self.state:
+            try:
+                error.__dict__.update(pickle.loads(self.state))
+            except Exception:
+                pass
+        return error
+
+
+def _warm(coordinator: Coordinator) -> None:
+    try:
+        coordinator.bench.evaluator  # noqa: B018  (loads the base model once)
+    except Exception:  # a submission will report the same problem to its caller
+        log.warning("could not load the base for %s's gate", coordinator.tree.name, exc_info=True)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)
+class UpdateDesk:
+    """One coordinator per served tree, over one registry; calls run one at a time, in order."""
+
+    def __init__(self, spec: DeskSpec):
+        import torch
+
+        from registry.db import open_registry
+
+        torch.set_num_threads(spec.threads)  # the replicas on this machine keep their cores
+        self._registry = open_registry(spec.registry_url)
+        # The next level's round runs after an approval returns; calls keep being answered meanwhile.
+        self._rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-desk-round")
+        self._coordinators: dict[str, Coordinator] = {}
+        for name, tree_dir in spec.trees:
+            self._coordinators[name] = Coordinator.open(self._registry, tree_dir, UpdatePolicy.for_tree(tree_dir),
+                                                        background=self._rounds.submit)  # fmt: skip
+        for coordinator in self._coordinators.values():  # load the gate's base now, not on the first submission
+            self._rounds.submit(_warm, coordinator)
+        windows = [c.policy.window_s for c in self._coordinators.values() if c.policy.window_s]
+        self._stop = threading.Event()
+        if windows:  # time-window aggregation needs a clock, as in `treelm serve`
+            every = min(60.0, min(windows) / 10)
+            threading.Thread(target=self._tick_loop, args=(every,), name="treelm-desk-tick", daemon=True).start()
+
+    def _tick_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for coordinator in self._coordinators.values():
+                try:
+                    coordinator.tick()
+                except Exception:  # one failed round must not stop the desk; the log has it
+                    log.exception("update aggregation tick failed for %s", coordinator.tree.name)
+
+    def trees(self) -> list[str]:
+        return sorted(self._coordinators)
+
+    def max_package_bytes(self) -> int:
+        return max((c.policy.max_package_bytes for c in self._coordinators.values()), default=64 << 20)
+
+    def call(self, method: str, *args: Any) -> tuple[bool, Any]:
+        """(True, result) or (False, PortableError); ``method``: submit, status, approve or rollback."""
+        try:
+            if method not in _METHODS:
+                raise ValueError(f"the update desk has no method {method!r}")
+            return True, getattr(self, f"_{method}")(*args)
+        except Exception as exc:  # every error goes back to the caller as a value
+            return False, PortableError.of(exc)
+
+    # -- routing to the tree's coordinator -----------------------------------------------------
+    def _of_tree(self, tree: str) -> Coordinator:
+        if tree not in self._coordinators:
+            raise UpdateStateError(f"tree {tree!r} is not served by this cluster; it serves "
+                                   f"{', '.join(sorted(self._coordinators)) or 'no tree'}")  # fmt: skip
+        return self._coordinators[tree]
+
+    def _of_node(self, node: str) -> Coordinator:
+        try:
+            return self._of_tree(NodeId.parse(node).tree)
+        except InvalidNodePath as exc:
+            raise UpdateStateError(str(exc)) from None
+
+    def _of_update(self, update_id: str) -> tuple[Coordinator, str]:
+        for coordinator in self._coordinators.values():  # an id prefix names an update of one tree
+            full = coordinator.resolve(update_id)
+            if full != update_id:
+                return coordinator, full
+        first = next(iter(self._coordinators.values()), None)
+        if first is None:
+            raise UpdateStateError("this cluster serves no tree")
+        return self._of_node(first.status(update_id).node), update_id  # UpdateNotFound for an unknown id
+
+    def _submit(self, package: Package) -> UpdateStatus:
+        hint = package.node_hint()  # only to choose the coordinator; it verifies everything itself
+        if hint:
+            return self._of_node(hint).submit(package)
+        if not self._coordinators:
+            raise UpdateStateError("this cluster serves no tree")
+        return next(iter(self._coordinators.values())).submit(package)  # it refuses the malformed manifest
+
+    def _status(self, update_id: str) -> UpdateStatus:
+        coordinator, full = self._of_update(update_id)
+        return coordinator.status(full)
+
+    def _approve(self, update_id: str, keyid: str, signature: bytes) -> UpdateStatus:
+        coordinator, full = self._of_update(update_id)
+        return coordinator.approve(full, keyid, signature)
+
+    def _rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
+        return self._of_node(node).rollback(node, to_version, list(signatures))
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        rounds = getattr(self, "_rounds", None)
+        if rounds is not None:
+            rounds.shutdown(wait=True)  # a round in progress finishes (its apply is atomic either way)
+        registry = getattr(self, "_registry", None)
+        if registry is not None:
+            registry.close()
+
+
+def ensure_desk(spec: DeskSpec, namespace: str, timeout_s: float = 300.0):
+    """(Re)start the desk on the head for ``spec`` and wait until every coordinator is open.
+
+    A desk left by an earlier `up` is replaced: it may hold another set of trees. It keeps no
+    state of its own (the registry and the tree dirs hold everything), so nothing is lost."""
+    kill_desk(namespace)
+    desk = UpdateDesk.options(
+        name=DESK_NAME, namespace=namespace, lifetime="detached", resources={"node:__internal_head__": 0.001},
+    ).remote(spec)  # fmt: skip
+    try:
+        ray.get(desk.trees.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+        kill_desk(namespace)
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"the update desk could not open the trees: {cause} (set `ingress.updates: false` "
+                           "in the cluster file to serve without the Updates service)") from None
+    return desk
+
+
+def kill_desk(namespace: str, wait_s: float = 30.0) -> bool:
+    """Stop the desk if it runs; waits until its name is free again (a new desk may take it)."""
+    import time
+
+    try:
+        ray.kill(ray.get_actor(DESK_NAME, namespace=namespace), no_restart=True)
+    except ValueError:
+        return False
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        try:
+            ray.get_actor(DESK_NAME, namespace=namespace)
+        except ValueError:
+            break
+        time.sleep(0.1)
+    return True
+
+
+class _Policy:
+    """The one policy value the servicer reads itself; asked of the desk on first use."""
+
+    def __init__(self, remote: "RemoteCoordinator"):
+        self._remote = remote
+        self._max: int | None = None
+
+    @property
+    def max_package_bytes(self) -> int:
+        if self._max is None:
+            self._max = int(self._remote._call_desk(lambda d: d.max_package_bytes.remote()))
+        return self._max
+
+
+class RemoteCoordinator:
+    """What the ingress's UpdateServicer calls: the coordinator's methods, run by the desk.
+
+    Blocking calls (the servicer runs them in a worker thread, as with a local coordinator)."""
+
+    def __init__(self, namespace: str, timeout_s: float = _CALL_TIMEOUT_S):
+        self._namespace = namespace
+        self._timeout_s = timeout_s
+        self._desk = None
+        self.policy = _Policy(self)  # lazy: an ingress starts (and serves inference) even while the desk restarts
+
+    def _handle(self):
+        if self._desk is None:
+            try:
+                self._desk = ray.get_actor(DESK_NAME, namespace=self._namespace)
+            except ValueError:
+                raise ReplicaUnavailable("the update desk is not running (run `treelm cluster up` again)") from None
+        return self._desk
+
+    def _call_desk(self, send):
+        try:
+            return ray.get(send(self._handle()), timeout=self._timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            self._desk = None  # look it up again next time (a desk replaced by `up`)
+            raise ReplicaUnavailable(f"the update desk did not answer: {type(exc).__name__}") from None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        ok, value = self._call_desk(lambda d: d.call.remote(method, *args))
+        if not ok:
+            raise value.rebuild()
+        return value
+
+    def submit(self, package: Package) -> UpdateStatus:
+        return self._call("submit", package)
+
+    def status(self, update_id: str) -> UpdateStatus:
+        return self._call("status", update_id)
+
+    def approve(self, update_id: str, keyid: str, signature: bytes) -> UpdateStatus:
+        return self._call("approve", update_id, keyid, signature)
+
+    def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
+        return self._call("rollback", node, to_version, list(signatures))

@@ -1,0 +1,109 @@
+"""The gRPC ingress of a Ray cluster: a Serve deployment that runs the single-process server's code.
+
+Each ingress replica starts a :class:`cluster.service.server.TreeServer` on an event loop
+of its own (a thread), with :class:`cluster.ray.backend.RayTrunk` trunks in place
+of in-process engines. So the public contract is literally the same code: the
+four ``treelm.v1`` services, bearer-token auth and tenants, private nodes,
+status codes, gRPC health and reflection, Prometheus metrics, and the Updates
+service, whose calls go to the one update desk actor on the head
+(cluster/ray/desk.py). The registry is
+opened here, beside the ingress, and every request's tenant and node visibility
+are resolved before it reaches a replica.
+
+Why not Serve's own gRPC proxy: it routes by an ``application`` metadata key,
+offers no server interceptors for our auth and status mapping, and answers
+health and reflection its own way, so stock tools and the SDK would see a
+different server. Serve keeps the ingress replica alive (health checks,
+restarts), and ``max_replicas_per_node=1`` lets several ingresses bind the same
+port on different machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+from ray import serve
+
+from cluster.service.catalog import Catalog
+from cluster.ray.backend import BoardView, RayTrunk
+from cluster.ray.board import ensure_board
+from cluster.ray.desk import RemoteCoordinator
+from cluster.ray.wire import IngressSpec
+from cluster.service.server import ServerConfig, TreeServer
+from registry.db import open_registry
+
+__all__ = ["TreeIngress"]
+
+log = logging.getLogger("treelm.ingress")
+_REFRESH_S = 2.0  # how often Prometheus' view of the replicas is refreshed
+
+
+class TreeIngress:
+    """A Serve deployment class; its constructor argument is an :class:`IngressSpec`."""
+
+    def __init__(self, spec: IngressSpec):
+        self.spec = spec
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="treelm-ingress", daemon=True)
+        self._thread.start()
+        self._registry = open_registry(spec.registry_url)
+        self._view = BoardView(ensure_board(spec.namespace))
+        trunks = [RayTrunk(info, serve.get_deployment_handle(info.deployment, info.app), self._view)
+                  for info in spec.trunks]  # fmt: skip
+        config = ServerConfig(
+            host=spec.host, port=spec.port, auth=spec.auth, metrics_port=spec.metrics_port, grace_s=spec.grace_s,
+            tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
+            tls_key=Path(spec.tls_key) if spec.tls_key else None,
+        )  # fmt: skip
+        try:
+            # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.
+            updates = RemoteCoordinator(spec.namespace) if spec.updates else None
+            self.server: TreeServer = self._call(self._start(trunks, config, updates))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._registry.close()
+            raise
+        self._refresher = asyncio.run_coroutine_threadsafe(self._refresh_loop(), self._loop)
+        log.info("TreeLM ingress serving %s on %s", ", ".join(t.tree for t in spec.trunks), self.endpoint())
+
+    def _call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self, trunks: list[RayTrunk], config: ServerConfig,
+                     updates: RemoteCoordinator | None) -> TreeServer:  # fmt: skip
+        # grpc.aio objects live on this loop
+        server = TreeServer(trunks, Catalog(self._registry), config, updates=updates)
+        await server.start()
+        return server
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self._view.refresh()
+            await asyncio.sleep(_REFRESH_S)
+
+    def endpoint(self) -> str:
+        return f"{self.spec.host}:{self.server.port}"
+
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    def check_health(self) -> None:
+        """Serve replaces this replica when its server thread or listener is gone."""
+        if not self._thread.is_alive() or self.server.health.draining:
+            raise RuntimeError("the ingress gRPC server is not running")
+
+    def __del__(self) -> None:
+        """Graceful stop (scale down, redeploy, `treelm cluster down`): drain, then close."""
+        loop = getattr(self, "_loop", None)
+        if loop is None or not loop.is_running():
+            return
+        try:
+            self._refresher.cancel()
+            self._call(self.server.stop(), timeout=self.spec.grace_s + 10)
+        except Exception:
+            log.warning("the ingress did not stop cleanly", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        self._registry.close()

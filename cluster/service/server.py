@@ -1,0 +1,208 @@
+"""The single-process gRPC server: the engine(s) and the registry behind ``treelm.v1``.
+
+    server = TreeServer([EngineTrunk(engine)], Catalog(registry), ServerConfig(port=0))
+    await server.start()          # binds; server.port is the real port
+    ...
+    await server.stop()           # stop accepting, finish in-flight calls up to the grace period
+
+Besides the four TreeLM services it registers the standard gRPC health service
+(``grpc.health.v1.Health``: SERVING while up, NOT_SERVING once draining) and
+server reflection, so stock tools (grpcurl, grpc_health_probe) work. Message
+sizes are bounded explicitly on both directions.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.service.access import NodeAccess
+from cluster.service.auth import Authenticator
+from cluster.service.catalog import Catalog
+from cluster.errors import ServeError
+from cluster.service.health import DrainingHealth
+from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
+from cluster.service.metrics import ServerMetrics
+from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter, UpdatesServicer
+from cluster.service.trunk import Trunk
+from cluster.updates.coordinator import Coordinator
+from cluster.service.update_servicer import UpdateBackend, UpdateServicer
+from protos.treelm.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    updates_pb2,
+    updates_pb2_grpc,
+)
+
+__all__ = ["SERVICE_NAMES", "ServerConfig", "TreeServer"]
+
+log = logging.getLogger("treelm.server")
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (inference_pb2, "Inference"),
+        (registry_pb2, "Registry"),
+        (updates_pb2, "Updates"),
+        (admin_pb2, "Admin"),
+    )
+)
+_MIB = 1 << 20
+try:
+    SERVER_VERSION = importlib.metadata.version("treelm")
+except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
+    SERVER_VERSION = "0+unknown"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How one server listens and what it allows. Checked in ``__post_init__``."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (see TreeServer.port)
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
+    tls_key: Path | None = None
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
+    auth: bool = True  # False only for local development (--insecure-no-auth)
+    grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
+    max_receive_message_bytes: int = 4 * _MIB  # a request (or one Updates.Submit chunk)
+    max_send_message_bytes: int = 16 * _MIB
+    max_concurrent_rpcs: int | None = None  # beyond it grpc answers RESOURCE_EXHAUSTED
+    token_cache_ttl_s: float = 30.0
+    node_cache_ttl_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535):
+                raise ServeError(f"{name} must be a port number 0..65535, got {value!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ServeError("TLS needs both --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ServeError(f"{name.replace('_', '-')} {path} is not a file")
+        for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1024:
+                raise ServeError(f"{name} must be an integer >= 1024")
+        if not self.grace_s >= 0:
+            raise ServeError(f"grace must be >= 0 seconds, got {self.grace_s!r}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class TreeServer:
+    """A grpc.aio server over trunks and a registry (see the module docstring)."""
+
+    def __init__(self, trunks: Sequence[Trunk], catalog: Catalog, config: ServerConfig = ServerConfig(), *,
+                 close_trunks: bool = False, updates: "Coordinator | UpdateBackend | None" = None):  # fmt: skip
+        self.config = config
+        self.router = TrunkRouter({t.tree: t for t in trunks})
+        self.catalog = catalog
+        self._close_trunks = close_trunks
+        self.updates = updates  # the update coordinator; None: Updates answers UNIMPLEMENTED
+        self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
+        self.metrics = ServerMetrics(known_node=lambda node: any(t.serves(node) for t in self.router.trunks.values()))
+        self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
+        self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
+        self.metrics.in_flight.set_function(lambda: self.status_interceptor.in_flight)
+        self.authenticator = Authenticator(catalog.tenant_of, required=config.auth, cache_ttl_s=config.token_cache_ttl_s)
+        self.health = DrainingHealth()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopping = False
+
+    def _build(self) -> grpc.aio.Server:
+        c = self.config
+        server = grpc.aio.server(
+            interceptors=[self.status_interceptor, AuthInterceptor(self.authenticator)],
+            options=[
+                ("grpc.max_receive_message_length", c.max_receive_message_bytes),
+                ("grpc.max_send_message_length", c.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
+            ],
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        )
+        observe = self.metrics.observe_generation
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.router, self.access, observe), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
+        updates = UpdatesServicer() if self.updates is None else UpdateServicer(self.updates, self.access)
+        updates_pb2_grpc.add_UpdatesServicer_to_server(updates, server)
+        admin = AdminServicer(
+            self.router, self.access, version=SERVER_VERSION, auth_enabled=c.auth,
+            in_flight=lambda: self.status_interceptor.in_flight,
+        )  # fmt: skip
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        return server
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        c = self.config
+        address = f"{c.host}:{c.port}"
+        try:
+            if c.tls:
+                creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ServeError(f"cannot listen on {address}: {exc} (is the port in use? try --port)") from None
+        if not port:
+            raise ServeError(f"cannot listen on {address} (is the port in use? try --port)")
+        return port
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise ServeError("the server is already started")
+        server = self._build()
+        self.port = self._bind(server)
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+            except OSError as exc:
+                await self.stop(grace=0)
+                raise ServeError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
+        log.info("serving %s on %s:%s (tls=%s, auth=%s)", ", ".join(self.router.trunks), self.config.host,
+                 self.port, self.config.tls, self.config.auth)  # fmt: skip
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health turns NOT_SERVING, new calls are refused (UNAVAILABLE), in-flight calls get ``grace`` s."""
+        if self._server is None or self._stopping:
+            return
+        self._stopping = True
+        await self.health.drain()
+        await self._server.stop(self.config.grace_s if grace is None else grace)
+        if self._close_trunks:
+            for trunk in self.router.trunks.values():
+                await trunk.close()
+        self.metrics.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,193 @@
+"""gRPC servicers: translate between wire messages and domain calls, nothing more.
+
+Errors are raised as the project's typed errors; cluster/service/interceptors.py turns
+them into status codes. The caller's tenant comes from cluster.service.auth.CALLER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Callable, Mapping
+
+import grpc.aio
+
+from cluster.service.access import NodeAccess
+from cluster.service.auth import current_caller
+from cluster.service.catalog import Catalog, MatchQuery
+from cluster.service.convert import (
+    chunk_to_proto,
+    engine_request,
+    match_to_proto,
+    node_to_proto,
+    result_to_proto,
+    snapshot_to_proto,
+    version_to_proto,
+)
+from cluster.service.trunk import Trunk
+from hierarchy.ids import NodeId
+from nodes.errors import UnknownNode
+from protos.treelm.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    updates_pb2_grpc,
+)
+
+__all__ = ["AdminServicer", "InferenceServicer", "RegistryServicer", "TrunkRouter", "UpdatesServicer"]
+
+# Hook for metrics: (method, node, prompt_tokens, completion_tokens, ttft_s).
+GenerationObserver = Callable[[str, str, int, int, float], None]
+
+
+class TrunkRouter:
+    """Finds the trunk serving a node (one per tree in this process)."""
+
+    def __init__(self, trunks: Mapping[str, Trunk]):
+        self.trunks = dict(trunks)
+
+    def for_node(self, node: str) -> Trunk:
+        """Call after the access check: the caller may know of the node, so saying more leaks nothing."""
+        tree = NodeId.parse(node).tree  # raises InvalidNodePath -> INVALID_ARGUMENT
+        trunk = self.trunks.get(tree)
+        if trunk is None or not trunk.serves(node):
+            served = ", ".join(sorted(self.trunks)) or "none"
+            raise UnknownNode(f"node {node!r} is registered but not served here (this server serves trees: {served})")
+        return trunk
+
+
+def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    # grpc reports a huge number when the client set no deadline.
+    return None if remaining is None or remaining > 10**8 else max(0.0, remaining)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, router: TrunkRouter, access: NodeAccess, observe: GenerationObserver | None = None):
+        self._router = router
+        self._access = access
+        self._observe = observe
+
+    async def _admit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        await self._access.check(request.node, current_caller())  # before anything reveals the node
+        trunk = self._router.for_node(request.node)
+        return trunk, engine_request(request, _time_remaining(context))
+
+    async def Generate(self, request, context):
+        trunk, engine_req = await self._admit(request, context)
+        result = await trunk.generate(engine_req)
+        if self._observe is not None:
+            u = result.usage
+            self._observe("Generate", request.node, u.prompt_tokens, u.completion_tokens, result.timings.ttft_s)
+        return result_to_proto(result)
+
+    async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        trunk, engine_req = await self._admit(request, context)
+        chunks = trunk.stream(engine_req)
+        try:
+            async for chunk in chunks:
+                if chunk.usage is not None and self._observe is not None:
+                    u, ttft = chunk.usage, chunk.timings.ttft_s if chunk.timings else 0.0
+                    self._observe("GenerateStream", request.node, u.prompt_tokens, u.completion_tokens, ttft)
+                yield chunk_to_proto(chunk, request.node)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()  # a client that went away cancels the engine request here
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    """Tenant-aware registry reads; the registry hides other tenants' private nodes itself."""
+
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    async def ListNodes(self, request, context):
+        records = await asyncio.to_thread(self._catalog.nodes, current_caller().tenant, request.prefix)
+        return registry_pb2.ListNodesResponse(nodes=[node_to_proto(r) for r in records])
+
+    async def GetNode(self, request, context):
+        detail = await asyncio.to_thread(self._catalog.node, request.node, current_caller().tenant)
+        aliases = {alias: v.version for v in detail.versions for alias in v.aliases}
+        return node_to_proto(detail.node, aliases)
+
+    async def ListVersions(self, request, context):
+        records = await asyncio.to_thread(self._catalog.versions, request.node, current_caller().tenant)
+        return registry_pb2.ListVersionsResponse(versions=[version_to_proto(v) for v in records])
+
+    async def Match(self, request, context):
+        query = MatchQuery(
+            task=request.task,
+            device=request.device,
+            memory=request.memory,
+            context=request.context or None,
+            batch=request.batch or None,
+            top=request.top or None,
+            bandwidth=request.bandwidth or None,
+            compute=request.compute or None,
+            tags=tuple(request.tags),
+            tree=request.tree or None,
+            dtype=request.dtype or None,
+        )
+        result = await asyncio.to_thread(self._catalog.match, query, current_caller().tenant)
+        return match_to_proto(result)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(
+        self,
+        router: TrunkRouter,
+        access: NodeAccess,
+        *,
+        version: str,
+        auth_enabled: bool,
+        in_flight: Callable[[], int],
+    ):
+        self._router = router
+        self._access = access
+        self._version = version
+        self._auth_enabled = auth_enabled
+        self._in_flight = in_flight
+        self._started = time.monotonic()
+
+    async def Status(self, request, context):
+        caller = current_caller()
+        trunks = []
+        for trunk in self._router.trunks.values():
+            refresh = getattr(trunk, "refresh", None)  # remote trunks (cluster.ray.backend) fetch their state
+            if refresh is not None:
+                await refresh()
+            snap = trunk.snapshot()
+            # Private adapters of other tenants are not named, not even as "loaded".
+            visible = tuple([n for n in snap.loaded_adapters if await self._access.visible(n, caller)])
+            trunks.append(snapshot_to_proto(snap, visible))
+        return admin_pb2.StatusResponse(
+            version=self._version,
+            uptime_s=time.monotonic() - self._started,
+            auth_enabled=self._auth_enabled,
+            tenant=caller.tenant or "",
+            trunks=trunks,
+            in_flight=self._in_flight(),
+        )
+
+
+_UPDATES_LATER = "the signed update protocol is not served by this server (it runs no update coordinator)"
+
+
+class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
+    """Every method answers UNIMPLEMENTED: a server without an update coordinator (cluster.updates)."""
+
+    async def Submit(self, request_iterator, context):
+        raise NotImplementedError(_UPDATES_LATER)
+
+    async def GetStatus(self, request, context):
+        raise NotImplementedError(_UPDATES_LATER)
+
+    async def Approve(self, request, context):
+        raise NotImplementedError(_UPDATES_LATER)
+
+    async def Rollback(self, request, context):
+        raise NotImplementedError(_UPDATES_LATER)

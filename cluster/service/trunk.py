@@ -1,0 +1,104 @@
+"""A trunk: one base model and the engine serving every node of its tree, seen from the server.
+
+The server talks to trunks only through :class:`Trunk`, so the Ray application can
+later put a remote trunk behind the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from nodes.runtime.engine import Engine
+from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
+
+__all__ = ["CacheSnapshot", "EngineTrunk", "Trunk", "TrunkSnapshot"]
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    active: int = 0  # adapters in the engine's bank
+    host: int = 0  # adapters in the host-memory tier
+    host_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TrunkSnapshot:
+    """What a trunk is doing now (Admin.Status and the metrics read this)."""
+
+    tree: str
+    base_digest: str
+    loaded_adapters: tuple[str, ...]  # node ids whose adapters are resident
+    queue_depth: int
+    running: int
+    max_batch: int
+    cache: CacheSnapshot
+
+
+class Trunk(Protocol):
+    """What the servicers need from a trunk."""
+
+    @property
+    def tree(self) -> str: ...
+
+    def serves(self, node: str) -> bool: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]: ...
+
+    def snapshot(self) -> TrunkSnapshot: ...
+
+    async def close(self) -> None: ...
+
+
+class EngineTrunk:
+    """A trunk served by an in-process :class:`nodes.runtime.engine.Engine`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._ids = {str(n.node_id): str(n.path) for n in engine.tree.nodes}  # node id -> cache key
+
+    @property
+    def tree(self) -> str:
+        return self.engine.tree.name
+
+    def serves(self, node: str) -> bool:
+        return node == self.tree or node in self._ids
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self.engine.generate(request)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        return self.engine.stream(request)
+
+    def snapshot(self) -> TrunkSnapshot:
+        stats = self.engine.stats()
+        c = stats.cache
+        cache = self.engine.cache
+        # Keys from the tree served now: a snapshot names each stored version by its own key.
+        loaded = tuple(str(n.node_id) for n in self.engine.tree.nodes if cache.tier_of(n.cache_key) == "active")
+        return TrunkSnapshot(
+            tree=self.tree,
+            base_digest=self.engine.tree.base_digest,
+            loaded_adapters=loaded,
+            queue_depth=stats.queue_depth,
+            running=stats.active_requests,
+            max_batch=stats.max_batch_size,
+            cache=CacheSnapshot(
+                hits=c.hits_active + c.hits_host,
+                misses=c.loads + c.integrity_failures,  # every miss goes to disk
+                loads=c.loads,
+                evictions=c.evictions_active + c.evictions_host,
+                active=c.active,
+                host=c.host,
+                host_bytes=c.host_bytes,
+            ),
+        )
+
+    async def close(self) -> None:
+        await self.engine.aclose()
