@@ -51,14 +51,28 @@ PROMPTS = (
     "The contract was signed by both parties on the first day",
     "Domain models and sub-domain models sit below the language models,",
 )
-NODES = ("bench", "bench/en", "bench/en/medical", "bench/en/medical/radiology", "bench/en/medical/cardiology",
-         "bench/en/legal", "bench/fr", "bench/fr/medical")  # fmt: skip
+NODES = (
+    "bench",
+    "bench/en",
+    "bench/en/medical",
+    "bench/en/medical/radiology",
+    "bench/en/medical/cardiology",
+    "bench/en/legal",
+    "bench/fr",
+    "bench/fr/medical",
+)
 CONTENDERS = ("single", "ray-1", "ray-2")
 
 
 def cli(*args: str, timeout: float = 600) -> str:
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"treelm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
@@ -73,8 +87,10 @@ def prepare(workdir: Path) -> dict:
     from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
     base_dir, tree_dir = workdir / "base", workdir / "tree"
-    make_tiny_base(base_dir, TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024,
-                                            vocab=32000, max_position=512))  # fmt: skip
+    make_tiny_base(
+        base_dir,
+        TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=32000, max_position=512),
+    )
     make_random_tree(tree_dir, base_dir, RandomTreeSpec(name="bench", init_scale=0.05))
     url = f"sqlite:///{workdir / 'registry.db'}"
     init_registry(url)
@@ -83,21 +99,58 @@ def prepare(workdir: Path) -> dict:
         token = issue_token(reg, "acme").token
     base = free_port_block()
     temp = Path(tempfile.mkdtemp(prefix="tl-bench-ray-"))
-    config = cluster_yaml(workdir / "cluster.yaml", base=base, registry_url=url, temp_dir=temp, trees={
-        tree_dir: {"replicas": 1, "max_ongoing_requests": 8, "max_adapters": 16, "engine": {"max_batch": 8},
-                   "resources": {"cpus": 0.5}},
-    })  # fmt: skip
-    return {"tree_dir": str(tree_dir), "db": url, "token": token, "config": str(config), "temp": str(temp),
-            "target": f"127.0.0.1:{base + 20}", "state": str(workdir / "state")}  # fmt: skip
+    config = cluster_yaml(
+        workdir / "cluster.yaml",
+        base=base,
+        registry_url=url,
+        temp_dir=temp,
+        trees={
+            tree_dir: {
+                "replicas": 1,
+                "max_ongoing_requests": 8,
+                "max_adapters": 16,
+                "engine": {"max_batch": 8},
+                "resources": {"cpus": 0.5},
+            },
+        },
+    )
+    return {
+        "tree_dir": str(tree_dir),
+        "db": url,
+        "token": token,
+        "config": str(config),
+        "temp": str(temp),
+        "target": f"127.0.0.1:{base + 20}",
+        "state": str(workdir / "state"),
+    }
 
 
 def start_single(paths: dict) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", paths["tree_dir"], "--db", paths["db"], "--port", "0",
-         "--threads", "1", "--grace", "2", "--max-batch", "8"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            paths["tree_dir"],
+            "--db",
+            paths["db"],
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--grace",
+            "2",
+            "--max-batch",
+            "8",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         found = re.search(r"serving \S+ on (\S+:\d+)", line)
         if found:
@@ -156,9 +209,15 @@ class Caller:
             wall = time.perf_counter() - started
             lat = sorted(latencies)
             tokens = sum(len(v) for v in outputs.values())
-            return {"requests": len(lat), "p50_ms": 1000 * statistics.median(lat),
-                    "p95_ms": 1000 * lat[round(0.95 * (len(lat) - 1))], "tokens": tokens, "wall_s": wall,
-                    "tokens_per_s": tokens / wall, "outputs": outputs}  # fmt: skip
+            return {
+                "requests": len(lat),
+                "p50_ms": 1000 * statistics.median(lat),
+                "p95_ms": 1000 * lat[round(0.95 * (len(lat) - 1))],
+                "tokens": tokens,
+                "wall_s": wall,
+                "tokens_per_s": tokens / wall,
+                "outputs": outputs,
+            }
 
         return self.runner.run(go())
 
@@ -172,8 +231,15 @@ class Caller:
 
 
 def requests(count: int, tokens: int, tag: str) -> list[dict]:
-    return [{"node": NODES[i % len(NODES)], "prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": tokens,
-             "key": f"{tag}-{i}"} for i in range(count)]  # fmt: skip
+    return [
+        {
+            "node": NODES[i % len(NODES)],
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_new_tokens": tokens,
+            "key": f"{tag}-{i}",
+        }
+        for i in range(count)
+    ]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -199,8 +265,16 @@ def print_table(table: dict) -> None:
         for name, r in table[load].items():
             added = f"{r['added_ms']:+.1f}" if "added_ms" in r else ""
             vs = f"{r['vs_single']:.2f}" if "vs_single" in r else ""
-            out.add_row(load, name, str(r["requests"]), f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
-                        f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "", vs, added)  # fmt: skip
+            out.add_row(
+                load,
+                name,
+                str(r["requests"]),
+                f"{r['p50_ms']:.1f}",
+                f"{r['p95_ms']:.1f}",
+                f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "",
+                vs,
+                added,
+            )
     Console(width=120).print(out)
 
 
@@ -275,20 +349,28 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     for phase, runs in phases.items():
         check_same_tokens(ref16, runs["ray"] + runs["single"], f"{phase} @ c16")
 
-    diffs = [1000 * (r - s) for r, s in zip(c1["ray"]["latencies"], c1["single"]["latencies"])]
+    diffs = [1000 * (r - s) for r, s in zip(c1["ray"]["latencies"], c1["single"]["latencies"], strict=False)]
     added = statistics.median(diffs)
 
     def lat_summary(lat: list[float]) -> dict:
         lat = sorted(lat)
-        return {"requests": len(lat), "p50_ms": 1000 * statistics.median(lat),
-                "p95_ms": 1000 * lat[round(0.95 * (len(lat) - 1))]}  # fmt: skip
+        return {
+            "requests": len(lat),
+            "p50_ms": 1000 * statistics.median(lat),
+            "p95_ms": 1000 * lat[round(0.95 * (len(lat) - 1))],
+        }
 
     table = {
-        "c1": {"single": lat_summary(c1["single"]["latencies"]),
-               "ray-1": {**lat_summary(c1["ray"]["latencies"]), "added_ms": added}},
-        "c16": {"single": median_run(phases["ray-1"]["single"] + phases["ray-2"]["single"]),
-                "ray-1": median_run(phases["ray-1"]["ray"]), "ray-2": median_run(phases["ray-2"]["ray"])},
-    }  # fmt: skip
+        "c1": {
+            "single": lat_summary(c1["single"]["latencies"]),
+            "ray-1": {**lat_summary(c1["ray"]["latencies"]), "added_ms": added},
+        },
+        "c16": {
+            "single": median_run(phases["ray-1"]["single"] + phases["ray-2"]["single"]),
+            "ray-1": median_run(phases["ray-1"]["ray"]),
+            "ray-2": median_run(phases["ray-2"]["ray"]),
+        },
+    }
     for name in ("ray-1", "ray-2"):
         beside = median_run(phases[name]["single"])["tokens_per_s"]
         table["c16"][name]["vs_single"] = table["c16"][name]["tokens_per_s"] / beside
@@ -297,16 +379,24 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print_table(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "note": "a shared 2-core machine: other processes may have run during the measurement"},
-        "setup": {"model": "tiny Llama hidden 256, 4 layers, vocab 32000", "nodes": list(NODES),
-                  "c1": "60 paired requests x 4 tokens", "c16": f"64 requests x 32 tokens, {args.repeats} runs"},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "note": "a shared 2-core machine: other processes may have run during the measurement",
+        },
+        "setup": {
+            "model": "tiny Llama hidden 256, 4 layers, vocab 32000",
+            "nodes": list(NODES),
+            "c1": "60 paired requests x 4 tokens",
+            "c16": f"64 requests x 32 tokens, {args.repeats} runs",
+        },
         "table": table,
         "added_p50_ms": added,
         "two_vs_one": two_vs_one,
         "two_vs_one_against_single_beside": table["c16"]["ray-2"]["vs_single"] / table["c16"]["ray-1"]["vs_single"],
         "paired_added_ms_p95": sorted(diffs)[round(0.95 * (len(diffs) - 1))],
-    }  # fmt: skip
+    }
     (RESULTS / "cluster_bench.json").write_text(json.dumps(report, indent=2))
     plot(table, RESULTS / "cluster_bench.png")
     print(f"wrote {RESULTS / 'cluster_bench.json'} and .png (targets: added p50 <= 10 ms, two_vs_one >= 1.0)")

@@ -47,7 +47,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "benchmarks"))
 CONTENDERS = ("peft_per_request", "peft_grouped", "peft_mixed_flat", "treelm", "base", "base_hf")
-LABELS = {"peft_per_request": "a", "peft_grouped": "b", "peft_mixed_flat": "c", "treelm": "d", "base": "e", "base_hf": "e'"}
+LABELS = {
+    "peft_per_request": "a",
+    "peft_grouped": "b",
+    "peft_mixed_flat": "c",
+    "treelm": "d",
+    "base": "e",
+    "base_hf": "e'",
+}
 CONCURRENCY = 32
 PROMPTS = (
     "The patient was admitted with chest pain and shortness of breath.",
@@ -69,9 +76,9 @@ MODELS = {
 # ----------------------------------------------------------------------------- setup (main process)
 def prepare(model: str, workdir: Path) -> dict:
     """Make (once) the base, the tree of random adapters and each leaf's flattened adapter."""
-    from nodes.store.adapters import read_adapter, write_adapter
     from nodes.base.model import TinyBaseConfig, make_tiny_base
     from nodes.build.compose import flatten_adapters
+    from nodes.store.adapters import read_adapter, write_adapter
     from nodes.store.tree import open_tree
     from tests.nodes.treefactory import balanced_spec, make_random_tree
 
@@ -81,7 +88,9 @@ def prepare(model: str, workdir: Path) -> dict:
         if not (base_dir / "config.json").is_file():
             make_tiny_base(
                 base_dir,
-                TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=32000, max_position=512),
+                TinyBaseConfig(
+                    hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=32000, max_position=512
+                ),
             )
     else:
         from hierarchy.spec import BaseSpec
@@ -149,9 +158,14 @@ def hf_generate(model, prompts, tokens, pad_id, **kw) -> list[list[int]]:
     ids, mask = left_pad(prompts, pad_id)
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-            do_sample=False, pad_token_id=pad_id, **kw,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            **kw,
+        )
     return out[:, ids.shape[1] :].tolist()
 
 
@@ -166,7 +180,9 @@ def run_peft(kind: str, paths: dict, requests, prompts, tokens: int, repeats: in
     pad = base.tokenizer.pad_token_id
     name = {}  # node id -> adapter name
     if kind == "peft_mixed_flat":
-        dirs = {leaf: Path(paths["flat_dir"]) / leaf.replace("/", "--") for leaf in dict.fromkeys(r[0] for r in requests)}
+        dirs = {
+            leaf: Path(paths["flat_dir"]) / leaf.replace("/", "--") for leaf in dict.fromkeys(r[0] for r in requests)
+        }
     else:
         dirs = {str(n.node_id): n.directory for leaf in dict.fromkeys(r[0] for r in requests) for n in tree.chain(leaf)}
     model = None
@@ -197,14 +213,14 @@ def run_peft(kind: str, paths: dict, requests, prompts, tokens: int, repeats: in
                 model.base_model.set_adapter(chain_names(leaf))
                 for start in range(0, len(rows), CONCURRENCY):
                     part = rows[start : start + CONCURRENCY]
-                    for i, out in zip(part, hf_generate(model, [prompts[i] for i in part], tokens, pad)):
+                    for i, out in zip(part, hf_generate(model, [prompts[i] for i in part], tokens, pad), strict=False):
                         outputs[i], done[i] = out, time.perf_counter() - t0
         else:  # mixed batch, one flattened adapter per row
             for start in range(0, len(requests), CONCURRENCY):
                 part = list(range(start, min(start + CONCURRENCY, len(requests))))
                 names = [name[requests[i][0]] for i in part]
                 outs = hf_generate(model, [prompts[i] for i in part], tokens, pad, adapter_names=names)
-                for i, out in zip(part, outs):
+                for i, out in zip(part, outs, strict=False):
                     outputs[i], done[i] = out, time.perf_counter() - t0
         return time.perf_counter() - t0, done, outputs
 
@@ -228,7 +244,7 @@ def run_hf_base(paths: dict, requests, prompts, tokens: int, repeats: int) -> di
         t0 = time.perf_counter()
         for start in range(0, len(requests), CONCURRENCY):
             part = list(range(start, min(start + CONCURRENCY, len(requests))))
-            for i, out in zip(part, hf_generate(base.model, [prompts[i] for i in part], tokens, pad)):
+            for i, out in zip(part, hf_generate(base.model, [prompts[i] for i in part], tokens, pad), strict=False):
                 outputs[i], done[i] = out, time.perf_counter() - t0
         return time.perf_counter() - t0, done, outputs
 
@@ -284,7 +300,7 @@ def run_memory(paths: dict, requests, tokens: int) -> dict:
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
 
     def serve(nodes):
-        batch = [GenerationRequest(node=n, prompt=p, params=params) for n, (_, p) in zip(nodes, requests)]
+        batch = [GenerationRequest(node=n, prompt=p, params=params) for n, (_, p) in zip(nodes, requests, strict=False)]
         asyncio.run(_gather(engine, batch))
 
     serve([engine.tree.name] * min(CONCURRENCY, len(requests)))  # the same shapes as the workload, base only
@@ -329,9 +345,10 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
     from nodes.base.model import load_base  # noqa: F401  (imports transformers once before timing)
     from nodes.store.tree import open_tree
-    from transformers import AutoTokenizer
 
     paths, kind, tokens, repeats = spec["paths"], spec["contender"], spec["tokens"], spec["repeats"]
     requests = workload(open_tree(paths["tree_dir"]), spec["leaves"])
@@ -370,9 +387,12 @@ def measure(model: str, paths: dict, rounds: int, repeats: int, progress, task) 
                     continue
                 progress.update(task, description=f"{model}: {contender} @ {leaves} leaves, round {rnd + 1}")
                 spec = {
-                    "paths": paths, "contender": contender, "leaves": leaves, "tokens": settings["tokens"],
+                    "paths": paths,
+                    "contender": contender,
+                    "leaves": leaves,
+                    "tokens": settings["tokens"],
                     "repeats": 1 if contender in SLOW else repeats,
-                }  # fmt: skip
+                }
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=REPO
                 )
@@ -390,13 +410,20 @@ def measure_memory(model: str, paths: dict, samples: int, progress, task) -> dic
     runs = []
     for i in range(samples):
         progress.update(task, description=f"{model}: memory @ {leaves} leaves, sample {i + 1}")
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=REPO
+        )
         if proc.returncode != 0:
             raise SystemExit(f"memory @ {leaves} failed:\n{proc.stderr[-4000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         progress.advance(task)
     ratios = sorted(r["ratio"] for r in runs)
-    return {"leaves": leaves, "samples": runs, "ratio_median": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]]}
+    return {
+        "leaves": leaves,
+        "samples": runs,
+        "ratio_median": statistics.median(ratios),
+        "ratio_range": [ratios[0], ratios[-1]],
+    }
 
 
 def merge(by: dict, contender: str, new: dict) -> None:
@@ -435,9 +462,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    from rich.progress import Progress
-
     from engine_report import plot, print_memory, print_tables, summarise
+    from rich.progress import Progress
 
     final = None
     models = args.models.split(",") if args.models else ["tiny"] + (["smollm2"] if args.smollm2 else [])
@@ -470,8 +496,16 @@ def main() -> None:
         record = {
             "benchmark": "engine_bench",
             "model": model,
-            "settings": {**settings, "concurrency": CONCURRENCY, "rounds": args.rounds, "repeats": args.repeats, "dtype": "float32",
-                         "threads": 1, "greedy": True, "prompts": list(PROMPTS)},  # fmt: skip
+            "settings": {
+                **settings,
+                "concurrency": CONCURRENCY,
+                "rounds": args.rounds,
+                "repeats": args.repeats,
+                "dtype": "float32",
+                "threads": 1,
+                "greedy": True,
+                "prompts": list(PROMPTS),
+            },
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "duration_s": time.time() - started,
             "runs": runs,

@@ -26,7 +26,8 @@ def summarise(model: str, runs: dict) -> dict:
                 "d_over_e_hf": tps["treelm"] / tps["base_hf"],
             }
         entry["same_tokens_as"] = {
-            c: sum(a == b for a, b in zip(ref, by[c]["outputs"])) for c in ("peft_per_request", "peft_mixed_flat")
+            c: sum(a == b for a, b in zip(ref, by[c]["outputs"], strict=False))
+            for c in ("peft_per_request", "peft_mixed_flat")
         }
         summary[leaves] = entry
     return summary
@@ -37,21 +38,37 @@ def print_tables(model: str, runs: dict, summary: dict, settings: dict) -> None:
     from rich.table import Table
 
     console = Console(width=150)
-    table = Table(title=f"engine_bench [{model}]: {settings['tokens']} new tokens/request, {CONCURRENCY} in flight, "
-                  "greedy fp32, 1 thread; tok/s = fastest wall-clock run, tok/cpu-s = fastest CPU-time run")  # fmt: skip
+    table = Table(
+        title=f"engine_bench [{model}]: {settings['tokens']} new tokens/request, {CONCURRENCY} in flight, "
+        "greedy fp32, 1 thread; tok/s = fastest wall-clock run, tok/cpu-s = fastest CPU-time run"
+    )
     for col in ("leaves", "contender", "tok/s", "tok/cpu-s", "p50 s", "p95 s", "peak RSS MiB", "runs"):
         table.add_column(col, justify="left" if col == "contender" else "right")
     for leaves, by in runs.items():
         for c in CONTENDERS:
             r = by[c]
             table.add_row(
-                leaves, f"({LABELS[c]}) {c}", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_cpu_s']:.1f}",
-                f"{r['p50_s']:.2f}", f"{r['p95_s']:.2f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", str(len(r["samples"])),
-            )  # fmt: skip
+                leaves,
+                f"({LABELS[c]}) {c}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['tokens_per_cpu_s']:.1f}",
+                f"{r['p50_s']:.2f}",
+                f"{r['p95_s']:.2f}",
+                f"{r['peak_rss_bytes'] / 2**20:.0f}",
+                str(len(r["samples"])),
+            )
         table.add_section()
     console.print(table)
     ratios = Table(title=f"TreeLM engine (d) against the others [{model}] (wall-clock tok/s; CPU time in brackets)")
-    for col in ("leaves", "d/a per-request", "d/b grouped", "d/c mixed-flat", "d/e base", "d/e' base_hf", "same tokens d=a, d=c"):
+    for col in (
+        "leaves",
+        "d/a per-request",
+        "d/b grouped",
+        "d/c mixed-flat",
+        "d/e base",
+        "d/e' base_hf",
+        "same tokens d=a, d=c",
+    ):
         ratios.add_column(col, justify="right")
     for leaves, s in summary.items():
         w, c, same = s["wall"], s["cpu"], s["same_tokens_as"]

@@ -59,10 +59,14 @@ PROMPTS = (
 def requests_for(nodes: list[str], concurrency: int, tokens: int) -> list[dict]:
     count = 150 if concurrency == 1 else 128
     return [
-        {"node": nodes[i % len(nodes)], "prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": tokens,
-         "request_id": f"r{concurrency}-{i}"}
+        {
+            "node": nodes[i % len(nodes)],
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_new_tokens": tokens,
+            "request_id": f"r{concurrency}-{i}",
+        }
         for i in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def summarise(latencies: list[float], tokens: int, wall: float, outputs: dict) -> dict:
@@ -110,8 +114,12 @@ def inproc_worker(spec: dict) -> None:
     engine = Engine(spec["base_dir"], spec["tree_dir"], EngineConfig(max_batch_size=32))
 
     async def call(r):
-        request = GenerationRequest(node=r["node"], prompt=r["prompt"], request_id=r["request_id"],
-                                    params=SamplingParams(max_new_tokens=r["max_new_tokens"]))  # fmt: skip
+        request = GenerationRequest(
+            node=r["node"],
+            prompt=r["prompt"],
+            request_id=r["request_id"],
+            params=SamplingParams(max_new_tokens=r["max_new_tokens"]),
+        )
         return (await engine.generate(request)).token_ids
 
     print("ready", flush=True)
@@ -123,8 +131,13 @@ def inproc_worker(spec: dict) -> None:
 
 class InProc:
     def __init__(self, paths: dict):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--inproc", json.dumps(paths)], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--inproc", json.dumps(paths)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def run(self, requests: list[dict], concurrency: int) -> dict:
@@ -144,8 +157,10 @@ def prepare(workdir: Path) -> dict:
 
     base_dir, tree_dir = workdir / "base", workdir / "tree"
     if not (base_dir / "config.json").is_file():
-        make_tiny_base(base_dir, TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024,
-                                                vocab=32000, max_position=512))  # fmt: skip
+        make_tiny_base(
+            base_dir,
+            TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=32000, max_position=512),
+        )
     if not (tree_dir / "tree.json").is_file():
         make_random_tree(tree_dir, base_dir, RandomTreeSpec(name="bench", init_scale=0.05))
     db = workdir / "registry.db"
@@ -165,10 +180,27 @@ def prepare(workdir: Path) -> dict:
 def start_server(paths: dict) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", paths["tree_dir"], "--db", paths["db"], "--port", "0",
-         "--threads", "1", "--grace", "5"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            paths["tree_dir"],
+            "--db",
+            paths["db"],
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--grace",
+            "5",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         found = re.search(r"serving \S+ on (\S+:\d+)", line)
         if found:
@@ -190,14 +222,16 @@ class GrpcCaller:
         return cls(target, token=token, timeout=300)
 
     async def unary(self, r):
-        result = await self.client.generate(r["node"], r["prompt"], max_new_tokens=r["max_new_tokens"],
-                                            request_id=r["request_id"])  # fmt: skip
+        result = await self.client.generate(
+            r["node"], r["prompt"], max_new_tokens=r["max_new_tokens"], request_id=r["request_id"]
+        )
         return result.token_ids
 
     async def stream(self, r):
         ids = []
-        async for chunk in self.client.stream(r["node"], r["prompt"], max_new_tokens=r["max_new_tokens"],
-                                              request_id=r["request_id"]):  # fmt: skip
+        async for chunk in self.client.stream(
+            r["node"], r["prompt"], max_new_tokens=r["max_new_tokens"], request_id=r["request_id"]
+        ):
             ids.extend(chunk.token_ids)
         return ids
 
@@ -218,8 +252,12 @@ def combine(results: list[dict]) -> dict:
         return {k: middle[k] for k in ("requests", "p50_ms", "p95_ms", "tokens_per_s")}
     lat.sort()
     total_tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(lat), "p50_ms": statistics.median(lat), "p95_ms": lat[round(0.95 * (len(lat) - 1))],
-            "tokens_per_s": total_tokens / sum(r["wall_s"] for r in results)}  # fmt: skip
+    return {
+        "requests": len(lat),
+        "p50_ms": statistics.median(lat),
+        "p95_ms": lat[round(0.95 * (len(lat) - 1))],
+        "tokens_per_s": total_tokens / sum(r["wall_s"] for r in results),
+    }
 
 
 def check_same_tokens(runs: dict) -> None:
@@ -245,8 +283,16 @@ def print_table(table: dict) -> None:
         for mode in MODES:
             r = table[str(c)][mode]
             added = f"{r['added_ms']:+.1f}" if "added_ms" in r else ""
-            out.add_row(str(c), mode, str(r["requests"]), f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
-                        f"{r['tokens_per_s']:.0f}", f"{r['vs_inproc']:.2f}", added)  # fmt: skip
+            out.add_row(
+                str(c),
+                mode,
+                str(r["requests"]),
+                f"{r['p50_ms']:.1f}",
+                f"{r['p95_ms']:.1f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['vs_inproc']:.2f}",
+                added,
+            )
     Console(width=120).print(out)
 
 
@@ -262,7 +308,7 @@ def plot(table: dict, path: Path) -> None:
         xs = [j + (i - 1) * width for j in range(len(CONCURRENCY))]
         axes[0].bar(xs, [table[str(c)][mode]["p50_ms"] for c in CONCURRENCY], width, label=mode)
         axes[1].bar(xs, [table[str(c)][mode]["tokens_per_s"] for c in CONCURRENCY], width, label=mode)
-    for ax, ylabel in zip(axes, ("p50 latency (ms)", "generated tokens / s")):
+    for ax, ylabel in zip(axes, ("p50 latency (ms)", "generated tokens / s"), strict=False):
         ax.set_xticks(range(len(CONCURRENCY)), [f"concurrency {c}" for c in CONCURRENCY])
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
@@ -303,7 +349,7 @@ def main() -> None:
         for mode in MODES:
             run(mode, warm, 8)
         for i, request in enumerate(requests_for(nodes, 1, args.latency_tokens)):  # paired, order rotated
-            order = MODES[i % 3:] + MODES[: i % 3]
+            order = MODES[i % 3 :] + MODES[: i % 3]
             for mode in order:
                 runs["1"][mode].append(run(mode, [request], 1))
         print(f"concurrency 1: {len(runs['1']['inproc'])} paired requests done", flush=True)
@@ -320,10 +366,17 @@ def main() -> None:
     check_same_tokens(runs)
     table = {str(c): {m: combine(runs[str(c)][m]) for m in MODES} for c in CONCURRENCY}
     pairs = runs["1"]
-    added = statistics.median(g["p50_ms"] - i["p50_ms"] for g, i in zip(pairs["grpc"], pairs["inproc"]))
-    added_stream = statistics.median(g["p50_ms"] - i["p50_ms"] for g, i in zip(pairs["grpc-stream"], pairs["inproc"]))
-    ratios = [g["tokens_per_s"] / i["tokens_per_s"] for g, i in zip(runs["32"]["grpc"], runs["32"]["inproc"])]
-    ratios_stream = [g["tokens_per_s"] / i["tokens_per_s"] for g, i in zip(runs["32"]["grpc-stream"], runs["32"]["inproc"])]
+    added = statistics.median(g["p50_ms"] - i["p50_ms"] for g, i in zip(pairs["grpc"], pairs["inproc"], strict=False))
+    added_stream = statistics.median(
+        g["p50_ms"] - i["p50_ms"] for g, i in zip(pairs["grpc-stream"], pairs["inproc"], strict=False)
+    )
+    ratios = [
+        g["tokens_per_s"] / i["tokens_per_s"] for g, i in zip(runs["32"]["grpc"], runs["32"]["inproc"], strict=False)
+    ]
+    ratios_stream = [
+        g["tokens_per_s"] / i["tokens_per_s"]
+        for g, i in zip(runs["32"]["grpc-stream"], runs["32"]["inproc"], strict=False)
+    ]
     ratio = statistics.median(ratios)
     for c in table:
         for m in table[c]:
@@ -337,8 +390,16 @@ def main() -> None:
                 r.pop("outputs", None)
     record = {
         "benchmark": "grpc_bench",
-        "settings": {"tokens": args.tokens, "latency_tokens": args.latency_tokens, "repeats": args.repeats, "concurrency": list(CONCURRENCY),
-                     "nodes": nodes, "prompts": list(PROMPTS), "threads": 1, "greedy": True},  # fmt: skip
+        "settings": {
+            "tokens": args.tokens,
+            "latency_tokens": args.latency_tokens,
+            "repeats": args.repeats,
+            "concurrency": list(CONCURRENCY),
+            "nodes": nodes,
+            "prompts": list(PROMPTS),
+            "threads": 1,
+            "greedy": True,
+        },
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "duration_s": time.time() - started,
         "runs": runs,

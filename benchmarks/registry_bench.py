@@ -63,36 +63,74 @@ def _digest(text_: str) -> str:
 
 def synthetic_tree(subdomains: int) -> TreeImport:
     base = BaseFacts(
-        digest=_digest("bench-base"), model="smollm2", architecture="LlamaForCausalLM", weight_dtype="bfloat16",
-        parameter_count=134_515_008, quantizable_parameter_count=106_168_320, weights_bytes=269_060_552, layers=30,
-        hidden_size=576, attention_heads=9, kv_heads=3, head_dim=64, vocab_size=49_152, max_context=8192,
-    )  # fmt: skip
+        digest=_digest("bench-base"),
+        model="smollm2",
+        architecture="LlamaForCausalLM",
+        weight_dtype="bfloat16",
+        parameter_count=134_515_008,
+        quantizable_parameter_count=106_168_320,
+        weights_bytes=269_060_552,
+        layers=30,
+        hidden_size=576,
+        attention_heads=9,
+        kv_heads=3,
+        head_dim=64,
+        vocab_size=49_152,
+        max_context=8192,
+    )
     rng = random.Random(0)
 
     def variants(params: int) -> tuple:
-        return (VariantFacts("chain", 269_000_000 + params * 4, False, params),
-                VariantFacts("flat", 269_000_000 + params * 4, True, params),
-                VariantFacts("merged", 269_060_552, True, 0), VariantFacts("merged-int8", 219_000_000, True, 0))  # fmt: skip
+        return (
+            VariantFacts("chain", 269_000_000 + params * 4, False, params),
+            VariantFacts("flat", 269_000_000 + params * 4, True, params),
+            VariantFacts("merged", 269_060_552, True, 0),
+            VariantFacts("merged-int8", 219_000_000, True, 0),
+        )
 
     nodes = [ImportNode("", "base", base.digest, variants=variants(0))]
     for li in range(LANGS):
         lang = f"l{li:02d}"
-        nodes.append(ImportNode(lang, "language", _digest(lang), language=lang, metrics={"eval_ppl": 20.0},
-                                variants=variants(1_105_920)))  # fmt: skip
+        nodes.append(
+            ImportNode(
+                lang, "language", _digest(lang), language=lang, metrics={"eval_ppl": 20.0}, variants=variants(1_105_920)
+            )
+        )
         for di in range(DOMAINS):
             dom = f"d{di:02d}"
             path = f"{lang}/{dom}"
-            nodes.append(ImportNode(path, "domain", _digest(path), parent_version=1, language=lang, domain=dom,
-                                    tags=(f"t{di % 7}",), metrics={"eval_ppl": 12.0}, variants=variants(2_211_840)))  # fmt: skip
+            nodes.append(
+                ImportNode(
+                    path,
+                    "domain",
+                    _digest(path),
+                    parent_version=1,
+                    language=lang,
+                    domain=dom,
+                    tags=(f"t{di % 7}",),
+                    metrics={"eval_ppl": 12.0},
+                    variants=variants(2_211_840),
+                )
+            )
             for si in range(subdomains):
                 sub = f"s{si:02d}"
                 p = f"{path}/{sub}"
                 private = rng.random() < 0.02
-                nodes.append(ImportNode(
-                    p, "subdomain", _digest(p), parent_version=1, language=lang, domain=dom, subdomain=sub,
-                    visibility="private" if private else "public", owner=f"tenant{si % 10}" if private else None,
-                    metrics={"eval_ppl": 6.0 + rng.random() * 6}, variants=variants(3_317_760),
-                ))  # fmt: skip
+                nodes.append(
+                    ImportNode(
+                        p,
+                        "subdomain",
+                        _digest(p),
+                        parent_version=1,
+                        language=lang,
+                        domain=dom,
+                        subdomain=sub,
+                        visibility="private" if private else "public",
+                        owner=f"tenant{si % 10}" if private else None,
+                        metrics={"eval_ppl": 6.0 + rng.random() * 6},
+                        variants=variants(3_317_760),
+                    )
+                )
     return TreeImport("bench", base, tuple(nodes))
 
 
@@ -100,7 +138,11 @@ def tasks(count: int, subdomains: int) -> list[TaskQuery]:
     rng = random.Random(1)
     out = []
     for _ in range(count):
-        lang, dom, sub = f"l{rng.randrange(LANGS):02d}", f"d{rng.randrange(DOMAINS):02d}", f"s{rng.randrange(subdomains):02d}"
+        lang, dom, sub = (
+            f"l{rng.randrange(LANGS):02d}",
+            f"d{rng.randrange(DOMAINS):02d}",
+            f"s{rng.randrange(subdomains):02d}",
+        )
         roll = rng.random()
         if roll < 0.7:
             out.append(TaskQuery(path=f"{lang}/{dom}/{sub}"))
@@ -120,7 +162,7 @@ def full_scan_match(reg, request: MatchRequest):
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_backend(name: str, url: str, tree: TreeImport, queries: list[TaskQuery], baseline_queries: int) -> dict:
@@ -151,11 +193,18 @@ def run_backend(name: str, url: str, tree: TreeImport, queries: list[TaskQuery],
         assert [c.node_id for c in slow.candidates] == [c.node_id for c in fast.candidates], task
     reg.close()
     return {
-        "backend": name, "nodes": result.nodes_added, "max_node_pk": count, "import_s": round(load_s, 2),
-        "queries": len(queries), "answered": hits, "p50_ms": statistics.median(latencies),
-        "p95_ms": percentile(latencies, 0.95), "max_ms": max(latencies),
-        "full_scan_p50_ms": statistics.median(naive), "baseline_queries": len(naive),
-    }  # fmt: skip
+        "backend": name,
+        "nodes": result.nodes_added,
+        "max_node_pk": count,
+        "import_s": round(load_s, 2),
+        "queries": len(queries),
+        "answered": hits,
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": percentile(latencies, 0.95),
+        "max_ms": max(latencies),
+        "full_scan_p50_ms": statistics.median(naive),
+        "baseline_queries": len(naive),
+    }
 
 
 def postgres_url(cli_value: str | None) -> str | None:
@@ -184,8 +233,9 @@ def main() -> int:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         try:
             url = make_url(pg).update_query_dict({"options": f"-csearch_path={schema}"})
-            rows.append(run_backend("postgres", url.render_as_string(hide_password=False), tree, queries,
-                                    args.baseline_queries))  # fmt: skip
+            rows.append(
+                run_backend("postgres", url.render_as_string(hide_password=False), tree, queries, args.baseline_queries)
+            )
         finally:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
@@ -208,9 +258,17 @@ def report(rows: list[dict]) -> None:
     for r in rows:
         r["target_p50_ms"] = targets[r["backend"]]
         r["speedup_vs_full_scan"] = r["full_scan_p50_ms"] / r["p50_ms"]
-        table.add_row(r["backend"], f"{r['nodes']:,}", f"{r['import_s']:.1f}", f"{r['p50_ms']:.2f}",
-                      f"{r['p95_ms']:.2f}", f"{r['max_ms']:.2f}", f"<= {r['target_p50_ms']:.0f}",
-                      f"{r['full_scan_p50_ms']:.0f}", f"{r['speedup_vs_full_scan']:.0f}x")  # fmt: skip
+        table.add_row(
+            r["backend"],
+            f"{r['nodes']:,}",
+            f"{r['import_s']:.1f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p95_ms']:.2f}",
+            f"{r['max_ms']:.2f}",
+            f"<= {r['target_p50_ms']:.0f}",
+            f"{r['full_scan_p50_ms']:.0f}",
+            f"{r['speedup_vs_full_scan']:.0f}x",
+        )
     Console(width=140).print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "registry_bench.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
@@ -224,7 +282,7 @@ def report(rows: list[dict]) -> None:
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["p50_ms"] for r in rows], width=0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], [r["p95_ms"] for r in rows], width=0.4, label="p95")
-    for x, r in zip(xs, rows):
+    for x, r in zip(xs, rows, strict=False):
         ax.hlines(r["target_p50_ms"], x - 0.45, x + 0.45, colors="red", linestyles="dashed")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("match latency (ms)")

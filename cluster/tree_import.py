@@ -19,8 +19,9 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -42,8 +43,16 @@ __all__ = [
     "tree_import",
 ]
 
-_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8),
-           "I8": ("int8", 1), "U8": ("uint8", 1), "I64": ("int64", 8), "I32": ("int32", 4)}  # fmt: skip
+_DTYPES = {
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F64": ("float64", 8),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+}
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -69,8 +78,12 @@ def safetensors_summary(files: list[Path]) -> dict[str, Any]:
             if len(info["shape"]) == 2 and "embed" not in name and "lm_head" not in name:
                 quantizable += count
     dominant = max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "F32"
-    return {"parameters": total, "quantizable": quantizable, "bytes": size,
-            "dtype": _DTYPES.get(dominant, ("float32", 4))[0]}  # fmt: skip
+    return {
+        "parameters": total,
+        "quantizable": quantizable,
+        "bytes": size,
+        "dtype": _DTYPES.get(dominant, ("float32", 4))[0],
+    }
 
 
 def base_facts_from_dir(base_dir: Path, digest: str, model: str) -> BaseFacts:
@@ -117,7 +130,9 @@ def manifest_digest(tree: BuiltTree, node: BuiltNode) -> str:
         "parent_version": node.parent_version,
         "parent_adapter_digest": node.parent_adapter_digest,
         "base_digest": node.base_digest or tree.base_digest,
-        "files": {name: {"sha256": str(i["sha256"]), "length": int(i["length"])} for name, i in sorted(node.files.items())},
+        "files": {
+            name: {"sha256": str(i["sha256"]), "length": int(i["length"])} for name, i in sorted(node.files.items())
+        },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -163,15 +178,22 @@ def tree_import(tree_dir: str | Path) -> TreeImport:
     own_params: dict[str, int] = {}
     own_bytes: dict[str, int] = {}
     nodes = [
-        ImportNode(path="", level="base", manifest_digest=tree.base_digest, version=1,
-                   description=str(tree.raw.get("description") or "") or None,
-                   variants=_variants(tree, base, "", 0, 0))
-    ]  # fmt: skip
+        ImportNode(
+            path="",
+            level="base",
+            manifest_digest=tree.base_digest,
+            version=1,
+            description=str(tree.raw.get("description") or "") or None,
+            variants=_variants(tree, base, "", 0, 0),
+        )
+    ]
     for node in tree.nodes:
         path = str(node.path)
         if node.base_digest and node.base_digest != tree.base_digest:
-            raise ImportConflict(f"node {node.node_id} was built over base {node.base_digest[:12]}..., "
-                                 f"the tree's base is {tree.base_digest[:12]}...")  # fmt: skip
+            raise ImportConflict(
+                f"node {node.node_id} was built over base {node.base_digest[:12]}..., "
+                f"the tree's base is {tree.base_digest[:12]}..."
+            )
         adapter = node.directory / ADAPTER_FILE
         own_params[path] = safetensors_summary([adapter])["parameters"] if adapter.is_file() else 0
         own_bytes[path] = sum(int(info["length"]) for info in node.files.values())
@@ -181,12 +203,21 @@ def tree_import(tree_dir: str | Path) -> TreeImport:
         try:
             nodes.append(
                 ImportNode(
-                    path=path, level=node.level.value, manifest_digest=manifest_digest(tree, node),
-                    version=node.version, parent_version=node.parent_version, language=node.language,
-                    domain=node.domain, subdomain=node.subdomain, tags=node.tags, visibility=node.visibility,
-                    owner=node.owner, description=str(node.raw.get("description") or "") or None,
-                    metrics=dict(node.metrics), variants=_variants(tree, base, path, chain_bytes, chain_params),
-                )  # fmt: skip
+                    path=path,
+                    level=node.level.value,
+                    manifest_digest=manifest_digest(tree, node),
+                    version=node.version,
+                    parent_version=node.parent_version,
+                    language=node.language,
+                    domain=node.domain,
+                    subdomain=node.subdomain,
+                    tags=node.tags,
+                    visibility=node.visibility,
+                    owner=node.owner,
+                    description=str(node.raw.get("description") or "") or None,
+                    metrics=dict(node.metrics),
+                    variants=_variants(tree, base, path, chain_bytes, chain_params),
+                )
             )
         except InvalidInput as exc:
             raise InvalidInput(f"node {node.node_id}: {exc}", field=exc.field) from None
@@ -209,12 +240,21 @@ def import_command(
     with open_registry(db_url(ctx, db)) as reg:
         result = register_tree(reg, prepared)
     if as_json:
-        typer.echo(json.dumps({
-            "tree": result.tree, "base_digest": result.base_digest, "nodes_added": result.nodes_added,
-            "versions_added": result.versions_added, "variants_added": result.variants_added,
-            "variants_updated": result.variants_updated, "tenants_added": list(result.tenants_added),
-            "changed": result.changed,
-        }, indent=2))  # fmt: skip
+        typer.echo(
+            json.dumps(
+                {
+                    "tree": result.tree,
+                    "base_digest": result.base_digest,
+                    "nodes_added": result.nodes_added,
+                    "versions_added": result.versions_added,
+                    "variants_added": result.variants_added,
+                    "variants_updated": result.variants_updated,
+                    "tenants_added": list(result.tenants_added),
+                    "changed": result.changed,
+                },
+                indent=2,
+            )
+        )
         return
     console = Console()
     if not result.changed:
@@ -226,5 +266,7 @@ def import_command(
         f"{result.variants_updated} variant(s) updated"
     )
     if result.tenants_added:
-        console.print(f"  new tenant(s) for private nodes: {escape(', '.join(result.tenants_added))} "
-                      "(issue tokens with `treelm registry token issue TENANT`)")  # fmt: skip
+        console.print(
+            f"  new tenant(s) for private nodes: {escape(', '.join(result.tenants_added))} "
+            "(issue tokens with `treelm registry token issue TENANT`)"
+        )

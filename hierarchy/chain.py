@@ -14,8 +14,8 @@ This module imports torch; the SDK must not import it (see hierarchy/__init__).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

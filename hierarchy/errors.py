@@ -1,16 +1,16 @@
 """Errors raised by the pure domain layer.
 
-    HierarchyError
-    ├── InvalidNodePath      a path or node id with bad characters or shape
-    ├── SpecError            a tree spec with one or more problems (all listed)
-    └── ChainError           adapter factors that cannot be composed (shapes, ranks)
+HierarchyError
+├── InvalidNodePath      a path or node id with bad characters or shape
+├── SpecError            a tree spec with one or more problems (all listed)
+└── ChainError           adapter factors that cannot be composed (shapes, ranks)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HierarchyError", "InvalidNodePath", "SpecError", "SpecProblem", "ChainError"]
+__all__ = ["ChainError", "HierarchyError", "InvalidNodePath", "SpecError", "SpecProblem"]
 
 
 class HierarchyError(Exception):

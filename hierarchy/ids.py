@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from hierarchy.errors import InvalidNodePath
 
-__all__ = ["Level", "NodePath", "NodeId", "SEGMENT_PATTERN"]
+__all__ = ["SEGMENT_PATTERN", "Level", "NodeId", "NodePath"]
 
 # Lower-case ASCII, digits, '-' and '_'; must start with a letter or digit. Kept
 # strict because paths become directory names, URLs and database keys.
@@ -29,7 +29,7 @@ class Level(enum.Enum):
         return _LEVEL_RANK[self]
 
     @classmethod
-    def parse(cls, value: str) -> "Level":
+    def parse(cls, value: str) -> Level:
         try:
             return cls(str(value).strip().lower())
         except ValueError:
@@ -57,7 +57,7 @@ class NodePath:
                 )
 
     @classmethod
-    def root(cls) -> "NodePath":
+    def root(cls) -> NodePath:
         return cls("")
 
     @property
@@ -77,24 +77,24 @@ class NodePath:
         return self.segments[-1] if self.segments else ""
 
     @property
-    def parent(self) -> "NodePath":
+    def parent(self) -> NodePath:
         if self.is_root:
             raise InvalidNodePath("the base has no parent")
         return NodePath("/".join(self.segments[:-1]))
 
-    def ancestors(self) -> tuple["NodePath", ...]:
+    def ancestors(self) -> tuple[NodePath, ...]:
         """Paths from the first child of the base down to this node's parent."""
         segs = self.segments
         return tuple(NodePath("/".join(segs[:i])) for i in range(1, len(segs)))
 
-    def lineage(self) -> tuple["NodePath", ...]:
+    def lineage(self) -> tuple[NodePath, ...]:
         """Non-root paths from the top of the chain down to (and including) this node."""
         return (*self.ancestors(), self) if not self.is_root else ()
 
-    def child(self, segment: str) -> "NodePath":
+    def child(self, segment: str) -> NodePath:
         return NodePath(f"{self.value}/{segment}" if self.value else segment)
 
-    def is_ancestor_of(self, other: "NodePath") -> bool:
+    def is_ancestor_of(self, other: NodePath) -> bool:
         if self.is_root:
             return not other.is_root
         return other.value.startswith(self.value + "/")
@@ -115,7 +115,7 @@ class NodeId:
             raise InvalidNodePath(f"bad tree name {self.tree!r}: must match {SEGMENT_PATTERN}")
 
     @classmethod
-    def parse(cls, text: str) -> "NodeId":
+    def parse(cls, text: str) -> NodeId:
         text = str(text).strip().strip("/")
         if not text:
             raise InvalidNodePath("empty node id")
@@ -127,7 +127,7 @@ class NodeId:
         return self.path.is_root
 
     @property
-    def parent(self) -> "NodeId":
+    def parent(self) -> NodeId:
         return NodeId(self.tree, self.path.parent)
 
     def __str__(self) -> str:

@@ -7,9 +7,10 @@ the node and the field, so that `treelm tree validate` can list them all.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -253,9 +254,21 @@ class TreeSpec:
 _TOP_KEYS = {"name", "description", "base", "defaults", "nodes"}
 _BASE_KEYS = {f for f in BaseSpec.__dataclass_fields__}
 _NODE_KEYS = {
-    "level", "language", "domain", "subdomain", "tags", "description", "train", "eval", "probe",
-    "lora", "training", "guard", "visibility", "owner",
-}  # fmt: skip
+    "level",
+    "language",
+    "domain",
+    "subdomain",
+    "tags",
+    "description",
+    "train",
+    "eval",
+    "probe",
+    "lora",
+    "training",
+    "guard",
+    "visibility",
+    "owner",
+}
 _DEFAULT_KEYS = {"lora", "training", "guard"}
 _SETTINGS = {"lora": LoraSettings, "training": TrainSettings, "guard": GuardSettings}
 
@@ -290,7 +303,7 @@ def load_spec(path: str | Path, *, check_files: bool = True) -> TreeSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([SpecProblem(fname, None, None, f"cannot read: {exc}")]) from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

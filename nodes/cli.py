@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.tree import Tree
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 from hierarchy.errors import SpecError
 from hierarchy.ids import Level
@@ -24,7 +27,12 @@ __all__ = ["base_app", "export_command", "render_build_summary", "tree_app"]
 tree_app = typer.Typer(help="Validate, show, build and export trees of models.", no_args_is_help=True)
 base_app = typer.Typer(help="Make and inspect base models.", no_args_is_help=True)
 
-_LEVEL_STYLE = {Level.BASE: "bold magenta", Level.LANGUAGE: "bold cyan", Level.DOMAIN: "green", Level.SUBDOMAIN: "yellow"}
+_LEVEL_STYLE = {
+    Level.BASE: "bold magenta",
+    Level.LANGUAGE: "bold cyan",
+    Level.DOMAIN: "green",
+    Level.SUBDOMAIN: "yellow",
+}
 
 
 def _load(spec: Path, err: Console) -> TreeSpec:
@@ -85,7 +93,7 @@ def tiny(
     heads: Annotated[int, typer.Option(help="attention heads")] = 4,
     kv_heads: Annotated[int, typer.Option(help="key/value heads")] = 2,
     seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
-    text: Annotated[Optional[list[Path]], typer.Option(help="text file(s) to train the tokenizer on")] = None,
+    text: Annotated[list[Path] | None, typer.Option(help="text file(s) to train the tokenizer on")] = None,
 ) -> None:
     """Write a tiny random Llama with a byte-level BPE tokenizer (for tests and trials)."""
     from nodes.base.model import TinyBaseConfig, base_digest, make_tiny_base
@@ -168,13 +176,21 @@ def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_build_summary(report) -> "Table":
+def render_build_summary(report) -> Table:
     """The summary table of a build: perplexities, specialisation gain and forgetting per node."""
     from rich.table import Table
 
     table = Table(title=f"tree {report.name}: {report.base_model} ({report.seconds:.0f} s)")
-    for col in ("node", "status", "steps", "own ppl parent→node", "gain", "parent-text ppl parent→node",
-                "forgetting", "bound"):  # fmt: skip
+    for col in (
+        "node",
+        "status",
+        "steps",
+        "own ppl parent→node",
+        "gain",
+        "parent-text ppl parent→node",
+        "forgetting",
+        "bound",
+    ):
         table.add_column(col, justify="left" if col in ("node", "status") else "right")
     colors = {"trained": "green", "reused": "cyan", "updated": "cyan", "failed": "red", "skipped": "yellow"}
     for o in report.outcomes:
@@ -203,7 +219,7 @@ def build(
     spec: Annotated[Path, typer.Argument(help="tree spec YAML file")],
     out: Annotated[Path, typer.Option("--out", help="output directory of the built tree")],
     force: Annotated[
-        Optional[list[str]], typer.Option("--force", help="retrain this node (path) and its subtree; repeatable")
+        list[str] | None, typer.Option("--force", help="retrain this node (path) and its subtree; repeatable")
     ] = None,
     precision: Annotated[str, typer.Option(help="training precision: auto | fp32 | bf16 (autocast)")] = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (keep 1 on small shared machines)")] = 1,

@@ -1,18 +1,18 @@
 """Errors raised by the model runtime.
 
-    NodesError
-    ├── BaseModelError        a base that cannot be made, found or loaded
-    ├── AdapterError          an adapter dir that is missing, malformed or does not fit the base
-    │   └── IntegrityError    a file whose sha256 differs from the recorded one
-    ├── BuildError            a tree build step that failed (bad data, forgetting bound, ...)
-    ├── ExportError           an export that cannot be produced
-    └── EngineError           one request failed; the engine keeps serving others
-        ├── UnknownNode       the node id is not in the served tree
-        ├── InvalidRequest    a bad parameter; ``field`` names it
-        ├── QueueFull         admission queue over its bound (retry later)
-        ├── DeadlineExceeded  the request's deadline passed
-        ├── RequestCancelled  the caller cancelled (e.g. client disconnect)
-        └── EngineClosed      the engine is shutting down or stopped
+NodesError
+├── BaseModelError        a base that cannot be made, found or loaded
+├── AdapterError          an adapter dir that is missing, malformed or does not fit the base
+│   └── IntegrityError    a file whose sha256 differs from the recorded one
+├── BuildError            a tree build step that failed (bad data, forgetting bound, ...)
+├── ExportError           an export that cannot be produced
+└── EngineError           one request failed; the engine keeps serving others
+    ├── UnknownNode       the node id is not in the served tree
+    ├── InvalidRequest    a bad parameter; ``field`` names it
+    ├── QueueFull         admission queue over its bound (retry later)
+    ├── DeadlineExceeded  the request's deadline passed
+    ├── RequestCancelled  the caller cancelled (e.g. client disconnect)
+    └── EngineClosed      the engine is shutting down or stopped
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ __all__ = [
     "AdapterError",
     "BaseModelError",
     "BuildError",
-    "EngineError",
     "DeadlineExceeded",
     "EngineClosed",
+    "EngineError",
     "ExportError",
     "IntegrityError",
     "InvalidRequest",

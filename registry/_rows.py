@@ -118,10 +118,22 @@ def variant_record(row: Variant, node_id: str, version: int) -> VariantRecord:
 
 
 BASE_FIELDS = (
-    "digest", "model", "architecture", "weight_dtype", "parameter_count", "quantizable_parameter_count",
-    "weights_bytes", "layers", "hidden_size", "attention_heads", "kv_heads", "head_dim", "vocab_size",
-    "max_context", "intermediate_size",
-)  # fmt: skip
+    "digest",
+    "model",
+    "architecture",
+    "weight_dtype",
+    "parameter_count",
+    "quantizable_parameter_count",
+    "weights_bytes",
+    "layers",
+    "hidden_size",
+    "attention_heads",
+    "kv_heads",
+    "head_dim",
+    "vocab_size",
+    "max_context",
+    "intermediate_size",
+)
 
 
 def base_facts(row: BaseModel) -> BaseFacts:

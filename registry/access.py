@@ -76,7 +76,9 @@ def get_tenant(reg: Registry, name: str) -> TenantRecord:
 
 def list_tenants(reg: Registry) -> tuple[TenantRecord, ...]:
     with reg.read() as session:
-        return tuple(TenantRecord(t.name, utc(t.created_at)) for t in session.scalars(select(Tenant).order_by(Tenant.name)))
+        return tuple(
+            TenantRecord(t.name, utc(t.created_at)) for t in session.scalars(select(Tenant).order_by(Tenant.name))
+        )
 
 
 def _hash(salt: str, secret: str) -> str:
@@ -91,7 +93,9 @@ def issue_token(reg: Registry, tenant: str) -> IssuedToken:
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_hex(16)
         session.add(
-            ApiToken(token_id=token_id, tenant_id=owner.id, salt=salt, token_hash=_hash(salt, secret), created_at=utcnow())
+            ApiToken(
+                token_id=token_id, tenant_id=owner.id, salt=salt, token_hash=_hash(salt, secret), created_at=utcnow()
+            )
         )
     return IssuedToken(tenant=tenant, token_id=token_id, token=f"{TOKEN_PREFIX}_{token_id}_{secret}")
 
@@ -130,10 +134,15 @@ def revoke_token(reg: Registry, token_id: str) -> None:
 
 def _key_record(row: SigningKey, node_id: str | None) -> SigningKeyRecord:
     return SigningKeyRecord(
-        key_id=row.key_id, public_key=row.public_key, algorithm=row.algorithm, role=row.role, status=row.status,
-        node_id=node_id, created_at=utc(row.created_at),
+        key_id=row.key_id,
+        public_key=row.public_key,
+        algorithm=row.algorithm,
+        role=row.role,
+        status=row.status,
+        node_id=node_id,
+        created_at=utc(row.created_at),
         revoked_at=utc(row.revoked_at) if row.revoked_at else None,
-    )  # fmt: skip
+    )
 
 
 def add_signing_key(
@@ -157,9 +166,14 @@ def add_signing_key(
         if session.scalar(select(SigningKey.id).where(SigningKey.key_id == key_id)) is not None:
             raise Conflict(f"signing key {key_id[:16]}... is already registered")
         row = SigningKey(
-            key_id=key_id, public_key=public_key.strip(), algorithm=algorithm, role=role, status="active",
-            node_id=node_pk, created_at=utcnow(),
-        )  # fmt: skip
+            key_id=key_id,
+            public_key=public_key.strip(),
+            algorithm=algorithm,
+            role=role,
+            status="active",
+            node_id=node_pk,
+            created_at=utcnow(),
+        )
         session.add(row)
         session.flush()
         return _key_record(row, canonical_node_id(node_id) if node_id else None)
@@ -209,7 +223,9 @@ def record_deployment(
 ) -> DeploymentRecord:
     """Say that ``endpoint`` (trunk ``trunk``) serves the node; updates the existing record for that endpoint."""
     if status not in DEPLOYMENT_STATUSES:
-        raise InvalidInput(f"deployment status {status!r} is not one of {', '.join(DEPLOYMENT_STATUSES)}", field="status")
+        raise InvalidInput(
+            f"deployment status {status!r} is not one of {', '.join(DEPLOYMENT_STATUSES)}", field="status"
+        )
     if not endpoint or not trunk:
         raise InvalidInput("a deployment needs a trunk and an endpoint", field="endpoint" if not endpoint else "trunk")
     with reg.write() as session:
@@ -218,8 +234,15 @@ def record_deployment(
         row = session.scalar(select(Deployment).where(Deployment.node_id == node.id, Deployment.endpoint == endpoint))
         now = utcnow()
         if row is None:
-            row = Deployment(node_id=node.id, trunk=trunk, endpoint=endpoint, status=status, version_id=version_pk,
-                             created_at=now, updated_at=now)  # fmt: skip
+            row = Deployment(
+                node_id=node.id,
+                trunk=trunk,
+                endpoint=endpoint,
+                status=status,
+                version_id=version_pk,
+                created_at=now,
+                updated_at=now,
+            )
             session.add(row)
         else:
             row.trunk, row.status, row.version_id, row.updated_at = trunk, status, version_pk, now

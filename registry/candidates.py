@@ -26,10 +26,22 @@ from registry.records import BaseFacts, VariantFacts
 __all__ = ["all_candidates_query", "candidate_query", "fold_rows", "load_candidates", "match"]
 
 _BASE_COLUMNS = (
-    "digest", "model", "architecture", "weight_dtype", "parameter_count", "quantizable_parameter_count",
-    "weights_bytes", "layers", "hidden_size", "attention_heads", "kv_heads", "head_dim", "vocab_size",
-    "max_context", "intermediate_size",
-)  # fmt: skip
+    "digest",
+    "model",
+    "architecture",
+    "weight_dtype",
+    "parameter_count",
+    "quantizable_parameter_count",
+    "weights_bytes",
+    "layers",
+    "hidden_size",
+    "attention_heads",
+    "kv_heads",
+    "head_dim",
+    "vocab_size",
+    "max_context",
+    "intermediate_size",
+)
 
 
 def _shape(task: TaskQuery, tenant: str | None) -> tuple:
@@ -111,14 +123,30 @@ def _candidate_select(with_tenant: bool) -> Select:
         visible = or_(visible, Node.owner_tenant_id == tenant_id)
     return (
         select(
-            Node.node_id, Node.tree, Node.path, Node.level, Node.language, Node.domain, Node.subdomain,
-            Node.visibility, owner.name.label("owner"),
-            NodeVersion.version, NodeVersion.status, NodeVersion.parent_version, NodeVersion.metrics,
-            Variant.kind, Variant.bytes, Variant.bytes_estimated, Variant.adapter_parameters,
-            Variant.tokens_per_second, Variant.measured_device, Variant.uri,
-            NodeTag.tag, endpoint.label("endpoint"),
+            Node.node_id,
+            Node.tree,
+            Node.path,
+            Node.level,
+            Node.language,
+            Node.domain,
+            Node.subdomain,
+            Node.visibility,
+            owner.name.label("owner"),
+            NodeVersion.version,
+            NodeVersion.status,
+            NodeVersion.parent_version,
+            NodeVersion.metrics,
+            Variant.kind,
+            Variant.bytes,
+            Variant.bytes_estimated,
+            Variant.adapter_parameters,
+            Variant.tokens_per_second,
+            Variant.measured_device,
+            Variant.uri,
+            NodeTag.tag,
+            endpoint.label("endpoint"),
             *(getattr(BaseModel, c) for c in _BASE_COLUMNS),
-        )  # fmt: skip
+        )
         .select_from(Node)
         .join(BaseModel, BaseModel.id == Node.base_model_id)
         .outerjoin(owner, owner.id == Node.owner_tenant_id)
@@ -155,18 +183,34 @@ def fold_rows(rows) -> list[CandidateRow]:
         variant = None
         if kind is not None:
             variant = VariantFacts(
-                kind=kind, bytes=r.bytes, bytes_estimated=r.bytes_estimated,
-                adapter_parameters=r.adapter_parameters, tokens_per_second=r.tokens_per_second,
-                measured_device=r.measured_device, uri=r.uri,
-            )  # fmt: skip
+                kind=kind,
+                bytes=r.bytes,
+                bytes_estimated=r.bytes_estimated,
+                adapter_parameters=r.adapter_parameters,
+                tokens_per_second=r.tokens_per_second,
+                measured_device=r.measured_device,
+                uri=r.uri,
+            )
         out.append(
             CandidateRow(
-                node_id=node_id, tree=r.tree, path=r.path, level=r.level, language=r.language,
-                domain=r.domain, subdomain=r.subdomain, visibility=r.visibility, owner=r.owner,
-                base=base, tags=tuple(sorted(tags[node_id])), version=r.version,
-                version_status=r.status, parent_version=r.parent_version,
-                metrics=dict(r.metrics or {}), variant=variant, endpoint=r.endpoint,
-            )  # fmt: skip
+                node_id=node_id,
+                tree=r.tree,
+                path=r.path,
+                level=r.level,
+                language=r.language,
+                domain=r.domain,
+                subdomain=r.subdomain,
+                visibility=r.visibility,
+                owner=r.owner,
+                base=base,
+                tags=tuple(sorted(tags[node_id])),
+                version=r.version,
+                version_status=r.status,
+                parent_version=r.parent_version,
+                metrics=dict(r.metrics or {}),
+                variant=variant,
+                endpoint=r.endpoint,
+            )
         )
     return out
 
@@ -207,6 +251,10 @@ def _unknown_task_message(reg: Registry, request: MatchRequest) -> str:
                 hint = f" ({first!r} is a tree: use --tree {first} --task {rest})"
             return f"no node matches task {task.describe()}{hint}; top-level nodes: {', '.join(known) or 'none'}"
         languages = session.scalars(
-            select(Node.language).where(Node.language.is_not(None), visible).distinct().order_by(Node.language).limit(20)
+            select(Node.language)
+            .where(Node.language.is_not(None), visible)
+            .distinct()
+            .order_by(Node.language)
+            .limit(20)
         ).all()
     return f"no node matches task {task.describe()}; known languages: {', '.join(languages) or 'none'}"

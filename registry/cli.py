@@ -9,7 +9,7 @@ The database is ``--db URL`` (before or after the sub-command), else
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -39,14 +39,14 @@ registry_app.add_typer(tenant_app, name="tenant")
 registry_app.add_typer(token_app, name="token")
 
 DbOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--db", help="database URL (default: $TREELM_REGISTRY_URL, else ~/.treelm/registry.db)"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 # The registry CLI talks to the database directly, so its user is an operator and sees every node;
 # --tenant shows what that tenant sees (public nodes and its own private ones). `match` is the
 # exception: without --tenant it answers as an anonymous user (public nodes only).
-TenantOption = Annotated[Optional[str], typer.Option("--tenant", help="act as this tenant (its private nodes)")]
+TenantOption = Annotated[str | None, typer.Option("--tenant", help="act as this tenant (its private nodes)")]
 _LEVEL_STYLE = {"base": "bold magenta", "language": "bold cyan", "domain": "green", "subdomain": "yellow"}
 _FIT_STYLE = {"perfect": "green", "good": "cyan", "marginal": "yellow"}
 
@@ -117,7 +117,7 @@ def ls(
     ctx: typer.Context,
     db: DbOption = None,
     tenant: TenantOption = None,
-    tree: Annotated[Optional[str], typer.Option("--tree", help="only this tree")] = None,
+    tree: Annotated[str | None, typer.Option("--tree", help="only this tree")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """List nodes as a tree per tree (all of them; with --tenant only what that tenant sees)."""
@@ -177,8 +177,13 @@ def show(
             table.add_column(col)
         for v in detail.variants:
             speed = f"{v.tokens_per_second:.1f} ({v.measured_device})" if v.tokens_per_second else "-"
-            table.add_row(v.kind, format_bytes(v.bytes), "estimated" if v.bytes_estimated else "measured",
-                          f"{v.adapter_parameters:,}", speed)  # fmt: skip
+            table.add_row(
+                v.kind,
+                format_bytes(v.bytes),
+                "estimated" if v.bytes_estimated else "measured",
+                f"{v.adapter_parameters:,}",
+                speed,
+            )
         console.print(table)
     for d in detail.deployments:
         console.print(f"  deployed: trunk {escape(d.trunk)} at {escape(d.endpoint)} ({d.status})")
@@ -191,13 +196,20 @@ def _versions_table(console: Console, versions) -> None:
     for v in versions:
         ppl = v.metrics.get("eval_ppl", v.metrics.get("perplexity"))
         score = v.metrics.get("eval_score")
-        evaluation = f"score {score:.2f}" if isinstance(score, (int, float)) else (
-            f"ppl {ppl:.2f}" if isinstance(ppl, (int, float)) else "-")  # fmt: skip
+        evaluation = (
+            f"score {score:.2f}"
+            if isinstance(score, (int, float))
+            else (f"ppl {ppl:.2f}" if isinstance(ppl, (int, float)) else "-")
+        )
         table.add_row(
-            str(v.version), v.status, ",".join(v.aliases) or "-",
-            "-" if v.parent_version is None else str(v.parent_version), v.manifest_digest[:12],
-            v.created_at.strftime("%Y-%m-%d %H:%M"), evaluation,
-        )  # fmt: skip
+            str(v.version),
+            v.status,
+            ",".join(v.aliases) or "-",
+            "-" if v.parent_version is None else str(v.parent_version),
+            v.manifest_digest[:12],
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+            evaluation,
+        )
     console.print(table)
 
 
@@ -237,21 +249,24 @@ def alias(
 @registry_app.command("match")
 def match(
     ctx: typer.Context,
-    task: Annotated[Optional[str], typer.Option("--task", help="node path (en/medical/radiology) or "
-                                                 "attributes (language=en,domain=medical)")] = None,  # fmt: skip
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="node path (en/medical/radiology) or attributes (language=en,domain=medical)"),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps")] = "cpu",
     memory: Annotated[str, typer.Option("--memory", help="device memory, e.g. 8GiB, 512MiB, 16GB")] = "8GiB",
     context: Annotated[int, typer.Option("--context", help="context length in tokens")] = 2048,
     batch: Annotated[int, typer.Option("--batch", help="concurrent sequences")] = 1,
-    bandwidth: Annotated[Optional[str], typer.Option("--bandwidth", help="memory bandwidth, e.g. 50GB/s")] = None,
-    compute: Annotated[Optional[str], typer.Option("--compute", help="compute, e.g. 10TFLOPS")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="serving dtype (default: float32 on cpu, "
-                                                 "float16 on cuda/mps)")] = None,  # fmt: skip
-    language: Annotated[Optional[str], typer.Option("--language", help="task language")] = None,
-    domain: Annotated[Optional[str], typer.Option("--domain", help="task domain")] = None,
-    subdomain: Annotated[Optional[str], typer.Option("--subdomain", help="task sub-domain")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="task tag (repeatable)")] = None,
-    tree: Annotated[Optional[str], typer.Option("--tree", help="only this tree")] = None,
+    bandwidth: Annotated[str | None, typer.Option("--bandwidth", help="memory bandwidth, e.g. 50GB/s")] = None,
+    compute: Annotated[str | None, typer.Option("--compute", help="compute, e.g. 10TFLOPS")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="serving dtype (default: float32 on cpu, float16 on cuda/mps)")
+    ] = None,
+    language: Annotated[str | None, typer.Option("--language", help="task language")] = None,
+    domain: Annotated[str | None, typer.Option("--domain", help="task domain")] = None,
+    subdomain: Annotated[str | None, typer.Option("--subdomain", help="task sub-domain")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="task tag (repeatable)")] = None,
+    tree: Annotated[str | None, typer.Option("--tree", help="only this tree")] = None,
     tenant: TenantOption = None,
     top: Annotated[int, typer.Option("--top", help="how many candidates to show")] = 5,
     db: DbOption = None,
@@ -292,8 +307,17 @@ def _print_match(console: Console, result: MatchResult) -> None:
         for i, c in enumerate(result.candidates, 1):
             style = _FIT_STYLE[c.fit]
             speed = f"{c.tokens_per_second:.1f}" if c.tokens_per_second else "-"
-            table.add_row(str(i), escape(c.node_id), f"v{c.version}", c.variant, f"[{style}]{c.fit}[/{style}]",
-                          format_bytes(c.memory_bytes), f"{c.utilisation:.0%}", speed, f"{c.score:.3f}")  # fmt: skip
+            table.add_row(
+                str(i),
+                escape(c.node_id),
+                f"v{c.version}",
+                c.variant,
+                f"[{style}]{c.fit}[/{style}]",
+                format_bytes(c.memory_bytes),
+                f"{c.utilisation:.0%}",
+                speed,
+                f"{c.score:.3f}",
+            )
         console.print(table)
         best = result.candidates[0]
         console.print(f"[bold]best: {escape(best.node_id)} v{best.version} {best.variant}[/bold], because:")
@@ -346,9 +370,10 @@ def token_issue(
 
 @token_app.command("revoke")
 def token_revoke(
-    ctx: typer.Context, token_id: Annotated[str, typer.Argument(help="the token's id (the part after tlm_)")],
+    ctx: typer.Context,
+    token_id: Annotated[str, typer.Argument(help="the token's id (the part after tlm_)")],
     db: DbOption = None,
-) -> None:  # fmt: skip
+) -> None:
     """Revoke an API token by its id."""
     with open_registry(db_url(ctx, db)) as reg:
         revoke_token(reg, token_id)

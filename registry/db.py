@@ -14,10 +14,10 @@ failing on a lock upgrade.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
@@ -279,16 +279,19 @@ class Registry:
     def write(self) -> Iterator[Session]:
         """One write transaction: committed at the end, rolled back (nothing written) on any error."""
         try:
-            with self.engine.connect().execution_options(treelm_write=True) as conn:
-                with Session(bind=conn, expire_on_commit=False) as session, session.begin():
-                    yield session
+            with (
+                self.engine.connect().execution_options(treelm_write=True) as conn,
+                Session(bind=conn, expire_on_commit=False) as session,
+                session.begin(),
+            ):
+                yield session
         except _USE_ERRORS as exc:
             raise _unavailable(self.engine.url, exc, "cannot use") from None
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,9 @@ would (a shorter context, a smaller variant, a shallower node, remote serving).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from registry.matchtypes import CandidateRow, Hardware, MatchRequest, TaskQuery
 from registry.memory import (
@@ -35,10 +36,10 @@ from registry.models import VARIANT_KINDS
 from registry.records import VariantFacts
 
 __all__ = [
+    "WEIGHTS",
     "Candidate",
     "MatchResult",
     "Suggestion",
-    "WEIGHTS",
     "evaluation_score",
     "match_candidates",
     "specificity",
@@ -212,12 +213,19 @@ def _memory_reason(e: MemoryEstimate, available: int, fit: str | None) -> str:
     )
 
 
-def _estimate(row: CandidateRow, variant: VariantFacts, req: MatchRequest, context: int | None = None) -> MemoryEstimate:
+def _estimate(
+    row: CandidateRow, variant: VariantFacts, req: MatchRequest, context: int | None = None
+) -> MemoryEstimate:
     hw = req.hardware
     return estimate_memory(
-        row.base, variant.kind, variant.adapter_parameters,
-        device=hw.device, dtype=hw.serving_dtype, context=context or req.context, batch=req.batch,
-    )  # fmt: skip
+        row.base,
+        variant.kind,
+        variant.adapter_parameters,
+        device=hw.device,
+        dtype=hw.serving_dtype,
+        context=context or req.context,
+        batch=req.batch,
+    )
 
 
 @dataclass(frozen=True)
@@ -235,7 +243,9 @@ class _Scored:
 def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], request: MatchRequest) -> MatchResult:
     """Rank the candidate rows for the request; pure (no I/O), deterministic."""
     task, hw = request.task, request.hardware
-    visible = [r for r in rows if r.visibility == "public" or (request.tenant is not None and r.owner == request.tenant)]
+    visible = [
+        r for r in rows if r.visibility == "public" or (request.tenant is not None and r.owner == request.tenant)
+    ]
     specs = {r.node_id: s for r in visible if (s := specificity(r, task)) is not None}
     if not specs:
         return MatchResult(request, (), (_remote(None, None),), None, ())
@@ -266,8 +276,10 @@ def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], reques
         scored.append(_Scored(r, specs[r.node_id], evaluation_score(r.metrics), estimate, fit, tps, why, too_long))
     for s in scored:
         if s.too_long:
-            note = (f"context {request.context} exceeds the maximum context {s.row.base.max_context} of base "
-                    f"{s.row.base.model} ({s.row.tree})")  # fmt: skip
+            note = (
+                f"context {request.context} exceeds the maximum context {s.row.base.max_context} of base "
+                f"{s.row.base.model} ({s.row.tree})"
+            )
             if note not in notes:
                 notes.append(note)
     fitting = [s for s in scored if s.fit is not None]
@@ -343,8 +355,9 @@ def _match_reason(row: CandidateRow, spec: float, task: TaskQuery, best: float) 
 
 def _hypothetical(row: CandidateRow, kind: str, adapter_parameters: int) -> CandidateRow:
     """The row as if ``kind`` were exported (sizes estimated from the architecture)."""
-    return replace(row, variant=VariantFacts(kind=kind, bytes=0, bytes_estimated=True,
-                                              adapter_parameters=adapter_parameters))  # fmt: skip
+    return replace(
+        row, variant=VariantFacts(kind=kind, bytes=0, bytes_estimated=True, adapter_parameters=adapter_parameters)
+    )
 
 
 def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, CandidateRow]) -> list[Suggestion]:
@@ -363,11 +376,16 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
     if limit >= 1:
         context = limit - limit % 128 if limit >= 256 else limit
         fit = classify_fit(_estimate(s.row, s.row.variant, req, context).total, req.hardware.memory)  # type: ignore[arg-type]
-        out.append(Suggestion(
-            "shorter-context",
-            f"use --context {context} (or less) with {s.row.node_id} {s.row.variant.kind}: {fit} fit",  # type: ignore[union-attr]
-            s.row.node_id, s.row.variant.kind, context, fit,  # type: ignore[union-attr]
-        ))  # fmt: skip
+        out.append(
+            Suggestion(
+                "shorter-context",
+                f"use --context {context} (or less) with {s.row.node_id} {s.row.variant.kind}: {fit} fit",  # type: ignore[union-attr]
+                s.row.node_id,
+                s.row.variant.kind,
+                context,
+                fit,  # type: ignore[union-attr]
+            )
+        )
     # 2. a smaller variant not yet exported, for the most specific node first, then shallower ones
     registered: dict[str, set[str]] = {}
     adapters: dict[str, int] = {}
@@ -375,7 +393,9 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
         registered.setdefault(o.row.node_id, set()).add(o.row.variant.kind)  # type: ignore[union-attr]
         if o.row.variant.kind in ("chain", "flat"):  # type: ignore[union-attr]
             adapters[o.row.node_id] = o.row.variant.adapter_parameters  # type: ignore[union-attr]
-    seen_nodes = sorted({o.row.node_id for o in scored}, key=lambda n: -max(x.spec for x in scored if x.row.node_id == n))
+    seen_nodes = sorted(
+        {o.row.node_id for o in scored}, key=lambda n: -max(x.spec for x in scored if x.row.node_id == n)
+    )
     for node_id in seen_nodes:
         row = by_node[node_id]
         if req.context > row.base.max_context:
@@ -388,13 +408,18 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
                 continue
             spec = max(x.spec for x in scored if x.row.node_id == node_id)
             shallower = spec < best_spec
-            out.append(Suggestion(
-                "shallower-node" if shallower else "smaller-variant",
-                f"export {kind} for {'the shallower node ' if shallower else ''}{node_id} "
-                f"(`treelm export TREE_DIR {node_id} --variant {kind}`, then `treelm registry import TREE_DIR`): "
-                f"about {format_bytes(estimate.total)}, {fit} fit",
-                node_id, kind, req.context, fit,
-            ))  # fmt: skip
+            out.append(
+                Suggestion(
+                    "shallower-node" if shallower else "smaller-variant",
+                    f"export {kind} for {'the shallower node ' if shallower else ''}{node_id} "
+                    f"(`treelm export TREE_DIR {node_id} --variant {kind}`, then `treelm registry import TREE_DIR`): "
+                    f"about {format_bytes(estimate.total)}, {fit} fit",
+                    node_id,
+                    kind,
+                    req.context,
+                    fit,
+                )
+            )
             break
         if any(o.kind in ("smaller-variant", "shallower-node") for o in out):
             break

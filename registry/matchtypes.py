@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodePath
@@ -43,14 +44,17 @@ class TaskQuery:
                 object.__setattr__(self, name, _label(value, name))
         object.__setattr__(self, "tags", tuple(dict.fromkeys(_label(t, "tag") for t in self.tags)))
         if self.path is not None and self.has_attributes:
-            raise InvalidTask("give the task as a path (--task) or as attributes (--language/--domain/--subdomain), "
-                              "not both", field="task")  # fmt: skip
+            raise InvalidTask(
+                "give the task as a path (--task) or as attributes (--language/--domain/--subdomain), not both",
+                field="task",
+            )
         if self.path is None and not self.has_attributes and not self.tags:
-            raise InvalidTask("no task: give --task en/medical/radiology, or --language/--domain/--subdomain/--tag",
-                              field="task")  # fmt: skip
+            raise InvalidTask(
+                "no task: give --task en/medical/radiology, or --language/--domain/--subdomain/--tag", field="task"
+            )
 
     @classmethod
-    def parse(cls, text: str, *, tags: tuple[str, ...] = (), tree: str | None = None) -> "TaskQuery":
+    def parse(cls, text: str, *, tags: tuple[str, ...] = (), tree: str | None = None) -> TaskQuery:
         """``en/medical/radiology`` (a path) or ``language=en,domain=medical`` (attributes)."""
         if "=" not in text:
             return cls(path=text, tags=tags, tree=tree)
@@ -59,8 +63,9 @@ class TaskQuery:
             key, sep, value = part.partition("=")
             key = key.strip().lower()
             if not sep or key not in (*ATTRIBUTES, "tag"):
-                raise InvalidTask(f"task {text!r}: {part.strip()!r} is not language=, domain=, subdomain= or tag=",
-                                  field="task")  # fmt: skip
+                raise InvalidTask(
+                    f"task {text!r}: {part.strip()!r} is not language=, domain=, subdomain= or tag=", field="task"
+                )
             if key == "tag":
                 tags = (*tags, value)
             else:

@@ -25,8 +25,8 @@ from registry.errors import InvalidHardware, InvalidMemorySize
 from registry.records import BaseFacts
 
 __all__ = [
-    "DEVICES",
     "DEFAULT_DTYPE",
+    "DEVICES",
     "DTYPE_BYTES",
     "FIT_BANDS",
     "RUNTIME_OVERHEAD",
@@ -55,9 +55,15 @@ FIT_BANDS = (("perfect", 60), ("good", 85), ("marginal", 98))
 
 _UNITS = {
     "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}  # fmt: skip
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 _COMPUTE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([gtp]?)flops\s*$", re.IGNORECASE)
 
@@ -83,7 +89,9 @@ def parse_bandwidth(text: str) -> float:
     try:
         return float(parse_memory_size(body, field="bandwidth"))
     except InvalidMemorySize:
-        raise InvalidHardware(f"bandwidth {text!r} is not a rate: use e.g. 50GB/s or 100GiB/s", field="bandwidth") from None
+        raise InvalidHardware(
+            f"bandwidth {text!r} is not a rate: use e.g. 50GB/s or 100GiB/s", field="bandwidth"
+        ) from None
 
 
 def parse_compute(text: str) -> float:

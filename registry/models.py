@@ -31,17 +31,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "ALIAS_NAMES",
     "DEPLOYMENT_STATUSES",
-    "PIN_STATUSES",
-    "UPDATE_KINDS",
-    "UPDATE_STATES",
     "KEY_ROLES",
     "KEY_STATUSES",
     "LEVELS",
+    "PIN_STATUSES",
+    "UPDATE_KINDS",
+    "UPDATE_STATES",
     "VARIANT_KINDS",
     "VERSION_STATUSES",
     "VISIBILITIES",
-    "ApiToken",
     "Alias",
+    "ApiToken",
     "BaseModel",
     "Deployment",
     "KeyGroup",
@@ -49,8 +49,8 @@ __all__ = [
     "Node",
     "NodeTag",
     "NodeVersion",
-    "SigningKey",
     "ServingPin",
+    "SigningKey",
     "Tenant",
     "UpdateEvent",
     "UpdateRecord",
@@ -90,7 +90,7 @@ def utcnow() -> datetime:
 
 class Model(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}  # noqa: RUF012 (SQLAlchemy's own shape)
 
 
 class Tenant(Model):

@@ -8,9 +8,10 @@ Outputs: the ``*Record`` classes returned by the repository functions.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodePath
@@ -58,7 +59,9 @@ def normalise_label(value: str, what: str) -> str:
 
 def check_digest(value: str, what: str) -> str:
     if not isinstance(value, str) or not _DIGEST.match(value):
-        raise InvalidInput(f"{what} must be a sha256 hex digest (64 lower-case hex characters), got {value!r}", field=what)
+        raise InvalidInput(
+            f"{what} must be a sha256 hex digest (64 lower-case hex characters), got {value!r}", field=what
+        )
     return value
 
 
@@ -94,12 +97,22 @@ class BaseFacts:
         check_digest(self.digest, "base digest")
         _check_positive(
             self,
-            ("parameter_count", "layers", "hidden_size", "attention_heads", "kv_heads", "head_dim", "vocab_size",
-             "max_context"),
+            (
+                "parameter_count",
+                "layers",
+                "hidden_size",
+                "attention_heads",
+                "kv_heads",
+                "head_dim",
+                "vocab_size",
+                "max_context",
+            ),
         )
         _check_positive(self, ("quantizable_parameter_count", "weights_bytes"), allow_zero=True)
         if self.quantizable_parameter_count > self.parameter_count:
-            raise InvalidInput("quantizable_parameter_count exceeds parameter_count", field="quantizable_parameter_count")
+            raise InvalidInput(
+                "quantizable_parameter_count exceeds parameter_count", field="quantizable_parameter_count"
+            )
 
 
 @dataclass(frozen=True)
@@ -119,7 +132,9 @@ class VariantFacts:
             raise InvalidInput(f"variant kind {self.kind!r} is not one of {', '.join(VARIANT_KINDS)}", field="kind")
         _check_positive(self, ("bytes", "adapter_parameters"), allow_zero=True)
         if self.tokens_per_second is not None and not self.tokens_per_second > 0:
-            raise InvalidInput(f"tokens_per_second must be > 0, got {self.tokens_per_second!r}", field="tokens_per_second")
+            raise InvalidInput(
+                f"tokens_per_second must be > 0, got {self.tokens_per_second!r}", field="tokens_per_second"
+            )
 
 
 @dataclass(frozen=True)
@@ -147,9 +162,13 @@ class ImportNode:
         except InvalidNodePath as exc:
             raise InvalidInput(str(exc), field="path") from None
         if self.level not in LEVELS:
-            raise InvalidInput(f"node {self.path!r}: level {self.level!r} is not one of {', '.join(LEVELS)}", field="level")
+            raise InvalidInput(
+                f"node {self.path!r}: level {self.level!r} is not one of {', '.join(LEVELS)}", field="level"
+            )
         if self.visibility not in VISIBILITIES:
-            raise InvalidInput(f"node {self.path!r}: visibility {self.visibility!r} is not public or private", field="visibility")
+            raise InvalidInput(
+                f"node {self.path!r}: visibility {self.visibility!r} is not public or private", field="visibility"
+            )
         if self.visibility == "private" and not self.owner:
             raise InvalidInput(f"node {self.path!r} is private but names no owner tenant", field="owner")
         if self.owner is not None:
@@ -224,8 +243,13 @@ class ImportResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.nodes_added or self.versions_added or self.variants_added or self.variants_updated
-                    or self.tenants_added)
+        return bool(
+            self.nodes_added
+            or self.versions_added
+            or self.variants_added
+            or self.variants_updated
+            or self.tenants_added
+        )
 
 
 @dataclass(frozen=True)

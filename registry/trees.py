@@ -64,10 +64,17 @@ class _Importer:
         existing = {
             row.path: row
             for row in self.s.execute(
-                select(Node.id, Node.path, Node.level, Node.parent_id, Node.base_model_id, Node.owner_tenant_id,
-                       *(getattr(Node, name) for name in _DESCRIPTIVE)).where(Node.tree == self.tree.name)
+                select(
+                    Node.id,
+                    Node.path,
+                    Node.level,
+                    Node.parent_id,
+                    Node.base_model_id,
+                    Node.owner_tenant_id,
+                    *(getattr(Node, name) for name in _DESCRIPTIVE),
+                ).where(Node.tree == self.tree.name)
             )
-        }  # fmt: skip
+        }
         for row in existing.values():
             if row.base_model_id != base_id:
                 raise ImportConflict(
@@ -140,12 +147,21 @@ class _Importer:
 
     def _node_values(self, node: ImportNode, parent_id: int | None, owner_id: int | None, base_id: int) -> dict:
         return {
-            "node_id": _node_id(self.tree.name, node.path), "tree": self.tree.name, "path": node.path,
-            "parent_id": parent_id, "base_model_id": base_id, "level": node.level, "depth": node.depth,
-            "language": node.language, "domain": node.domain, "subdomain": node.subdomain,
-            "visibility": node.visibility, "owner_tenant_id": owner_id, "description": node.description,
+            "node_id": _node_id(self.tree.name, node.path),
+            "tree": self.tree.name,
+            "path": node.path,
+            "parent_id": parent_id,
+            "base_model_id": base_id,
+            "level": node.level,
+            "depth": node.depth,
+            "language": node.language,
+            "domain": node.domain,
+            "subdomain": node.subdomain,
+            "visibility": node.visibility,
+            "owner_tenant_id": owner_id,
+            "description": node.description,
             "created_at": self.now,
-        }  # fmt: skip
+        }
 
     def _refresh(self, old: Any, node: ImportNode, owner_id: int | None) -> None:
         """Descriptive facts (attributes, visibility, owner, tags) follow the tree dir."""
@@ -167,9 +183,10 @@ class _Importer:
         for start in range(0, len(node_pks), _BATCH * 5):
             chunk = node_pks[start : start + _BATCH * 5]
             for row in self.s.execute(
-                select(NodeVersion.id, NodeVersion.node_id, NodeVersion.version, NodeVersion.manifest_digest)
-                .where(NodeVersion.node_id.in_(chunk))
-            ):  # fmt: skip
+                select(NodeVersion.id, NodeVersion.node_id, NodeVersion.version, NodeVersion.manifest_digest).where(
+                    NodeVersion.node_id.in_(chunk)
+                )
+            ):
                 have[(row.node_id, row.version)] = row
             stable.update(self.s.scalars(select(Alias.node_id).where(Alias.node_id.in_(chunk), Alias.name == "stable")))
         out: dict[str, int] = {}
@@ -187,14 +204,22 @@ class _Importer:
                 out[node.path] = old.id
                 continue
             new_paths.append(node)
-            new_rows.append({
-                "node_id": pk, "version": node.version, "parent_version": node.parent_version,
-                "manifest_digest": node.manifest_digest, "status": "accepted", "metrics": dict(node.metrics),
-                "created_at": self.now, "status_changed_at": self.now,
-            })  # fmt: skip
+            new_rows.append(
+                {
+                    "node_id": pk,
+                    "version": node.version,
+                    "parent_version": node.parent_version,
+                    "manifest_digest": node.manifest_digest,
+                    "status": "accepted",
+                    "metrics": dict(node.metrics),
+                    "created_at": self.now,
+                    "status_changed_at": self.now,
+                }
+            )
         for start in range(0, len(new_rows), _BATCH):
             got = self.s.scalars(
-                insert(NodeVersion).returning(NodeVersion.id, sort_by_parameter_order=True), new_rows[start : start + _BATCH]
+                insert(NodeVersion).returning(NodeVersion.id, sort_by_parameter_order=True),
+                new_rows[start : start + _BATCH],
             ).all()
             for node, version_pk in zip(new_paths[start : start + _BATCH], got, strict=True):
                 out[node.path] = version_pk
@@ -239,10 +264,14 @@ def _bulk_insert(session: Session, model: type, rows: list[dict]) -> None:
 
 def _variant_values(facts: VariantFacts) -> dict[str, Any]:
     return {
-        "kind": facts.kind, "bytes": facts.bytes, "bytes_estimated": facts.bytes_estimated,
-        "adapter_parameters": facts.adapter_parameters, "tokens_per_second": facts.tokens_per_second,
-        "measured_device": facts.measured_device, "uri": facts.uri,
-    }  # fmt: skip
+        "kind": facts.kind,
+        "bytes": facts.bytes,
+        "bytes_estimated": facts.bytes_estimated,
+        "adapter_parameters": facts.adapter_parameters,
+        "tokens_per_second": facts.tokens_per_second,
+        "measured_device": facts.measured_device,
+        "uri": facts.uri,
+    }
 
 
 def _should_replace(old: Variant, new: VariantFacts) -> bool:
@@ -262,13 +291,13 @@ def _records(session: Session, rows: list[Node]) -> list[NodeRecord]:
         chunk = pks[start : start + 5000]
         for node_pk, tag in session.execute(
             select(NodeTag.node_id, NodeTag.tag).where(NodeTag.node_id.in_(chunk)).order_by(NodeTag.tag)
-        ):  # fmt: skip
+        ):
             extra[node_pk]["tags"].append(tag)
         for node_pk, name, version in session.execute(
             select(Alias.node_id, Alias.name, NodeVersion.version)
             .join(NodeVersion, NodeVersion.id == Alias.version_id)
             .where(Alias.node_id.in_(chunk))
-        ):  # fmt: skip
+        ):
             extra[node_pk][name] = version
     info = _info_all(session, pks, parent)
     out = []
@@ -277,11 +306,23 @@ def _records(session: Session, rows: list[Node]) -> list[NodeRecord]:
         e = extra[n.id]
         out.append(
             NodeRecord(
-                node_id=n.node_id, tree=n.tree, path=n.path, level=n.level, parent=parent_id, base_digest=digest,
-                language=n.language, domain=n.domain, subdomain=n.subdomain, tags=tuple(e["tags"]),
-                visibility=n.visibility, owner=owner, description=n.description, stable_version=e["stable"],
-                candidate_version=e["candidate"], created_at=utc(n.created_at),
-            )  # fmt: skip
+                node_id=n.node_id,
+                tree=n.tree,
+                path=n.path,
+                level=n.level,
+                parent=parent_id,
+                base_digest=digest,
+                language=n.language,
+                domain=n.domain,
+                subdomain=n.subdomain,
+                tags=tuple(e["tags"]),
+                visibility=n.visibility,
+                owner=owner,
+                description=n.description,
+                stable_version=e["stable"],
+                candidate_version=e["candidate"],
+                created_at=utc(n.created_at),
+            )
         )
     return out
 
@@ -296,7 +337,7 @@ def _info_all(session: Session, pks: list[int], parent: Any) -> dict[int, tuple]
             .outerjoin(parent, parent.id == Node.parent_id)
             .outerjoin(Tenant, Tenant.id == Node.owner_tenant_id)
             .where(Node.id.in_(chunk))
-        ):  # fmt: skip
+        ):
             out[pk] = (parent_id, digest, owner)
     return out
 

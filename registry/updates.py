@@ -20,9 +20,10 @@ the newest row per node is the current one, older rows are chains it was validat
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -81,7 +82,7 @@ class UpdateNotFound(NotFound):
     """No update record with this id (the same message whether it is absent or not the caller's)."""
 
     @classmethod
-    def for_id(cls, update_id: str) -> "UpdateNotFound":
+    def for_id(cls, update_id: str) -> UpdateNotFound:
         return cls(f"no update {update_id!r}: `treelm update status` lists them")
 
 
@@ -224,7 +225,9 @@ class SetKeyGroup:
     version: int
 
 
-Change = Union[AddVersion, SetStatus, MoveAlias, AddPin, AddUpdate, SetUpdate, AddEvent, AddKey, RevokeKey, SetKeyGroup]
+Change = (
+    AddVersion | SetStatus | MoveAlias | AddPin | AddUpdate | SetUpdate | AddEvent | AddKey | RevokeKey | SetKeyGroup
+)
 
 
 # -- applying ------------------------------------------------------------------------------
@@ -248,11 +251,21 @@ def _add_version(session: Session, c: AddVersion, nodes: dict[str, Node], now: d
     node = _node(session, c.node, nodes)
     current = session.scalar(select(func.max(NodeVersion.version)).where(NodeVersion.node_id == node.id)) or 0
     if c.version != current + 1:
-        raise Conflict(f"node {node.node_id!r} is at version {current}: the next version is {current + 1}, "
-                       f"not {c.version}")  # fmt: skip
-    session.add(NodeVersion(node_id=node.id, version=c.version, parent_version=c.parent_version,
-                            manifest_digest=c.manifest_digest, status=c.status, metrics=dict(c.metrics),
-                            created_at=now, status_changed_at=now))  # fmt: skip
+        raise Conflict(
+            f"node {node.node_id!r} is at version {current}: the next version is {current + 1}, not {c.version}"
+        )
+    session.add(
+        NodeVersion(
+            node_id=node.id,
+            version=c.version,
+            parent_version=c.parent_version,
+            manifest_digest=c.manifest_digest,
+            status=c.status,
+            metrics=dict(c.metrics),
+            created_at=now,
+            status_changed_at=now,
+        )
+    )
     session.flush()
 
 
@@ -262,8 +275,9 @@ def _set_status(session: Session, c: SetStatus, nodes: dict[str, Node], now: dat
     row = find_version(session, node, c.version, for_update=True)
     if row.status != c.status:
         if c.status not in ALLOWED_TRANSITIONS.get(row.status, set()):
-            raise StatusTransitionError(f"node {node.node_id!r} version {c.version} is {row.status}; "
-                                        f"it cannot become {c.status}")  # fmt: skip
+            raise StatusTransitionError(
+                f"node {node.node_id!r} version {c.version} is {row.status}; it cannot become {c.status}"
+            )
         row.status, row.status_changed_at = c.status, now
         session.flush()
 
@@ -274,7 +288,9 @@ def _move_alias(session: Session, c: MoveAlias, nodes: dict[str, Node], now: dat
     node = _node(session, c.node, nodes)
     target = find_version(session, node, c.version)
     if target.status in ("revoked", "rejected") or (c.alias == "stable" and target.status != "accepted"):
-        raise AliasError(f"node {node.node_id!r} version {c.version} is {target.status}: `{c.alias}` cannot point to it")
+        raise AliasError(
+            f"node {node.node_id!r} version {c.version} is {target.status}: `{c.alias}` cannot point to it"
+        )
     row = session.scalar(select(Alias).where(Alias.node_id == node.id, Alias.name == c.alias).with_for_update())
     if row is None:
         session.add(Alias(node_id=node.id, name=c.alias, version_id=target.id, updated_at=now))
@@ -287,8 +303,16 @@ def _add_pin(session: Session, c: AddPin, nodes: dict[str, Node], now: datetime)
     if c.status not in PIN_STATUSES:
         raise InvalidInput(f"pin status {c.status!r} is not one of {', '.join(PIN_STATUSES)}", field="status")
     node = _node(session, c.node, nodes)
-    session.add(ServingPin(node_id=node.id, version=c.version, chain=[dict(x) for x in c.chain], status=c.status,
-                           reason=c.reason, created_at=now))  # fmt: skip
+    session.add(
+        ServingPin(
+            node_id=node.id,
+            version=c.version,
+            chain=[dict(x) for x in c.chain],
+            status=c.status,
+            reason=c.reason,
+            created_at=now,
+        )
+    )
 
 
 def _add_update(session: Session, c: AddUpdate, nodes: dict[str, Node], now: datetime) -> None:
@@ -299,12 +323,25 @@ def _add_update(session: Session, c: AddUpdate, nodes: dict[str, Node], now: dat
     check_digest(c.manifest_digest, "manifest_digest")
     if session.scalar(select(UpdateRecord.id).where(UpdateRecord.update_id == c.update_id)) is not None:
         raise Conflict(f"update {c.update_id!r} is already recorded")
-    session.add(UpdateRecord(
-        update_id=c.update_id, kind=c.kind, node_id=_node(session, c.node, nodes).id, version=c.version,
-        parent_version=c.parent_version, target_id=_node(session, c.target, nodes).id, state=c.state,
-        manifest_digest=c.manifest_digest, envelope=c.envelope, approvals=[dict(a) for a in c.approvals],
-        figures=dict(c.figures), reasons=list(c.reasons), round_id=c.round_id, created_at=now, updated_at=now,
-    ))  # fmt: skip
+    session.add(
+        UpdateRecord(
+            update_id=c.update_id,
+            kind=c.kind,
+            node_id=_node(session, c.node, nodes).id,
+            version=c.version,
+            parent_version=c.parent_version,
+            target_id=_node(session, c.target, nodes).id,
+            state=c.state,
+            manifest_digest=c.manifest_digest,
+            envelope=c.envelope,
+            approvals=[dict(a) for a in c.approvals],
+            figures=dict(c.figures),
+            reasons=list(c.reasons),
+            round_id=c.round_id,
+            created_at=now,
+            updated_at=now,
+        )
+    )
     session.flush()
 
 
@@ -336,8 +373,17 @@ def _add_key(session: Session, c: AddKey, nodes: dict[str, Node], now: datetime)
     if session.scalar(select(SigningKey.id).where(SigningKey.key_id == c.key_id)) is not None:
         raise Conflict(f"signing key {c.key_id[:16]}... is already registered")
     node_pk = _node(session, c.node, nodes).id if c.node else None
-    session.add(SigningKey(key_id=c.key_id, public_key=c.public_key, algorithm="ed25519", role=c.role,
-                           status="active", node_id=node_pk, created_at=now))  # fmt: skip
+    session.add(
+        SigningKey(
+            key_id=c.key_id,
+            public_key=c.public_key,
+            algorithm="ed25519",
+            role=c.role,
+            status="active",
+            node_id=node_pk,
+            created_at=now,
+        )
+    )
     session.flush()
 
 
@@ -362,10 +408,17 @@ def _set_key_group(session: Session, c: SetKeyGroup, nodes: dict[str, Node], now
 
 
 _APPLY = {
-    AddVersion: _add_version, SetStatus: _set_status, MoveAlias: _move_alias, AddPin: _add_pin,
-    AddUpdate: _add_update, SetUpdate: _set_update, AddEvent: _add_event, AddKey: _add_key,
-    RevokeKey: _revoke_key, SetKeyGroup: _set_key_group,
-}  # fmt: skip
+    AddVersion: _add_version,
+    SetStatus: _set_status,
+    MoveAlias: _move_alias,
+    AddPin: _add_pin,
+    AddUpdate: _add_update,
+    SetUpdate: _set_update,
+    AddEvent: _add_event,
+    AddKey: _add_key,
+    RevokeKey: _revoke_key,
+    SetKeyGroup: _set_key_group,
+}
 
 
 def apply_changes(reg: Registry, changes: Iterable[Change]) -> int:
@@ -385,12 +438,22 @@ def apply_changes(reg: Registry, changes: Iterable[Change]) -> int:
 # -- reading -------------------------------------------------------------------------------
 def _entry(row: UpdateRecord, node_id: str, target: str) -> UpdateEntry:
     return UpdateEntry(
-        update_id=row.update_id, kind=row.kind, node_id=node_id, version=row.version,
-        parent_version=row.parent_version, target=target, state=row.state, manifest_digest=row.manifest_digest,
-        envelope=row.envelope, approvals=tuple(row.approvals or ()), figures=dict(row.figures or {}),
-        reasons=tuple(row.reasons or ()), round_id=row.round_id, created_at=utc(row.created_at),
+        update_id=row.update_id,
+        kind=row.kind,
+        node_id=node_id,
+        version=row.version,
+        parent_version=row.parent_version,
+        target=target,
+        state=row.state,
+        manifest_digest=row.manifest_digest,
+        envelope=row.envelope,
+        approvals=tuple(row.approvals or ()),
+        figures=dict(row.figures or {}),
+        reasons=tuple(row.reasons or ()),
+        round_id=row.round_id,
+        created_at=utc(row.created_at),
         updated_at=utc(row.updated_at),
-    )  # fmt: skip
+    )
 
 
 def _node_ids(session: Session) -> dict[int, str]:
@@ -432,8 +495,9 @@ def list_updates(
         return tuple(_entry(r, names[r.node_id], names[r.target_id]) for r in session.scalars(query))
 
 
-def list_update_events(reg: Registry, *, node: str | None = None, update_id: str | None = None,
-                       tree: str | None = None) -> tuple[EventEntry, ...]:  # fmt: skip
+def list_update_events(
+    reg: Registry, *, node: str | None = None, update_id: str | None = None, tree: str | None = None
+) -> tuple[EventEntry, ...]:
     query = select(UpdateEvent).order_by(UpdateEvent.id)
     with reg.read() as session:
         if node is not None:
@@ -450,15 +514,20 @@ def list_update_events(reg: Registry, *, node: str | None = None, update_id: str
 
 
 def _pin(row: ServingPin, node_id: str) -> PinEntry:
-    return PinEntry(node_id, row.version, tuple(dict(x) for x in row.chain), row.status, row.reason or "",
-                    utc(row.created_at))  # fmt: skip
+    return PinEntry(
+        node_id, row.version, tuple(dict(x) for x in row.chain), row.status, row.reason or "", utc(row.created_at)
+    )
 
 
 def current_pins(reg: Registry, tree: str) -> dict[str, PinEntry]:
     """node id -> its current serving pin (the newest row), for every pinned node of ``tree``."""
     with reg.read() as session:
-        newest = (select(func.max(ServingPin.id)).join(Node, Node.id == ServingPin.node_id)
-                  .where(Node.tree == tree).group_by(ServingPin.node_id))  # fmt: skip
+        newest = (
+            select(func.max(ServingPin.id))
+            .join(Node, Node.id == ServingPin.node_id)
+            .where(Node.tree == tree)
+            .group_by(ServingPin.node_id)
+        )
         rows = session.execute(
             select(ServingPin, Node.node_id).join(Node, Node.id == ServingPin.node_id).where(ServingPin.id.in_(newest))
         ).all()
@@ -494,11 +563,16 @@ def tree_versions(reg: Registry, tree: str) -> dict[str, NodeVersions]:
     with reg.read() as session:
         rows = session.execute(
             select(Node.node_id, NodeVersion.version, NodeVersion.status, NodeVersion.parent_version, NodeVersion.id)
-            .join(NodeVersion, NodeVersion.node_id == Node.id).where(Node.tree == tree)
-        ).all()  # fmt: skip
-        stable_ids = set(session.scalars(
-            select(Alias.version_id).join(Node, Node.id == Alias.node_id).where(Node.tree == tree,
-                                                                                 Alias.name == "stable")))  # fmt: skip
+            .join(NodeVersion, NodeVersion.node_id == Node.id)
+            .where(Node.tree == tree)
+        ).all()
+        stable_ids = set(
+            session.scalars(
+                select(Alias.version_id)
+                .join(Node, Node.id == Alias.node_id)
+                .where(Node.tree == tree, Alias.name == "stable")
+            )
+        )
     out: dict[str, dict[str, Any]] = {}
     for node_id, version, status, parent_version, pk in rows:
         entry = out.setdefault(node_id, {"latest": 0, "stable": None, "spv": None, "statuses": {}})

@@ -11,7 +11,8 @@ adding versions to one node are serialised by a row lock on the node
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -87,9 +88,15 @@ def add_version(
                     )
                 now = utcnow()
                 row = NodeVersion(
-                    node_id=node.id, version=number, parent_version=parent_version, manifest_digest=manifest_digest,
-                    status=status, metrics=dict(metrics or {}), created_at=now, status_changed_at=now,
-                )  # fmt: skip
+                    node_id=node.id,
+                    version=number,
+                    parent_version=parent_version,
+                    manifest_digest=manifest_digest,
+                    status=status,
+                    metrics=dict(metrics or {}),
+                    created_at=now,
+                    status_changed_at=now,
+                )
                 session.add(row)
                 session.flush()
                 return version_record(row, node.node_id)
@@ -153,9 +160,10 @@ def resolve_alias(
     with reg.read() as session:
         node = find_node(session, node_id, tenant=tenant, include_private=include_private)
         row = session.scalar(
-            select(NodeVersion).join(Alias, Alias.version_id == NodeVersion.id)
+            select(NodeVersion)
+            .join(Alias, Alias.version_id == NodeVersion.id)
             .where(Alias.node_id == node.id, Alias.name == alias)
-        )  # fmt: skip
+        )
         if row is None:
             raise VersionNotFound(f"node {node.node_id!r} has no {alias!r} alias")
         return version_record(row, node.node_id, aliases_of(session, node).get(row.id, ()))
@@ -168,10 +176,13 @@ def add_variant(reg: Registry, node_id: str, version: int, facts: VariantFacts) 
         target = find_version(session, node, version)
         row = session.scalar(select(Variant).where(Variant.version_id == target.id, Variant.kind == facts.kind))
         values = {
-            "bytes": facts.bytes, "bytes_estimated": facts.bytes_estimated,
-            "adapter_parameters": facts.adapter_parameters, "tokens_per_second": facts.tokens_per_second,
-            "measured_device": facts.measured_device, "uri": facts.uri,
-        }  # fmt: skip
+            "bytes": facts.bytes,
+            "bytes_estimated": facts.bytes_estimated,
+            "adapter_parameters": facts.adapter_parameters,
+            "tokens_per_second": facts.tokens_per_second,
+            "measured_device": facts.measured_device,
+            "uri": facts.uri,
+        }
         if row is None:
             row = Variant(version_id=target.id, kind=facts.kind, created_at=utcnow(), **values)
             session.add(row)

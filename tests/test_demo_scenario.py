@@ -14,8 +14,14 @@ from tests.cluster.update_world import TREE, built_tree
 def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, tmp_path):
     built = built_tree(tmp_path_factory)
     built_before = sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*"))
-    config = DemoConfig(built / "tree", tmp_path / "state", tmp_path / "report",
-                        built / "data" / "en/medical/oncology" / "local.txt", max_new_tokens=6, update_steps=20)  # fmt: skip
+    config = DemoConfig(
+        built / "tree",
+        tmp_path / "state",
+        tmp_path / "report",
+        built / "data" / "en/medical/oncology" / "local.txt",
+        max_new_tokens=6,
+        update_steps=20,
+    )
     console = Console(record=True, width=160)
     tables = run(config, console)
 
@@ -29,8 +35,10 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     assert [r[1] for r in chain] == [0, 1, 1, 1] and all(r[2] > 0 and r[3] > 0 for r in chain)
     # (3) the owner uses its private node; the other tenant neither sees it nor may call it
     rows = tables["tenants"].rows
-    assert [(r[0], r[1]) for r in rows[::2]] == [("st-marys", "nodes() lists it: True"),
-                                                 ("globex", "nodes() lists it: False")]  # fmt: skip
+    assert [(r[0], r[1]) for r in rows[::2]] == [
+        ("st-marys", "nodes() lists it: True"),
+        ("globex", "nodes() lists it: False"),
+    ]
     assert rows[1][2].startswith("v1:") and rows[3][2].startswith("NodeNotFound: NOT_FOUND")
     # (4) the update went through and the tampered copy was refused for its signature
     update = tables["update"].rows
@@ -44,8 +52,15 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     # (5) the status table and the report
     assert any(r[1] == "loaded adapters" for r in tables["status"].rows)
     names = sorted(p.name for p in config.report.iterdir())
-    assert {"match.json", "chain.json", "tenants.json", "update.json", "status.json", "tree.png",
-            "tokens_per_s.png"} <= set(names)  # fmt: skip
+    assert {
+        "match.json",
+        "chain.json",
+        "tenants.json",
+        "update.json",
+        "status.json",
+        "tree.png",
+        "tokens_per_s.png",
+    } <= set(names)
     assert json.loads((config.report / "chain.json").read_text())["rows"][0][0] == TREE
     assert (config.report / "tree.png").read_bytes().startswith(b"\x89PNG")
     assert "4. St Mary's updates its private node" in console.export_text()

@@ -17,8 +17,9 @@ Example::
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -75,7 +76,7 @@ class AsyncStream(AsyncIterator[Chunk]):
         self._attempt = 0
         self._done = False
 
-    def __aiter__(self) -> "AsyncStream":
+    def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> Chunk:
@@ -123,7 +124,7 @@ class AsyncStream(AsyncIterator[Chunk]):
     async def aclose(self) -> None:
         self.cancel()
 
-    async def __aenter__(self) -> "AsyncStream":
+    async def __aenter__(self) -> AsyncStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -242,9 +243,18 @@ class AsyncClient:
         timeout: float | None = _UNSET,
     ) -> MatchResult:
         request = match_request(
-            task, device=device, memory=memory, context=context, batch=batch, top=top,
-            bandwidth=bandwidth, compute=compute, tags=tags, tree=tree, dtype=dtype,
-        )  # fmt: skip
+            task,
+            device=device,
+            memory=memory,
+            context=context,
+            batch=batch,
+            top=top,
+            bandwidth=bandwidth,
+            compute=compute,
+            tags=tags,
+            tree=tree,
+            dtype=dtype,
+        )
         return match_from_proto(await self._unary(self._registry.Match, request, timeout))
 
     async def status(self, *, timeout: float | None = _UNSET) -> ServerStatus:
@@ -264,27 +274,38 @@ class AsyncClient:
         request = updates_pb2.GetStatusRequest(update_id=update_id)
         return update_status_from_proto(await self._unary(self._updates.GetStatus, request, timeout))
 
-    async def approve(self, update_id: str, key: SigningKey | str | Path, *, password: bytes | None = None,
-                      timeout: float | None = _UNSET) -> UpdateStatus:  # fmt: skip
+    async def approve(
+        self,
+        update_id: str,
+        key: SigningKey | str | Path,
+        *,
+        password: bytes | None = None,
+        timeout: float | None = _UNSET,
+    ) -> UpdateStatus:
         signer = load_signing_key(key, password)
         signature = approval_signature(await self.update_status(update_id, timeout=timeout), signer)
         request = updates_pb2.ApproveRequest(update_id=update_id, key_id=signer.keyid, signature=signature)
         return update_status_from_proto(await self._unary(self._updates.Approve, request, timeout, idempotent=False))
 
-    async def rollback(self, node: str, to_version: int, keys: Any, *, password: bytes | None = None,
-                       timeout: float | None = _UNSET) -> RollbackResult:  # fmt: skip
+    async def rollback(
+        self, node: str, to_version: int, keys: Any, *, password: bytes | None = None, timeout: float | None = _UNSET
+    ) -> RollbackResult:
         signers = [load_signing_key(k, password) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
         current = (await self.node(node, timeout=timeout)).stable_version or 0
         signatures = sign_payload(ROLLBACK_PAYLOAD_TYPE, rollback_statement(node, current, to_version), signers)
-        request = updates_pb2.RollbackRequest(node=node, alias="stable", to_version=to_version, signatures=[
-            updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures])  # fmt: skip
+        request = updates_pb2.RollbackRequest(
+            node=node,
+            alias="stable",
+            to_version=to_version,
+            signatures=[updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures],
+        )
         return rollback_from_proto(await self._unary(self._updates.Rollback, request, timeout, idempotent=False))
 
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -13,8 +13,9 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -88,7 +89,7 @@ class Stream(Iterator[Chunk]):
         self._attempt = 0
         self._done = False
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> Chunk:
@@ -132,7 +133,7 @@ class Stream(Iterator[Chunk]):
 
     close = cancel
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -286,9 +287,18 @@ class Client:
                 print(c.node, c.variant, c.fit, c.reasons)
         """
         request = match_request(
-            task, device=device, memory=memory, context=context, batch=batch, top=top,
-            bandwidth=bandwidth, compute=compute, tags=tags, tree=tree, dtype=dtype,
-        )  # fmt: skip
+            task,
+            device=device,
+            memory=memory,
+            context=context,
+            batch=batch,
+            top=top,
+            bandwidth=bandwidth,
+            compute=compute,
+            tags=tags,
+            tree=tree,
+            dtype=dtype,
+        )
         return match_from_proto(self._unary(self._registry.Match, request, timeout))
 
     # -- updates ----------------------------------------------------------------------------
@@ -302,8 +312,11 @@ class Client:
         """
         chunks = package_chunks(package)
         try:
-            reply = self._updates.Submit(chunks, timeout=_Deadline(self._timeout if timeout is _UNSET else timeout)
-                                         .remaining(), metadata=self._metadata)  # fmt: skip
+            reply = self._updates.Submit(
+                chunks,
+                timeout=_Deadline(self._timeout if timeout is _UNSET else timeout).remaining(),
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return update_status_from_proto(reply)
@@ -313,8 +326,14 @@ class Client:
         request = updates_pb2.GetStatusRequest(update_id=update_id)
         return update_status_from_proto(self._unary(self._updates.GetStatus, request, timeout))
 
-    def approve(self, update_id: str, key: SigningKey | str | Path, *, password: bytes | None = None,
-                timeout: float | None = _UNSET) -> UpdateStatus:  # fmt: skip
+    def approve(
+        self,
+        update_id: str,
+        key: SigningKey | str | Path,
+        *,
+        password: bytes | None = None,
+        timeout: float | None = _UNSET,
+    ) -> UpdateStatus:
         """Sign and send one approval of a candidate (the key stays here; only the signature travels).
 
         ``key``: a SigningKey, or a key directory / private PEM file from `treelm keys gen`.
@@ -324,15 +343,26 @@ class Client:
         request = updates_pb2.ApproveRequest(update_id=update_id, key_id=signer.keyid, signature=signature)
         return update_status_from_proto(self._unary(self._updates.Approve, request, timeout, idempotent=False))
 
-    def rollback(self, node: str, to_version: int, keys: Sequence[SigningKey | str | Path] | SigningKey | str | Path,
-                 *, password: bytes | None = None, timeout: float | None = _UNSET) -> RollbackResult:  # fmt: skip
+    def rollback(
+        self,
+        node: str,
+        to_version: int,
+        keys: Sequence[SigningKey | str | Path] | SigningKey | str | Path,
+        *,
+        password: bytes | None = None,
+        timeout: float | None = _UNSET,
+    ) -> RollbackResult:
         """Move ``node``'s ``stable`` alias to ``to_version``, signed by operator key(s); re-signs nothing."""
         signers = [load_signing_key(k, password) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
         current = self.node(node, timeout=timeout).stable_version or 0
         statement = rollback_statement(node, current, to_version)
         signatures: tuple[Signature, ...] = sign_payload(ROLLBACK_PAYLOAD_TYPE, statement, signers)
-        request = updates_pb2.RollbackRequest(node=node, alias="stable", to_version=to_version, signatures=[
-            updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures])  # fmt: skip
+        request = updates_pb2.RollbackRequest(
+            node=node,
+            alias="stable",
+            to_version=to_version,
+            signatures=[updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures],
+        )
         return rollback_from_proto(self._unary(self._updates.Rollback, request, timeout, idempotent=False))
 
     # -- admin ------------------------------------------------------------------------------
@@ -344,7 +374,7 @@ class Client:
         if self._owns_channel:
             self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

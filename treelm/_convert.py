@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -28,8 +29,8 @@ from treelm._types import (
 __all__ = [
     "chunk_from_proto",
     "generate_request",
-    "match_request",
     "match_from_proto",
+    "match_request",
     "node_from_proto",
     "result_from_proto",
     "status_from_proto",
@@ -183,7 +184,9 @@ def match_request(
     if isinstance(memory, bool) or not isinstance(memory, (int, str)):
         raise InvalidRequest("memory: give bytes (int) or a size like '8GiB'", field="memory")
     # Bytes travel as "<n>B" so the server parses one format, the CLI's.
-    req = registry_pb2.MatchRequest(task=task, device=device, memory=f"{memory}B" if isinstance(memory, int) else memory)
+    req = registry_pb2.MatchRequest(
+        task=task, device=device, memory=f"{memory}B" if isinstance(memory, int) else memory
+    )
     for name, value in (("context", context), ("batch", batch), ("top", top)):
         if value is None:
             continue

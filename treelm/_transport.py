@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import grpc
 
@@ -13,8 +12,8 @@ from treelm._errors import TreeLMError
 
 __all__ = [
     "CHANNEL_OPTIONS",
-    "RetryPolicy",
     "TLS",
+    "RetryPolicy",
     "auth_metadata",
     "channel_credentials",
 ]
@@ -30,7 +29,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
 
 # None: plaintext; True: TLS with the system's roots; bytes/str/Path: a root CA (PEM or its file);
 # or ready grpc.ChannelCredentials.
-TLS = Union[None, bool, bytes, str, Path, grpc.ChannelCredentials]
+TLS = None | bool | bytes | str | Path | grpc.ChannelCredentials
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class RetryPolicy:
             raise ValueError("need 0 <= initial_backoff <= max_backoff")
 
     @classmethod
-    def of(cls, value: "int | RetryPolicy") -> "RetryPolicy":
+    def of(cls, value: int | RetryPolicy) -> RetryPolicy:
         return value if isinstance(value, RetryPolicy) else cls(retries=value)
 
     def backoff(self, attempt: int) -> float:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
@@ -49,8 +49,9 @@ def package_chunks(package: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Itera
     try:
         node = json.loads(Envelope.from_bytes(envelope).payload)["node"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidRequest(f"{root / ENVELOPE_FILE} is not a DSSE envelope of a manifest: {exc}",
-                             field="envelope") from None  # fmt: skip
+        raise InvalidRequest(
+            f"{root / ENVELOPE_FILE} is not a DSSE envelope of a manifest: {exc}", field="envelope"
+        ) from None
     files = sorted(p for p in (root / FILES_DIR).rglob("*") if p.is_file()) if (root / FILES_DIR).is_dir() else []
 
     def chunks() -> Iterator[updates_pb2.SubmitChunk]:
@@ -79,24 +80,37 @@ def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None
 def approval_signature(status: UpdateStatus, key: SigningKey) -> bytes:
     """Sign the candidate's envelope (after checking it is the manifest the status names)."""
     if status.kind != "candidate":
-        raise InvalidRequest(f"update {status.update_id} is a {status.kind}; only candidates are approved",
-                             field="update_id")  # fmt: skip
+        raise InvalidRequest(
+            f"update {status.update_id} is a {status.kind}; only candidates are approved", field="update_id"
+        )
     envelope = Envelope.from_bytes(status.envelope)
     if hashlib.sha256(envelope.payload).hexdigest() != status.manifest_digest:
-        raise InvalidRequest("the envelope does not carry the manifest the status names; refusing to sign",
-                             field="envelope")  # fmt: skip
+        raise InvalidRequest(
+            "the envelope does not carry the manifest the status names; refusing to sign", field="envelope"
+        )
     return key.sign(envelope.pae())
 
 
 def update_status_from_proto(msg: updates_pb2.UpdateStatus) -> UpdateStatus:
     return UpdateStatus(
-        update_id=msg.update_id, kind=msg.kind, node=msg.node, version=msg.version, parent=msg.parent,
-        parent_version=msg.parent_version, state=msg.state, reasons=tuple(msg.reasons), approvals=msg.approvals,
-        approvals_needed=msg.approvals_needed, candidate_id=msg.candidate_id or None, figures=dict(msg.figures),
-        manifest_digest=msg.manifest_digest, envelope=bytes(msg.envelope),
-    )  # fmt: skip
+        update_id=msg.update_id,
+        kind=msg.kind,
+        node=msg.node,
+        version=msg.version,
+        parent=msg.parent,
+        parent_version=msg.parent_version,
+        state=msg.state,
+        reasons=tuple(msg.reasons),
+        approvals=msg.approvals,
+        approvals_needed=msg.approvals_needed,
+        candidate_id=msg.candidate_id or None,
+        figures=dict(msg.figures),
+        manifest_digest=msg.manifest_digest,
+        envelope=bytes(msg.envelope),
+    )
 
 
 def rollback_from_proto(msg: updates_pb2.RollbackResponse) -> RollbackResult:
-    return RollbackResult(node=msg.node, alias=msg.alias, version=msg.version,
-                          previous_version=msg.previous_version, held=tuple(msg.held))  # fmt: skip
+    return RollbackResult(
+        node=msg.node, alias=msg.alias, version=msg.version, previous_version=msg.previous_version, held=tuple(msg.held)
+    )

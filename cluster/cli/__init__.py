@@ -7,17 +7,15 @@ code 2 (never a traceback) for users.
 
 from __future__ import annotations
 
-import sys
-
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from cluster.cli.cluster import cluster_app
-from cluster.errors import ClusterError
-from cluster.tree_import import import_command
 from cluster.cli.serve import serve_command
 from cluster.cli.updates import keys_app, update_app
+from cluster.errors import ClusterError
+from cluster.tree_import import import_command
 from hierarchy.errors import HierarchyError
 from nodes.cli import base_app, export_command, tree_app
 from nodes.errors import NodesError
@@ -64,4 +62,3 @@ def main(argv: list[str] | None = None) -> int:
         err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
         return 2
     return 0
-

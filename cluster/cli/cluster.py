@@ -17,18 +17,18 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from cluster.ray.config import ClusterConfig, load_cluster_config
 from cluster.errors import ClusterError
-from cluster.tree_import import import_tree
+from cluster.ray.config import ClusterConfig, load_cluster_config
 from cluster.ray.runtime import (
     ClusterState,
     connect,
@@ -43,6 +43,7 @@ from cluster.ray.runtime import (
     stop_node,
     token_file,
 )
+from cluster.tree_import import import_tree
 from registry.access import record_deployment
 from registry.db import open_registry
 from registry.errors import RegistryError
@@ -54,7 +55,7 @@ __all__ = ["cluster_app"]
 cluster_app = typer.Typer(help="Serve trees on a Ray cluster: up, status, scale, drain, down.", no_args_is_help=True)
 
 _STATE_HELP = "where `up` records the cluster (default: $TREELM_CLUSTER_STATE_DIR or ~/.treelm/cluster)"
-StateDir = Annotated[Optional[Path], typer.Option("--state-dir", help=_STATE_HELP)]
+StateDir = Annotated[Path | None, typer.Option("--state-dir", help=_STATE_HELP)]
 
 
 @contextmanager
@@ -71,8 +72,15 @@ def _driver(state: ClusterState) -> Iterator[None]:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                    "{task.total}"), TimeElapsedColumn(), console=console, transient=True)  # fmt: skip
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _wait(config: ClusterConfig, console: Console, what: str, timeout: float, replicas=None) -> None:
@@ -89,8 +97,8 @@ def _wait(config: ClusterConfig, console: Console, what: str, timeout: float, re
 
 def _endpoints(config: ClusterConfig) -> tuple[str, ...]:
     """host:port of each ingress replica (0.0.0.0 becomes the IP of the node it runs on)."""
-    from cluster.ray.status import _serve_details
     from cluster.ray.app import INGRESS_APP, INGRESS_DEPLOYMENT
+    from cluster.ray.status import _serve_details
 
     ing = config.ingress
     if ing.host not in ("0.0.0.0", "::"):
@@ -127,8 +135,13 @@ def _start_or_join(config: ClusterConfig, state_dir: Path, console: Console) -> 
         previous = load_state(state_dir)
     except ClusterError:
         pass
-    base = dict(config_file=str(Path(config.file).resolve()), name=config.name, namespace=config.ray.namespace,
-                auth=config.ray.auth, started_at=time.time())  # fmt: skip
+    base = dict(
+        config_file=str(Path(config.file).resolve()),
+        name=config.name,
+        namespace=config.ray.namespace,
+        auth=config.ray.auth,
+        started_at=time.time(),
+    )
     if previous is not None and head_alive(previous):
         console.print(f"Ray is already up at {previous.gcs_address} (started by an earlier `up`): redeploying")
         return previous.with_(**{k: v for k, v in base.items() if k != "started_at"}, overrides={})
@@ -185,17 +198,20 @@ def up_command(
         if config.ingress.updates:  # before the replicas start: it pins versions and writes the snapshots
             trees = tuple((t.tree, str(t.tree_dir)) for t in config.trunks)
             with console.status("opening the update desk (signed updates) ..."):
-                ensure_desk(DeskSpec(config.registry, trees, config.ingress.update_threads), config.ray.namespace,
-                            timeout)  # fmt: skip
+                ensure_desk(
+                    DeskSpec(config.registry, trees, config.ingress.update_threads), config.ray.namespace, timeout
+                )
         deploy(config)
         _wait(config, console, "deploying", timeout)
         endpoints = _endpoints(config)
     state = state.with_(endpoints=endpoints)
     save_state(state_dir, state)
     _record(config, endpoints, "active", console)
-    console.print(f"[green]cluster {escape(config.name)} is up[/green]: gRPC ingress on {', '.join(endpoints)} "
-                  f"(auth {'on' if config.ingress.auth else 'OFF'}); trunks: "
-                  f"{', '.join(t.tree for t in config.trunks)}")  # fmt: skip
+    console.print(
+        f"[green]cluster {escape(config.name)} is up[/green]: gRPC ingress on {', '.join(endpoints)} "
+        f"(auth {'on' if config.ingress.auth else 'OFF'}); trunks: "
+        f"{', '.join(t.tree for t in config.trunks)}"
+    )
     console.print("add a machine:", escape(join_command(config, state)), soft_wrap=True)
 
 
@@ -220,9 +236,9 @@ def status_command(
 @cluster_app.command("scale")
 def scale_command(
     trunk: Annotated[str, typer.Argument(help="the trunk's tree name (see `treelm cluster status`)")],
-    replicas: Annotated[Optional[int], typer.Option("--replicas", help="a fixed number of replicas")] = None,
-    min_replicas: Annotated[Optional[int], typer.Option("--min", help="autoscaling lower bound")] = None,
-    max_replicas: Annotated[Optional[int], typer.Option("--max", help="autoscaling upper bound")] = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", help="a fixed number of replicas")] = None,
+    min_replicas: Annotated[int | None, typer.Option("--min", help="autoscaling lower bound")] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max", help="autoscaling upper bound")] = None,
     state_dir: StateDir = None,
     wait: Annotated[bool, typer.Option(help="wait until the replicas run")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 300.0,
@@ -261,8 +277,10 @@ def _find_node(address: str) -> dict:
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise ClusterError(f"{address!r} matches {len(found)} Ray nodes: give IP:PORT or the node id "
-                               "(`treelm cluster status` lists them)")  # fmt: skip
+            raise ClusterError(
+                f"{address!r} matches {len(found)} Ray nodes: give IP:PORT or the node id "
+                "(`treelm cluster status` lists them)"
+            )
     raise ClusterError(f"no live Ray node {address!r}: give IP:PORT, an IP or a node id from `treelm cluster status`")
 
 
@@ -273,8 +291,8 @@ def drain_command(
     timeout: Annotated[float, typer.Option(help="seconds to wait until no replica is left there")] = 300.0,
 ) -> None:
     """Move every replica off a Ray node (Serve starts replacements elsewhere first), before removing it."""
-    from cluster.ray.status import _serve_details
     from cluster.ray.app import app_names
+    from cluster.ray.status import _serve_details
 
     state = load_state(state_dir or default_state_dir())
     config = load_cluster_config(state.config_file)
@@ -284,9 +302,20 @@ def drain_command(
         if "node:__internal_head__" in (node.get("Resources") or {}):
             raise ClusterError("that is the head node: it runs Serve's controller and the ingress; drain workers only")
         node_id = node["NodeID"]
-        cmd = [ray_executable(), "drain-node", "--address", state.gcs_address, "--node-id", node_id, "--reason",
-               "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "treelm cluster drain",
-               "--deadline-remaining-seconds", str(int(timeout))]  # fmt: skip
+        cmd = [
+            ray_executable(),
+            "drain-node",
+            "--address",
+            state.gcs_address,
+            "--node-id",
+            node_id,
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            "treelm cluster drain",
+            "--deadline-remaining-seconds",
+            str(int(timeout)),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise ClusterError(f"Ray refused to drain {node_addr}: {(done.stderr or done.stdout).strip()[-500:]}")
@@ -294,8 +323,9 @@ def drain_command(
         with console.status(f"moving replicas off {node_addr} ..."):
             while True:
                 apps = _serve_details().get("applications", {})
-                deployments = [d for name in app_names(config)
-                               for d in (apps.get(name, {}).get("deployments") or {}).values()]  # fmt: skip
+                deployments = [
+                    d for name in app_names(config) for d in (apps.get(name, {}).get("deployments") or {}).values()
+                ]
                 left = sum(1 for d in deployments for r in d.get("replicas", ()) if r.get("node_id") == node_id)
                 if left == 0:
                     break
@@ -303,8 +333,10 @@ def drain_command(
                     raise ClusterError(f"{left} replica(s) still on {node_addr} after {timeout:g}s")
                 time.sleep(0.5)
         _wait(config, console, "replacements", timeout)
-    console.print(f"[green]drained[/green] {escape(node_addr)} (node {node_id[:12]}): no TreeLM replica runs there; "
-                  "Ray takes the node out of the cluster, its machine can be stopped")  # fmt: skip
+    console.print(
+        f"[green]drained[/green] {escape(node_addr)} (node {node_id[:12]}): no TreeLM replica runs there; "
+        "Ray takes the node out of the cluster, its machine can be stopped"
+    )
 
 
 @cluster_app.command("down")
@@ -336,5 +368,7 @@ def down_command(state_dir: StateDir = None) -> None:
         with console.status(f"stopping the Ray head (pid {state.head.pid}) ..."):
             stop_node(state.head.pid)
     remove_state(state_dir)
-    console.print(f"[green]cluster {escape(state.name)} is down[/green]"
-                  + ("" if state.head is not None else " (Ray itself was not started by `up` and keeps running)"))
+    console.print(
+        f"[green]cluster {escape(state.name)} is down[/green]"
+        + ("" if state.head is not None else " (Ray itself was not started by `up` and keeps running)")
+    )

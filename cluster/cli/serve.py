@@ -15,7 +15,7 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -23,11 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from cluster.service.catalog import Catalog
 from cluster.errors import ServeError
-from cluster.tree_import import import_tree
+from cluster.service.catalog import Catalog
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
+from cluster.tree_import import import_tree
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.policy import UpdatePolicy
 from nodes.runtime.engine import Engine, EngineConfig
@@ -43,32 +43,46 @@ log = logging.getLogger("treelm.server")
 
 def serve_command(
     tree_dir: Annotated[Path, typer.Argument(help="a built tree directory (treelm tree build ... --out DIR)")],
-    db: Annotated[Optional[str], typer.Option("--db", help="registry URL (default: $TREELM_REGISTRY_URL or "
-                                                            "~/.treelm/registry.db)")] = None,  # fmt: skip
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="registry URL (default: $TREELM_REGISTRY_URL or ~/.treelm/registry.db)"),
+    ] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 50051,
-    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="PEM certificate chain")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="PEM private key")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="accept calls without a token (local development only)")
     ] = False,
     grace: Annotated[float, typer.Option(help="seconds in-flight calls may finish at shutdown")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 1024,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads for the engine (default: torch's)")] = None,
-    updates: Annotated[bool, typer.Option("--updates/--no-updates", help="serve the Updates service (signed update "
-                                          "protocol) over this tree dir and registry")] = True,  # fmt: skip
-    update_policy: Annotated[Optional[Path], typer.Option("--update-policy", help="update policy YAML (default: "
-                                                          "TREE_DIR/update-policy.yaml)")] = None,  # fmt: skip
+    threads: Annotated[int | None, typer.Option(help="torch threads for the engine (default: torch's)")] = None,
+    updates: Annotated[
+        bool,
+        typer.Option(
+            "--updates/--no-updates",
+            help="serve the Updates service (signed update protocol) over this tree dir and registry",
+        ),
+    ] = True,
+    update_policy: Annotated[
+        Path | None,
+        typer.Option("--update-policy", help="update policy YAML (default: TREE_DIR/update-policy.yaml)"),
+    ] = None,
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection)."""
     console, err = Console(), Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
-        host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port,
-        auth=not insecure_no_auth, grace_s=grace,
-    )  # fmt: skip
+        host=host,
+        port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        metrics_port=metrics_port,
+        auth=not insecure_no_auth,
+        grace_s=grace,
+    )
     if threads is not None and threads < 1:
         raise ServeError(f"--threads must be >= 1, got {threads}")
     tree = open_tree(tree_dir)
@@ -78,11 +92,14 @@ def serve_command(
         what = "imported into" if imported.changed else "already in"
         console.print(f"tree [bold]{escape(tree.name)}[/bold] ({len(tree.nodes) + 1} nodes) {what} {registry.url}")
         if insecure_no_auth:
-            err.print(Panel(
-                "[bold]authentication is OFF[/bold] (--insecure-no-auth): anyone who can reach this port may call it.\n"
-                "Calls without a token see public nodes only. Never use this outside local development.",
-                title="[bold red]WARNING[/bold red]", border_style="red",
-            ))  # fmt: skip
+            err.print(
+                Panel(
+                    "[bold]authentication is OFF[/bold] (--insecure-no-auth): anyone who can reach this port may call it.\n"
+                    "Calls without a token see public nodes only. Never use this outside local development.",
+                    title="[bold red]WARNING[/bold red]",
+                    border_style="red",
+                )
+            )
             log.warning("authentication is OFF (--insecure-no-auth)")
         if threads is not None:
             torch.set_num_threads(threads)
@@ -90,8 +107,9 @@ def serve_command(
         if updates:  # pins every node's version and writes the snapshot the engine then serves
             # The next level's aggregation round runs after an approval returns (one at a time).
             rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-update-round")
-            coordinator = Coordinator.open(registry, tree.root, UpdatePolicy.for_tree(tree.root, update_policy),
-                                           background=rounds.submit)  # fmt: skip
+            coordinator = Coordinator.open(
+                registry, tree.root, UpdatePolicy.for_tree(tree.root, update_policy), background=rounds.submit
+            )
         with console.status(f"loading the base of {escape(tree.name)} ..."):
             engine = Engine(tree.base_dir, tree.root, EngineConfig(max_batch_size=max_batch, max_queue=max_queue))
         if coordinator is not None:
@@ -101,8 +119,9 @@ def serve_command(
         registry.close()
 
 
-async def _run(engine: Engine, registry: Registry, config: ServerConfig, console: Console,
-               coordinator: Coordinator | None = None) -> None:  # fmt: skip
+async def _run(
+    engine: Engine, registry: Registry, config: ServerConfig, console: Console, coordinator: Coordinator | None = None
+) -> None:
     server = TreeServer([EngineTrunk(engine)], Catalog(registry), config, close_trunks=True, updates=coordinator)
     try:
         await server.start()

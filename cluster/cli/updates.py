@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -45,21 +46,26 @@ from registry.updates import list_update_events
 
 __all__ = ["keys_app", "update_app"]
 
-keys_app = typer.Typer(help="Ed25519 signing keys of the update protocol (roles: node, evaluator, operator, root).",
-                       no_args_is_help=True)  # fmt: skip
+keys_app = typer.Typer(
+    help="Ed25519 signing keys of the update protocol (roles: node, evaluator, operator, root).", no_args_is_help=True
+)
 update_app = typer.Typer(help="Signed updates: make, verify, submit, approve, roll back.", no_args_is_help=True)
 
-DbOption = Annotated[Optional[str], typer.Option("--db", help="registry URL (default: $TREELM_REGISTRY_URL)")]
+DbOption = Annotated[str | None, typer.Option("--db", help="registry URL (default: $TREELM_REGISTRY_URL)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
-SignWith = Annotated[Optional[list[Path]], typer.Option("--sign-with", help="a key dir or private PEM that signs "
-                                                        "(repeatable: root or current group keys)")]  # fmt: skip
-TreeOption = Annotated[Optional[Path], typer.Option("--tree", help="the tree dir (local mode, with --db)")]
-ServerOption = Annotated[Optional[str], typer.Option("--server", help="HOST:PORT of a server (remote mode)")]
-TokenOption = Annotated[Optional[str], typer.Option("--token", help="bearer token (default: $TREELM_TOKEN)")]
-PolicyOption = Annotated[Optional[Path], typer.Option("--policy", help="update policy YAML (default: "
-                                                      "TREE_DIR/update-policy.yaml)")]  # fmt: skip
-PasswordEnv = Annotated[Optional[str], typer.Option("--password-env", help="environment variable holding the key "
-                                                    "file's password")]  # fmt: skip
+SignWith = Annotated[
+    list[Path] | None,
+    typer.Option("--sign-with", help="a key dir or private PEM that signs (repeatable: root or current group keys)"),
+]
+TreeOption = Annotated[Path | None, typer.Option("--tree", help="the tree dir (local mode, with --db)")]
+ServerOption = Annotated[str | None, typer.Option("--server", help="HOST:PORT of a server (remote mode)")]
+TokenOption = Annotated[str | None, typer.Option("--token", help="bearer token (default: $TREELM_TOKEN)")]
+PolicyOption = Annotated[
+    Path | None, typer.Option("--policy", help="update policy YAML (default: TREE_DIR/update-policy.yaml)")
+]
+PasswordEnv = Annotated[
+    str | None, typer.Option("--password-env", help="environment variable holding the key file's password")
+]
 
 
 def _password(var: str | None) -> bytes | None:
@@ -83,18 +89,20 @@ def keys_gen(
     """Generate an Ed25519 key pair; prints its key id (sha256 of the public key)."""
     files = write_key_files(out, password=_password(password_env))
     typer.echo(files.keyid)
-    Console(stderr=True).print(f"[green]wrote[/green] {escape(str(files.private))} (0600) and "
-                               f"{escape(str(files.public))}; register it with `treelm keys register {escape(str(out))} "
-                               "--role ...`")  # fmt: skip
+    Console(stderr=True).print(
+        f"[green]wrote[/green] {escape(str(files.private))} (0600) and "
+        f"{escape(str(files.public))}; register it with `treelm keys register {escape(str(out))} "
+        "--role ...`"
+    )
 
 
 @keys_app.command("register")
 def keys_register(
     key_dir: Annotated[Path, typer.Argument(help="the key directory from `treelm keys gen` (its key signs too)")],
     role: Annotated[str, typer.Option("--role", help="node, evaluator, operator or root")],
-    node: Annotated[Optional[str], typer.Option("--node", help="the node the key acts for (omit: every node)")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="the node the key acts for (omit: every node)")] = None,
     sign_with: SignWith = None,
-    threshold: Annotated[Optional[int], typer.Option("--threshold", help="the group's new threshold")] = None,
+    threshold: Annotated[int | None, typer.Option("--threshold", help="the group's new threshold")] = None,
     db: DbOption = None,
     password_env: PasswordEnv = None,
 ) -> None:
@@ -105,9 +113,11 @@ def keys_register(
     with open_registry(db) as reg:
         trust = register_key(reg, new, role, node, signers, threshold)
     group = trust.group(role, node)
-    Console().print(f"[green]registered[/green] {new.keyid[:16]}... as {escape(role)} for "
-                    f"{escape(node or 'every node')} (group threshold {group.threshold}, key-set version "
-                    f"{group.version})")  # fmt: skip
+    Console().print(
+        f"[green]registered[/green] {new.keyid[:16]}... as {escape(role)} for "
+        f"{escape(node or 'every node')} (group threshold {group.threshold}, key-set version "
+        f"{group.version})"
+    )
 
 
 @keys_app.command("ls")
@@ -117,17 +127,35 @@ def keys_ls(db: DbOption = None, as_json: JsonOption = False) -> None:
         records = list_signing_keys(reg)
         trust = load_trust(reg)
     if as_json:
-        _echo_json({"keys": [{"keyid": r.key_id, "role": r.role, "node": r.node_id, "status": r.status,
-                              "created_at": r.created_at.isoformat(),
-                              "threshold": trust.threshold(r.role, r.node_id)} for r in records]})  # fmt: skip
+        _echo_json(
+            {
+                "keys": [
+                    {
+                        "keyid": r.key_id,
+                        "role": r.role,
+                        "node": r.node_id,
+                        "status": r.status,
+                        "created_at": r.created_at.isoformat(),
+                        "threshold": trust.threshold(r.role, r.node_id),
+                    }
+                    for r in records
+                ]
+            }
+        )
         return
     table = Table(title="signing keys")
     for col in ("key id", "role", "node", "status", "group threshold", "created"):
         table.add_column(col)
     for r in records:
         style = "red" if r.status == "revoked" else "green"
-        table.add_row(r.key_id[:16] + "...", r.role, escape(r.node_id or "*"), f"[{style}]{r.status}[/{style}]",
-                      str(trust.threshold(r.role, r.node_id)), r.created_at.strftime("%Y-%m-%d %H:%M"))  # fmt: skip
+        table.add_row(
+            r.key_id[:16] + "...",
+            r.role,
+            escape(r.node_id or "*"),
+            f"[{style}]{r.status}[/{style}]",
+            str(trust.threshold(r.role, r.node_id)),
+            r.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
     Console().print(table)
 
 
@@ -136,7 +164,7 @@ def keys_rotate(
     role: Annotated[str, typer.Option("--role", help="the group's role")],
     new: Annotated[list[Path], typer.Option("--new", help="key dir of a key in the new set (repeatable)")],
     threshold: Annotated[int, typer.Option("--threshold", help="the new set's threshold")],
-    node: Annotated[Optional[str], typer.Option("--node", help="the group's node (omit: role-wide)")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="the group's node (omit: role-wide)")] = None,
     sign_with: SignWith = None,
     db: DbOption = None,
     password_env: PasswordEnv = None,
@@ -154,8 +182,10 @@ def keys_rotate(
     with open_registry(db) as reg:
         trust = rotate(reg, role, publics, threshold, signers, node)
     group = trust.group(role, node)
-    Console().print(f"[green]rotated[/green] {escape(role)}/{escape(node or '*')}: {len(publics)} key(s), "
-                    f"threshold {group.threshold}, key-set version {group.version}")  # fmt: skip
+    Console().print(
+        f"[green]rotated[/green] {escape(role)}/{escape(node or '*')}: {len(publics)} key(s), "
+        f"threshold {group.threshold}, key-set version {group.version}"
+    )
 
 
 @keys_app.command("revoke")
@@ -195,27 +225,52 @@ def _remote(call):
         return call()
     except treelm.TreeLMError as exc:
         kind = f" ({exc.kind})" if exc.kind else ""
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc.code.name if exc.code else ''}{kind}: "
-                                   f"{escape(exc.details)}", highlight=False)  # fmt: skip
+        Console(stderr=True).print(
+            f"[bold red]error:[/bold red] {exc.code.name if exc.code else ''}{kind}: {escape(exc.details)}",
+            highlight=False,
+        )
         raise typer.Exit(2) from None
 
 
 def _print_status(status: Any, as_json: bool) -> None:
-    data = status.to_json() if isinstance(status, UpdateStatus) else {
-        k: getattr(status, k) for k in ("update_id", "kind", "node", "version", "parent", "parent_version", "state",
-                                        "reasons", "approvals", "approvals_needed", "candidate_id", "figures",
-                                        "manifest_digest")}  # fmt: skip
+    data = (
+        status.to_json()
+        if isinstance(status, UpdateStatus)
+        else {
+            k: getattr(status, k)
+            for k in (
+                "update_id",
+                "kind",
+                "node",
+                "version",
+                "parent",
+                "parent_version",
+                "state",
+                "reasons",
+                "approvals",
+                "approvals_needed",
+                "candidate_id",
+                "figures",
+                "manifest_digest",
+            )
+        }
+    )
     if as_json:
         _echo_json(data)
         return
     console = Console()
     style = {"rejected": "red", "stable": "green", "absorbed": "green", "awaiting-approval": "yellow"}.get(
-        data["state"], "cyan")
-    console.print(f"update [bold]{data['update_id']}[/bold] ({data['kind']}): {escape(data['node'])} "
-                  f"v{data['version']} -> [{style}]{data['state']}[/{style}]")  # fmt: skip
+        data["state"], "cyan"
+    )
+    console.print(
+        f"update [bold]{data['update_id']}[/bold] ({data['kind']}): {escape(data['node'])} "
+        f"v{data['version']} -> [{style}]{data['state']}[/{style}]"
+    )
     approvals = f"; approvals {data['approvals']}/{data['approvals_needed']}" if data["kind"] == "candidate" else ""
-    console.print(f"  over {escape(data['parent'])} v{data['parent_version']}{approvals}"
-                  + (f"; in candidate {data['candidate_id']}" if data["candidate_id"] else ""))  # fmt: skip
+    console.print(
+        f"  over {escape(data['parent'])} v{data['parent_version']}{approvals}"
+        + (f"; in candidate {data['candidate_id']}" if data["candidate_id"] else "")
+    )
     for reason in data["reasons"]:
         console.print(f"  - {escape(reason)}", highlight=False)
     gate = {k: v for k, v in data["figures"].items() if k.startswith("gate.checks.")}
@@ -224,7 +279,7 @@ def _print_status(status: Any, as_json: bool) -> None:
         table.add_column("check")
         table.add_column("change", justify="right")
         for name, value in sorted(gate.items()):
-            table.add_row(escape(name[len("gate.checks."):-len(".change")]), f"{value:+.2%}")
+            table.add_row(escape(name[len("gate.checks.") : -len(".change")]), f"{value:+.2%}")
         console.print(table)
 
 
@@ -235,16 +290,17 @@ def update_make(
     train: Annotated[Path, typer.Option("--train", help="local training text (UTF-8; documents split by blank lines)")],
     key: Annotated[Path, typer.Option("--key", help="the node's key dir or private PEM")],
     out: Annotated[Path, typer.Option("--out", help="the package directory to write")],
-    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="local eval text (default: the last 10% of "
-                                                      "--train, held out)")] = None,  # fmt: skip
+    eval_file: Annotated[
+        Path | None, typer.Option("--eval", help="local eval text (default: the last 10% of --train, held out)")
+    ] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 20,
     lr: Annotated[float, typer.Option(help="learning rate")] = 3e-3,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
-    version: Annotated[Optional[int], typer.Option(help="the new version (default: current + 1)")] = None,
+    version: Annotated[int | None, typer.Option(help="the new version (default: current + 1)")] = None,
     expires_days: Annotated[float, typer.Option("--expires-days", help="days until the package expires")] = 7.0,
     password_env: PasswordEnv = None,
     as_json: JsonOption = False,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
 ) -> None:
     """Fine-tune a node on local data and write a signed package (manifest + DSSE envelope + PEFT files)."""
     import torch
@@ -255,19 +311,39 @@ def update_make(
         torch.set_num_threads(threads)
     try:
         with Console(stderr=True).status(f"fine-tuning {escape(node_id)} for {steps} steps ..."):
-            made = make_package(tree_dir, node_id, train, signer, out, eval_file=eval_file, steps=steps, lr=lr,
-                                seed=seed, version=version, expires_in=timedelta(days=expires_days))  # fmt: skip
+            made = make_package(
+                tree_dir,
+                node_id,
+                train,
+                signer,
+                out,
+                eval_file=eval_file,
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                version=version,
+                expires_in=timedelta(days=expires_days),
+            )
     finally:
         torch.set_num_threads(previous)  # an in-process caller (the demo) keeps its own setting
     m = made.manifest
     if as_json:
-        _echo_json({"package": str(made.path), "node": str(m.node), "version": m.version,
-                    "parent_version": m.parent_version, "manifest_digest": m.digest, "metrics": dict(made.metrics)})
+        _echo_json(
+            {
+                "package": str(made.path),
+                "node": str(m.node),
+                "version": m.version,
+                "parent_version": m.parent_version,
+                "manifest_digest": m.digest,
+                "metrics": dict(made.metrics),
+            }
+        )
         return
     Console().print(
         f"[green]wrote[/green] {escape(str(made.path))}: {escape(str(m.node))} v{m.version} over {escape(str(m.parent))} "
         f"v{m.parent_version}, signed by {signer.keyid[:16]}...; held-out perplexity "
-        f"{made.metrics['eval_ppl_before']:.2f} -> {made.metrics['eval_ppl']:.2f}")  # fmt: skip
+        f"{made.metrics['eval_ppl_before']:.2f} -> {made.metrics['eval_ppl']:.2f}"
+    )
 
 
 @update_app.command("verify")
@@ -335,7 +411,7 @@ def update_submit(
 
 @update_app.command("status")
 def update_status(
-    update_id: Annotated[Optional[str], typer.Argument(help="an update id (omit: list this tree's updates)")] = None,
+    update_id: Annotated[str | None, typer.Argument(help="an update id (omit: list this tree's updates)")] = None,
     tree: TreeOption = None,
     db: DbOption = None,
     server: ServerOption = None,
@@ -361,9 +437,15 @@ def update_status(
     for col in ("id", "kind", "node", "version", "state", "approvals", "candidate"):
         table.add_column(col, no_wrap=col in ("id", "candidate"))
     for s in found:
-        table.add_row(s.update_id[:12], s.kind, escape(s.node), str(s.version), s.state,
-                      f"{s.approvals}/{s.approvals_needed}" if s.kind == "candidate" else "-",
-                      (s.candidate_id or "-")[:12])  # fmt: skip
+        table.add_row(
+            s.update_id[:12],
+            s.kind,
+            escape(s.node),
+            str(s.version),
+            s.state,
+            f"{s.approvals}/{s.approvals_needed}" if s.kind == "candidate" else "-",
+            (s.candidate_id or "-")[:12],
+        )
     Console().print(table)
 
 
@@ -447,7 +529,7 @@ def update_tick(tree: TreeOption = None, db: DbOption = None, policy: PolicyOpti
 
 @update_app.command("log")
 def update_log(
-    node: Annotated[Optional[str], typer.Option("--node", help="only this node's events")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="only this node's events")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -455,8 +537,20 @@ def update_log(
     with open_registry(db) as reg:
         events = list_update_events(reg, node=node)
     if as_json:
-        _echo_json({"events": [{"at": e.at.isoformat(), "event": e.event, "node": e.node_id,
-                                "update_id": e.update_id, "detail": dict(e.detail)} for e in events]})  # fmt: skip
+        _echo_json(
+            {
+                "events": [
+                    {
+                        "at": e.at.isoformat(),
+                        "event": e.event,
+                        "node": e.node_id,
+                        "update_id": e.update_id,
+                        "detail": dict(e.detail),
+                    }
+                    for e in events
+                ]
+            }
+        )
         return
     table = Table(title="update events")
     for col in ("at", "event", "node", "update"):

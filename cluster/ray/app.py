@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from ray import serve
 from ray.serve.config import ProxyLocation
 
-from cluster.ray.config import ClusterConfig, TrunkConfig
 from cluster.errors import ClusterError
+from cluster.ray.config import ClusterConfig, TrunkConfig
 from cluster.ray.ingress import TreeIngress
 from cluster.ray.replica import replica_class
 from cluster.ray.wire import IngressSpec, TrunkInfo, TrunkSpec, tree_content_digest
@@ -76,13 +76,13 @@ class Scaling:
             raise ClusterError(f"--max ({self.max}) must be >= --min ({self.min})")
 
     @classmethod
-    def fixed(cls, replicas: int) -> "Scaling":
+    def fixed(cls, replicas: int) -> Scaling:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ClusterError(f"--replicas must be an integer >= 1, got {replicas!r}")
         return cls(replicas, replicas)
 
     @classmethod
-    def of(cls, trunk: TrunkConfig, override: Mapping[str, int] | None = None) -> "Scaling":
+    def of(cls, trunk: TrunkConfig, override: Mapping[str, int] | None = None) -> Scaling:
         if override:
             return cls(int(override["min"]), int(override["max"]), override.get("initial"))
         return cls(trunk.min_replicas, trunk.max_replicas, trunk.initial_replicas)
@@ -97,18 +97,28 @@ def app_name(tree: str) -> str:
 
 def trunk_spec(config: ClusterConfig, trunk: TrunkConfig) -> TrunkSpec:
     return TrunkSpec(
-        tree=trunk.tree, tree_dir=str(trunk.tree_dir), namespace=config.ray.namespace, max_batch=trunk.max_batch,
-        max_queue=trunk.max_queue, max_adapters=trunk.max_adapters, host_cache=trunk.host_cache,
-        preload=trunk.preload, content=tree_content_digest(trunk.tree_dir),
-    )  # fmt: skip
+        tree=trunk.tree,
+        tree_dir=str(trunk.tree_dir),
+        namespace=config.ray.namespace,
+        max_batch=trunk.max_batch,
+        max_queue=trunk.max_queue,
+        max_adapters=trunk.max_adapters,
+        host_cache=trunk.host_cache,
+        preload=trunk.preload,
+        content=tree_content_digest(trunk.tree_dir),
+    )
 
 
 def trunk_info(trunk: TrunkConfig) -> TrunkInfo:
     tree = open_tree(trunk.tree_dir)
     return TrunkInfo(
-        tree=tree.name, app=app_name(tree.name), deployment=TRUNK_DEPLOYMENT, base_digest=tree.base_digest,
-        nodes=(tree.name, *(str(n.node_id) for n in tree.nodes)), max_batch=trunk.max_batch,
-    )  # fmt: skip
+        tree=tree.name,
+        app=app_name(tree.name),
+        deployment=TRUNK_DEPLOYMENT,
+        base_digest=tree.base_digest,
+        nodes=(tree.name, *(str(n.node_id) for n in tree.nodes)),
+        max_batch=trunk.max_batch,
+    )
 
 
 def _actor_options(trunk: TrunkConfig) -> dict:
@@ -138,10 +148,15 @@ def trunk_application(config: ClusterConfig, trunk: TrunkConfig, scaling: Scalin
     )
     if scaling.max > scaling.min:
         options["autoscaling_config"] = {
-            "min_replicas": scaling.min, "max_replicas": scaling.max, "initial_replicas": scaling.initial,
-            "target_ongoing_requests": trunk.target_ongoing_requests, "upscale_delay_s": 3.0,
-            "downscale_delay_s": 30.0, "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
-        }  # fmt: skip
+            "min_replicas": scaling.min,
+            "max_replicas": scaling.max,
+            "initial_replicas": scaling.initial,
+            "target_ongoing_requests": trunk.target_ongoing_requests,
+            "upscale_delay_s": 3.0,
+            "downscale_delay_s": 30.0,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+        }
         options["num_replicas"] = "auto"
     else:
         options["num_replicas"] = scaling.min
@@ -151,34 +166,58 @@ def trunk_application(config: ClusterConfig, trunk: TrunkConfig, scaling: Scalin
 def ingress_application(config: ClusterConfig):
     ing = config.ingress
     spec = IngressSpec(
-        trunks=tuple(trunk_info(t) for t in config.trunks), registry_url=config.registry,
-        namespace=config.ray.namespace, host=ing.host, port=ing.port, auth=ing.auth,
-        tls_cert=str(ing.tls_cert) if ing.tls_cert else None, tls_key=str(ing.tls_key) if ing.tls_key else None,
-        metrics_port=ing.metrics_port, grace_s=ing.grace_s, updates=ing.updates,
-    )  # fmt: skip
+        trunks=tuple(trunk_info(t) for t in config.trunks),
+        registry_url=config.registry,
+        namespace=config.ray.namespace,
+        host=ing.host,
+        port=ing.port,
+        auth=ing.auth,
+        tls_cert=str(ing.tls_cert) if ing.tls_cert else None,
+        tls_key=str(ing.tls_key) if ing.tls_key else None,
+        metrics_port=ing.metrics_port,
+        grace_s=ing.grace_s,
+        updates=ing.updates,
+    )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:
         actor["resources"] = {"node:__internal_head__": 0.001}
-    return serve.deployment(TreeIngress).options(
-        name=INGRESS_DEPLOYMENT, num_replicas=ing.replicas, max_replicas_per_node=1, ray_actor_options=actor,
-        max_ongoing_requests=1000, health_check_period_s=2.0, graceful_shutdown_timeout_s=ing.grace_s + 5,
-        version=hashlib.sha256(repr((spec, _CODE)).encode()).hexdigest()[:16], _internal=True,
-    ).bind(spec)  # fmt: skip
+    return (
+        serve.deployment(TreeIngress)
+        .options(
+            name=INGRESS_DEPLOYMENT,
+            num_replicas=ing.replicas,
+            max_replicas_per_node=1,
+            ray_actor_options=actor,
+            max_ongoing_requests=1000,
+            health_check_period_s=2.0,
+            graceful_shutdown_timeout_s=ing.grace_s + 5,
+            version=hashlib.sha256(repr((spec, _CODE)).encode()).hexdigest()[:16],
+            _internal=True,
+        )
+        .bind(spec)
+    )
 
 
 def start_serve(config: ClusterConfig) -> None:
     """Start Serve's controller; its HTTP/gRPC proxies stay off (TreeLM's ingress is its own deployment)."""
     ports = config.ray.ports
-    serve.start(proxy_location=ProxyLocation.Disabled, http_options={"host": "127.0.0.1", "port": ports.serve_http},
-                grpc_options={"port": ports.serve_grpc})  # fmt: skip
+    serve.start(
+        proxy_location=ProxyLocation.Disabled,
+        http_options={"host": "127.0.0.1", "port": ports.serve_http},
+        grpc_options={"port": ports.serve_grpc},
+    )
 
 
 def deploy(config: ClusterConfig, overrides: Mapping[str, Mapping[str, int]] | None = None) -> None:
     """Deploy (or update in place) every trunk, then the ingress; returns without waiting."""
     overrides = overrides or {}
     start_serve(config)
-    targets = [serve.RunTarget(trunk_application(config, t, Scaling.of(t, overrides.get(t.tree))),
-                               name=app_name(t.tree), route_prefix=None) for t in config.trunks]  # fmt: skip
+    targets = [
+        serve.RunTarget(
+            trunk_application(config, t, Scaling.of(t, overrides.get(t.tree))), name=app_name(t.tree), route_prefix=None
+        )
+        for t in config.trunks
+    ]
     targets.append(serve.RunTarget(ingress_application(config), name=INGRESS_APP, route_prefix=None))
     serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
 
@@ -194,9 +233,12 @@ def app_names(config: ClusterConfig) -> list[str]:
     return [*(app_name(t.tree) for t in config.trunks), INGRESS_APP]
 
 
-def wait_healthy(config: ClusterConfig, timeout_s: float = 300.0,
-                 progress: Callable[[int, int, str], None] | None = None,
-                 replicas: Mapping[str, int] | None = None) -> None:  # fmt: skip
+def wait_healthy(
+    config: ClusterConfig,
+    timeout_s: float = 300.0,
+    progress: Callable[[int, int, str], None] | None = None,
+    replicas: Mapping[str, int] | None = None,
+) -> None:
     """Until every application is RUNNING (and ``replicas[tree]`` replicas run); DeployError otherwise."""
     names = app_names(config)
     end = time.monotonic() + timeout_s

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import ray.exceptions
 from ray.serve import exceptions as serve_exceptions
@@ -113,8 +113,10 @@ class RayTrunk:
             response.cancel()  # the caller went away or its deadline passed: free the replica's row
             raise
         except _REPLICA_FAILURES as exc:
-            raise ReplicaUnavailable(f"the replica serving {request.node!r} failed ({type(exc).__name__}); "
-                                     "the request did not complete, retry it") from None  # fmt: skip
+            raise ReplicaUnavailable(
+                f"the replica serving {request.node!r} failed ({type(exc).__name__}); "
+                "the request did not complete, retry it"
+            ) from None
         except serve_exceptions.BackPressureError:
             raise QueueFull(f"every replica of trunk {self.tree!r} is at its queue bound; retry later") from None
         if isinstance(answer, RemoteError):

@@ -41,7 +41,7 @@ class ReplicaReport:
     requests_per_s: float  # over the last few seconds
     p50_ms: float | None  # latency of requests finished in the last minute
     p95_ms: float | None
-    cache: CacheSnapshot = CacheSnapshot()
+    cache: CacheSnapshot = field(default_factory=CacheSnapshot)
     at: float = field(default_factory=time.time)
 
 
@@ -69,9 +69,12 @@ class ReplicaBoard:
 def ensure_board(namespace: str):
     """The board actor, created (detached, on the head, no CPU) if absent."""
     return ReplicaBoard.options(
-        name=BOARD_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+        name=BOARD_NAME,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
         resources={"node:__internal_head__": 0.001},
-    ).remote()  # fmt: skip
+    ).remote()
 
 
 def board(namespace: str):

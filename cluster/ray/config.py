@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -39,8 +40,12 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-_RAY_DEFAULT_PORTS = {6379: "Ray's default GCS port (often a Redis)", 8265: "Ray's default dashboard port",
-                      8000: "Serve's default HTTP port", 10001: "Ray's default client port"}  # fmt: skip
+_RAY_DEFAULT_PORTS = {
+    6379: "Ray's default GCS port (often a Redis)",
+    8265: "Ray's default dashboard port",
+    8000: "Serve's default HTTP port",
+    10001: "Ray's default client port",
+}
 
 
 class ClusterConfigError(ClusterError, ValueError):
@@ -71,8 +76,14 @@ class RayPorts:
 
     def node_ports(self) -> dict[str, int]:
         """The ports every node (head or worker) binds."""
-        names = ("node_manager", "object_manager", "dashboard_agent", "dashboard_agent_grpc", "runtime_env_agent",
-                 "metrics_export")  # fmt: skip
+        names = (
+            "node_manager",
+            "object_manager",
+            "dashboard_agent",
+            "dashboard_agent_grpc",
+            "runtime_env_agent",
+            "metrics_export",
+        )
         return {name: getattr(self, name) for name in names}
 
 
@@ -153,8 +164,9 @@ class ClusterConfig:
         for trunk in self.trunks:
             if trunk.tree == tree:
                 return trunk
-        raise ClusterConfigError(self.file, "trunks", f"no trunk serves tree {tree!r} (trunks: "
-                                 f"{', '.join(t.tree for t in self.trunks)})")  # fmt: skip
+        raise ClusterConfigError(
+            self.file, "trunks", f"no trunk serves tree {tree!r} (trunks: {', '.join(t.tree for t in self.trunks)})"
+        )
 
 
 class _Reader:
@@ -177,7 +189,7 @@ class _Reader:
         value = self.data.get(key, default)
         return default if value is None else value
 
-    def child(self, key: str) -> "_Reader":
+    def child(self, key: str) -> _Reader:
         return _Reader(self.file, self.base, self.raw(key, {}), self.path_of(key))
 
     def integer(self, key: str, default: int | None, low: int = 0, high: int | None = None) -> int | None:
@@ -244,12 +256,17 @@ class _Reader:
 
 def _ports(r: _Reader) -> RayPorts:
     d = RayPorts()
-    values = {name: r.port(name, getattr(d, name)) for name in
-              ("gcs", "client_server", "dashboard", "serve_http", "serve_grpc", *d.node_ports())}  # fmt: skip
+    values = {
+        name: r.port(name, getattr(d, name))
+        for name in ("gcs", "client_server", "dashboard", "serve_http", "serve_grpc", *d.node_ports())
+    }
     workers = r.raw("workers", list(d.workers))
-    if (not isinstance(workers, (list, tuple)) or len(workers) != 2
-            or not all(isinstance(p, int) and not isinstance(p, bool) and 1024 <= p <= 65535 for p in workers)
-            or workers[1] - workers[0] < 9):  # fmt: skip
+    if (
+        not isinstance(workers, (list, tuple))
+        or len(workers) != 2
+        or not all(isinstance(p, int) and not isinstance(p, bool) and 1024 <= p <= 65535 for p in workers)
+        or workers[1] - workers[0] < 9
+    ):
         raise r.error("workers", f"must be [first, last] ports with at least 10 ports in 1024..65535, got {workers!r}")
     ports = RayPorts(workers=(workers[0], workers[1]), **values)
     singles = [(name, value) for name, value in values.items()]
@@ -347,9 +364,11 @@ def _trunk(r: _Reader) -> TrunkConfig:
     low, high, initial = _replicas(r, "replicas")
     res = r.child("resources")
     resources = ReplicaResources(
-        cpus=res.number("cpus", 0.5), gpus=res.number("gpus", 0.0), memory=_memory(res, "memory"),
+        cpus=res.number("cpus", 0.5),
+        gpus=res.number("gpus", 0.0),
+        memory=_memory(res, "memory"),
         custom=res.resources("custom"),
-    )  # fmt: skip
+    )
     res.done()
     engine = r.child("engine")
     preload = r.raw("preload", [])
@@ -378,8 +397,9 @@ def _trunk(r: _Reader) -> TrunkConfig:
     engine.done()
     depth = max((len(tree.chain(n.node_id)) for n in tree.nodes), default=0)
     if config.max_adapters < depth:
-        raise r.error("max_adapters", f"must be at least the deepest chain of {tree.name!r} ({depth}), "
-                      f"got {config.max_adapters}")  # fmt: skip
+        raise r.error(
+            "max_adapters", f"must be at least the deepest chain of {tree.name!r} ({depth}), got {config.max_adapters}"
+        )
     r.done()
     return config
 
@@ -399,14 +419,17 @@ def parse_cluster_config(data: Any, file: str = "cluster.yaml", base: Path | Non
     else:
         url = r.text("registry", None)
     if url is None:
-        raise r.error("registry", "is required: a SQLAlchemy URL (sqlite:///registry.db on one machine, "
-                      "postgresql+psycopg://... for several)")  # fmt: skip
+        raise r.error(
+            "registry",
+            "is required: a SQLAlchemy URL (sqlite:///registry.db on one machine, "
+            "postgresql+psycopg://... for several)",
+        )
     missing = [name for name in re.findall(r"\$\{(\w+)\}", url) if name not in os.environ]
     if missing:  # secrets stay out of the file: postgresql+psycopg://treelm:${TREELM_DB_PASSWORD}@host/db
         raise r.error("registry", f"the environment variable {missing[0]} is not set")
     url = re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"  # relative to the file, like other paths
+        url = f"sqlite:///{(base / url[len('sqlite:///') :]).resolve()}"  # relative to the file, like other paths
     items = r.raw("trunks", None)
     if not isinstance(items, list) or not items:
         raise r.error("trunks", "must list at least one trunk (- tree: DIR)")
@@ -414,15 +437,21 @@ def parse_cluster_config(data: Any, file: str = "cluster.yaml", base: Path | Non
     names = [t.tree for t in trunks]
     for i, tree in enumerate(names):
         if names.index(tree) != i:
-            raise ClusterConfigError(file, f"trunks[{i}].tree", f"tree {tree!r} is already served by "
-                                     f"trunks[{names.index(tree)}]; one trunk per tree")  # fmt: skip
+            raise ClusterConfigError(
+                file,
+                f"trunks[{i}].tree",
+                f"tree {tree!r} is already served by trunks[{names.index(tree)}]; one trunk per tree",
+            )
     ray_config = _ray(r.child("ray"))
     ingress = _ingress(r.child("ingress"))
     if ingress.port and ingress.port in (*ray_config.ports.node_ports().values(), ray_config.ports.gcs):
         raise ClusterConfigError(file, "ingress.port", f"port {ingress.port} is also a Ray port")
     if url.startswith("sqlite") and not ingress.on_head:
-        raise ClusterConfigError(file, "ingress.on_head", "a SQLite registry is a file on the head: keep the "
-                                 "ingress there (on_head: true) or use PostgreSQL")  # fmt: skip
+        raise ClusterConfigError(
+            file,
+            "ingress.on_head",
+            "a SQLite registry is a file on the head: keep the ingress there (on_head: true) or use PostgreSQL",
+        )
     r.done()
     return ClusterConfig(file=file, name=name, registry=url, trunks=trunks, ray=ray_config, ingress=ingress)
 

@@ -25,9 +25,10 @@ import importlib
 import logging
 import pickle
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 
@@ -68,7 +69,7 @@ class PortableError:
     state: bytes  # the error's attributes (details, field), pickled; empty when they would not pickle
 
     @classmethod
-    def of(cls, exc: BaseException) -> "PortableError":
+    def of(cls, exc: BaseException) -> PortableError:
         try:
             state = pickle.dumps(dict(vars(exc)))
         except Exception:
@@ -115,8 +116,9 @@ class UpdateDesk:
         self._rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-desk-round")
         self._coordinators: dict[str, Coordinator] = {}
         for name, tree_dir in spec.trees:
-            self._coordinators[name] = Coordinator.open(self._registry, tree_dir, UpdatePolicy.for_tree(tree_dir),
-                                                        background=self._rounds.submit)  # fmt: skip
+            self._coordinators[name] = Coordinator.open(
+                self._registry, tree_dir, UpdatePolicy.for_tree(tree_dir), background=self._rounds.submit
+            )
         for coordinator in self._coordinators.values():  # load the gate's base now, not on the first submission
             self._rounds.submit(_warm, coordinator)
         windows = [c.policy.window_s for c in self._coordinators.values() if c.policy.window_s]
@@ -151,8 +153,10 @@ class UpdateDesk:
     # -- routing to the tree's coordinator -----------------------------------------------------
     def _of_tree(self, tree: str) -> Coordinator:
         if tree not in self._coordinators:
-            raise UpdateStateError(f"tree {tree!r} is not served by this cluster; it serves "
-                                   f"{', '.join(sorted(self._coordinators)) or 'no tree'}")  # fmt: skip
+            raise UpdateStateError(
+                f"tree {tree!r} is not served by this cluster; it serves "
+                f"{', '.join(sorted(self._coordinators)) or 'no tree'}"
+            )
         return self._coordinators[tree]
 
     def _of_node(self, node: str) -> Coordinator:
@@ -209,15 +213,20 @@ def ensure_desk(spec: DeskSpec, namespace: str, timeout_s: float = 300.0):
     state of its own (the registry and the tree dirs hold everything), so nothing is lost."""
     kill_desk(namespace)
     desk = UpdateDesk.options(
-        name=DESK_NAME, namespace=namespace, lifetime="detached", resources={"node:__internal_head__": 0.001},
-    ).remote(spec)  # fmt: skip
+        name=DESK_NAME,
+        namespace=namespace,
+        lifetime="detached",
+        resources={"node:__internal_head__": 0.001},
+    ).remote(spec)
     try:
         ray.get(desk.trees.remote(), timeout=timeout_s)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
         kill_desk(namespace)
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ClusterError(f"the update desk could not open the trees: {cause} (set `ingress.updates: false` "
-                           "in the cluster file to serve without the Updates service)") from None
+        raise ClusterError(
+            f"the update desk could not open the trees: {cause} (set `ingress.updates: false` "
+            "in the cluster file to serve without the Updates service)"
+        ) from None
     return desk
 
 
@@ -242,7 +251,7 @@ def kill_desk(namespace: str, wait_s: float = 30.0) -> bool:
 class _Policy:
     """The one policy value the servicer reads itself; asked of the desk on first use."""
 
-    def __init__(self, remote: "RemoteCoordinator"):
+    def __init__(self, remote: RemoteCoordinator):
         self._remote = remote
         self._max: int | None = None
 

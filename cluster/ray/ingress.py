@@ -27,11 +27,11 @@ from pathlib import Path
 
 from ray import serve
 
-from cluster.service.catalog import Catalog
 from cluster.ray.backend import BoardView, RayTrunk
 from cluster.ray.board import ensure_board
 from cluster.ray.desk import RemoteCoordinator
 from cluster.ray.wire import IngressSpec
+from cluster.service.catalog import Catalog
 from cluster.service.server import ServerConfig, TreeServer
 from registry.db import open_registry
 
@@ -51,13 +51,18 @@ class TreeIngress:
         self._thread.start()
         self._registry = open_registry(spec.registry_url)
         self._view = BoardView(ensure_board(spec.namespace))
-        trunks = [RayTrunk(info, serve.get_deployment_handle(info.deployment, info.app), self._view)
-                  for info in spec.trunks]  # fmt: skip
+        trunks = [
+            RayTrunk(info, serve.get_deployment_handle(info.deployment, info.app), self._view) for info in spec.trunks
+        ]
         config = ServerConfig(
-            host=spec.host, port=spec.port, auth=spec.auth, metrics_port=spec.metrics_port, grace_s=spec.grace_s,
+            host=spec.host,
+            port=spec.port,
+            auth=spec.auth,
+            metrics_port=spec.metrics_port,
+            grace_s=spec.grace_s,
             tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
-        )  # fmt: skip
+        )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.
             updates = RemoteCoordinator(spec.namespace) if spec.updates else None
@@ -72,8 +77,9 @@ class TreeIngress:
     def _call(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    async def _start(self, trunks: list[RayTrunk], config: ServerConfig,
-                     updates: RemoteCoordinator | None) -> TreeServer:  # fmt: skip
+    async def _start(
+        self, trunks: list[RayTrunk], config: ServerConfig, updates: RemoteCoordinator | None
+    ) -> TreeServer:
         # grpc.aio objects live on this loop
         server = TreeServer(trunks, Catalog(self._registry), config, updates=updates)
         await server.start()

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import ray
 import torch
@@ -32,8 +32,8 @@ from cluster.ray.board import ReplicaReport, board
 from cluster.ray.wire import RemoteError, TrunkSpec
 from cluster.service.trunk import EngineTrunk
 from hierarchy.errors import HierarchyError
-from nodes.runtime.engine import Engine, EngineConfig
 from nodes.errors import NodesError
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 from nodes.store.tree import open_tree
 
@@ -49,7 +49,7 @@ _lease_ids = itertools.count(1)
 class NodeLease:
     """What Serve's multiplexer caches per node id on a replica (see the module docstring)."""
 
-    def __init__(self, replica: "TrunkReplicaBase", node: str):
+    def __init__(self, replica: TrunkReplicaBase, node: str):
         self.node = node
         self.id = next(_lease_ids)
         self._replica = replica
@@ -98,8 +98,12 @@ class TrunkReplicaBase:
         torch.set_num_threads(1)  # one thread per replica: several replicas share the cores
         self.spec = spec
         base_dir = open_tree(spec.tree_dir).base_dir
-        config = EngineConfig(max_batch_size=spec.max_batch, max_queue=spec.max_queue,
-                              max_active_adapters=spec.max_adapters, host_cache_bytes=spec.host_cache)  # fmt: skip
+        config = EngineConfig(
+            max_batch_size=spec.max_batch,
+            max_queue=spec.max_queue,
+            max_active_adapters=spec.max_adapters,
+            host_cache_bytes=spec.host_cache,
+        )
         self.engine = Engine(base_dir, spec.tree_dir, config)  # a dir: the engine follows its snapshots
         self._trunk = EngineTrunk(self.engine)  # its snapshot() is what Admin.Status shows per trunk
         self.routed: dict[str, int] = {}  # node id -> id of the lease Serve holds for it
@@ -207,13 +211,26 @@ class TrunkReplicaBase:
         loaded = tuple(sorted(n for n in snap.loaded_adapters if self._chain_active(n)))
         self._reported_loaded = frozenset(loaded)
         return ReplicaReport(
-            trunk=self.spec.tree, replica=self.replica_id, node_id=self._node_id, node_ip=self._node_ip,
-            pid=os.getpid(), base_digest=snap.base_digest, loaded=loaded, routed=tuple(sorted(routed)),
-            queue_depth=stats.queue_depth, running=stats.active_requests, ongoing=sum(in_flight.values()),
+            trunk=self.spec.tree,
+            replica=self.replica_id,
+            node_id=self._node_id,
+            node_ip=self._node_ip,
+            pid=os.getpid(),
+            base_digest=snap.base_digest,
+            loaded=loaded,
+            routed=tuple(sorted(routed)),
+            queue_depth=stats.queue_depth,
+            running=stats.active_requests,
+            ongoing=sum(in_flight.values()),
             in_flight=tuple(in_flight),
-            max_batch=stats.max_batch_size, completed=self._completed, failed=self._failed,
-            requests_per_s=rate, p50_ms=p50, p95_ms=p95, cache=snap.cache,
-        )  # fmt: skip
+            max_batch=stats.max_batch_size,
+            completed=self._completed,
+            failed=self._failed,
+            requests_per_s=rate,
+            p50_ms=p50,
+            p95_ms=p95,
+            cache=snap.cache,
+        )
 
     def _chain_active(self, node: str) -> bool:
         chain = self.engine.resolve(node)

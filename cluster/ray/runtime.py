@@ -24,12 +24,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
-from cluster.ray.config import ClusterConfig, RayPorts
 from cluster.errors import ClusterError
+from cluster.ray.config import ClusterConfig, RayPorts
 
 __all__ = [
     "ClusterState",
@@ -96,7 +96,7 @@ class ClusterState:
     overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # trunk -> scale settings
     started_at: float = 0.0
 
-    def with_(self, **changes) -> "ClusterState":
+    def with_(self, **changes) -> ClusterState:
         return ClusterState(**{**asdict(self), "head": self.head, **changes})
 
 
@@ -112,8 +112,9 @@ def save_state(state_dir: Path, state: ClusterState) -> Path:
 def load_state(state_dir: Path) -> ClusterState:
     path = state_dir / STATE_FILE
     if not path.is_file():
-        raise ClusterError(f"no cluster is up here (no {path}): run `treelm cluster up CONFIG` first, "
-                           "or pass the --state-dir it used")  # fmt: skip
+        raise ClusterError(
+            f"no cluster is up here (no {path}): run `treelm cluster up CONFIG` first, or pass the --state-dir it used"
+        )
     try:
         raw = json.loads(path.read_text())
         head = NodeProcess(**raw.pop("head")) if raw.get("head") else raw.pop("head", None)
@@ -161,18 +162,36 @@ def ray_executable() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
-def node_command(ports: RayPorts, temp_dir: Path, *, head: bool, address: str | None = None,
-                 num_cpus: float | None = None, num_gpus: int | None = None,
-                 resources: Mapping[str, float] | None = None, dashboard: bool = False,
-                 block: bool = True) -> list[str]:  # fmt: skip
+def node_command(
+    ports: RayPorts,
+    temp_dir: Path,
+    *,
+    head: bool,
+    address: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    dashboard: bool = False,
+    block: bool = True,
+) -> list[str]:
     """`ray start` with every port explicit (a head, or a node joining ``address``)."""
     cmd = [ray_executable(), "start", "--disable-usage-stats"]
     if block:
         cmd.append("--block")
     if head:
-        cmd += ["--head", "--port", str(ports.gcs), "--ray-client-server-port", str(ports.client_server),
-                "--include-dashboard", "true" if dashboard else "false", "--dashboard-port", str(ports.dashboard),
-                "--dashboard-host", "127.0.0.1"]  # fmt: skip
+        cmd += [
+            "--head",
+            "--port",
+            str(ports.gcs),
+            "--ray-client-server-port",
+            str(ports.client_server),
+            "--include-dashboard",
+            "true" if dashboard else "false",
+            "--dashboard-port",
+            str(ports.dashboard),
+            "--dashboard-host",
+            "127.0.0.1",
+        ]
     else:
         if not address:
             raise ClusterError("a worker node needs the head's address (HOST:GCS_PORT)")
@@ -216,18 +235,32 @@ def _wait_started(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
     raise RayStartError(f"Ray {why}; the end of {log}:\n{tail}")
 
 
-def start_node(cmd: Sequence[str], env: Mapping[str, str], log: Path, temp_dir: Path,
-               ports: Sequence[int] = (), timeout_s: float = 90.0) -> NodeProcess:  # fmt: skip
+def start_node(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    log: Path,
+    temp_dir: Path,
+    ports: Sequence[int] = (),
+    timeout_s: float = 90.0,
+) -> NodeProcess:
     """Run ``cmd`` (a `ray start --block`) in a session of its own and wait until the node is up."""
     busy = [p for p in ports if _port_in_use(p)]
     if busy:
-        raise RayStartError(f"port(s) {', '.join(map(str, busy))} are in use: another Ray (or service) runs "
-                            "here; pick other ports under ray.ports in the cluster file")  # fmt: skip
+        raise RayStartError(
+            f"port(s) {', '.join(map(str, busy))} are in use: another Ray (or service) runs "
+            "here; pick other ports under ray.ports in the cluster file"
+        )
     log.parent.mkdir(parents=True, exist_ok=True)
     temp_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen(list(cmd), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            list(cmd),
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     _wait_started(proc, log, timeout_s)
     return NodeProcess(pid=proc.pid, log=str(log), temp_dir=str(temp_dir))
 
@@ -237,8 +270,15 @@ def start_head(config: ClusterConfig, state_dir: Path, timeout_s: float = 90.0) 
     ray_cfg = config.ray
     token = token_file(state_dir, create=True) if ray_cfg.auth == "token" else None
     env = ray_env(ray_cfg.auth, token)
-    cmd = node_command(ray_cfg.ports, ray_cfg.temp_dir, head=True, num_cpus=ray_cfg.num_cpus,
-                       num_gpus=ray_cfg.num_gpus, resources=ray_cfg.resources, dashboard=ray_cfg.dashboard)  # fmt: skip
+    cmd = node_command(
+        ray_cfg.ports,
+        ray_cfg.temp_dir,
+        head=True,
+        num_cpus=ray_cfg.num_cpus,
+        num_gpus=ray_cfg.num_gpus,
+        resources=ray_cfg.resources,
+        dashboard=ray_cfg.dashboard,
+    )
     p = ray_cfg.ports
     ports = [p.gcs, p.client_server, *p.node_ports().values()]
     return start_node(cmd, env, state_dir / "head.log", ray_cfg.temp_dir, ports, timeout_s), env
@@ -297,20 +337,38 @@ def connect(state: ClusterState) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=state.gcs_address, namespace=state.namespace, logging_level="WARNING",
-                 log_to_driver=False, configure_logging=True)  # fmt: skip
+        ray.init(
+            address=state.gcs_address,
+            namespace=state.namespace,
+            logging_level="WARNING",
+            log_to_driver=False,
+            configure_logging=True,
+        )
     except (ConnectionError, RuntimeError) as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {state.gcs_address}: {exc} "
-                           "(is it up? `treelm cluster up CONFIG` starts it)") from None  # fmt: skip
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {state.gcs_address}: {exc} "
+            "(is it up? `treelm cluster up CONFIG` starts it)"
+        ) from None
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no per-call INFO lines in the operator's terminal
     return True
 
 
-def join_command(config: ClusterConfig, state: ClusterState, ports: RayPorts | None = None,
-                 num_cpus: float | None = None, resources: Mapping[str, float] | None = None) -> str:  # fmt: skip
+def join_command(
+    config: ClusterConfig,
+    state: ClusterState,
+    ports: RayPorts | None = None,
+    num_cpus: float | None = None,
+    resources: Mapping[str, float] | None = None,
+) -> str:
     """The shell line a new machine runs to join (same ports as the head unless given)."""
-    cmd = node_command(ports or config.ray.ports, config.ray.temp_dir, head=False, address=state.gcs_address,
-                       num_cpus=num_cpus, resources=resources)  # fmt: skip
+    cmd = node_command(
+        ports or config.ray.ports,
+        config.ray.temp_dir,
+        head=False,
+        address=state.gcs_address,
+        num_cpus=num_cpus,
+        resources=resources,
+    )
     cmd[0] = "ray"
     env = {"RAY_AUTH_MODE": state.auth}
     if state.auth == "token":

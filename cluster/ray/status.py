@@ -8,16 +8,17 @@ holds and how busy it is comes from the replicas' own reports
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import ray
 from rich.console import Console
 from rich.table import Table
 
-from cluster.ray.config import ClusterConfig
 from cluster.ray.app import INGRESS_APP, INGRESS_DEPLOYMENT, TRUNK_DEPLOYMENT, app_name
 from cluster.ray.board import ReplicaReport, board
+from cluster.ray.config import ClusterConfig
 from cluster.ray.runtime import ClusterState
 
 __all__ = ["ClusterStatus", "RayNodeStatus", "ReplicaStatus", "TrunkStatus", "collect_status", "render_status"]
@@ -78,7 +79,7 @@ class ClusterStatus:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for trunk, raw in zip(self.trunks, out["trunks"]):
+        for trunk, raw in zip(self.trunks, out["trunks"], strict=False):
             raw["running"] = trunk.running
         return out
 
@@ -89,20 +90,37 @@ def _serve_details() -> Mapping[str, Any]:
     return _get_global_client().get_serve_details()
 
 
-def _replicas(tree: str, deployment: Mapping[str, Any],
-              reports: Mapping[str, ReplicaReport]) -> tuple[ReplicaStatus, ...]:  # fmt: skip
+def _replicas(
+    tree: str, deployment: Mapping[str, Any], reports: Mapping[str, ReplicaReport]
+) -> tuple[ReplicaStatus, ...]:
     rows = []
     for raw in deployment.get("replicas", ()):
         state = getattr(raw.get("state"), "value", str(raw.get("state")))
         rep = reports.get(raw["replica_id"])
         load = {}
         if rep is not None:
-            load = dict(loaded=rep.loaded, queue_depth=rep.queue_depth, running=rep.running, ongoing=rep.ongoing,
-                        requests_per_s=round(rep.requests_per_s, 2), p50_ms=rep.p50_ms, p95_ms=rep.p95_ms,
-                        completed=rep.completed, failed=rep.failed)  # fmt: skip
-        rows.append(ReplicaStatus(trunk=tree, replica=raw["replica_id"], state=state,
-                                  node_id=raw.get("node_id") or "", node_ip=raw.get("node_ip") or "",
-                                  pid=raw.get("pid"), **load))  # fmt: skip
+            load = dict(
+                loaded=rep.loaded,
+                queue_depth=rep.queue_depth,
+                running=rep.running,
+                ongoing=rep.ongoing,
+                requests_per_s=round(rep.requests_per_s, 2),
+                p50_ms=rep.p50_ms,
+                p95_ms=rep.p95_ms,
+                completed=rep.completed,
+                failed=rep.failed,
+            )
+        rows.append(
+            ReplicaStatus(
+                trunk=tree,
+                replica=raw["replica_id"],
+                state=state,
+                node_id=raw.get("node_id") or "",
+                node_ip=raw.get("node_ip") or "",
+                pid=raw.get("pid"),
+                **load,
+            )
+        )
     return tuple(sorted(rows, key=lambda r: r.replica))
 
 
@@ -130,24 +148,43 @@ def collect_status(config: ClusterConfig, state: ClusterState) -> ClusterStatus:
         for r in replicas:
             placed[r.node_id] = placed.get(r.node_id, 0) + 1
         status = getattr(app.get("status"), "value", app.get("status")) or "NOT_STARTED"
-        trunks.append(TrunkStatus(tree=trunk.tree, status=str(status),
-                                  target=int(deployment.get("target_num_replicas") or 0),
-                                  min_replicas=low, max_replicas=high, replicas=replicas))  # fmt: skip
+        trunks.append(
+            TrunkStatus(
+                tree=trunk.tree,
+                status=str(status),
+                target=int(deployment.get("target_num_replicas") or 0),
+                min_replicas=low,
+                max_replicas=high,
+                replicas=replicas,
+            )
+        )
     ingress_app = details.get(INGRESS_APP) or {}
     for raw in ((ingress_app.get("deployments") or {}).get(INGRESS_DEPLOYMENT) or {}).get("replicas", ()):
         placed[raw.get("node_id") or ""] = placed.get(raw.get("node_id") or "", 0) + 1
     nodes = []
     for node in ray.nodes():
         res = node.get("Resources") or {}
-        nodes.append(RayNodeStatus(
-            node_id=node["NodeID"], address=f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}",
-            alive=bool(node.get("Alive")), head="node:__internal_head__" in res, cpus=float(res.get("CPU", 0)),
-            gpus=float(res.get("GPU", 0)), replicas=placed.get(node["NodeID"], 0),
-        ))  # fmt: skip
+        nodes.append(
+            RayNodeStatus(
+                node_id=node["NodeID"],
+                address=f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}",
+                alive=bool(node.get("Alive")),
+                head="node:__internal_head__" in res,
+                cpus=float(res.get("CPU", 0)),
+                gpus=float(res.get("GPU", 0)),
+                replicas=placed.get(node["NodeID"], 0),
+            )
+        )
     nodes.sort(key=lambda n: (not n.alive, not n.head, n.address))
     ingress = getattr(ingress_app.get("status"), "value", ingress_app.get("status")) or "NOT_STARTED"
-    return ClusterStatus(name=config.name, gcs_address=state.gcs_address, endpoints=state.endpoints,
-                         ingress=str(ingress), trunks=tuple(trunks), nodes=tuple(nodes))  # fmt: skip
+    return ClusterStatus(
+        name=config.name,
+        gcs_address=state.gcs_address,
+        endpoints=state.endpoints,
+        ingress=str(ingress),
+        trunks=tuple(trunks),
+        nodes=tuple(nodes),
+    )
 
 
 def _num(value: float | int | None, fmt: str = "{:g}") -> str:
@@ -155,8 +192,10 @@ def _num(value: float | int | None, fmt: str = "{:g}") -> str:
 
 
 def render_status(status: ClusterStatus, console: Console) -> None:
-    console.print(f"cluster [bold]{status.name}[/bold]: Ray at {status.gcs_address}, gRPC ingress "
-                  f"{', '.join(status.endpoints) or '-'} ({status.ingress.lower()})")  # fmt: skip
+    console.print(
+        f"cluster [bold]{status.name}[/bold]: Ray at {status.gcs_address}, gRPC ingress "
+        f"{', '.join(status.endpoints) or '-'} ({status.ingress.lower()})"
+    )
     trunks = Table(title="trunks")
     for col in ("trunk", "status", "replicas", "scaling", "req/s", "queue"):
         trunks.add_column(col, justify="right" if col in ("req/s", "queue") else "left")
@@ -169,22 +208,52 @@ def render_status(status: ClusterStatus, console: Console) -> None:
     console.print(trunks)
     node_names = {n.node_id: n.address + (" (head)" if n.head else "") for n in status.nodes}
     replicas = Table(title="replicas")
-    for col in ("trunk", "replica", "state", "ray node", "pid", "loaded nodes", "queue", "running", "req/s",
-                "p50 ms", "p95 ms"):  # fmt: skip
-        replicas.add_column(col, justify="right" if col in ("pid", "queue", "running", "req/s", "p50 ms", "p95 ms")
-                            else "left", overflow="fold")  # fmt: skip
+    for col in (
+        "trunk",
+        "replica",
+        "state",
+        "ray node",
+        "pid",
+        "loaded nodes",
+        "queue",
+        "running",
+        "req/s",
+        "p50 ms",
+        "p95 ms",
+    ):
+        replicas.add_column(
+            col,
+            justify="right" if col in ("pid", "queue", "running", "req/s", "p50 ms", "p95 ms") else "left",
+            overflow="fold",
+        )
     for t in status.trunks:
         for r in t.replicas:
             loaded = ", ".join(n.split("/", 1)[-1] for n in r.loaded) if r.loaded else "-"
-            replicas.add_row(t.tree, r.replica, r.state.lower(), node_names.get(r.node_id, r.node_id[:12] or "-"),
-                             _num(r.pid), loaded, _num(r.queue_depth), _num(r.running),
-                             _num(r.requests_per_s, "{:.2f}"), _num(r.p50_ms, "{:.1f}"),
-                             _num(r.p95_ms, "{:.1f}"))  # fmt: skip
+            replicas.add_row(
+                t.tree,
+                r.replica,
+                r.state.lower(),
+                node_names.get(r.node_id, r.node_id[:12] or "-"),
+                _num(r.pid),
+                loaded,
+                _num(r.queue_depth),
+                _num(r.running),
+                _num(r.requests_per_s, "{:.2f}"),
+                _num(r.p50_ms, "{:.1f}"),
+                _num(r.p95_ms, "{:.1f}"),
+            )
     console.print(replicas)
     nodes = Table(title="Ray nodes")
     for col in ("node id", "address", "role", "alive", "CPUs", "GPUs", "TreeLM replicas"):
         nodes.add_column(col)
     for n in status.nodes:
-        nodes.add_row(n.node_id[:12], n.address, "head" if n.head else "worker", "yes" if n.alive else "no",
-                      f"{n.cpus:g}", f"{n.gpus:g}", str(n.replicas))  # fmt: skip
+        nodes.add_row(
+            n.node_id[:12],
+            n.address,
+            "head" if n.head else "worker",
+            "yes" if n.alive else "no",
+            f"{n.cpus:g}",
+            f"{n.gpus:g}",
+            str(n.replicas),
+        )
     console.print(nodes)

@@ -48,7 +48,7 @@ class RemoteError:
     field: str | None = None  # InvalidRequest's field
 
     @classmethod
-    def of(cls, exc: BaseException) -> "RemoteError":
+    def of(cls, exc: BaseException) -> RemoteError:
         kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _PORTABLE), "NodesError")
         if isinstance(exc, HierarchyError):
             kind = "InvalidRequest"

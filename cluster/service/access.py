@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from cluster.service.auth import Caller
 from cluster.errors import NodeNotVisible
+from cluster.service.auth import Caller
 
 __all__ = ["NodeAccess", "NodeVisibility"]
 

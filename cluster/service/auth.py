@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from cluster.errors import Unauthenticated
 from registry.errors import InvalidToken
 
-__all__ = ["ANONYMOUS", "CALLER", "Authenticator", "Caller", "current_caller", "bearer_token"]
+__all__ = ["ANONYMOUS", "CALLER", "Authenticator", "Caller", "bearer_token", "current_caller"]
 
 
 @dataclass(frozen=True)

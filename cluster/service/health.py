@@ -59,4 +59,4 @@ class DrainingHealth(health_pb2_grpc.HealthServicer):
             if self.draining:
                 return
             async with self._changed:
-                await self._changed.wait_for(lambda: self._version != seen)
+                await self._changed.wait_for(lambda seen=seen: self._version != seen)

@@ -30,14 +30,13 @@ import inspect
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from cluster.service.auth import CALLER, Authenticator
-from cluster.updates.wire import update_wire_status
 from cluster.errors import (
     BadArgument,
     NodeNotVisible,
@@ -46,6 +45,8 @@ from cluster.errors import (
     ShuttingDown,
     Unauthenticated,
 )
+from cluster.service.auth import CALLER, Authenticator
+from cluster.updates.wire import update_wire_status
 from hierarchy.errors import InvalidNodePath
 from nodes import errors as engine_errors
 from nodes.errors import AdapterError, BaseModelError, IntegrityError

@@ -15,7 +15,7 @@ makes up count as ``node="other"`` so they cannot blow up the label space.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,12 +62,18 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._known_node = known_node
         r = self.registry
-        self.requests = Counter("treelm_requests", "RPCs by method, node and status", ["method", "node", "code"], registry=r)
+        self.requests = Counter(
+            "treelm_requests", "RPCs by method, node and status", ["method", "node", "code"], registry=r
+        )
         self.latency = Histogram(
             "treelm_request_latency_seconds", "Call latency", ["method"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.ttft = Histogram(
-            "treelm_time_to_first_token_seconds", "Time to first token", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+            "treelm_time_to_first_token_seconds",
+            "Time to first token",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter("treelm_tokens", "Tokens processed", ["node", "kind"], registry=r)
         self.in_flight = Gauge("treelm_in_flight_requests", "Calls being served", registry=r)
@@ -83,7 +89,9 @@ class ServerMetrics:
         self.requests.labels(short, self.node_label(node), code).inc()
         self.latency.labels(short).observe(seconds)
 
-    def observe_generation(self, method: str, node: str, prompt_tokens: int, completion_tokens: int, ttft_s: float) -> None:
+    def observe_generation(
+        self, method: str, node: str, prompt_tokens: int, completion_tokens: int, ttft_s: float
+    ) -> None:
         label = self.node_label(node)
         self.tokens.labels(label, "prompt").inc(prompt_tokens)
         self.tokens.labels(label, "completion").inc(completion_tokens)

@@ -15,26 +15,26 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.errors import ServeError
 from cluster.service.access import NodeAccess
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
-from cluster.errors import ServeError
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter, UpdatesServicer
 from cluster.service.trunk import Trunk
-from cluster.updates.coordinator import Coordinator
 from cluster.service.update_servicer import UpdateBackend, UpdateServicer
+from cluster.updates.coordinator import Coordinator
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -108,8 +108,15 @@ class ServerConfig:
 class TreeServer:
     """A grpc.aio server over trunks and a registry (see the module docstring)."""
 
-    def __init__(self, trunks: Sequence[Trunk], catalog: Catalog, config: ServerConfig = ServerConfig(), *,
-                 close_trunks: bool = False, updates: "Coordinator | UpdateBackend | None" = None):  # fmt: skip
+    def __init__(
+        self,
+        trunks: Sequence[Trunk],
+        catalog: Catalog,
+        config: ServerConfig = ServerConfig(),
+        *,
+        close_trunks: bool = False,
+        updates: Coordinator | UpdateBackend | None = None,
+    ):
         self.config = config
         self.router = TrunkRouter({t.tree: t for t in trunks})
         self.catalog = catalog
@@ -120,7 +127,9 @@ class TreeServer:
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(lambda: self.status_interceptor.in_flight)
-        self.authenticator = Authenticator(catalog.tenant_of, required=config.auth, cache_ttl_s=config.token_cache_ttl_s)
+        self.authenticator = Authenticator(
+            catalog.tenant_of, required=config.auth, cache_ttl_s=config.token_cache_ttl_s
+        )
         self.health = DrainingHealth()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -144,13 +153,17 @@ class TreeServer:
         updates = UpdatesServicer() if self.updates is None else UpdateServicer(self.updates, self.access)
         updates_pb2_grpc.add_UpdatesServicer_to_server(updates, server)
         admin = AdminServicer(
-            self.router, self.access, version=SERVER_VERSION, auth_enabled=c.auth,
+            self.router,
+            self.access,
+            version=SERVER_VERSION,
+            auth_enabled=c.auth,
             in_flight=lambda: self.status_interceptor.in_flight,
-        )  # fmt: skip
+        )
         admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
         )
         return server
 
@@ -184,8 +197,14 @@ class TreeServer:
             except OSError as exc:
                 await self.stop(grace=0)
                 raise ServeError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
-        log.info("serving %s on %s:%s (tls=%s, auth=%s)", ", ".join(self.router.trunks), self.config.host,
-                 self.port, self.config.tls, self.config.auth)  # fmt: skip
+        log.info(
+            "serving %s on %s:%s (tls=%s, auth=%s)",
+            ", ".join(self.router.trunks),
+            self.config.host,
+            self.port,
+            self.config.tls,
+            self.config.auth,
+        )
 
     @property
     def target(self) -> str:

@@ -6,8 +6,9 @@ later put a remote trunk behind the same shape.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from nodes.runtime.engine import Engine
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk

@@ -9,11 +9,12 @@ cluster/service/interceptors.py (update errors: cluster/updates/wire.py).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+from cluster.errors import BadArgument, NodeNotVisible
 from cluster.service.access import NodeAccess
 from cluster.service.auth import current_caller
-from cluster.errors import BadArgument, NodeNotVisible
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.package import PackageAssembler
 from cluster.updates.status import UpdateStatus
@@ -43,11 +44,21 @@ class UpdateBackend(Protocol):
 
 def status_to_proto(s: UpdateStatus) -> updates_pb2.UpdateStatus:
     return updates_pb2.UpdateStatus(
-        update_id=s.update_id, node=s.node, version=s.version, state=s.state, reasons=list(s.reasons),
-        approvals=s.approvals, approvals_needed=s.approvals_needed, kind=s.kind, parent=s.parent,
-        parent_version=s.parent_version, candidate_id=s.candidate_id or "", figures=dict(s.figures),
-        manifest_digest=s.manifest_digest, envelope=s.envelope,
-    )  # fmt: skip
+        update_id=s.update_id,
+        node=s.node,
+        version=s.version,
+        state=s.state,
+        reasons=list(s.reasons),
+        approvals=s.approvals,
+        approvals_needed=s.approvals_needed,
+        kind=s.kind,
+        parent=s.parent,
+        parent_version=s.parent_version,
+        candidate_id=s.candidate_id or "",
+        figures=dict(s.figures),
+        manifest_digest=s.manifest_digest,
+        envelope=s.envelope,
+    )
 
 
 def _node_id(value: str, field: str = "node") -> str:
@@ -58,7 +69,7 @@ def _node_id(value: str, field: str = "node") -> str:
 
 
 class UpdateServicer(updates_pb2_grpc.UpdatesServicer):
-    def __init__(self, coordinator: "Coordinator | UpdateBackend", access: NodeAccess):
+    def __init__(self, coordinator: Coordinator | UpdateBackend, access: NodeAccess):
         self._coordinator = coordinator
         self._access = access
 
@@ -98,8 +109,9 @@ class UpdateServicer(updates_pb2_grpc.UpdatesServicer):
         await self._visible_status(request.update_id)
         if not request.key_id or not request.signature:
             raise BadArgument("signature", "an approval needs key_id and signature")
-        status = await asyncio.to_thread(self._coordinator.approve, request.update_id, request.key_id,
-                                         bytes(request.signature))  # fmt: skip
+        status = await asyncio.to_thread(
+            self._coordinator.approve, request.update_id, request.key_id, bytes(request.signature)
+        )
         return status_to_proto(status)
 
     async def Rollback(self, request, context):
@@ -111,5 +123,10 @@ class UpdateServicer(updates_pb2_grpc.UpdatesServicer):
             raise BadArgument("to_version", "name the version to go back to (>= 1)")
         signatures = [Signature(s.key_id, bytes(s.signature)) for s in request.signatures]
         result = await asyncio.to_thread(self._coordinator.rollback, node, int(request.to_version), signatures)
-        return updates_pb2.RollbackResponse(node=result.node, alias=result.alias, version=result.version,
-                                            previous_version=result.previous_version, held=list(result.held))  # fmt: skip
+        return updates_pb2.RollbackResponse(
+            node=result.node,
+            alias=result.alias,
+            version=result.version,
+            previous_version=result.previous_version,
+            held=list(result.held),
+        )

@@ -7,6 +7,7 @@ aggregate -> approve -> propagate), ``UpdateServicer`` (the Updates gRPC service
 ``treelm keys`` / ``treelm update`` command groups.
 """
 
+from cluster.service.update_servicer import UpdateServicer
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.errors import (
     ApprovalRejected,
@@ -20,7 +21,6 @@ from cluster.updates.keys import load_signing_key, load_trust, register_key, rev
 from cluster.updates.make import make_package
 from cluster.updates.package import Package, read_package, write_package
 from cluster.updates.policy import UpdatePolicy
-from cluster.service.update_servicer import UpdateServicer
 from cluster.updates.status import RollbackResult, UpdateStatus
 
 __all__ = [
@@ -44,4 +44,5 @@ __all__ = [
     "revoke",
     "rotate",
     "write_key_files",
+    "write_package",
 ]

@@ -30,11 +30,11 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 from cluster.tree_import import import_tree
 from cluster.updates.errors import ApprovalRejected, NotAwaitingApproval
@@ -67,9 +67,9 @@ from hierarchy.updates.manifest import UpdateManifest, parse_manifest
 from hierarchy.updates.screening import ScreenResult, delta_norm, scale_delta, screen_update
 from hierarchy.updates.trust import NodeVersion
 from hierarchy.updates.verify import Expectations, VerifiedUpdate, check_approvals, verify_update
-from nodes.store.adapters import AdapterWeights, read_adapter
-from nodes.errors import AdapterError
 from nodes.build.finetune import increment
+from nodes.errors import AdapterError
+from nodes.store.adapters import AdapterWeights, read_adapter
 from nodes.store.tree import BuiltTree
 from nodes.store.versions import ChainLink, ServedNode, Snapshot, VersionStore, checkpoint
 from registry.db import Registry
@@ -100,9 +100,15 @@ LOCK_FILE = ".updates.lock"
 class Coordinator(OperatorActions):
     """One tree's update protocol over a registry (see the module docstring)."""
 
-    def __init__(self, registry: Registry, tree_dir: str | Path, policy: UpdatePolicy | None = None, *,
-                 clock: Callable[[], float] = time.time,
-                 background: Callable[[Callable[[], object]], object] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        registry: Registry,
+        tree_dir: str | Path,
+        policy: UpdatePolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        background: Callable[[Callable[[], object]], object] | None = None,
+    ):
         """``background``: runs the next level's aggregation round after ``approve`` returns (an
         executor's ``submit``); None runs it before ``approve`` returns. Either way the contribution
         is recorded in the approval's transaction, so a round lost to a crash is made by ``tick``."""
@@ -119,9 +125,15 @@ class Coordinator(OperatorActions):
         self._depth = 0
 
     @classmethod
-    def open(cls, registry: Registry, tree_dir: str | Path, policy: UpdatePolicy | None = None, *,
-             clock: Callable[[], float] = time.time,
-             background: Callable[[Callable[[], object]], object] | None = None) -> "Coordinator":  # fmt: skip
+    def open(
+        cls,
+        registry: Registry,
+        tree_dir: str | Path,
+        policy: UpdatePolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        background: Callable[[Callable[[], object]], object] | None = None,
+    ) -> Coordinator:
         coordinator = cls(registry, tree_dir, policy, clock=clock, background=background)
         coordinator.prepare()
         return coordinator
@@ -177,15 +189,20 @@ class Coordinator(OperatorActions):
                     chain = (*(pins[parent].chain if parent else ()), genesis[path].link)
                     pins[path] = ServedNode(path, chain)
                     changes.append(AddPin(view.node_id(path), node.version, [x.to_dict() for x in chain]))
-                changes.append(AddEvent("pinned-genesis", node=self.tree.name, detail={"nodes": [str(n.path) for n in missing]}))
+                changes.append(
+                    AddEvent("pinned-genesis", node=self.tree.name, detail={"nodes": [str(n.path) for n in missing]})
+                )
                 apply_changes(self.registry, changes)
                 checkpoint("db-committed")
                 self._switch(pins)
                 return
             snapshot = self.store.read_snapshot()
             if not Snapshot(self.tree.name, 0, dict(view.pins)).same_chains(snapshot):
-                log.warning("snapshot of %s differs from the registry (an interrupted apply?): switching to the "
-                            "registry's pins", self.tree.name)  # fmt: skip
+                log.warning(
+                    "snapshot of %s differs from the registry (an interrupted apply?): switching to the "
+                    "registry's pins",
+                    self.tree.name,
+                )
                 self._switch(dict(view.pins))
 
     def _switch(self, pins: Mapping[str, ServedNode]) -> None:
@@ -239,8 +256,9 @@ class Coordinator(OperatorActions):
         """Only the verification (keys ... shapes) against the registry; changes nothing."""
         view = self._view()
         path = self._locate(view, package)
-        return verify_update(self._trust_for(view, path), package.envelope, package.files, self.clock(),
-                             self._expectations(view, path))  # fmt: skip
+        return verify_update(
+            self._trust_for(view, path), package.envelope, package.files, self.clock(), self._expectations(view, path)
+        )
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, package: Package) -> UpdateStatus:
@@ -251,8 +269,13 @@ class Coordinator(OperatorActions):
         with self._locked():
             view = self._view()
             path = self._locate(view, package)
-            verified = verify_update(self._trust_for(view, path), package.envelope, package.files, self.clock(),
-                                     self._expectations(view, path))  # fmt: skip
+            verified = verify_update(
+                self._trust_for(view, path),
+                package.envelope,
+                package.files,
+                self.clock(),
+                self._expectations(view, path),
+            )
             m = verified.manifest
             new = _read_adapter(package.files)
             current = view.pins[path].link
@@ -261,13 +284,23 @@ class Coordinator(OperatorActions):
             screen.raise_if_rejected()
             update_id = new_id()
             parent = view.parent(path)
-            figures = {"from": current.to_dict(), "signers": list(verified.signers), "received": self.clock(),
-                       **screen_figures(screen)}  # fmt: skip
+            figures = {
+                "from": current.to_dict(),
+                "signers": list(verified.signers),
+                "received": self.clock(),
+                **screen_figures(screen),
+            }
             build = None
             if parent:
-                build = build_candidate(self.bench, self.policy, view, parent,
-                                        [(update_id, scale_delta(delta, screen.clip_factor), 1.0)],
-                                        override=(path, new, m.digest), own_check=(path, current))  # fmt: skip
+                build = build_candidate(
+                    self.bench,
+                    self.policy,
+                    view,
+                    parent,
+                    [(update_id, scale_delta(delta, screen.clip_factor), 1.0)],
+                    override=(path, new, m.digest),
+                    own_check=(path, current),
+                )
                 report = build.report
             else:  # a first-level node: no parent absorbs it, but it must not hurt itself or general text
                 report = own_report(self.bench, view, path, new, m.digest)
@@ -275,9 +308,12 @@ class Coordinator(OperatorActions):
             report.raise_if_failed()
             # Accepted: from here on the state changes (files, then one transaction, then the snapshot).
             record = {k: v for k, v in self.bench.store.node(current).raw.items() if k != "files"}
-            record |= {"parent_version": m.parent_version or None, "metrics": m.metrics_dict,
-                       "parent_adapter_digest": view.chain(parent)[-1].adapter if parent else None,
-                       "update": {"id": update_id, "manifest": m.digest, "signers": list(verified.signers)}}  # fmt: skip
+            record |= {
+                "parent_version": m.parent_version or None,
+                "metrics": m.metrics_dict,
+                "parent_adapter_digest": view.chain(parent)[-1].adapter if parent else None,
+                "update": {"id": update_id, "manifest": m.digest, "signers": list(verified.signers)},
+            }
             link = self.store.put(path, m.version, package.files, record)
             figures["to"] = link.to_dict()
             view = self._view(history_for=path)
@@ -285,17 +321,37 @@ class Coordinator(OperatorActions):
             decisions = plan_pins(view, path, {path: link}, made_for, self.bench.revalidate)
             node_id, target = view.node_id(path), view.node_id(parent) if parent else self.tree.name
             changes: list[Change] = [
-                AddVersion(node_id, m.version, m.parent_version or None, m.digest[7:], "accepted",
-                           {**m.metrics_dict, "adapter_sha256": link.adapter}),
+                AddVersion(
+                    node_id,
+                    m.version,
+                    m.parent_version or None,
+                    m.digest[7:],
+                    "accepted",
+                    {**m.metrics_dict, "adapter_sha256": link.adapter},
+                ),
                 MoveAlias(node_id, "stable", m.version),
-                AddUpdate(update_id, "package", node_id, m.version, m.parent_version, target,
-                          "pending" if parent else "stable", m.digest[7:], package.envelope.to_bytes().decode(),
-                          figures=figures, reasons=[f"screening: {screen.reason}"]),
-                AddEvent("accepted", node_id, update_id, {"version": m.version, "signers": list(verified.signers),
-                                                          "checks": list(verified.checks)}),
+                AddUpdate(
+                    update_id,
+                    "package",
+                    node_id,
+                    m.version,
+                    m.parent_version,
+                    target,
+                    "pending" if parent else "stable",
+                    m.digest[7:],
+                    package.envelope.to_bytes().decode(),
+                    figures=figures,
+                    reasons=[f"screening: {screen.reason}"],
+                ),
+                AddEvent(
+                    "accepted",
+                    node_id,
+                    update_id,
+                    {"version": m.version, "signers": list(verified.signers), "checks": list(verified.checks)},
+                ),
                 AddEvent("screened", node_id, update_id, screen_figures(screen)),
                 *pin_changes(view, decisions, update_id),
-            ]  # fmt: skip
+            ]
             changes.append(AddEvent("gated", view.node_id(parent) if parent else node_id, update_id, report.to_dict()))
             self._commit(changes, view, decisions)
             self._admission = build if build is not None else None
@@ -311,8 +367,11 @@ class Coordinator(OperatorActions):
         history = self._accepted_norms(view.node_id(parent)) if parent else ()
         if len(history) < policy.min_history and ref_norm > 0:
             # Too few accepted increments for a median: the parent's own reference sets the scale.
-            policy = replace(policy, min_norm=max(policy.min_norm, policy.min_relative * ref_norm),
-                             max_norm=policy.max_relative * ref_norm)  # fmt: skip
+            policy = replace(
+                policy,
+                min_norm=max(policy.min_norm, policy.min_relative * ref_norm),
+                max_norm=policy.max_relative * ref_norm,
+            )
         if internal:  # an approved candidate's own increment: its direction was vouched for by approvers
             policy = replace(policy, min_cosine=-1.0)
         result = screen_update(delta, accepted_norms=history, reference=reference, policy=policy)
@@ -351,7 +410,11 @@ class Coordinator(OperatorActions):
             return None
         ids = tuple(p.update_id for p in pending)
         build = self._admission
-        if build is None or (build.parent, build.parent_link, build.update_ids) != (parent, view.pins[parent].link, ids):
+        if build is None or (build.parent, build.parent_link, build.update_ids) != (
+            parent,
+            view.pins[parent].link,
+            ids,
+        ):
             increments = []
             for p in pending:
                 before, after = ChainLink.from_dict(p.figures["from"]), ChainLink.from_dict(p.figures["to"])
@@ -365,7 +428,7 @@ class Coordinator(OperatorActions):
             changes.append(AddEvent("gate-rejected", parent_id, None, build.report.to_dict() | {"updates": list(ids)}))
             apply_changes(self.registry, changes)
             return None
-        now = datetime.fromtimestamp(int(self.clock()), tz=timezone.utc)
+        now = datetime.fromtimestamp(int(self.clock()), tz=UTC)
         cand_id, changes = store_candidate(self.store, self.policy, view, build, pending, now)
         apply_changes(self.registry, changes)
         return cand_id
@@ -377,14 +440,18 @@ class Coordinator(OperatorActions):
             update_id = self.resolve(update_id)
             entry = get_update(self.registry, update_id)
             if entry.kind != "candidate" or entry.state != "awaiting-approval":
-                raise NotAwaitingApproval(f"update {update_id} is a {entry.kind} in state {entry.state}: "
-                                          "only candidates awaiting approval can be approved")  # fmt: skip
+                raise NotAwaitingApproval(
+                    f"update {update_id} is a {entry.kind} in state {entry.state}: "
+                    "only candidates awaiting approval can be approved"
+                )
             envelope = Envelope.from_bytes(entry.envelope.encode())
             manifest = parse_manifest(envelope.payload)
-            now = datetime.fromtimestamp(int(self.clock()), tz=timezone.utc)
+            now = datetime.fromtimestamp(int(self.clock()), tz=UTC)
             if now >= manifest.expires:
-                raise ExpiredError(f"candidate {update_id} expired at {manifest.expires.isoformat()}; "
-                                   "a new aggregation round is needed")  # fmt: skip
+                raise ExpiredError(
+                    f"candidate {update_id} expired at {manifest.expires.isoformat()}; "
+                    "a new aggregation round is needed"
+                )
             trust = load_trust(self.registry)
             key = trust.key(keyid)
             if key is None:
@@ -396,21 +463,32 @@ class Coordinator(OperatorActions):
             if key.role not in required or key.node not in (None, node):
                 raise ApprovalRejected(
                     f"key {keyid[:16]}... is a {key.role.value} key for {key.node or 'every node'}; approving {node} "
-                    f"needs {', '.join(r.value for r in required)} keys acting for it")  # fmt: skip
+                    f"needs {', '.join(r.value for r in required)} keys acting for it"
+                )
             if not key.public.verify(signature, envelope.pae()):
-                raise ApprovalRejected("the approval signature does not verify over this candidate's manifest "
-                                       "(sign the DSSE PAE of the envelope GetStatus returns)")  # fmt: skip
-            approvals = [a for a in entry.approvals if a["keyid"] != keyid and trust.key(a["keyid"])
-                         and trust.key(a["keyid"]).active]  # fmt: skip
+                raise ApprovalRejected(
+                    "the approval signature does not verify over this candidate's manifest "
+                    "(sign the DSSE PAE of the envelope GetStatus returns)"
+                )
+            approvals = [
+                a
+                for a in entry.approvals
+                if a["keyid"] != keyid and trust.key(a["keyid"]) and trust.key(a["keyid"]).active
+            ]
             approvals.append({"keyid": keyid, "sig": _b64(signature)})
             sigs = [Signature(a["keyid"], _unb64(a["sig"])) for a in approvals]
             try:
                 check_approvals(trust, envelope, sigs, required, node)
             except ThresholdError as exc:
-                apply_changes(self.registry, [
-                    SetUpdate(update_id, approvals=approvals),
-                    AddEvent("approval", node, update_id, {"keyid": keyid, "role": key.role.value, "missing": str(exc)}),
-                ])  # fmt: skip
+                apply_changes(
+                    self.registry,
+                    [
+                        SetUpdate(update_id, approvals=approvals),
+                        AddEvent(
+                            "approval", node, update_id, {"keyid": keyid, "role": key.role.value, "missing": str(exc)}
+                        ),
+                    ],
+                )
                 return self.status(update_id)
             self._promote(entry, manifest, envelope, approvals)
             return self.status(update_id)
@@ -426,12 +504,20 @@ class Coordinator(OperatorActions):
         changes: list[Change] = [
             SetStatus(node_id, manifest.version, "accepted"),
             MoveAlias(node_id, "stable", manifest.version),
-            SetUpdate(entry.update_id, state="stable", approvals=approvals,
-                      reasons=[f"approved by {', '.join(a['keyid'][:12] for a in approvals)}"]),
-            AddEvent("stable", node_id, entry.update_id, {"version": manifest.version,
-                                                          "approvals": [a["keyid"] for a in approvals]}),
+            SetUpdate(
+                entry.update_id,
+                state="stable",
+                approvals=approvals,
+                reasons=[f"approved by {', '.join(a['keyid'][:12] for a in approvals)}"],
+            ),
+            AddEvent(
+                "stable",
+                node_id,
+                entry.update_id,
+                {"version": manifest.version, "approvals": [a["keyid"] for a in approvals]},
+            ),
             *pin_changes(view, decisions, entry.update_id),
-        ]  # fmt: skip
+        ]
         for p in list_updates(self.registry, target=node_id, states=("aggregated",)):
             if p.round_id == entry.update_id:
                 changes.append(SetUpdate(p.update_id, state="absorbed"))
@@ -439,17 +525,37 @@ class Coordinator(OperatorActions):
             delta = increment(self.bench.adapter(before), self.bench.adapter(link))
             screen = self._screen(view, path, delta, internal=True)
             contribution = new_id()
-            signed = Envelope(envelope.payload_type, envelope.payload,
-                              tuple(Signature(a["keyid"], _unb64(a["sig"])) for a in approvals))  # fmt: skip
+            signed = Envelope(
+                envelope.payload_type,
+                envelope.payload,
+                tuple(Signature(a["keyid"], _unb64(a["sig"])) for a in approvals),
+            )
             changes += [
-                AddUpdate(contribution, "contribution", node_id, manifest.version, manifest.parent_version,
-                          view.node_id(parent), "pending" if screen.accepted else "rejected", manifest.digest[7:],
-                          signed.to_bytes().decode(), figures={"from": before.to_dict(), "to": link.to_dict(), "received": self.clock(),
-                                                               **screen_figures(screen)},
-                          reasons=[f"screening: {screen.reason}"]),
-                AddEvent("contributed" if screen.accepted else "screen-rejected", view.node_id(parent), contribution,
-                         screen_figures(screen)),
-            ]  # fmt: skip
+                AddUpdate(
+                    contribution,
+                    "contribution",
+                    node_id,
+                    manifest.version,
+                    manifest.parent_version,
+                    view.node_id(parent),
+                    "pending" if screen.accepted else "rejected",
+                    manifest.digest[7:],
+                    signed.to_bytes().decode(),
+                    figures={
+                        "from": before.to_dict(),
+                        "to": link.to_dict(),
+                        "received": self.clock(),
+                        **screen_figures(screen),
+                    },
+                    reasons=[f"screening: {screen.reason}"],
+                ),
+                AddEvent(
+                    "contributed" if screen.accepted else "screen-rejected",
+                    view.node_id(parent),
+                    contribution,
+                    screen_figures(screen),
+                ),
+            ]
         self._commit(changes, view, decisions)
         if parent and self._background is None:
             self._maybe_aggregate(parent)
@@ -468,7 +574,9 @@ class Coordinator(OperatorActions):
         """The full id of ``update_id`` or of the one update of this tree it is a prefix of (>= 8 characters)."""
         if len(update_id) >= 32 or len(update_id) < 8:
             return update_id
-        found = [u.update_id for u in list_updates(self.registry, tree=self.tree.name) if u.update_id.startswith(update_id)]
+        found = [
+            u.update_id for u in list_updates(self.registry, tree=self.tree.name) if u.update_id.startswith(update_id)
+        ]
         return found[0] if len(found) == 1 else update_id
 
     def status(self, update_id: str) -> UpdateStatus:

@@ -13,9 +13,9 @@ into a registry that has none creates root's group, like TUF's first root.json.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Signature, pae
@@ -145,11 +145,18 @@ def trust_changes(before: TrustState, after: TrustState) -> list[Change]:
 
 def _describe(trust: TrustState, role: Role, node: str | None) -> dict:
     group = trust.group(role, node)
-    return {"role": role.value, "node": node, "threshold": group.threshold, "group_version": group.version,
-            "keys": sorted(k.keyid for k in trust.active_keys(role, node))}  # fmt: skip
+    return {
+        "role": role.value,
+        "node": node,
+        "threshold": group.threshold,
+        "group_version": group.version,
+        "keys": sorted(k.keyid for k in trust.active_keys(role, node)),
+    }
 
 
-def _commit(reg: Registry, before: TrustState, after: TrustState, event: str, node: str | None, detail: dict) -> TrustState:
+def _commit(
+    reg: Registry, before: TrustState, after: TrustState, event: str, node: str | None, detail: dict
+) -> TrustState:
     apply_changes(reg, [*trust_changes(before, after), AddEvent(event, node=node, detail=detail)])
     return after
 
@@ -220,5 +227,11 @@ def revoke(reg: Registry, keyid: str, signers: Sequence[SigningKey]) -> TrustSta
     if after is trust:  # already revoked: revocation is permanent, nothing to record
         return trust
     key = after.key(keyid)
-    return _commit(reg, trust, after, "key-revoked", key.node if key else None,
-                   {"keyid": keyid, "role": key.role.value if key else None})  # fmt: skip
+    return _commit(
+        reg,
+        trust,
+        after,
+        "key-revoked",
+        key.node if key else None,
+        {"keyid": keyid, "role": key.role.value if key else None},
+    )

@@ -8,10 +8,10 @@ adapter, and the manifest pins that parent version and base. Nothing but the pac
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Mapping
 
 from cluster.updates.errors import PackageError
 from cluster.updates.package import write_package
@@ -20,11 +20,11 @@ from hierarchy.spec import TrainSettings
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import FileEntry, LayerSpec, UpdateManifest, sha256_digest, sign_manifest
-from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 from nodes.base.model import load_base
 from nodes.build.finetune import chain_perplexity, fine_tune
 from nodes.build.gate import read_eval_text
 from nodes.build.training import tokenize_text
+from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 from nodes.store.versions import open_served_tree
 
 __all__ = ["MadePackage", "adapter_files", "build_manifest", "make_package"]
@@ -62,15 +62,20 @@ def build_manifest(
 ) -> UpdateManifest:
     """The manifest of an update that makes ``adapter`` (as ``files``) version ``version`` of ``node``."""
     node_id = NodeId.parse(node)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return UpdateManifest(
-        node=node_id, parent=node_id.parent, parent_version=parent_version,
+        node=node_id,
+        parent=node_id.parent,
+        parent_version=parent_version,
         base_digest=base_digest if base_digest.startswith("sha256:") else "sha256:" + base_digest,
-        version=version, files=[FileEntry.of(name, data) for name, data in files.items()],
+        version=version,
+        files=[FileEntry.of(name, data) for name, data in files.items()],
         layers=[LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in adapter.factors.items()],
-        training_data_digest=sha256_digest(training_data), metrics=dict(metrics), created=now,
+        training_data_digest=sha256_digest(training_data),
+        metrics=dict(metrics),
+        created=now,
         expires=now + expires_in,
-    )  # fmt: skip
+    )
 
 
 def _split(text: str) -> tuple[str, str]:
@@ -117,12 +122,26 @@ def make_package(
     before = chain_perplexity(base.model, adapters, held_out, seq_len)
     result = fine_tune(base.model, adapters[:-1], adapters[-1], tokens, settings)
     after = chain_perplexity(base.model, [*adapters[:-1], result.adapter], held_out, seq_len)
-    metrics = {"eval_ppl_before": before, "eval_ppl": after, "train_loss_first": result.train.first_loss,
-               "train_loss_last": result.train.last_loss, "steps": float(result.train.steps)}  # fmt: skip
+    metrics = {
+        "eval_ppl_before": before,
+        "eval_ppl": after,
+        "train_loss_first": result.train.first_loss,
+        "train_loss_last": result.train.last_loss,
+        "steps": float(result.train.steps),
+    }
     files = adapter_files(result.adapter, str(tree.base_dir))
     parent_version = chain[-2].version if len(chain) > 1 else 0
-    manifest = build_manifest(str(node_id), parent_version, version or built.version + 1, tree.base_digest,
-                              result.adapter, files, raw.text.encode(), metrics, expires_in=expires_in)  # fmt: skip
+    manifest = build_manifest(
+        str(node_id),
+        parent_version,
+        version or built.version + 1,
+        tree.base_digest,
+        result.adapter,
+        files,
+        raw.text.encode(),
+        metrics,
+        expires_in=expires_in,
+    )
     envelope = sign_manifest(manifest, [key])
     path = write_package(out, envelope, files)
     return MadePackage(path, manifest, envelope, metrics)

@@ -7,8 +7,9 @@ over a statement that names the node's current state, so a signature cannot be r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from cluster.updates.errors import UpdateStateError
 from cluster.updates.keys import load_trust
@@ -54,8 +55,9 @@ class OperatorActions:
             if to_version == current:
                 raise Conflict(f"{node_id} is already at stable version {current}")
             if status != "accepted":
-                raise AliasError(f"{node_id} version {to_version} is {status or 'unknown'}: `stable` needs an "
-                                 "accepted version")  # fmt: skip
+                raise AliasError(
+                    f"{node_id} version {to_version} is {status or 'unknown'}: `stable` needs an accepted version"
+                )
             link = self._link_of(node_id, to_version)
             view = self._view(history_for=path)
             decisions = plan_pins(view, path, {path: link}, {}, self.bench.revalidate)
@@ -94,8 +96,13 @@ class OperatorActions:
             served = ServedNode(path, target)
             decision = PinDecision(path, served, "made-for")
             view = self._view(history_for=path)
-            decisions = [decision] + plan_pins(replace(view, pins=dict(view.pins) | {path: served}), path, {}, {},
-                                               self.bench.revalidate)  # fmt: skip
-            changes = [*pin_changes(view, decisions), AddEvent("repin-forced", node_id, None, {"signers": list(signers)})]
+            decisions = [
+                decision,
+                *plan_pins(replace(view, pins=dict(view.pins) | {path: served}), path, {}, {}, self.bench.revalidate),
+            ]
+            changes = [
+                *pin_changes(view, decisions),
+                AddEvent("repin-forced", node_id, None, {"signers": list(signers)}),
+            ]
             self._commit(changes, view, decisions)
             return served

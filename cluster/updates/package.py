@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from cluster.updates.errors import PackageError
 from hierarchy.errors import InvalidNodePath
@@ -25,8 +25,15 @@ from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.errors import ManifestError
 from hierarchy.updates.manifest import FileEntry
 
-__all__ = ["ENVELOPE_FILE", "FILES_DIR", "MANIFEST_FILE", "Package", "PackageAssembler", "read_package",
-           "write_package"]  # fmt: skip
+__all__ = [
+    "ENVELOPE_FILE",
+    "FILES_DIR",
+    "MANIFEST_FILE",
+    "Package",
+    "PackageAssembler",
+    "read_package",
+    "write_package",
+]
 
 ENVELOPE_FILE = "envelope.json"
 MANIFEST_FILE = "manifest.json"

@@ -17,8 +17,8 @@ served over a chain it was not validated against.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from hierarchy.ids import NodeId, NodePath
 from nodes.build.gate import GateCheck
@@ -26,7 +26,7 @@ from nodes.store.tree import BuiltTree
 from nodes.store.versions import ChainLink, ServedNode
 from registry.updates import AddEvent, AddPin, Change, NodeVersions, PinEntry
 
-__all__ = ["PinDecision", "TreeView", "plan_pins", "pin_changes"]
+__all__ = ["PinDecision", "TreeView", "pin_changes", "plan_pins"]
 
 Chain = tuple[ChainLink, ...]
 
@@ -68,8 +68,12 @@ class TreeView:
         return self.versions[self.node_id(path)].latest
 
     @staticmethod
-    def from_registry(tree: BuiltTree, versions: Mapping[str, NodeVersions], pins: Mapping[str, PinEntry],
-                      history: Mapping[str, tuple[PinEntry, ...]] = {}) -> "TreeView":  # fmt: skip
+    def from_registry(
+        tree: BuiltTree,
+        versions: Mapping[str, NodeVersions],
+        pins: Mapping[str, PinEntry],
+        history: Mapping[str, tuple[PinEntry, ...]] = {},
+    ) -> TreeView:
         def served(entry: PinEntry) -> ServedNode:
             path = str(NodeId.parse(entry.node_id).path)
             return ServedNode(path, tuple(ChainLink.from_dict(x) for x in entry.chain), entry.status, entry.reason)
@@ -138,8 +142,10 @@ def plan_pins(
             if check.passed:
                 decision = PinDecision(path, ServedNode(path, target), "validated", check)
             else:
-                reason = (f"held on its current chain: over {_describe(target)} {check.describe()}; "
-                          "an operator may roll back or repin it, or its owner may retrain it over the new parent")
+                reason = (
+                    f"held on its current chain: over {_describe(target)} {check.describe()}; "
+                    "an operator may roll back or repin it, or its owner may retrain it over the new parent"
+                )
                 decision = PinDecision(path, ServedNode(path, current.chain, "held", reason), "held", check)
         if decision.served != current:
             planned[path] = decision.served
@@ -156,8 +162,10 @@ def pin_changes(view: TreeView, decisions: list[PinDecision], update_id: str | N
     changes: list[Change] = []
     for d in decisions:
         node_id = view.node_id(d.path)
-        changes.append(AddPin(node_id, d.served.version, [x.to_dict() for x in d.served.chain], d.served.status,
-                              d.served.reason))  # fmt: skip
-        changes.append(AddEvent("held" if d.how == "held" else "repinned", node=node_id, update_id=update_id,
-                                detail=d.detail()))  # fmt: skip
+        changes.append(
+            AddPin(node_id, d.served.version, [x.to_dict() for x in d.served.chain], d.served.status, d.served.reason)
+        )
+        changes.append(
+            AddEvent("held" if d.how == "held" else "repinned", node=node_id, update_id=update_id, detail=d.detail())
+        )
     return changes

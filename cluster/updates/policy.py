@@ -17,9 +17,10 @@ any field, for example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -53,8 +54,10 @@ class UpdatePolicy:
     probes: Mapping[str, str] = field(default_factory=dict, metadata={"help": "node path -> probe text file"})
     canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
     max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
-    gate_max_tokens: int | None = field(default=None, metadata={"help": "measure each gate text on its first N "
-                                                                "tokens (bounds the gate's cost; default: all)"})
+    gate_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "measure each gate text on its first N tokens (bounds the gate's cost; default: all)"},
+    )
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -94,7 +97,7 @@ class UpdatePolicy:
         return {Role.parse(r): n for r, n in self.approvals.items()}
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], base_dir: Path | None = None) -> "UpdatePolicy":
+    def from_dict(cls, obj: Mapping[str, Any], base_dir: Path | None = None) -> UpdatePolicy:
         try:
             return cls._from_dict(obj, base_dir)
         except PolicyError:
@@ -103,11 +106,13 @@ class UpdatePolicy:
             raise PolicyError(str(exc) if str(exc).startswith("update policy") else f"update policy: {exc}") from None
 
     @classmethod
-    def _from_dict(cls, obj: Mapping[str, Any], base_dir: Path | None) -> "UpdatePolicy":
+    def _from_dict(cls, obj: Mapping[str, Any], base_dir: Path | None) -> UpdatePolicy:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(obj) - known)
         if unknown:
-            raise PolicyError(f"update policy: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise PolicyError(
+                f"update policy: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         values = dict(obj)
         if "screen" in values:
             values["screen"] = ScreenPolicy(**dict(values["screen"]))
@@ -121,7 +126,7 @@ class UpdatePolicy:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "UpdatePolicy":
+    def from_file(cls, path: str | Path) -> UpdatePolicy:
         path = Path(path)
         try:
             obj = yaml.safe_load(path.read_text()) or {}
@@ -132,12 +137,12 @@ class UpdatePolicy:
         return cls.from_dict(obj, path.parent)
 
     @classmethod
-    def for_tree(cls, root: str | Path, override: str | Path | None = None) -> "UpdatePolicy":
+    def for_tree(cls, root: str | Path, override: str | Path | None = None) -> UpdatePolicy:
         """``override``, else ``ROOT/update-policy.yaml`` when present, else the defaults."""
         if override is not None:
             return cls.from_file(override)
         file = Path(root) / POLICY_FILE
         return cls.from_file(file) if file.is_file() else cls()
 
-    def with_(self, **changes: Any) -> "UpdatePolicy":
+    def with_(self, **changes: Any) -> UpdatePolicy:
         return replace(self, **changes)

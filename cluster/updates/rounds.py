@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Mapping, Sequence
 
 import torch
 
@@ -29,8 +29,8 @@ from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_pa
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE, FileEntry, LayerSpec, UpdateManifest
 from hierarchy.updates.screening import ScreenResult, delta_norm
-from nodes.store.adapters import AdapterWeights
 from nodes.build.gate import Comparison, GateReport
+from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, VersionStore
 from registry.updates import AddEvent, AddUpdate, AddVersion, Change, MoveAlias, SetUpdate, UpdateEntry
 
@@ -73,16 +73,30 @@ def align(delta: Mapping[str, LoraFactors], parent: AdapterWeights) -> tuple[dic
     out = {}
     for module, f in parent.factors.items():
         d = delta.get(module)
-        out[module] = d if d is not None else LoraFactors(A=torch.zeros(1, f.in_features, dtype=f.A.dtype),
-                                                          B=torch.zeros(f.out_features, 1, dtype=f.B.dtype), scale=1.0)
+        out[module] = (
+            d
+            if d is not None
+            else LoraFactors(
+                A=torch.zeros(1, f.in_features, dtype=f.A.dtype),
+                B=torch.zeros(f.out_features, 1, dtype=f.B.dtype),
+                scale=1.0,
+            )
+        )
     outside = {m: v for m, v in delta.items() if m not in parent.factors}
     total = delta_norm(delta) if outside else 0.0
     return out, (delta_norm(outside) / total if total else 0.0)
 
 
 def screen_figures(screen: ScreenResult) -> dict:
-    return {"verdict": screen.verdict.value, "weight": screen.weight, "norm": screen.norm, "clip": screen.clip_factor,
-            "cosine": screen.cosine, "floor": screen.floor, "ceiling": screen.ceiling}  # fmt: skip
+    return {
+        "verdict": screen.verdict.value,
+        "weight": screen.weight,
+        "norm": screen.norm,
+        "clip": screen.clip_factor,
+        "cosine": screen.cosine,
+        "floor": screen.floor,
+        "ceiling": screen.ceiling,
+    }
 
 
 def build_candidate(
@@ -112,9 +126,17 @@ def build_candidate(
     ancestors = bench.adapters(parent_chain[:-1])
     cand_key = ("candidate", tuple(parent_chain), tuple(u for u, _, _ in increments))
     after_parent = (*parent_chain[:-1], cand_key)
-    comparisons = [Comparison(f"parent {view.node_id(parent)} held-out", "parent", bench.probe(parent),
-                              bench.adapters(parent_chain), [*ancestors, candidate], tuple(parent_chain),
-                              after_parent)]  # fmt: skip
+    comparisons = [
+        Comparison(
+            f"parent {view.node_id(parent)} held-out",
+            "parent",
+            bench.probe(parent),
+            bench.adapters(parent_chain),
+            [*ancestors, candidate],
+            tuple(parent_chain),
+            after_parent,
+        )
+    ]
     for child in view.children(parent):
         chain = view.chain(child)
         child_adapter, child_key = bench.adapter(chain[-1]), chain[-1]
@@ -122,32 +144,75 @@ def build_candidate(
         if override is not None and override[0] == child:
             child_adapter, child_key = override[1], ("new", override[2])
             before, before_key = [*bench.adapters(parent_chain), child_adapter], (*parent_chain, child_key)
-        comparisons.append(Comparison(f"probe {view.node_id(child)}", "probe", bench.probe(child), before,
-                                      [*ancestors, candidate, child_adapter], before_key,
-                                      (*after_parent, child_key)))  # fmt: skip
-    comparisons.append(Comparison("canary", "canary", bench.canary(), bench.adapters(parent_chain),
-                                  [*ancestors, candidate], tuple(parent_chain), after_parent))  # fmt: skip
+        comparisons.append(
+            Comparison(
+                f"probe {view.node_id(child)}",
+                "probe",
+                bench.probe(child),
+                before,
+                [*ancestors, candidate, child_adapter],
+                before_key,
+                (*after_parent, child_key),
+            )
+        )
+    comparisons.append(
+        Comparison(
+            "canary",
+            "canary",
+            bench.canary(),
+            bench.adapters(parent_chain),
+            [*ancestors, candidate],
+            tuple(parent_chain),
+            after_parent,
+        )
+    )
     if own_check is not None and override is not None:
         path = own_check[0]
         chain = view.chain(path)
-        comparisons.append(Comparison(
-            f"update {view.node_id(path)} on its own probe", "probe", bench.probe(path), bench.adapters(chain),
-            [*bench.adapters(parent_chain), override[1]], tuple(chain), (*parent_chain, ("new", override[2])),
-        ))  # fmt: skip
+        comparisons.append(
+            Comparison(
+                f"update {view.node_id(path)} on its own probe",
+                "probe",
+                bench.probe(path),
+                bench.adapters(chain),
+                [*bench.adapters(parent_chain), override[1]],
+                tuple(chain),
+                (*parent_chain, ("new", override[2])),
+            )
+        )
     report = bench.measure(f"candidate {view.node_id(parent)} v{view.latest(parent) + 1}", comparisons)
-    return CandidateBuild(parent, parent_chain[-1], tuple(u for u, _, _ in increments), candidate, merged.method,
-                          merged.conflict, merged.relative_error, max(dropped, default=0.0), report)  # fmt: skip
+    return CandidateBuild(
+        parent,
+        parent_chain[-1],
+        tuple(u for u, _, _ in increments),
+        candidate,
+        merged.method,
+        merged.conflict,
+        merged.relative_error,
+        max(dropped, default=0.0),
+        report,
+    )
 
 
 def own_report(bench: Workbench, view: TreeView, path: str, new: AdapterWeights, key: str) -> GateReport:
     """The gate for an update of a first-level node (no parent absorbs it): its own probe and the canary."""
     chain = view.chain(path)
     after, after_key = [new], (("new", key),)
-    return bench.measure(f"update {view.node_id(path)}", [
-        Comparison(f"update {view.node_id(path)} on its own probe", "probe", bench.probe(path), bench.adapters(chain),
-                   after, tuple(chain), after_key),
-        Comparison("canary", "canary", bench.canary(), bench.adapters(chain), after, tuple(chain), after_key),
-    ])  # fmt: skip
+    return bench.measure(
+        f"update {view.node_id(path)}",
+        [
+            Comparison(
+                f"update {view.node_id(path)} on its own probe",
+                "probe",
+                bench.probe(path),
+                bench.adapters(chain),
+                after,
+                tuple(chain),
+                after_key,
+            ),
+            Comparison("canary", "canary", bench.canary(), bench.adapters(chain), after, tuple(chain), after_key),
+        ],
+    )
 
 
 def store_candidate(
@@ -170,31 +235,63 @@ def store_candidate(
     stored = store.node(link)
     contributions = json.dumps(sorted(p.manifest_digest for p in pending)).encode()
     manifest = UpdateManifest(
-        node=parent_id, parent=view.node_id(grand) if grand else view.tree.name, parent_version=grand_version or 0,
-        base_digest="sha256:" + view.tree.base_digest, version=version,
+        node=parent_id,
+        parent=view.node_id(grand) if grand else view.tree.name,
+        parent_version=grand_version or 0,
+        base_digest="sha256:" + view.tree.base_digest,
+        version=version,
         files=[FileEntry(n, str(i["sha256"]), int(i["length"])) for n, i in stored.files.items()],
         layers=[LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in build.adapter.factors.items()],
         training_data_digest="sha256:" + hashlib.sha256(contributions).hexdigest(),
-        metrics={"gate_passed": 1.0, "merge_relative_error": build.relative_error, "sign_conflict": build.conflict,
-                 "increments": float(len(pending)), "eta": policy.eta},
-        created=now, expires=now + timedelta(seconds=policy.approval_ttl_s),
-    )  # fmt: skip
+        metrics={
+            "gate_passed": 1.0,
+            "merge_relative_error": build.relative_error,
+            "sign_conflict": build.conflict,
+            "increments": float(len(pending)),
+            "eta": policy.eta,
+        },
+        created=now,
+        expires=now + timedelta(seconds=policy.approval_ttl_s),
+    )
     envelope = Envelope(UPDATE_PAYLOAD_TYPE, manifest.to_bytes(), ())
-    figures = {"from": build.parent_link.to_dict(), "to": link.to_dict(),
-               "over": [x.to_dict() for x in view.chain(parent)[:-1]], "gate": build.report.to_dict(),
-               "merge": {"method": build.method, "relative_error": build.relative_error,
-                         "sign_conflict": build.conflict, "outside_parent_layers": build.dropped}}  # fmt: skip
+    figures = {
+        "from": build.parent_link.to_dict(),
+        "to": link.to_dict(),
+        "over": [x.to_dict() for x in view.chain(parent)[:-1]],
+        "gate": build.report.to_dict(),
+        "merge": {
+            "method": build.method,
+            "relative_error": build.relative_error,
+            "sign_conflict": build.conflict,
+            "outside_parent_layers": build.dropped,
+        },
+    }
     target = view.node_id(grand) if grand else view.tree.name
     changes: list[Change] = [
-        AddVersion(parent_id, version, grand_version or None, manifest.digest[7:], "candidate",
-                   {"adapter_sha256": link.adapter, "gate": build.report.to_dict()}),
+        AddVersion(
+            parent_id,
+            version,
+            grand_version or None,
+            manifest.digest[7:],
+            "candidate",
+            {"adapter_sha256": link.adapter, "gate": build.report.to_dict()},
+        ),
         MoveAlias(parent_id, "candidate", version),
-        AddUpdate(cand_id, "candidate", parent_id, version, grand_version or 0, target, "awaiting-approval",
-                  manifest.digest[7:], envelope.to_bytes().decode(), figures=figures,
-                  reasons=[f"gate passed ({len(build.report.checks)} checks); needs approvals "
-                           f"{dict(policy.approvals)}"]),
+        AddUpdate(
+            cand_id,
+            "candidate",
+            parent_id,
+            version,
+            grand_version or 0,
+            target,
+            "awaiting-approval",
+            manifest.digest[7:],
+            envelope.to_bytes().decode(),
+            figures=figures,
+            reasons=[f"gate passed ({len(build.report.checks)} checks); needs approvals {dict(policy.approvals)}"],
+        ),
         AddEvent("candidate", parent_id, cand_id, {"version": version, "updates": list(build.update_ids)}),
-    ]  # fmt: skip
+    ]
     for p in pending:
         norm = float(p.figures.get("norm", 0.0)) * float(p.figures.get("clip", 1.0))
         changes.append(SetUpdate(p.update_id, state="aggregated", round_id=cand_id, figures={"merged_norm": norm}))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hierarchy.updates.envelope import Signature, pae, sign_payload
 from hierarchy.updates.errors import RevokedKeyError, ThresholdError, UnknownKeyError
@@ -13,12 +14,14 @@ from registry.updates import UpdateEntry
 
 __all__ = ["RollbackResult", "UpdateStatus", "check_operator", "flatten_figures", "sign_statement"]
 
+
 def sign_statement(payload_type: str, statement: bytes, keys: Sequence[SigningKey]) -> tuple[Signature, ...]:
     return sign_payload(payload_type, statement, keys)
 
 
-def check_operator(trust: TrustState, payload_type: str, statement: bytes, signatures: Sequence[Signature],
-                   node: str) -> tuple[str, ...]:  # fmt: skip
+def check_operator(
+    trust: TrustState, payload_type: str, statement: bytes, signatures: Sequence[Signature], node: str
+) -> tuple[str, ...]:
     """Key ids of operator keys acting for ``node`` whose signatures verify; ThresholdError if too few."""
     for s in signatures:
         key = trust.key(s.keyid)
@@ -29,9 +32,12 @@ def check_operator(trust: TrustState, payload_type: str, statement: bytes, signa
     valid = count_valid_signatures(pae(payload_type, statement), signatures, trust.keys_acting_for(Role.OPERATOR, node))
     needed = trust.threshold(Role.OPERATOR, node)
     if len(valid) < needed:
-        raise ThresholdError(f"{len(valid)} valid operator signature(s) for {node}, {needed} required "
-                             "(an operator key acting for the node must sign this exact statement)",
-                             needed=needed, valid=len(valid))  # fmt: skip
+        raise ThresholdError(
+            f"{len(valid)} valid operator signature(s) for {node}, {needed} required "
+            "(an operator key acting for the node must sign this exact statement)",
+            needed=needed,
+            valid=len(valid),
+        )
     return valid
 
 
@@ -55,23 +61,40 @@ class UpdateStatus:
     envelope: bytes = field(default=b"", repr=False)  # what approvers sign (DSSE PAE of it)
 
     @classmethod
-    def from_entry(cls, entry: UpdateEntry, needed: int) -> "UpdateStatus":
+    def from_entry(cls, entry: UpdateEntry, needed: int) -> UpdateStatus:
         return cls(
-            update_id=entry.update_id, kind=entry.kind, node=entry.node_id, version=entry.version,
-            parent=entry.target, parent_version=entry.parent_version, state=entry.state,
-            reasons=tuple(entry.reasons), approvals=len(entry.approvals),
-            approvals_needed=needed if entry.kind == "candidate" else 0, candidate_id=entry.round_id,
-            figures=flatten_figures(entry.figures), manifest_digest=entry.manifest_digest,
+            update_id=entry.update_id,
+            kind=entry.kind,
+            node=entry.node_id,
+            version=entry.version,
+            parent=entry.target,
+            parent_version=entry.parent_version,
+            state=entry.state,
+            reasons=tuple(entry.reasons),
+            approvals=len(entry.approvals),
+            approvals_needed=needed if entry.kind == "candidate" else 0,
+            candidate_id=entry.round_id,
+            figures=flatten_figures(entry.figures),
+            manifest_digest=entry.manifest_digest,
             envelope=entry.envelope.encode(),
-        )  # fmt: skip
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "update_id": self.update_id, "kind": self.kind, "node": self.node, "version": self.version,
-            "parent": self.parent, "parent_version": self.parent_version, "state": self.state,
-            "reasons": list(self.reasons), "approvals": self.approvals, "approvals_needed": self.approvals_needed,
-            "candidate_id": self.candidate_id, "figures": dict(self.figures), "manifest_digest": self.manifest_digest,
-        }  # fmt: skip
+            "update_id": self.update_id,
+            "kind": self.kind,
+            "node": self.node,
+            "version": self.version,
+            "parent": self.parent,
+            "parent_version": self.parent_version,
+            "state": self.state,
+            "reasons": list(self.reasons),
+            "approvals": self.approvals,
+            "approvals_needed": self.approvals_needed,
+            "candidate_id": self.candidate_id,
+            "figures": dict(self.figures),
+            "manifest_digest": self.manifest_digest,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,9 +111,7 @@ def flatten_figures(figures: Mapping[str, Any], prefix: str = "") -> dict[str, f
     out: dict[str, float] = {}
     for key, value in figures.items():
         name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            out[name] = float(value)
-        elif isinstance(value, (int, float)):
+        if isinstance(value, (bool, int, float)):
             out[name] = float(value)
         elif isinstance(value, Mapping):
             out.update(flatten_figures(value, name + "."))

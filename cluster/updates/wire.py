@@ -43,8 +43,12 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UpdateStateError, _S.FAILED_PRECONDITION),
     (PackageError, _S.INVALID_ARGUMENT),
 )
-_KINDS = {e.ThresholdError: "threshold", e.EnvelopeError: "envelope", e.ManifestError: "manifest",
-          PackageError: "package"}  # fmt: skip
+_KINDS = {
+    e.ThresholdError: "threshold",
+    e.EnvelopeError: "envelope",
+    e.ManifestError: "manifest",
+    PackageError: "package",
+}
 
 
 def _kind(exc: BaseException) -> str:

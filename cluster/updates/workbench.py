@@ -9,16 +9,16 @@ first-level nodes' texts.
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from cluster.updates.policy import UpdatePolicy
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId, NodePath
 from hierarchy.spec import TrainSettings
-from nodes.store.adapters import AdapterWeights
 from nodes.base.model import load_base
 from nodes.build.finetune import fine_tune, increment
 from nodes.build.gate import Comparison, EvalText, Evaluator, GateCheck, canary_text, node_eval_text, read_eval_text
+from nodes.store.adapters import AdapterWeights
 from nodes.store.tree import BuiltNode
 from nodes.store.versions import ChainLink, VersionStore
 
@@ -70,8 +70,11 @@ class Workbench:
         with self._lock:
             if path not in self._texts:
                 override = self.policy.probes.get(path)
-                self._texts[path] = (read_eval_text(override, f"probe of {path} ({override})") if override
-                                     else node_eval_text(self.store.tree, self._built(path)))  # fmt: skip
+                self._texts[path] = (
+                    read_eval_text(override, f"probe of {path} ({override})")
+                    if override
+                    else node_eval_text(self.store.tree, self._built(path))
+                )
             return self._texts[path]
 
     def canary(self) -> EvalText:
@@ -89,8 +92,13 @@ class Workbench:
         served ancestors: the direction an honest update of that node should roughly share.
         """
         path = chain[-1].path
-        settings = TrainSettings(steps=self.policy.reference_steps, lr=self.policy.reference_lr, batch_size=4,
-                                 max_seq_len=self.seq_len, seed=self.policy.reference_seed)  # fmt: skip
+        settings = TrainSettings(
+            steps=self.policy.reference_steps,
+            lr=self.policy.reference_lr,
+            batch_size=4,
+            max_seq_len=self.seq_len,
+            seed=self.policy.reference_seed,
+        )
         text = self.probe(path)
         key = (tuple(chain), text.sha256, settings)
         with self._lock:
@@ -109,9 +117,18 @@ class Workbench:
 
     def revalidate(self, path: str, current: Sequence[ChainLink], target: Sequence[ChainLink]) -> GateCheck:
         """The node's probe under its current chain and under ``target``, against the re-pin bound."""
-        report = self.measure(f"re-validation of {path}", [Comparison(
-            f"probe {path}", "repin", self.probe(path), self.adapters(current), self.adapters(target),
-            before_key=tuple(current), after_key=tuple(target),
-        )])  # fmt: skip
+        report = self.measure(
+            f"re-validation of {path}",
+            [
+                Comparison(
+                    f"probe {path}",
+                    "repin",
+                    self.probe(path),
+                    self.adapters(current),
+                    self.adapters(target),
+                    before_key=tuple(current),
+                    after_key=tuple(target),
+                )
+            ],
+        )
         return report.checks[0]
-

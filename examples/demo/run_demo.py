@@ -26,13 +26,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, default=here / "state", help="keys, registry, working copy")
     parser.add_argument("--report", type=Path, default=ROOT / "demo-report", help="where tables and PNGs go")
     parser.add_argument("--notes", type=Path, default=here / "oncology-notes.txt", help="the hospital's local notes")
-    parser.add_argument("--cluster", type=Path, default=None, help="cluster.yaml: serve on a Ray cluster (treelm cluster up) instead of one process")
+    parser.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        help="cluster.yaml: serve on a Ray cluster (treelm cluster up) instead of one process",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--update-steps", type=int, default=4)
     parser.add_argument("--update-lr", type=float, default=0.002)
     parser.add_argument("--policy", type=Path, default=here / "update-policy.yaml", help="the tree's update policy")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the hospital's local fine-tune "
-                        "(it runs beside the cluster's start: one core each)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the hospital's local fine-tune (it runs beside the cluster's start: one core each)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -44,8 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: wide enough for the tables
-        run(DemoConfig(args.tree, args.state, args.report, args.notes, args.cluster, args.max_new_tokens,
-                       args.update_steps, args.update_lr, args.policy, args.threads), console)  # fmt: skip
+        run(
+            DemoConfig(
+                args.tree,
+                args.state,
+                args.report,
+                args.notes,
+                args.cluster,
+                args.max_new_tokens,
+                args.update_steps,
+                args.update_lr,
+                args.policy,
+                args.threads,
+            ),
+            console,
+        )
     except KeyboardInterrupt:
         print("interrupted: servers stopped", file=sys.stderr)
         return 130

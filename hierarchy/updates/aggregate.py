@@ -23,8 +23,8 @@ elected sign (0 where none does).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
@@ -97,7 +97,7 @@ def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (at least one)."""
     if density >= 1.0:
         return t
-    k = max(1, int(round(density * t.numel())))
+    k = max(1, round(density * t.numel()))
     flat = t.reshape(-1)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[torch.topk(flat.abs(), k, largest=True).indices] = True
@@ -241,8 +241,10 @@ def candidate_parent(
         p, m = parent[module], merged[module]
         m_shape = (m.out_features, m.in_features) if isinstance(m, LoraFactors) else tuple(m.shape)
         if m_shape != (p.out_features, p.in_features):
-            raise AggregationError(f"layer {module}: children's delta is {m_shape}, the parent's layer is "
-                                   f"{(p.out_features, p.in_features)}")
+            raise AggregationError(
+                f"layer {module}: children's delta is {m_shape}, the parent's layer is "
+                f"{(p.out_features, p.in_features)}"
+            )
         if isinstance(m, LoraFactors):
             target: LoraFactors | torch.Tensor = LoraFactors(
                 A=torch.cat([p.A, m.A.to(p.A.dtype)], dim=0),

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from hierarchy.updates.errors import EnvelopeError
 from hierarchy.updates.keys import SigningKey
@@ -63,7 +64,7 @@ class Envelope:
     def pae(self) -> bytes:
         return pae(self.payload_type, self.payload)
 
-    def with_signatures(self, *signatures: Signature) -> "Envelope":
+    def with_signatures(self, *signatures: Signature) -> Envelope:
         """A new envelope with ``signatures`` appended (co-signing never re-encodes the payload)."""
         return Envelope(self.payload_type, self.payload, (*self.signatures, *signatures))
 
@@ -71,16 +72,14 @@ class Envelope:
         return {
             "payload": base64.b64encode(self.payload).decode("ascii"),
             "payloadType": self.payload_type,
-            "signatures": [
-                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in self.signatures
-            ],
+            "signatures": [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in self.signatures],
         }
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Envelope":
+    def from_bytes(cls, data: bytes) -> Envelope:
         try:
             obj = json.loads(data, object_pairs_hook=_no_duplicates)
         except EnvelopeError:
@@ -90,7 +89,7 @@ class Envelope:
         return cls.from_dict(obj)
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Envelope":
+    def from_dict(cls, obj: Any) -> Envelope:
         if not isinstance(obj, dict):
             raise EnvelopeError("envelope must be a JSON object")
         extra = set(obj) - {"payload", "payloadType", "signatures"}

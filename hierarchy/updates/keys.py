@@ -51,14 +51,14 @@ class PublicKey:
         return self.raw.hex()
 
     @classmethod
-    def from_hex(cls, text: str) -> "PublicKey":
+    def from_hex(cls, text: str) -> PublicKey:
         try:
             return cls(bytes.fromhex(text))
         except (ValueError, TypeError) as exc:
             raise KeyFormatError(f"public key must be {2 * _RAW_LEN} hex characters: {exc}") from exc
 
     @classmethod
-    def from_pem(cls, data: bytes) -> "PublicKey":
+    def from_pem(cls, data: bytes) -> PublicKey:
         try:
             key = serialization.load_pem_public_key(data)
         except (ValueError, TypeError) as exc:
@@ -98,21 +98,23 @@ class SigningKey:
             raise KeyFormatError(f"an Ed25519 private key is a {_RAW_LEN}-byte seed")
 
     @classmethod
-    def generate(cls) -> "SigningKey":
+    def generate(cls) -> SigningKey:
         key = Ed25519PrivateKey.generate()
-        return cls(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption()))
+        return cls(
+            key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        )
 
     @classmethod
-    def from_pem(cls, data: bytes, password: bytes | None = None) -> "SigningKey":
+    def from_pem(cls, data: bytes, password: bytes | None = None) -> SigningKey:
         try:
             key = serialization.load_pem_private_key(data, password=password)
         except (ValueError, TypeError) as exc:
             raise KeyFormatError(f"cannot read PEM private key (wrong password?): {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyFormatError(f"expected an Ed25519 private key, got {type(key).__name__}")
-        return cls(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption()))
+        return cls(
+            key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        )
 
     def to_pem(self, password: bytes | None = None) -> bytes:
         """PKCS#8 PEM; encrypted with the best available scheme when ``password`` is given."""
@@ -123,8 +125,9 @@ class SigningKey:
 
     @property
     def public(self) -> PublicKey:
-        return PublicKey(self._key().public_key().public_bytes(serialization.Encoding.Raw,
-                                                               serialization.PublicFormat.Raw))
+        return PublicKey(
+            self._key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
 
     @property
     def keyid(self) -> str:

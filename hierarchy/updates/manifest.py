@@ -12,9 +12,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
@@ -43,9 +44,19 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _MODULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,255}$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _FIELDS = (
-    "adapter_format", "base_digest", "created", "expires", "files", "layers", "metrics",
-    "node", "parent", "parent_version", "training_data_digest", "version",
-)  # fmt: skip
+    "adapter_format",
+    "base_digest",
+    "created",
+    "expires",
+    "files",
+    "layers",
+    "metrics",
+    "node",
+    "parent",
+    "parent_version",
+    "training_data_digest",
+    "version",
+)
 
 
 def sha256_digest(data: bytes) -> str:
@@ -54,7 +65,7 @@ def sha256_digest(data: bytes) -> str:
 
 
 def format_time(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime(_TIME_FORMAT)
+    return t.astimezone(UTC).strftime(_TIME_FORMAT)
 
 
 def parse_time(value: Any, field: str = "time") -> datetime:
@@ -64,12 +75,12 @@ def parse_time(value: Any, field: str = "time") -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ManifestError(f"field {field!r} must be timezone-aware (UTC), got a naive datetime", field=field)
-        return value.astimezone(timezone.utc).replace(microsecond=0)
+        return value.astimezone(UTC).replace(microsecond=0)
     if isinstance(value, (int, float)) and math.isfinite(value):
-        return datetime.fromtimestamp(int(value), tz=timezone.utc)
+        return datetime.fromtimestamp(int(value), tz=UTC)
     if isinstance(value, str):
         try:
-            return datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=timezone.utc)
+            return datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
         except ValueError:
             pass
     raise ManifestError(f"field {field!r} must be UTC time like 2030-01-31T12:00:00Z, got {value!r}", field=field)
@@ -108,7 +119,7 @@ class FileEntry:
         _int(self.length, f"files.{self.name}.length", 0)
 
     @classmethod
-    def of(cls, name: str, data: bytes) -> "FileEntry":
+    def of(cls, name: str, data: bytes) -> FileEntry:
         return cls(name, hashlib.sha256(data).hexdigest(), len(data))
 
 
@@ -273,15 +284,16 @@ class UpdateManifest:
 
     def to_bytes(self) -> bytes:
         """The canonical bytes: sorted keys, no whitespace, UTF-8."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
 
     @property
     def digest(self) -> str:
         return sha256_digest(self.to_bytes())
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "UpdateManifest":
+    def from_dict(cls, obj: Any) -> UpdateManifest:
         if not isinstance(obj, dict):
             raise ManifestError("manifest must be a JSON object")
         missing = [f for f in _FIELDS if f not in obj]

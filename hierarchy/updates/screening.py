@@ -19,8 +19,8 @@ from __future__ import annotations
 import enum
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, Union
 
 import torch
 
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # module name -> factors (scale * B @ A) or a dense delta [out_features, in_features]
-Delta = Mapping[str, Union[LoraFactors, torch.Tensor]]
+Delta = Mapping[str, LoraFactors | torch.Tensor]
 
 
 class Verdict(str, enum.Enum):
@@ -104,7 +104,7 @@ class ScreenResult:
         """The norm that enters the parent (and the accepted-norm history)."""
         return self.norm * self.clip_factor
 
-    def raise_if_rejected(self) -> "ScreenResult":
+    def raise_if_rejected(self) -> ScreenResult:
         if not self.accepted:
             raise ScreeningRejected(f"update rejected by screening: {self.reason}", result=self)
         return self
@@ -178,19 +178,43 @@ def screen_update(
     norm = delta_norm(delta)
     cos = delta_cosine(delta, reference) if reference is not None else None
     if norm < floor:
-        return result(Verdict.TOO_SMALL, 0.0, norm, 1.0, cos,
-                      f"delta norm {norm:.3g} is below the floor {floor:.3g} (a near-zero update)")
+        return result(
+            Verdict.TOO_SMALL,
+            0.0,
+            norm,
+            1.0,
+            cos,
+            f"delta norm {norm:.3g} is below the floor {floor:.3g} (a near-zero update)",
+        )
     clip, verdict, note = 1.0, Verdict.ACCEPTED, ""
     if ceiling is not None and norm > ceiling:
         where = f"{policy.max_relative:g} x median {median:.3g}" if median is not None else "max_norm"
         if policy.on_too_large == "reject":
-            return result(Verdict.TOO_LARGE, 0.0, norm, 1.0, cos,
-                          f"delta norm {norm:.3g} exceeds the ceiling {ceiling:.3g} ({where})")
+            return result(
+                Verdict.TOO_LARGE,
+                0.0,
+                norm,
+                1.0,
+                cos,
+                f"delta norm {norm:.3g} exceeds the ceiling {ceiling:.3g} ({where})",
+            )
         clip, verdict = ceiling / norm, Verdict.CLIPPED
         note = f"; clipped from norm {norm:.3g} to the ceiling {ceiling:.3g} ({where})"
     if cos is not None and cos < policy.min_cosine:
-        return result(Verdict.OPPOSED, 0.0, norm, clip, cos,
-                      f"cosine {cos:.3f} with the parent's reference direction is below {policy.min_cosine:g}"
-                      " (the update points against the parent)")
-    return result(verdict, 1.0, norm, clip, cos, f"norm {norm:.3g} within [{floor:.3g}, "
-                  f"{'inf' if ceiling is None else format(ceiling, '.3g')}]" + note)
+        return result(
+            Verdict.OPPOSED,
+            0.0,
+            norm,
+            clip,
+            cos,
+            f"cosine {cos:.3f} with the parent's reference direction is below {policy.min_cosine:g}"
+            " (the update points against the parent)",
+        )
+    return result(
+        verdict,
+        1.0,
+        norm,
+        clip,
+        cos,
+        f"norm {norm:.3g} within [{floor:.3g}, {'inf' if ceiling is None else format(ceiling, '.3g')}]" + note,
+    )

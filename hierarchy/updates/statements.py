@@ -9,7 +9,8 @@ same signature no longer matches anything (no replay).
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["REPIN_PAYLOAD_TYPE", "ROLLBACK_PAYLOAD_TYPE", "repin_statement", "rollback_statement"]
 

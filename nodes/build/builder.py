@@ -119,7 +119,7 @@ class _Builder:
         gone = [
             p for p in record.get("nodes", [])
             if not self.spec.has(p) and (node_dir(self.out, p) / NODE_RECORD).is_file()
-        ]  # fmt: skip
+        ]
         if gone:
             listed = ", ".join(gone)
             raise BuildError(
@@ -291,7 +291,7 @@ class _Builder:
             result = train_adapter(
                 self.model, patch, own, replay, node.training, node.guard, precision=self.precision,
                 on_step=lambda step, total, loss: self.progress.step(node_id, step, total, loss),
-            )  # fmt: skip
+            )
             self.progress.phase(node_id, "evaluating")
             node_eval = perplexity(self.model, own_eval, seq)
             node_ref = perplexity(self.model, ref_eval, seq) if ref_eval is not None else None
@@ -347,7 +347,7 @@ class _Builder:
             self.base: ResolvedBase = resolve_base(
                 self.spec.base, self.out, spec_dir=self.spec_dir, texts=all_train,
                 recorded=existing.get("base") if existing else None,
-            )  # fmt: skip
+            )
             loaded = load_base(self.base.directory)
             self.model = loaded.model
             self.tokens = self._tokenize(loaded.tokenizer)

@@ -106,7 +106,7 @@ def verified_chain(tree: BuiltTree, key: NodeId) -> tuple[BuiltNode, ...]:
             )
         if node.base_digest and node.base_digest != tree.base_digest:
             raise IntegrityError(f"node {node.node_id} was trained over base {node.base_digest[:12]}..., "
-                                 f"the tree's base is {tree.base_digest[:12]}...")  # fmt: skip
+                                 f"the tree's base is {tree.base_digest[:12]}...")
         parent_digest = node.adapter_digest
     return chain
 

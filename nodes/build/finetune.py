@@ -97,7 +97,7 @@ def increment(current: AdapterWeights, new: AdapterWeights) -> dict[str, LoraFac
         n, c = new.factors[module], current.factors[module]
         if (n.out_features, n.in_features) != (c.out_features, c.in_features):
             raise AdapterError(f"layer {module} is {n.out_features}x{n.in_features} in the new adapter, "
-                               f"{c.out_features}x{c.in_features} in the current one")  # fmt: skip
+                               f"{c.out_features}x{c.in_features} in the current one")
         a = torch.cat([n.A, c.A.to(n.A.dtype)], dim=0)
         b = torch.cat([n.scale * n.B, -c.scale * c.B.to(n.B.dtype)], dim=1)
         out[module] = LoraFactors(A=a, B=b, scale=1.0)
@@ -106,7 +106,7 @@ def increment(current: AdapterWeights, new: AdapterWeights) -> dict[str, LoraFac
 
 @torch.no_grad()
 def chain_perplexity(model: torch.nn.Module, chain: Sequence[AdapterWeights], tokens: torch.Tensor,
-                     seq_len: int) -> float:  # fmt: skip
+                     seq_len: int) -> float:
     """Perplexity of ``tokens`` under the base with ``chain`` applied (exact W0 + sum s_i B_i A_i)."""
     if not chain:
         return perplexity(model, tokens, seq_len)

@@ -89,7 +89,7 @@ def read_eval_text(path: str | Path, label: str | None = None, sha256: str | Non
     digest = sha256_bytes(raw)
     if sha256 is not None and digest != sha256:
         raise GateTextMissing(f"{path} has sha256 {digest[:12]}..., the tree recorded {sha256[:12]}...: "
-                              "it changed since the build; restore it or name another text")  # fmt: skip
+                              "it changed since the build; restore it or name another text")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -121,7 +121,7 @@ def canary_text(tree: BuiltTree) -> EvalText:
         raise GateTextMissing(f"tree {tree.name!r} has no first-level nodes to draw a canary text from")
     text = "\n\n".join(p.text for p in parts)
     return EvalText("canary (" + ", ".join(p.label.split(" ")[0] for p in parts) + ")", sha256_bytes(text.encode()),
-                    text)  # fmt: skip
+                    text)
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,11 @@ class GateCheck:
     def describe(self) -> str:
         verdict = "ok" if self.passed else "REGRESSION"
         return (f"{self.name}: perplexity {self.before:.3f} -> {self.after:.3f} ({self.change:+.2%}, bound "
-                f"+{self.bound:.2%}) {verdict}")  # fmt: skip
+                f"+{self.bound:.2%}) {verdict}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "text": self.text, "before": self.before,
-                "after": self.after, "change": self.change, "bound": self.bound, "passed": self.passed}  # fmt: skip
+                "after": self.after, "change": self.change, "bound": self.bound, "passed": self.passed}
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,15 @@ The bank never copies the base weights and never merges anything into them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from nodes.store.adapters import AdapterWeights
-from nodes.runtime.plan import BankBatch, BucketKind, LayerBatch, StackedWeights, plan_buckets
 from nodes.errors import AdapterError
+from nodes.runtime.plan import BankBatch, BucketKind, LayerBatch, StackedWeights, plan_buckets
+from nodes.store.adapters import AdapterWeights
 
 __all__ = ["AdapterBank", "BankLinear", "PreparedAdapter", "PreparedFactors", "prepare_adapter"]
 
@@ -47,8 +47,10 @@ class PreparedAdapter:
     nbytes: int
 
     @classmethod
-    def build(cls, key: str, modules: Mapping[str, PreparedFactors]) -> "PreparedAdapter":
-        nbytes = sum(f.a_t.numel() * f.a_t.element_size() + f.b_t.numel() * f.b_t.element_size() for f in modules.values())
+    def build(cls, key: str, modules: Mapping[str, PreparedFactors]) -> PreparedAdapter:
+        nbytes = sum(
+            f.a_t.numel() * f.a_t.element_size() + f.b_t.numel() * f.b_t.element_size() for f in modules.values()
+        )
         return cls(key=key, modules=dict(modules), nbytes=nbytes)
 
 
@@ -86,7 +88,7 @@ def prepare_adapter(
 class BankLinear(torch.nn.Module):
     """A base ``nn.Linear`` plus the low-rank terms of the current batch's adapters."""
 
-    def __init__(self, name: str, base: torch.nn.Linear, bank: "AdapterBank"):
+    def __init__(self, name: str, base: torch.nn.Linear, bank: AdapterBank):
         super().__init__()
         self.name = name
         self.base = base
@@ -107,7 +109,9 @@ class BankLinear(torch.nn.Module):
         if layer is None:
             return y
         if x.shape[:-1].numel() != batch.num_rows:
-            raise AdapterError(f"{self.name}: {x.shape[:-1].numel()} rows in the forward, the bank batch has {batch.num_rows}")
+            raise AdapterError(
+                f"{self.name}: {x.shape[:-1].numel()} rows in the forward, the bank batch has {batch.num_rows}"
+            )
         apply_layer(layer, x.reshape(-1, self.in_features), y.view(-1, self.out_features))
         return y
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from nodes.store.adapters import read_adapter
-from nodes.runtime.bank import AdapterBank, PreparedAdapter, prepare_adapter
 from nodes.errors import IntegrityError, NodesError
+from nodes.runtime.bank import AdapterBank, PreparedAdapter, prepare_adapter
+from nodes.store.adapters import read_adapter
 from nodes.store.tree import BuiltNode
 
 __all__ = ["AdapterCache", "CacheFull", "CacheStats"]
@@ -92,7 +92,7 @@ class AdapterCache:
             if len(missing) > self.max_active - len(self._active) + evictable:
                 raise CacheFull(f"{len(missing)} adapters needed, all {self.max_active} active slots are pinned")
             self._counts["hits_active"] += len(keys) - len(missing)
-        for node, key in zip(chain, keys):
+        for node, key in zip(chain, keys, strict=False):
             if key in missing:
                 self._activate(node, key, protect=keys)
         with self._lock:
@@ -156,7 +156,7 @@ class AdapterCache:
 
     # -- observers -----------------------------------------------------------
     def tier_of(self, key: str) -> str:
-        """"active", "host" or "disk"."""
+        """ "active", "host" or "disk"."""
         with self._lock:
             return "active" if key in self._active else "host" if key in self._host else "disk"
 

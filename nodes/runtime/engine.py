@@ -30,15 +30,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
-from nodes.runtime.bank import AdapterBank
 from nodes.base.model import LoadedBase, load_base
-from nodes.runtime.cache import AdapterCache, CacheStats
 from nodes.errors import (
     BaseModelError,
     DeadlineExceeded,
@@ -47,6 +45,8 @@ from nodes.errors import (
     NodesError,
     UnknownNode,
 )
+from nodes.runtime.bank import AdapterBank
+from nodes.runtime.cache import AdapterCache, CacheStats
 from nodes.runtime.kv import check_supported
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 from nodes.runtime.scheduler import Job, Limits, Scheduler
@@ -171,7 +171,9 @@ class Engine:
         )
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         config_eos = getattr(model.generation_config, "eos_token_id", None)
-        eos |= set(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos] if config_eos is not None else [])
+        eos |= set(
+            config_eos if isinstance(config_eos, (list, tuple)) else [config_eos] if config_eos is not None else []
+        )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
         limits = Limits(
             max_batch_size=self.config.max_batch_size,
@@ -215,7 +217,8 @@ class Engine:
         params = request.params
         if params.max_new_tokens > self.config.max_new_tokens_limit:
             raise InvalidRequest(
-                "max_new_tokens", f"{params.max_new_tokens} is above this engine's limit of {self.config.max_new_tokens_limit}"
+                "max_new_tokens",
+                f"{params.max_new_tokens} is above this engine's limit of {self.config.max_new_tokens_limit}",
             )
         prompt = self.encode(request)
         if not prompt:
@@ -327,8 +330,10 @@ class Engine:
             )
         depth = max((len(tree.chain(n.node_id)) for n in tree.nodes), default=0)
         if self.config.max_active_adapters < depth:
-            raise EngineConfigError(f"EngineConfig.max_active_adapters ({self.config.max_active_adapters}) must be "
-                                    f"at least the deepest chain of the tree ({depth})")  # fmt: skip
+            raise EngineConfigError(
+                f"EngineConfig.max_active_adapters ({self.config.max_active_adapters}) must be "
+                f"at least the deepest chain of the tree ({depth})"
+            )
         self.tree = tree  # one reference assignment: _job reads either the old tree or the new one
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -391,13 +396,13 @@ class Engine:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    async def __aenter__(self) -> "Engine":
+    async def __aenter__(self) -> Engine:
         return self
 
     async def __aexit__(self, *exc) -> None:

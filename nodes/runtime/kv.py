@@ -9,8 +9,9 @@ are trimmed. Padding never enters attention: ``mask`` excludes it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 class BatchKV:
     """Keys/values of the running rows plus which columns are real tokens."""
 
-    cache: "DynamicCache"  # per layer keys/values [B, kv_heads, T, head_dim]
+    cache: DynamicCache  # per layer keys/values [B, kv_heads, T, head_dim]
     mask: torch.Tensor  # [B, T] int64: 1 = a real token of that row, 0 = left padding
 
     @property
@@ -72,10 +73,10 @@ class BatchKV:
     def after_step(self, step_mask: torch.Tensor) -> None:
         self.mask = step_mask
 
-    def merge(self, other: "BatchKV") -> None:
+    def merge(self, other: BatchKV) -> None:
         """Append ``other``'s rows (left-padding whichever side is shorter)."""
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=False):
             mine.keys = torch.cat([_pad_seq(mine.keys, width), _pad_seq(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_pad_seq(mine.values, width), _pad_seq(theirs.values, width)], dim=0)
         self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(other.mask, (width - other.width, 0))])

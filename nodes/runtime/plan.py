@@ -30,8 +30,8 @@ Bucket kinds (see :class:`RowBucket`):
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
@@ -158,7 +158,7 @@ def _contiguous_pieces(keys, users, rank: int, num_seqs: int, tokens_per_seq: in
     for count, group in sorted(by_count.items()):
         group.sort(key=lambda k: users[k][0])
         run: list[str] = []
-        for key in group + [None]:
+        for key in [*group, None]:
             if key is not None and run and users[key][0] == users[run[-1]][0] + count:
                 run.append(key)
                 continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ def choose_tokens(
 ) -> list[int]:
     """The next token of every row; ``logits`` is [B, V], one row per sequence."""
     chosen = logits.argmax(dim=-1).tolist()  # greedy for every row at once; sampled rows are replaced below
-    for row, (p, gen) in enumerate(zip(params, generators)):
+    for row, (p, gen) in enumerate(zip(params, generators, strict=False)):
         if p.greedy:
             continue
         scores = _filtered_logits(logits[row], p).nan_to_num(nan=float("-inf"))

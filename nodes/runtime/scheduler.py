@@ -12,14 +12,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from nodes.runtime.bank import AdapterBank
-from nodes.runtime.cache import AdapterCache, CacheFull
 from nodes.errors import (
     AdapterError,
     DeadlineExceeded,
@@ -30,6 +29,8 @@ from nodes.errors import (
     QueueFull,
     RequestCancelled,
 )
+from nodes.runtime.bank import AdapterBank
+from nodes.runtime.cache import AdapterCache, CacheFull
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
 from nodes.runtime.requests import FinishReason, GenerationRequest, GenerationResult, Timings, TokenChunk, Usage
 from nodes.runtime.sampling import choose_tokens, make_generator
@@ -89,7 +90,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, model, bank: AdapterBank, cache: AdapterCache, limits: Limits, eos_ids: Sequence[int], pad_id: int):
+    def __init__(
+        self, model, bank: AdapterBank, cache: AdapterCache, limits: Limits, eos_ids: Sequence[int], pad_id: int
+    ):
         self.model = model
         self.bank = bank
         self.cache = cache
@@ -113,10 +116,14 @@ class Scheduler:
             if self._closing:
                 raise EngineClosed("the engine is shutting down; send the request to another replica")
             if job.request.request_id in self._in_flight:
-                raise InvalidRequest("request_id", f"{job.request.request_id!r} is already in flight; ids must be unique")
+                raise InvalidRequest(
+                    "request_id", f"{job.request.request_id!r} is already in flight; ids must be unique"
+                )
             if len(self._waiting) >= self.limits.max_queue:
                 self.counts["rejected"] += 1
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (the bound is {self.limits.max_queue}); retry later")
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are waiting (the bound is {self.limits.max_queue}); retry later"
+                )
             self._waiting.append(job)
             self._in_flight[job.request.request_id] = job
             self.counts["submitted"] += 1
@@ -310,7 +317,7 @@ class Scheduler:
         """Sample one token per job and deliver it; finished jobs are marked (removed by _compact)."""
         tokens = choose_tokens(logits, [j.params for j in jobs], [j.generator for j in jobs])
         now = time.perf_counter()
-        for job, token in zip(jobs, tokens):
+        for job, token in zip(jobs, tokens, strict=False):
             if job.first_token_at is None:
                 job.first_token_at = now
             if token in self.eos_ids and not job.params.ignore_eos:
@@ -347,7 +354,9 @@ class Scheduler:
             self.running = [self.running[i] for i in order]
 
     # -- delivering ----------------------------------------------------------
-    def _emit(self, job: Job, text: str, token_ids: tuple[int, ...], finish: FinishReason | None = None, **extra) -> None:
+    def _emit(
+        self, job: Job, text: str, token_ids: tuple[int, ...], finish: FinishReason | None = None, **extra
+    ) -> None:
         chunk = TokenChunk(
             request_id=job.request.request_id,
             text=text,

@@ -9,7 +9,7 @@ still grow into a stop string are held back until the next token decides.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["TextStream"]
 

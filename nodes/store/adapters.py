@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from hierarchy.chain import LoraFactors
-from nodes.store.digest import sha256_file
 from nodes.errors import AdapterError, IntegrityError
+from nodes.store.digest import sha256_file
 
 __all__ = [
     "ADAPTER_CONFIG",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["sha256_bytes", "sha256_file", "file_digests", "dir_digest"]
+__all__ = ["dir_digest", "file_digests", "sha256_bytes", "sha256_file"]
 
 _CHUNK = 1 << 20
 

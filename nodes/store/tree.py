@@ -29,13 +29,14 @@ text; for children of the base: their sibling nodes' text), ``forgetting``
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from hierarchy.ids import Level, NodeId, NodePath
-from nodes.store.digest import sha256_file
 from nodes.errors import AdapterError, IntegrityError, NodesError
+from nodes.store.digest import sha256_file
 
 __all__ = [
     "NODE_RECORD",
@@ -95,7 +96,7 @@ class BuiltNode:
         return str(self.files["adapter_model.safetensors"]["sha256"])
 
     @classmethod
-    def from_record(cls, directory: Path, record: Mapping[str, Any]) -> "BuiltNode":
+    def from_record(cls, directory: Path, record: Mapping[str, Any]) -> BuiltNode:
         return cls(
             node_id=NodeId.parse(record["id"]),
             level=Level.parse(record["level"]),
@@ -142,7 +143,7 @@ class BuiltTree:
 
     def has(self, node_id: NodeId | str) -> bool:
         key = node_id if isinstance(node_id, NodeId) else NodeId.parse(str(node_id))
-        return key.is_base and key.tree == self.name or any(n.node_id == key for n in self.nodes)
+        return (key.is_base and key.tree == self.name) or any(n.node_id == key for n in self.nodes)
 
     def chain(self, node_id: NodeId | str) -> tuple[BuiltNode, ...]:
         """Built nodes from the first child of the base down to ``node_id`` (empty for the base)."""

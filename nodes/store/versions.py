@@ -25,15 +25,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hierarchy.ids import NodeId, NodePath
-from nodes.store.adapters import ADAPTER_WEIGHTS, AdapterWeights, read_adapter, write_adapter
 from nodes.build.files import share_permissions
-from nodes.store.digest import sha256_bytes, sha256_file
 from nodes.errors import IntegrityError, NodesError
+from nodes.store.adapters import ADAPTER_WEIGHTS, AdapterWeights, read_adapter, write_adapter
+from nodes.store.digest import sha256_bytes, sha256_file
 from nodes.store.tree import NODE_RECORD, BuiltNode, BuiltTree, open_tree, verify_node_files
 
 __all__ = [
@@ -71,7 +72,7 @@ class ChainLink:
         return {"path": self.path, "version": self.version, "adapter": self.adapter}
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "ChainLink":
+    def from_dict(cls, obj: Mapping[str, Any]) -> ChainLink:
         return cls(str(obj["path"]), int(obj["version"]), str(obj["adapter"]))
 
     @property
@@ -108,9 +109,13 @@ class ServedNode:
         return {"chain": [x.to_dict() for x in self.chain], "status": self.status, "reason": self.reason}
 
     @classmethod
-    def from_dict(cls, path: str, obj: Mapping[str, Any]) -> "ServedNode":
-        return cls(path, tuple(ChainLink.from_dict(x) for x in obj["chain"]), obj.get("status", "pinned"),
-                   obj.get("reason", ""))  # fmt: skip
+    def from_dict(cls, path: str, obj: Mapping[str, Any]) -> ServedNode:
+        return cls(
+            path,
+            tuple(ChainLink.from_dict(x) for x in obj["chain"]),
+            obj.get("status", "pinned"),
+            obj.get("reason", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -130,13 +135,13 @@ class Snapshot:
         }
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "Snapshot":
+    def from_dict(cls, obj: Mapping[str, Any]) -> Snapshot:
         if obj.get("format") != SNAPSHOT_FORMAT:
             raise NodesError(f"snapshot format {obj.get('format')!r} is not {SNAPSHOT_FORMAT!r}")
         nodes = {p: ServedNode.from_dict(p, v) for p, v in obj.get("nodes", {}).items()}
         return cls(str(obj["tree"]), int(obj["serial"]), nodes)
 
-    def same_chains(self, other: "Snapshot | None") -> bool:
+    def same_chains(self, other: Snapshot | None) -> bool:
         """Whether ``other`` serves exactly the same chains with the same statuses (serial aside)."""
         return other is not None and self.to_dict()["nodes"] == other.to_dict()["nodes"]
 
@@ -199,7 +204,9 @@ class VersionStore:
         try:
             record = json.loads((directory / NODE_RECORD).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise IntegrityError(f"version {link.path} v{link.version} is missing or damaged in {directory}: {exc}")
+            raise IntegrityError(
+                f"version {link.path} v{link.version} is missing or damaged in {directory}: {exc}"
+            ) from exc
         node = BuiltNode.from_record(directory, record)
         return replace(node, store_key=f"{link.path}@{link.dirname[1:]}")
 
@@ -320,15 +327,21 @@ class VersionStore:
             return cache[link]
 
         order = [str(n.path) for n in self.tree.nodes if str(n.path) in snapshot.nodes]
-        chains = {
-            NodeId(self.tree.name, NodePath(p)): tuple(load(x) for x in snapshot.nodes[p].chain) for p in order
-        }
+        chains = {NodeId(self.tree.name, NodePath(p)): tuple(load(x) for x in snapshot.nodes[p].chain) for p in order}
         nodes = tuple(chains[NodeId(self.tree.name, NodePath(p))][-1] for p in order)
         return SnapshotTree(
-            root=self.tree.root, name=self.tree.name, base_dir=self.tree.base_dir, base_digest=self.tree.base_digest,
-            base_model=self.tree.base_model, nodes=nodes, spec_digest=self.tree.spec_digest, raw=self.tree.raw,
-            serial=snapshot.serial, chains=chains, served=dict(snapshot.nodes),
-        )  # fmt: skip
+            root=self.tree.root,
+            name=self.tree.name,
+            base_dir=self.tree.base_dir,
+            base_digest=self.tree.base_digest,
+            base_model=self.tree.base_model,
+            nodes=nodes,
+            spec_digest=self.tree.spec_digest,
+            raw=self.tree.raw,
+            serial=snapshot.serial,
+            chains=chains,
+            served=dict(snapshot.nodes),
+        )
 
     def clean_leftovers(self) -> list[Path]:
         """Remove temp dirs and files a killed writer left (never named by any snapshot)."""

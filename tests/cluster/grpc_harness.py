@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any
 
 from cluster.service.catalog import Catalog
-from cluster.tree_import import import_tree
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
+from cluster.tree_import import import_tree
 from nodes.runtime.engine import Engine, EngineConfig
 from nodes.store.tree import BuiltTree
 from registry.access import create_tenant, issue_token

@@ -63,8 +63,9 @@ def test_bad_specs_exit_2_without_traceback(tmp_path, text, fragment):
 def test_base_tiny_writes_a_stock_loadable_model(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the heart pumps blood through the arteries and veins. " * 50)
-    proc = run("base", "tiny", str(tmp_path / "tiny"), "--hidden", "32", "--layers", "1", "--vocab", "320",
-               "--text", str(text))
+    proc = run(
+        "base", "tiny", str(tmp_path / "tiny"), "--hidden", "32", "--layers", "1", "--vocab", "320", "--text", str(text)
+    )
     assert proc.returncode == 0, proc.stderr
     check = (
         "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from cluster.errors import BadArgument, NodeNotVisible, PermissionDenied, ShuttingDown, Unauthenticated
 from cluster.service.access import NodeAccess, NodeVisibility
 from cluster.service.auth import ANONYMOUS, Authenticator, Caller, bearer_token
-from cluster.errors import BadArgument, NodeNotVisible, PermissionDenied, ShuttingDown, Unauthenticated
 from cluster.service.interceptors import ERROR_FIELD_KEY, ERROR_KIND_KEY, wire_status
 from hierarchy.errors import InvalidNodePath
 from nodes import errors as ne
@@ -28,7 +28,12 @@ S = grpc.StatusCode
         (re_.NodeNotFound("unknown node 'rt/x'"), S.NOT_FOUND, None, "node-not-found"),
         (re_.VersionNotFound("no version 9"), S.NOT_FOUND, None, None),
         (ne.InvalidRequest("top_p", "must be in (0, 1]"), S.INVALID_ARGUMENT, "top_p", None),
-        (re_.InvalidMemorySize("memory 'eight gigs' is not a size", field="memory"), S.INVALID_ARGUMENT, "memory", None),
+        (
+            re_.InvalidMemorySize("memory 'eight gigs' is not a size", field="memory"),
+            S.INVALID_ARGUMENT,
+            "memory",
+            None,
+        ),
         (re_.UnknownTask("no node matches task xx", field="task"), S.INVALID_ARGUMENT, "task", None),
         (BadArgument("prefix", "bad"), S.INVALID_ARGUMENT, "prefix", None),
         (InvalidNodePath("bad path 'A B'"), S.INVALID_ARGUMENT, "node", None),
@@ -56,8 +61,15 @@ def test_each_typed_error_has_its_precise_code(error, code, field, kind):
 
 
 def test_no_user_mistake_becomes_internal():
-    user_errors = [ne.InvalidRequest("x", "y"), ne.UnknownNode("n"), re_.InvalidInput("bad", field="f"),
-                   re_.NotFound("n"), re_.InvalidToken("t"), ne.QueueFull("q"), InvalidNodePath("p")]  # fmt: skip
+    user_errors = [
+        ne.InvalidRequest("x", "y"),
+        ne.UnknownNode("n"),
+        re_.InvalidInput("bad", field="f"),
+        re_.NotFound("n"),
+        re_.InvalidToken("t"),
+        ne.QueueFull("q"),
+        InvalidNodePath("p"),
+    ]
     assert all(wire_status(e).code is not S.INTERNAL for e in user_errors)
 
 
@@ -145,8 +157,11 @@ async def test_node_access_hides_private_nodes_from_everyone_but_the_owner():
         assert (await access.check("rt/en", caller)).visibility == "public"
     assert (await access.check("rt/en/legal/contracts", Caller("acme"))).owner == "acme"
     messages = []
-    for caller, node in ((Caller("globex"), "rt/en/legal/contracts"), (ANONYMOUS, "rt/en/legal/contracts"),
-                         (Caller("acme"), "rt/nope")):  # fmt: skip
+    for caller, node in (
+        (Caller("globex"), "rt/en/legal/contracts"),
+        (ANONYMOUS, "rt/en/legal/contracts"),
+        (Caller("acme"), "rt/nope"),
+    ):
         with pytest.raises(NodeNotVisible) as info:
             await access.check(node, caller)
         messages.append(str(info.value).replace(node, "<id>"))

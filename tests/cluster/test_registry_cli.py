@@ -38,7 +38,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.fixture
 def imported(capsys, db_url, built_tree):  # noqa: F811
     assert cli(capsys, "registry", "--db", db_url, "init")[0] == 0
-    code, out, err = cli(capsys, "registry", "import", str(built_tree), "--db", db_url)
+    code, _out, err = cli(capsys, "registry", "import", str(built_tree), "--db", db_url)
     assert code == 0, err
     return db_url
 
@@ -74,15 +74,29 @@ def test_ls_show_versions_and_alias(capsys, imported):
     code, out, _ = cli(capsys, "registry", "show", "demo/en/medical", "--db", db)
     assert code == 0 and "versions" in out and "variants of v1" in out and "LlamaForCausalLM" in out
     code, out, _ = cli(capsys, "registry", "versions", "demo/en/medical", "--db", db, "--json")
-    assert [(v["version"], v["status"], v["aliases"]) for v in json.loads(out)["versions"]] == [(1, "accepted", ["stable"])]
+    assert [(v["version"], v["status"], v["aliases"]) for v in json.loads(out)["versions"]] == [
+        (1, "accepted", ["stable"])
+    ]
     code, out, _ = cli(capsys, "registry", "alias", "demo/en/medical", "candidate", "1", "--db", db)
     assert code == 0 and "candidate of demo/en/medical: nowhere -> v1" in out
 
 
 def test_match_json_and_explanation(capsys, imported):
     db = imported
-    args = ["registry", "match", "--task", "en/medical/radiology", "--device", "cpu", "--memory", "8GiB",
-            "--context", "256", "--db", db]  # fmt: skip
+    args = [
+        "registry",
+        "match",
+        "--task",
+        "en/medical/radiology",
+        "--device",
+        "cpu",
+        "--memory",
+        "8GiB",
+        "--context",
+        "256",
+        "--db",
+        db,
+    ]
     code, out, err = cli(capsys, *args, "--json", "--top", "3")
     assert code == 0, err
     data = json.loads(out)
@@ -94,15 +108,40 @@ def test_match_json_and_explanation(capsys, imported):
     code, out, _ = cli(capsys, *args, "--bandwidth", "20GB/s")
     assert code == 0 and "best: demo/en/medical/radiology" in out and "tokens/s per sequence" in out
     # Attributes instead of a path, and a private node only with its tenant.
-    code, out, _ = cli(capsys, "registry", "match", "--language", "en", "--domain", "medical", "--subdomain", "oncology",
-                       "--context", "256", "--db", db, "--json")  # fmt: skip
+    code, out, _ = cli(
+        capsys,
+        "registry",
+        "match",
+        "--language",
+        "en",
+        "--domain",
+        "medical",
+        "--subdomain",
+        "oncology",
+        "--context",
+        "256",
+        "--db",
+        db,
+        "--json",
+    )
     assert json.loads(out)["candidates"][0]["node"] == "demo/en/medical"
-    code, out, _ = cli(capsys, "registry", "match", "--task", "en/medical/oncology", "--tenant", "st-marys",
-                       "--context", "256", "--db", db, "--json")  # fmt: skip
+    code, out, _ = cli(
+        capsys,
+        "registry",
+        "match",
+        "--task",
+        "en/medical/oncology",
+        "--tenant",
+        "st-marys",
+        "--context",
+        "256",
+        "--db",
+        db,
+        "--json",
+    )
     assert json.loads(out)["candidates"][0]["node"] == "demo/en/medical/oncology"
     # Nothing fits: say what would.
-    code, out, _ = cli(capsys, "registry", "match", "--task", "en/medical/radiology", "--memory", "200MiB",
-                       "--db", db)  # fmt: skip
+    code, out, _ = cli(capsys, "registry", "match", "--task", "en/medical/radiology", "--memory", "200MiB", "--db", db)
     assert code == 0 and "nothing fits" in out and "what would work" in out and "remotely" in out
 
 
@@ -139,7 +178,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "args, message", BAD_INPUTS, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in enumerate(BAD_INPUTS)]
+)
 def test_bad_input_exits_2_with_a_clear_error_and_writes_nothing(capsys, imported, args, message):
     with open_registry(imported) as reg:
         set_version_status(reg, "demo/en/medical", 1, "revoked")
@@ -191,11 +232,21 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "200"}
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "registry", "match", "--task", "en", "--memory", "eight gigs"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2 and "is not a size" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "registry", "ls"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "registry", "ls"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     # The default database is ~/.treelm/registry.db; looking does not create it.
     assert proc.returncode == 2 and "treelm registry init" in proc.stderr
     assert not (tmp_path / ".treelm" / "registry.db").exists()

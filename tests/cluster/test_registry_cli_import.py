@@ -35,8 +35,10 @@ def test_base_facts_match_the_real_model(tiny_base_dir):
     with torch.no_grad():
         out = model(torch.arange(tokens).unsqueeze(0), use_cache=True)
     cache = out.past_key_values
-    held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)  # fmt: skip
+    held = sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
     assert held == kv_bytes_per_token(facts, "float32") * tokens
 
 
@@ -47,15 +49,25 @@ def test_tree_import_reads_nodes_versions_and_variants(built_tree, tiny_base_dir
     rad = nodes["en/medical/radiology"]
     assert (rad.language, rad.domain, rad.subdomain, rad.tags) == ("en", "medical", "radiology", ("imaging",))
     assert rad.metrics["eval_ppl"] == 8.0 and rad.parent_version == 1
-    own = {p: safetensors_summary([built_tree / "nodes" / p / "adapter_model.safetensors"])["parameters"]
-           for p in ("en", "en/medical", "en/medical/radiology")}  # fmt: skip
+    own = {
+        p: safetensors_summary([built_tree / "nodes" / p / "adapter_model.safetensors"])["parameters"]
+        for p in ("en", "en/medical", "en/medical/radiology")
+    }
     chain = next(v for v in rad.variants if v.kind == "chain")
     assert chain.adapter_parameters == sum(own.values())  # the whole chain's adapters
-    files = sum(f.stat().st_size for p in own for f in (built_tree / "nodes" / p).iterdir()
-                if f.is_file() and f.name != "node.json")
+    files = sum(
+        f.stat().st_size
+        for p in own
+        for f in (built_tree / "nodes" / p).iterdir()
+        if f.is_file() and f.name != "node.json"
+    )
     assert chain.bytes == prepared.base.weights_bytes + files and not chain.bytes_estimated
     assert {v.kind: v.bytes_estimated for v in rad.variants} == {
-        "chain": False, "flat": True, "merged": True, "merged-int8": True}  # fmt: skip
+        "chain": False,
+        "flat": True,
+        "merged": True,
+        "merged-int8": True,
+    }
     assert {v.kind for v in nodes[""].variants} == {"chain", "merged-int8"}
     oncology = nodes["en/medical/oncology"]
     assert (oncology.visibility, oncology.owner) == ("private", "st-marys")
@@ -88,11 +100,25 @@ def test_a_tree_built_by_treelm_imports_and_matches(tmp_path, capsys, monkeypatc
     from cluster.cli import main
 
     monkeypatch.setenv("COLUMNS", "250")
-    words = "the patient scan report heart lung doctor clinic image radiology lesion contrast".split()
+    words = [
+        "the",
+        "patient",
+        "scan",
+        "report",
+        "heart",
+        "lung",
+        "doctor",
+        "clinic",
+        "image",
+        "radiology",
+        "lesion",
+        "contrast",
+    ]
     for name, offset in (("en", 0), ("rad", 7)):
         for split, n in (("train", 1500), ("eval", 300)):
             (tmp_path / f"{name}_{split}.txt").write_text(
-                " ".join(words[(i * 7 + offset) % len(words)] for i in range(n)) + "\n")  # fmt: skip
+                " ".join(words[(i * 7 + offset) % len(words)] for i in range(n)) + "\n"
+            )
     (tmp_path / "tree.yaml").write_text(
         "name: mini\nbase: {model: tiny}\n"
         "defaults: {training: {steps: 3, batch_size: 2, max_seq_len: 32}, guard: {max_forgetting: 10.0}}\n"
@@ -100,7 +126,7 @@ def test_a_tree_built_by_treelm_imports_and_matches(tmp_path, capsys, monkeypatc
         "  en: {level: language, language: en, train: en_train.txt, eval: en_eval.txt}\n"
         "  en/radiology: {level: subdomain, subdomain: radiology, tags: [imaging], train: rad_train.txt,"
         " eval: rad_eval.txt}\n"
-    )  # fmt: skip
+    )
     tree_dir, db = tmp_path / "built", f"sqlite:///{tmp_path / 'r.db'}"
     assert main(["tree", "build", str(tmp_path / "tree.yaml"), "--out", str(tree_dir)]) == 0
     exported = tree_dir / "exports" / "en" / "radiology" / "merged-int8"

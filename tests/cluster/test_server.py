@@ -26,8 +26,9 @@ pytestmark = pytest.mark.timeout(180)
 def world(tmp_path_factory):
     """A tiny base with a long context, so that one stream can run for seconds."""
     root = tmp_path_factory.mktemp("grpc-server")
-    base = make_tiny_base(root / "base", TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2,
-                                                        max_position=8192))  # fmt: skip
+    base = make_tiny_base(
+        root / "base", TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2, max_position=8192)
+    )
     w = make_world(base, root, EngineConfig(max_batch_size=16, max_new_tokens_limit=8000))
     yield w
     w.engine.close()
@@ -59,13 +60,15 @@ async def engine_tokens(world, node, prompt=None, messages=None, **params) -> tu
 async def test_unary_and_streams_for_several_nodes_at_once_match_the_engine(world, server):
     nodes = ("rt", "rt/en", *PUBLIC_LEAVES, PRIVATE)
     async with treelm.AsyncClient(server.target, token=world.tokens["acme"]) as client:
-        unary = await asyncio.gather(*(client.generate(n, f"Report {i}:", max_new_tokens=12) for i, n in enumerate(nodes)))
+        unary = await asyncio.gather(
+            *(client.generate(n, f"Report {i}:", max_new_tokens=12) for i, n in enumerate(nodes))
+        )
 
         async def collect(i, node):
             return [c async for c in client.stream(node, f"Report {i}:", max_new_tokens=12)]
 
         streams = await asyncio.gather(*(collect(i, n) for i, n in enumerate(nodes)))
-    for i, (node, result, chunks) in enumerate(zip(nodes, unary, streams)):
+    for i, (node, result, chunks) in enumerate(zip(nodes, unary, streams, strict=False)):
         expected = await engine_tokens(world, node, f"Report {i}:", max_new_tokens=12)
         assert result.token_ids == expected, node
         assert tuple(t for c in chunks for t in c.token_ids) == expected, node
@@ -97,8 +100,14 @@ def test_health_and_reflection_answer_stock_clients_without_a_token(world, serve
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         (listed,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in listed.list_services_response.service}
-        assert {"treelm.v1.Inference", "treelm.v1.Registry", "treelm.v1.Updates", "treelm.v1.Admin",
-                "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names  # fmt: skip
+        assert {
+            "treelm.v1.Inference",
+            "treelm.v1.Registry",
+            "treelm.v1.Updates",
+            "treelm.v1.Admin",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
 
         # What grpcurl does: learn the schema by reflection, then call with dynamic messages.
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
@@ -151,8 +160,10 @@ async def test_64_concurrent_streams_complete_with_nothing_lost_or_mixed_up(worl
 
 
 def test_admin_status_names_only_adapters_the_caller_may_see(world, server):
-    with treelm.Client(server.target, token=world.tokens["acme"]) as acme, \
-         treelm.Client(server.target, token=world.tokens["globex"]) as globex:  # fmt: skip
+    with (
+        treelm.Client(server.target, token=world.tokens["acme"]) as acme,
+        treelm.Client(server.target, token=world.tokens["globex"]) as globex,
+    ):
         acme.generate(PRIVATE, "x", max_new_tokens=2)
         mine, theirs = acme.status(), globex.status()
     assert mine.tenant == "acme" and theirs.tenant == "globex" and mine.auth_enabled
@@ -178,10 +189,18 @@ def test_prometheus_metrics_count_requests_tokens_and_the_cache(world, server):
     assert 'treelm_requests_total{code="OK",method="Inference/Generate",node="rt/fr/medical"}' in text
     assert 'treelm_requests_total{code="NOT_FOUND",method="Inference/Generate",node="other"}' in text
     assert "rt/made/up" not in text  # made-up ids do not become labels
-    completion = [line for line in text.splitlines()
-                  if line.startswith('treelm_tokens_total{kind="completion",node="rt/fr/medical"}')]  # fmt: skip
+    completion = [
+        line
+        for line in text.splitlines()
+        if line.startswith('treelm_tokens_total{kind="completion",node="rt/fr/medical"}')
+    ]
     assert completion and float(completion[0].split()[-1]) >= 5
-    for name in ("treelm_request_latency_seconds_bucket", "treelm_time_to_first_token_seconds_bucket",
-                 'treelm_queue_depth{tree="rt"}', 'treelm_adapter_cache_loads_total{tree="rt"}',
-                 'treelm_adapter_cache_hits_total{tree="rt"}', "treelm_in_flight_requests"):  # fmt: skip
+    for name in (
+        "treelm_request_latency_seconds_bucket",
+        "treelm_time_to_first_token_seconds_bucket",
+        'treelm_queue_depth{tree="rt"}',
+        'treelm_adapter_cache_loads_total{tree="rt"}',
+        'treelm_adapter_cache_hits_total{tree="rt"}',
+        "treelm_in_flight_requests",
+    ):
         assert name in text, name

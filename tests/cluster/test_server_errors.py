@@ -11,9 +11,9 @@ import pytest
 
 import treelm
 from cluster.service.catalog import Catalog
-from cluster.tree_import import import_tree
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
+from cluster.tree_import import import_tree
 from nodes.base.model import TinyBaseConfig, make_tiny_base
 from nodes.runtime.engine import Engine, EngineConfig
 from protos.treelm.v1 import updates_pb2, updates_pb2_grpc
@@ -190,7 +190,9 @@ def test_updates_are_unimplemented_until_the_update_protocol_lands(acme, world, 
         calls = [
             lambda: stub.GetStatus(updates_pb2.GetStatusRequest(update_id="u1"), metadata=meta),
             lambda: stub.Approve(updates_pb2.ApproveRequest(update_id="u1"), metadata=meta),
-            lambda: stub.Rollback(updates_pb2.RollbackRequest(node="rt/en", alias="stable", to_version=1), metadata=meta),
+            lambda: stub.Rollback(
+                updates_pb2.RollbackRequest(node="rt/en", alias="stable", to_version=1), metadata=meta
+            ),
             lambda: stub.Submit(iter([updates_pb2.SubmitChunk(node="rt/en", data=b"x")]), metadata=meta),
         ]
         for call in calls:
@@ -206,8 +208,9 @@ def test_updates_are_unimplemented_until_the_update_protocol_lands(acme, world, 
 def small(tmp_path_factory):
     """One batch slot, one queue place, and a long context so one request can hold the slot for seconds."""
     root = tmp_path_factory.mktemp("grpc-small")
-    base = make_tiny_base(root / "base", TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2,
-                                                        max_position=8192))  # fmt: skip
+    base = make_tiny_base(
+        root / "base", TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2, max_position=8192)
+    )
     config = EngineConfig(max_batch_size=1, max_queue=1, max_new_tokens_limit=8000)
     w = make_world(base, root, config)
     s = serve(w)

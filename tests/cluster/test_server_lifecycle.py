@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 def world(tmp_path_factory):
     """A long-context tiny base so that one stream can run for seconds."""
     root = tmp_path_factory.mktemp("grpc-lifecycle")
-    base = make_tiny_base(root / "base", TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2,
-                                                        max_position=8192))  # fmt: skip
+    base = make_tiny_base(
+        root / "base", TinyBaseConfig(hidden=64, layers=2, vocab=400, heads=4, kv_heads=2, max_position=8192)
+    )
     w = make_world(base, root, EngineConfig(max_batch_size=4, max_new_tokens_limit=8000))
     yield w
     w.engine.close()
@@ -48,19 +49,26 @@ def world(tmp_path_factory):
 def self_signed(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     cert_file, key_file = tmp / "server.crt", tmp / "server.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_file, key_file
 
 
@@ -81,8 +89,10 @@ def test_tls_serves_tls_clients_only(world, tmp_path):
 
 def test_graceful_shutdown_finishes_in_flight_streams_and_refuses_new_calls(world):
     server = serve(world, grace_s=60)
-    with treelm.Client(server.target, token=world.tokens["acme"], retries=0, timeout=120) as client, \
-         grpc.insecure_channel(server.target) as channel:  # fmt: skip
+    with (
+        treelm.Client(server.target, token=world.tokens["acme"], retries=0, timeout=120) as client,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stream = client.stream("rt/en/medical", "long", max_new_tokens=3000)
@@ -109,10 +119,26 @@ def test_graceful_shutdown_finishes_in_flight_streams_and_refuses_new_calls(worl
 def _serve_process(world, *args: str) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", str(world.tree.root), "--db", world.db_url, "--port", "0",
-         "--threads", "1", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            str(world.tree.root),
+            "--db",
+            world.db_url,
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_treelm_serve_runs_imports_records_and_drains_on_sigterm(world):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -95,7 +95,7 @@ def _scaled(w: World, factor: float) -> Package:
 
 
 def _past(w: World) -> Package:
-    then = datetime.now(timezone.utc) - timedelta(days=3)
+    then = datetime.now(UTC) - timedelta(days=3)
     return _honest(w, now=then, expires_in=timedelta(days=1))
 
 
@@ -109,36 +109,78 @@ class Attack:
 
 ATTACKS = [
     Attack("tampered payload byte", lambda w: _tamper_file(_honest(w)), e.HashMismatchError),
-    Attack("tampered manifest", lambda w: _tamper_manifest(_honest(w)), e.ThresholdError,
-           lambda exc: exc.details["valid"] == 0),
-    Attack("unsigned", lambda w: _honest(w, signers=[]), e.ThresholdError,
-           lambda exc: "0 signature(s) present" in str(exc)),
-    Attack("wrong key (a sibling's)", lambda w: _honest(w, signers=[w.keys.nodes[CARD]]), e.ThresholdError,
-           lambda exc: "scoped to other nodes" in str(exc)),
+    Attack(
+        "tampered manifest",
+        lambda w: _tamper_manifest(_honest(w)),
+        e.ThresholdError,
+        lambda exc: exc.details["valid"] == 0,
+    ),
+    Attack(
+        "unsigned", lambda w: _honest(w, signers=[]), e.ThresholdError, lambda exc: "0 signature(s) present" in str(exc)
+    ),
+    Attack(
+        "wrong key (a sibling's)",
+        lambda w: _honest(w, signers=[w.keys.nodes[CARD]]),
+        e.ThresholdError,
+        lambda exc: "scoped to other nodes" in str(exc),
+    ),
     Attack("unknown key", lambda w: _honest(w, signers=[SigningKey.generate()]), e.UnknownKeyError),
     Attack("revoked key", lambda w: _honest(w, signers=[w.keys.spare["rad-revoked"]]), e.RevokedKeyError),
-    Attack("threshold not met (1 of 2)", lambda w: package_of(w, CARD, honest_adapter(w, CARD))[0],
-           e.ThresholdError, lambda exc: (exc.details["needed"], exc.details["valid"]) == (2, 1)),
+    Attack(
+        "threshold not met (1 of 2)",
+        lambda w: package_of(w, CARD, honest_adapter(w, CARD))[0],
+        e.ThresholdError,
+        lambda exc: (exc.details["needed"], exc.details["valid"]) == (2, 1),
+    ),
     Attack("replayed same version", lambda w: read_package(w.folder / "legal-v2"), e.ReplayError),
-    Attack("older version", lambda w: package_of(w, LEGAL, honest_adapter(w, LEGAL, seed=3), version=1)[0],
-           e.RollbackError),
-    Attack("skipped version", lambda w: _honest(w, version=4), e.SkippedVersionError,
-           lambda exc: (exc.details["current"], exc.details["got"]) == (1, 4)),
+    Attack(
+        "older version", lambda w: package_of(w, LEGAL, honest_adapter(w, LEGAL, seed=3), version=1)[0], e.RollbackError
+    ),
+    Attack(
+        "skipped version",
+        lambda w: _honest(w, version=4),
+        e.SkippedVersionError,
+        lambda exc: (exc.details["current"], exc.details["got"]) == (1, 4),
+    ),
     Attack("expired", _past, e.ExpiredError),
     Attack("stale parent version", lambda w: _honest(w, parent_version=0), e.StaleParentError),
     Attack("different base", lambda w: _honest(w, base_digest="0" * 64), e.BaseMismatchError),
-    Attack("x100 norm", lambda w: _scaled(w, 100.0), e.ScreeningRejected,
-           lambda exc: exc.details["result"].verdict is Verdict.TOO_LARGE),
-    Attack("near-zero update", lambda w: _scaled(w, 1e-7), e.ScreeningRejected,
-           lambda exc: exc.details["result"].verdict is Verdict.TOO_SMALL),
-    Attack("sign-flipped update", lambda w: _scaled(w, -1.0), e.ScreeningRejected,
-           lambda exc: exc.details["result"].verdict is Verdict.OPPOSED and exc.details["result"].weight == 0.0),
-    Attack("helps its child, hurts the parent's held-out text", _parent_poison, e.GateRejected,
-           lambda exc: _gate(exc, fails={"parent ut/en/medical held-out"}, improves="update ut/en/medical/radiology")),
-    Attack("hurts a sibling's probe", _sibling_poison, e.GateRejected,
-           lambda exc: _gate(exc, fails={"probe ut/en/medical/cardiology"}, passes={"parent ut/en/medical held-out"},
-                             improves="update ut/en/medical/radiology")),
-]  # fmt: skip
+    Attack(
+        "x100 norm",
+        lambda w: _scaled(w, 100.0),
+        e.ScreeningRejected,
+        lambda exc: exc.details["result"].verdict is Verdict.TOO_LARGE,
+    ),
+    Attack(
+        "near-zero update",
+        lambda w: _scaled(w, 1e-7),
+        e.ScreeningRejected,
+        lambda exc: exc.details["result"].verdict is Verdict.TOO_SMALL,
+    ),
+    Attack(
+        "sign-flipped update",
+        lambda w: _scaled(w, -1.0),
+        e.ScreeningRejected,
+        lambda exc: exc.details["result"].verdict is Verdict.OPPOSED and exc.details["result"].weight == 0.0,
+    ),
+    Attack(
+        "helps its child, hurts the parent's held-out text",
+        _parent_poison,
+        e.GateRejected,
+        lambda exc: _gate(exc, fails={"parent ut/en/medical held-out"}, improves="update ut/en/medical/radiology"),
+    ),
+    Attack(
+        "hurts a sibling's probe",
+        _sibling_poison,
+        e.GateRejected,
+        lambda exc: _gate(
+            exc,
+            fails={"probe ut/en/medical/cardiology"},
+            passes={"parent ut/en/medical held-out"},
+            improves="update ut/en/medical/radiology",
+        ),
+    ),
+]
 
 
 def _gate(exc: Exception, *, fails: set[str], passes: set[str] = frozenset(), improves: str = "") -> bool:
@@ -147,8 +189,12 @@ def _gate(exc: Exception, *, fails: set[str], passes: set[str] = frozenset(), im
     failed = {c.name for c in report.failures}
     own = next(c for name, c in checks.items() if name.startswith(improves))
     # The figures are in the refusal: before, after, change and bound of every failing check.
-    return (fails <= failed and not (passes & failed) and own.change < 0
-            and all(f"{checks[n].before:.3f} -> {checks[n].after:.3f}" in str(exc) for n in fails))  # fmt: skip
+    return (
+        fails <= failed
+        and not (passes & failed)
+        and own.change < 0
+        and all(f"{checks[n].before:.3f} -> {checks[n].after:.3f}" in str(exc) for n in fails)
+    )
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])

@@ -66,8 +66,10 @@ def templates(tmp_path_factory):
     a.close()
     # Reference outcomes: the same operations, uninterrupted, on copies.
     out = {}
-    for name, args in (("submit", ["submit", str(root / "onc-v2")]),
-                       ("approve", ["approve", candidate, str(root / "operator.pem")])):  # fmt: skip
+    for name, args in (
+        ("submit", ["submit", str(root / "onc-v2")]),
+        ("approve", ["approve", candidate, str(root / "operator.pem")]),
+    ):
         done = _copy(root / name, root / f"{name}-done")
         with open_registry(f"sqlite:///{done / 'registry.db'}") as reg:
             c = Coordinator.open(reg, done / "tree", UpdatePolicy(min_updates=2))
@@ -81,8 +83,13 @@ def templates(tmp_path_factory):
 
 
 def _run(world_dir: Path, step: str, nth: int, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.cluster.crash_driver", str(world_dir), step, str(nth), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tests.cluster.crash_driver", str(world_dir), step, str(nth), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # (operation, the step it is killed at, what the registry then holds, what is served until reopened)
@@ -96,10 +103,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("operation", "step", "registry_holds", "serving"), CASES,
-                         ids=[f"{c[0]}@{c[1]}" for c in CASES])  # fmt: skip
-def test_killed_during_apply_leaves_old_or_new_never_a_mix(templates, tmp_path, operation, step, registry_holds,
-                                                           serving):  # fmt: skip
+@pytest.mark.parametrize(
+    ("operation", "step", "registry_holds", "serving"), CASES, ids=[f"{c[0]}@{c[1]}" for c in CASES]
+)
+def test_killed_during_apply_leaves_old_or_new_never_a_mix(
+    templates, tmp_path, operation, step, registry_holds, serving
+):
     root, outcomes = templates
     before, after, args = outcomes[operation]
     world = _copy(root / operation, tmp_path)

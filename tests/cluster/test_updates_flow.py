@@ -60,8 +60,12 @@ def test_a_leaf_update_climbs_two_levels_and_the_tree_follows(world, keys, capsy
     # Without root's signature a new group cannot be created.
     code, _, err = cli(capsys, "keys", "register", keys / "st-marys", "--role", "node", "--node", ONC, *db)
     assert code == 2 and "root keys" in err
-    for name, role, node in (("st-marys", "node", ONC), ("eval-medical", "evaluator", MED),
-                             ("eval-en", "evaluator", EN), ("operator", "operator", None)):  # fmt: skip
+    for name, role, node in (
+        ("st-marys", "node", ONC),
+        ("eval-medical", "evaluator", MED),
+        ("eval-en", "evaluator", EN),
+        ("operator", "operator", None),
+    ):
         args = ["keys", "register", keys / name, "--role", role, "--sign-with", keys / "root", *db]
         assert cli(capsys, *args, *(["--node", node] if node else []))[0] == 0
     code, out, _ = cli(capsys, "keys", "ls", *db, "--json")
@@ -70,8 +74,20 @@ def test_a_leaf_update_climbs_two_levels_and_the_tree_follows(world, keys, capsy
 
     # -- the hospital: fine-tune on local data, sign, verify
     pkg = tmp_path / "onc-v2"
-    code, out, _ = cli(capsys, "update", "make", world.tree, ONC, "--train", world.local("en/medical/oncology"),
-                       "--key", keys / "st-marys", "--out", pkg, "--json")  # fmt: skip
+    code, out, _ = cli(
+        capsys,
+        "update",
+        "make",
+        world.tree,
+        ONC,
+        "--train",
+        world.local("en/medical/oncology"),
+        "--key",
+        keys / "st-marys",
+        "--out",
+        pkg,
+        "--json",
+    )
     made = json.loads(out)
     assert code == 0 and made["version"] == 2 and made["parent_version"] == 1
     assert made["metrics"]["eval_ppl"] < made["metrics"]["eval_ppl_before"]  # the local held-out text improved
@@ -96,10 +112,13 @@ def test_a_leaf_update_climbs_two_levels_and_the_tree_follows(world, keys, capsy
     # -- approvals: a node key may not approve; evaluator then operator
     code, _, err = cli(capsys, "update", "approve", candidate, "--key", keys / "st-marys", "--tree", world.tree, *db)
     assert code == 2 and "needs evaluator, operator keys" in " ".join(err.split())
-    assert cli(capsys, "update", "approve", candidate, "--key", keys / "eval-medical", "--tree", world.tree, *db)[0] == 0
+    assert (
+        cli(capsys, "update", "approve", candidate, "--key", keys / "eval-medical", "--tree", world.tree, *db)[0] == 0
+    )
     assert tree_versions(world.registry, TREE)[MED].stable == 1  # 1 of 2 approvals: nothing moves yet
-    code, out, _ = cli(capsys, "update", "approve", candidate, "--key", keys / "operator", "--tree", world.tree, *db,
-                       "--json")  # fmt: skip
+    code, out, _ = cli(
+        capsys, "update", "approve", candidate, "--key", keys / "operator", "--tree", world.tree, *db, "--json"
+    )
     assert code == 0 and json.loads(out)["state"] == "stable"
     pins = chains(world)
     assert pins[MED] == [("en", 1), ("en/medical", 2)]
@@ -115,8 +134,12 @@ def test_a_leaf_update_climbs_two_levels_and_the_tree_follows(world, keys, capsy
     assert contribution["node"] == MED and contribution["state"] == "aggregated"
     assert contribution["candidate_id"] == en_candidate["update_id"] and en_candidate["state"] == "awaiting-approval"
     for key in ("eval-en", "operator"):
-        assert cli(capsys, "update", "approve", en_candidate["update_id"], "--key", keys / key, "--tree", world.tree,
-                   *db)[0] == 0  # fmt: skip
+        assert (
+            cli(capsys, "update", "approve", en_candidate["update_id"], "--key", keys / key, "--tree", world.tree, *db)[
+                0
+            ]
+            == 0
+        )
     pins = chains(world)
     assert pins[EN] == [("en", 2)] and pins[f"{TREE}/en/legal"] == [("en", 2), ("en/legal", 1)]
     assert pins[MED] == [("en", 2), ("en/medical", 2)]
@@ -139,8 +162,9 @@ def test_the_engine_serves_the_new_snapshot_and_a_rollback(world, keys, capsys):
         reference = MergedReference(engine.tree.base_dir, engine.tree)
         prompt = "The scan showed"
         ids = engine.tokenizer(prompt).input_ids
-        request = GenerationRequest(node=f"{MED}/radiology", prompt=prompt,
-                                    params=SamplingParams(max_new_tokens=6, temperature=0.0))  # fmt: skip
+        request = GenerationRequest(
+            node=f"{MED}/radiology", prompt=prompt, params=SamplingParams(max_new_tokens=6, temperature=0.0)
+        )
         result = asyncio.run(engine.generate(request))
         # Exactly the greedy tokens of the merged model of the NEW chain (en v2, en/medical v2, radiology v1).
         assert list(result.token_ids) == reference.tokens(f"{MED}/radiology", ids, 6)
@@ -152,8 +176,20 @@ def test_the_engine_serves_the_new_snapshot_and_a_rollback(world, keys, capsys):
 
         # Roll en/medical back to v1 (operator key): nothing re-signed; the subtree follows.
         before_versions = set((world.tree / "versions").rglob("node.json"))
-        code, out, _ = cli(capsys, "update", "rollback", MED, "--to", 1, "--key", keys / "operator", "--tree", world.tree,
-                           "--db", world.url)  # fmt: skip
+        code, out, _ = cli(
+            capsys,
+            "update",
+            "rollback",
+            MED,
+            "--to",
+            1,
+            "--key",
+            keys / "operator",
+            "--tree",
+            world.tree,
+            "--db",
+            world.url,
+        )
         assert code == 0 and "v2 -> v1" in out
         assert set((world.tree / "versions").rglob("node.json")) == before_versions  # no new version was made
         pins = chains(world)
@@ -163,13 +199,23 @@ def test_the_engine_serves_the_new_snapshot_and_a_rollback(world, keys, capsys):
         assert engine.refresh() and [n.version for n in engine.tree.chain(f"{MED}/radiology")] == [2, 1, 1]
         again = asyncio.run(engine.generate(request))
         assert list(again.token_ids) == MergedReference(engine.tree.base_dir, engine.tree).tokens(
-            f"{MED}/radiology", ids, 6)
+            f"{MED}/radiology", ids, 6
+        )
     finally:
         engine.close()
     events = [e.event for e in list_update_events(world.registry, tree=TREE)]
-    for expected in ("pinned-genesis", "accepted", "screened", "gated", "candidate", "approval", "stable",
-                     "repinned", "contributed", "rollback"):  # fmt: skip
+    for expected in (
+        "pinned-genesis",
+        "accepted",
+        "screened",
+        "gated",
+        "candidate",
+        "approval",
+        "stable",
+        "repinned",
+        "contributed",
+        "rollback",
+    ):
         assert expected in events, expected
     code, out, _ = cli(capsys, "update", "log", "--node", MED, "--db", world.url, "--json")
     assert code == 0 and [e["event"] for e in json.loads(out)["events"]].count("stable") == 1
-

@@ -41,8 +41,9 @@ def setup(tmp_path_factory):
     tokens = {t: issue_token(w.registry, t).token for t in ("st-marys", "globex")}
     engine = Engine(w.coordinator.tree.base_dir, w.tree, EngineConfig(max_batch_size=4))
     w.coordinator.on_snapshot(engine.use_tree)
-    server = ServerThread(lambda: TreeServer([EngineTrunk(engine)], Catalog(w.registry), ServerConfig(port=0),
-                                             updates=w.coordinator))  # fmt: skip
+    server = ServerThread(
+        lambda: TreeServer([EngineTrunk(engine)], Catalog(w.registry), ServerConfig(port=0), updates=w.coordinator)
+    )
     clients = {t: treelm.Client(server.target, token=tok, retries=0, timeout=300) for t, tok in tokens.items()}
     yield w, server, clients, tmp_path_factory.mktemp("grpc-packages")
     for c in clients.values():
@@ -117,19 +118,49 @@ def _forged(p: Package) -> Package:
 
 
 REFUSALS = [
-    ("tampered payload byte", lambda w: _tampered(package_of(w, RAD, honest_adapter(w, RAD))[0]),
-     treelm.InvalidRequest, S.INVALID_ARGUMENT, "hash-mismatch"),
-    ("bad signature (tampered manifest)", lambda w: _forged(package_of(w, RAD, honest_adapter(w, RAD))[0]),
-     treelm.PermissionDenied, S.PERMISSION_DENIED, "threshold"),
-    ("wrong key", lambda w: package_of(w, RAD, honest_adapter(w, RAD), signers=[SigningKey.generate()])[0],
-     treelm.PermissionDenied, S.PERMISSION_DENIED, "unknown-key"),
-    ("stale parent version", lambda w: package_of(w, RAD, honest_adapter(w, RAD), parent_version=1)[0],
-     treelm.FailedPrecondition, S.FAILED_PRECONDITION, "stale-parent"),
-    ("skipped version", lambda w: package_of(w, RAD, honest_adapter(w, RAD), version=7)[0],
-     treelm.FailedPrecondition, S.FAILED_PRECONDITION, "skipped-version"),
-    ("x100 norm", lambda w: package_of(w, RAD, combine(served(w, RAD)[1], [(100.0, honest_adapter(w, RAD))]))[0],
-     treelm.FailedPrecondition, S.FAILED_PRECONDITION, "screening-too-large"),
-]  # fmt: skip
+    (
+        "tampered payload byte",
+        lambda w: _tampered(package_of(w, RAD, honest_adapter(w, RAD))[0]),
+        treelm.InvalidRequest,
+        S.INVALID_ARGUMENT,
+        "hash-mismatch",
+    ),
+    (
+        "bad signature (tampered manifest)",
+        lambda w: _forged(package_of(w, RAD, honest_adapter(w, RAD))[0]),
+        treelm.PermissionDenied,
+        S.PERMISSION_DENIED,
+        "threshold",
+    ),
+    (
+        "wrong key",
+        lambda w: package_of(w, RAD, honest_adapter(w, RAD), signers=[SigningKey.generate()])[0],
+        treelm.PermissionDenied,
+        S.PERMISSION_DENIED,
+        "unknown-key",
+    ),
+    (
+        "stale parent version",
+        lambda w: package_of(w, RAD, honest_adapter(w, RAD), parent_version=1)[0],
+        treelm.FailedPrecondition,
+        S.FAILED_PRECONDITION,
+        "stale-parent",
+    ),
+    (
+        "skipped version",
+        lambda w: package_of(w, RAD, honest_adapter(w, RAD), version=7)[0],
+        treelm.FailedPrecondition,
+        S.FAILED_PRECONDITION,
+        "skipped-version",
+    ),
+    (
+        "x100 norm",
+        lambda w: package_of(w, RAD, combine(served(w, RAD)[1], [(100.0, honest_adapter(w, RAD))]))[0],
+        treelm.FailedPrecondition,
+        S.FAILED_PRECONDITION,
+        "screening-too-large",
+    ),
+]
 
 
 @pytest.mark.parametrize(("name", "build", "error", "code", "kind"), REFUSALS, ids=[r[0] for r in REFUSALS])

@@ -52,8 +52,22 @@ def test_rotation_table(world, tmp_path, capsys):
     assert cli(capsys, "keys", "register", tmp_path / "root", "--role", "root", *db)[0] == 0
     code, _, err = cli(capsys, "keys", "register", tmp_path / "other-root", "--role", "root", *db)
     assert code == 2 and "from the current root keys" in err  # a second root needs the first one's signature
-    assert cli(capsys, "keys", "register", tmp_path / "k1", "--role", "node", "--node", RAD, "--sign-with",
-               tmp_path / "root", *db)[0] == 0  # fmt: skip
+    assert (
+        cli(
+            capsys,
+            "keys",
+            "register",
+            tmp_path / "k1",
+            "--role",
+            "node",
+            "--node",
+            RAD,
+            "--sign-with",
+            tmp_path / "root",
+            *db,
+        )[0]
+        == 0
+    )
 
     def rotate(new, threshold, signers):
         args = ["keys", "rotate", "--role", "node", "--node", RAD, "--threshold", threshold, *db]
@@ -93,14 +107,30 @@ def test_rotation_table(world, tmp_path, capsys):
     code, _, err = cli(capsys, "keys", "revoke", ids["k5"], "--sign-with", tmp_path / "k5", *db)
     assert code == 2 and "root signature" in err and snapshot(world.url) == before
     assert cli(capsys, "keys", "revoke", ids["k5"], "--sign-with", tmp_path / "root", *db)[0] == 0
-    code, _, err = cli(capsys, "keys", "register", tmp_path / "k5", "--role", "node", "--node", RAD, "--sign-with",
-                       tmp_path / "root", *db)  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "keys",
+        "register",
+        tmp_path / "k5",
+        "--role",
+        "node",
+        "--node",
+        RAD,
+        "--sign-with",
+        tmp_path / "root",
+        *db,
+    )
     assert code == 2 and "revoked" in err
 
     # An update signed by a rotated-out key is refused: `update verify` says which check failed.
     pkg = tmp_path / "pkg"
-    package_of(world, "en/medical/radiology", honest_adapter(world, "en/medical/radiology"),
-               signers=[load_signing_key(tmp_path / "k2")], out=pkg)  # fmt: skip
+    package_of(
+        world,
+        "en/medical/radiology",
+        honest_adapter(world, "en/medical/radiology"),
+        signers=[load_signing_key(tmp_path / "k2")],
+        out=pkg,
+    )
     code, out, _ = cli(capsys, "update", "verify", pkg, "--tree", world.tree, *db, "--json")
     checks = {c["check"]: c for c in json.loads(out)["checks"]}
     assert code == 1 and checks["keys"]["result"] == "FAILED" and "RevokedKeyError" in checks["keys"]["detail"]

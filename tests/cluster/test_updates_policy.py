@@ -4,7 +4,7 @@ parent keeps serving over the old one (held) until an operator repins it."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -33,14 +33,18 @@ def test_the_parent_waits_for_m_increments_then_merges_them_exactly(tmp_path_fac
         first = w.coordinator.submit(package_of(w, RAD, news[RAD])[0])
         assert first.state == "pending" and first.candidate_id is None
         second = w.coordinator.submit(package_of(w, CARD, news[CARD])[0])
-        assert second.state == "aggregated" and w.coordinator.status(first.update_id).candidate_id == second.candidate_id
+        assert (
+            second.state == "aggregated" and w.coordinator.status(first.update_id).candidate_id == second.candidate_id
+        )
         candidate = w.coordinator.status(second.candidate_id)
         manifest = Envelope.from_bytes(candidate.envelope)
         assert b'"increments":2.0' in manifest.payload and candidate.figures["merge.relative_error"] >= 0
         # What was stored is SVD_r(parent + eta * mean(increments)) computed from the versions themselves.
         children = [WeightedDelta(increment(olds[p], news[p]), 1.0, p) for p in (RAD, CARD)]
         want = candidate_parent(parent.factors, children, MergePolicy(method="auto", eta=0.5))
-        stored = w.coordinator.bench.adapter(ChainLink.from_dict(get_update(w.registry, second.candidate_id).figures["to"]))
+        stored = w.coordinator.bench.adapter(
+            ChainLink.from_dict(get_update(w.registry, second.candidate_id).figures["to"])
+        )
         for module, f in want.factors.items():
             torch.testing.assert_close(stored.factors[module].delta(), f.delta(), rtol=0, atol=1e-5)
     finally:
@@ -49,11 +53,16 @@ def test_the_parent_waits_for_m_increments_then_merges_them_exactly(tmp_path_fac
 
 def test_a_time_window_aggregates_fewer_than_m(tmp_path_factory):
     now = [1_900_000_000.0]
-    w = make_world(tmp_path_factory.mktemp("window"), built_tree(tmp_path_factory),
-                   UpdatePolicy(min_updates=5, window_s=3600), clock=lambda: now[0])  # fmt: skip
+    w = make_world(
+        tmp_path_factory.mktemp("window"),
+        built_tree(tmp_path_factory),
+        UpdatePolicy(min_updates=5, window_s=3600),
+        clock=lambda: now[0],
+    )
     try:
-        status = w.coordinator.submit(package_of(w, RAD, honest_adapter(w, RAD),
-                                                 now=datetime.fromtimestamp(now[0], tz=timezone.utc))[0])  # fmt: skip
+        status = w.coordinator.submit(
+            package_of(w, RAD, honest_adapter(w, RAD), now=datetime.fromtimestamp(now[0], tz=UTC))[0]
+        )
         assert status.state == "pending" and w.coordinator.tick() == []
         now[0] += 1800
         assert w.coordinator.tick() == []  # half the window: still waiting for m = 5
@@ -103,7 +112,9 @@ def test_a_first_level_node_update_is_gated_on_itself_and_its_subtree_follows(tm
         status = w.coordinator.submit(package_of(w, "en", honest_adapter(w, "en"))[0])
         assert (status.state, status.parent, status.candidate_id) == ("stable", TREE, None)  # the base absorbs nothing
         assert {k.split(".")[2] for k in status.figures if k.startswith("gate.checks.")} == {
-            f"update {TREE}/en on its own probe", "canary"}
+            f"update {TREE}/en on its own probe",
+            "canary",
+        }
         pins = current_pins(w.registry, TREE)
         assert [x["version"] for x in pins[f"{TREE}/en"].chain] == [2]
         for node_id, pin in pins.items():  # every descendant re-validated: over en v2, or held on en v1

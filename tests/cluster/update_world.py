@@ -15,10 +15,10 @@ import hashlib
 import json
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,10 @@ from hierarchy.spec import TrainSettings, load_spec
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import UpdateManifest, sign_manifest
-from nodes.store.adapters import AdapterWeights
 from nodes.build.builder import build_tree
 from nodes.build.finetune import fine_tune, lora_settings_of
 from nodes.build.training import ChainPatch, tokenize_text
+from nodes.store.adapters import AdapterWeights
 from registry.db import Registry, init_registry, open_registry
 from registry.updates import current_pins, list_updates, tree_versions
 from tests.registry.helpers import snapshot as db_rows
@@ -51,9 +51,14 @@ NODES = {
     "en/legal": {"level": "domain", "domain": "legal"},
     "en/medical/radiology": {"level": "subdomain", "subdomain": "radiology"},
     "en/medical/cardiology": {"level": "subdomain", "subdomain": "cardiology"},
-    "en/medical/oncology": {"level": "subdomain", "subdomain": "oncology", "visibility": "private",
-                            "owner": "st-marys", "description": "St Mary's private oncology node."},
-}  # fmt: skip
+    "en/medical/oncology": {
+        "level": "subdomain",
+        "subdomain": "oncology",
+        "visibility": "private",
+        "owner": "st-marys",
+        "description": "St Mary's private oncology node.",
+    },
+}
 _BUILT: dict[str, Path] = {}
 _LOCK = threading.Lock()
 
@@ -79,7 +84,11 @@ def built_tree(tmp_path_factory) -> Path:
                 cut = int(len(docs) * 0.6)
                 (local / "train.txt").write_text("\n\n".join(docs[:cut]))
                 (local / "local.txt").write_text("\n\n".join(docs[cut:]))
-                body["nodes"][path] = {"train": str(local / "train.txt"), "eval": str(DATA / path / "eval.txt"), **extra}
+                body["nodes"][path] = {
+                    "train": str(local / "train.txt"),
+                    "eval": str(DATA / path / "eval.txt"),
+                    **extra,
+                }
             (folder / "tree.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
             report = build_tree(load_spec(folder / "tree.yaml"), folder / "tree")
             report.raise_for_failures()
@@ -120,8 +129,14 @@ class World:
         self.registry.close()
 
 
-def make_world(tmp: Path, built: Path, policy: UpdatePolicy | None = None, *, keys: bool = True,
-               clock: Callable[[], float] | None = None) -> World:  # fmt: skip
+def make_world(
+    tmp: Path,
+    built: Path,
+    policy: UpdatePolicy | None = None,
+    *,
+    keys: bool = True,
+    clock: Callable[[], float] | None = None,
+) -> World:
     """A private copy of the built tree, a fresh registry with it imported, keys, a coordinator."""
     tree = tmp / "tree"
     shutil.copytree(built / "tree", tree)
@@ -130,8 +145,12 @@ def make_world(tmp: Path, built: Path, policy: UpdatePolicy | None = None, *, ke
     registry = open_registry(url)
     coordinator = Coordinator.open(registry, tree, policy or UpdatePolicy(), **({"clock": clock} if clock else {}))
     root, operator = SigningKey.generate(), SigningKey.generate()
-    k = Keys(root, operator, {p: SigningKey.generate() for p in ("en", "en/medical")},
-             {p: SigningKey.generate() for p in NODES})  # fmt: skip
+    k = Keys(
+        root,
+        operator,
+        {p: SigningKey.generate() for p in ("en", "en/medical")},
+        {p: SigningKey.generate() for p in NODES},
+    )
     if keys:
         register_key(registry, root, "root")
         register_key(registry, operator, "operator", None, [root])
@@ -162,10 +181,11 @@ def semantic_state(registry: Registry) -> dict:
     pins = current_pins(registry, TREE)
     return {
         "versions": {k: (v.latest, v.stable, dict(v.statuses)) for k, v in sorted(versions.items())},
-        "pins": {k: ([(x["path"], x["version"], x["adapter"]) for x in v.chain], v.status)
-                 for k, v in sorted(pins.items())},
+        "pins": {
+            k: ([(x["path"], x["version"], x["adapter"]) for x in v.chain], v.status) for k, v in sorted(pins.items())
+        },
         "updates": sorted((u.kind, u.node_id, u.version, u.state) for u in list_updates(registry, tree=TREE)),
-    }  # fmt: skip
+    }
 
 
 # -- packages -----------------------------------------------------------------------------------
@@ -181,19 +201,26 @@ def tokens(world: World, text_file: Path) -> torch.Tensor:
     return tokenize_text(world.coordinator.bench.evaluator.base.tokenizer, text_file.read_text())
 
 
-def honest_adapter(world: World, path: str, *, steps: int = 20, lr: float = 3e-3, seed: int = 0,
-                   text: Path | None = None) -> AdapterWeights:  # fmt: skip
+def honest_adapter(
+    world: World, path: str, *, steps: int = 20, lr: float = 3e-3, seed: int = 0, text: Path | None = None
+) -> AdapterWeights:
     """What `update make` trains: the node's served adapter continued on its local text."""
     ancestors, current, _ = served(world, path)
     ev = world.coordinator.bench.evaluator
     with ev.lock:
-        result = fine_tune(ev.base.model, ancestors, current, tokens(world, text or world.local(path)),
-                           TrainSettings(steps=steps, lr=lr, batch_size=4, max_seq_len=32, seed=seed))
+        result = fine_tune(
+            ev.base.model,
+            ancestors,
+            current,
+            tokens(world, text or world.local(path)),
+            TrainSettings(steps=steps, lr=lr, batch_size=4, max_seq_len=32, seed=seed),
+        )
     return result.adapter
 
 
-def crafted_adapter(world: World, path: str, loss: Callable, *, steps: int = 30, lr: float = 1e-2,
-                    seed: int = 0) -> AdapterWeights:  # fmt: skip
+def crafted_adapter(
+    world: World, path: str, loss: Callable, *, steps: int = 30, lr: float = 1e-2, seed: int = 0
+) -> AdapterWeights:
     """The node's adapter trained on ``loss(model, windows) -> tensor`` (an attacker's objective)."""
     ancestors, current, _ = served(world, path)
     ev = world.coordinator.bench.evaluator
@@ -239,7 +266,9 @@ def combine(current: AdapterWeights, parts: list[tuple[float, AdapterWeights]]) 
     return AdapterWeights(r=rank, alpha=float(rank), target_modules=current.target_modules, factors=factors)
 
 
-def manifest_for(world: World, path: str, adapter: AdapterWeights, files: dict[str, bytes], **changes) -> UpdateManifest:
+def manifest_for(
+    world: World, path: str, adapter: AdapterWeights, files: dict[str, bytes], **changes
+) -> UpdateManifest:
     """The manifest an honest sender would sign for ``adapter``; ``changes`` override fields."""
     view = world.coordinator._view()
     parent = str(Path(path).parent) if "/" in path else ""
@@ -247,17 +276,32 @@ def manifest_for(world: World, path: str, adapter: AdapterWeights, files: dict[s
         "version": view.latest(path) + 1,
         "parent_version": (view.stable(parent) or 0) if parent else 0,
         "base_digest": world.coordinator.tree.base_digest,
-        "now": datetime.now(timezone.utc),
+        "now": datetime.now(UTC),
         "expires_in": timedelta(days=1),
     }
     fields.update(changes)
-    return build_manifest(world.node_id(path), fields["parent_version"], fields["version"], fields["base_digest"],
-                          adapter, files, b"local data of " + path.encode(), {"eval_ppl": 10.0},
-                          now=fields["now"], expires_in=fields["expires_in"])  # fmt: skip
+    return build_manifest(
+        world.node_id(path),
+        fields["parent_version"],
+        fields["version"],
+        fields["base_digest"],
+        adapter,
+        files,
+        b"local data of " + path.encode(),
+        {"eval_ppl": 10.0},
+        now=fields["now"],
+        expires_in=fields["expires_in"],
+    )
 
 
-def package_of(world: World, path: str, adapter: AdapterWeights, signers: list[SigningKey] | None = None,
-               out: Path | None = None, **changes) -> tuple[Package, Path | None]:  # fmt: skip
+def package_of(
+    world: World,
+    path: str,
+    adapter: AdapterWeights,
+    signers: list[SigningKey] | None = None,
+    out: Path | None = None,
+    **changes,
+) -> tuple[Package, Path | None]:
     """A package for ``adapter`` signed by ``signers`` (default: the node's key); written when ``out``."""
     files = adapter_files(adapter)
     manifest = manifest_for(world, path, adapter, files, **changes)

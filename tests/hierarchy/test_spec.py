@@ -74,27 +74,48 @@ def test_defaults_apply_and_node_overrides(tmp_path):
 CASES = [
     # (description, mutation of GOOD, expected (node, field, message fragment))
     ("unknown top key", lambda s: s + "colour: blue\n", (None, "colour", "unknown key")),
-    ("unknown node key", lambda s: s.replace("domain: medical", "domain: medical\n    size: big"),
-     ("en/medical", "size", "unknown key")),
-    ("missing parent", lambda s: s.replace("  en/medical:\n    level: domain\n    domain: medical\n", ""),
-     ("en/medical/radiology", None, "missing parent node 'en/medical'")),
-    ("level out of order", lambda s: s.replace("level: subdomain", "level: language"),
-     ("en/medical/radiology", "level", "must be deeper")),
+    (
+        "unknown node key",
+        lambda s: s.replace("domain: medical", "domain: medical\n    size: big"),
+        ("en/medical", "size", "unknown key"),
+    ),
+    (
+        "missing parent",
+        lambda s: s.replace("  en/medical:\n    level: domain\n    domain: medical\n", ""),
+        ("en/medical/radiology", None, "missing parent node 'en/medical'"),
+    ),
+    (
+        "level out of order",
+        lambda s: s.replace("level: subdomain", "level: language"),
+        ("en/medical/radiology", "level", "must be deeper"),
+    ),
     ("bad path characters", lambda s: s.replace("  code:", "  Code Gen:"), ("Code Gen", None, "bad path")),
     ("cycle-like path", lambda s: s.replace("  code:", "  en/../code:"), ("en/../code", None, "bad path")),
     ("missing data file", lambda s: s.replace("data/en.txt", "data/nope.txt"), ("en", "train", "not found")),
     ("r <= 0", lambda s: s.replace("r: 8", "r: 0"), ("en", "lora.r", "r must be a positive integer")),
     ("alpha <= 0", lambda s: s.replace("alpha: 16", "alpha: -1"), ("en", "lora.alpha", "alpha must be a positive")),
-    ("unknown target module", lambda s: s.replace("[q_proj, v_proj]", "[q_proj, attn_qkv]"),
-     ("en", "lora.target_modules", "attn_qkv")),
-    ("private without owner", lambda s: s.replace("    owner: st-marys\n", ""),
-     ("en/medical/radiology", "owner", "needs an owner")),
-    ("bad level name", lambda s: s.replace("level: domain\n    domain: code", "level: planet\n    domain: code"),
-     ("code", "level", "unknown level")),
+    (
+        "unknown target module",
+        lambda s: s.replace("[q_proj, v_proj]", "[q_proj, attn_qkv]"),
+        ("en", "lora.target_modules", "attn_qkv"),
+    ),
+    (
+        "private without owner",
+        lambda s: s.replace("    owner: st-marys\n", ""),
+        ("en/medical/radiology", "owner", "needs an owner"),
+    ),
+    (
+        "bad level name",
+        lambda s: s.replace("level: domain\n    domain: code", "level: planet\n    domain: code"),
+        ("code", "level", "unknown level"),
+    ),
     ("missing base", lambda s: s.replace("base:\n  model: tiny\n", ""), (None, "base", "missing 'base'")),
     ("duplicate path", lambda s: s + "  code:\n    level: domain\n", (None, None, "duplicate key 'code'")),
-    ("bad training value", lambda s: s.replace("domain: medical", "domain: medical\n    training: {lr: -1}"),
-     ("en/medical", "training.lr", "lr must be")),
+    (
+        "bad training value",
+        lambda s: s.replace("domain: medical", "domain: medical\n    training: {lr: -1}"),
+        ("en/medical", "training.lr", "lr must be"),
+    ),
 ]
 
 

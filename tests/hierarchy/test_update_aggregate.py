@@ -38,7 +38,7 @@ def child(seed: int, rank: int, dtype=torch.float64, layers=LAYERS) -> dict[str,
 
 def exact(delta: torch.Tensor) -> dict[str, LoraFactors]:
     """A full-rank factorisation (A = I) whose delta is exactly ``delta``: for hand-made examples."""
-    out, inp = delta.shape
+    _out, inp = delta.shape
     return {"w": LoraFactors(A=torch.eye(inp, dtype=torch.float64), B=delta.double(), scale=1.0)}
 
 
@@ -49,7 +49,7 @@ def exact(delta: torch.Tensor) -> dict[str, LoraFactors]:
     weights=st.lists(st.floats(0.05, 10.0), min_size=5, max_size=5),
 )
 def test_concat_merge_is_exactly_the_weighted_sum_with_mixed_ranks(seed, ranks, weights):
-    children = [WeightedDelta(child(seed + i, r), w) for i, (r, w) in enumerate(zip(ranks, weights))]
+    children = [WeightedDelta(child(seed + i, r), w) for i, (r, w) in enumerate(zip(ranks, weights, strict=False))]
     merged = concat_merge(children)
     total = sum(c.weight for c in children)
     for m in LAYERS:
@@ -63,8 +63,11 @@ def test_concat_merge_is_exactly_the_weighted_sum_with_mixed_ranks(seed, ranks, 
 
 
 def test_concat_merge_in_float32_and_zero_weights_drop_out():
-    children = [WeightedDelta(child(1, 3, torch.float32), 2.0), WeightedDelta(child(2, 5, torch.float32), 1.0),
-                WeightedDelta(child(3, 4, torch.float32), 0.0, name="flipped")]
+    children = [
+        WeightedDelta(child(1, 3, torch.float32), 2.0),
+        WeightedDelta(child(2, 5, torch.float32), 1.0),
+        WeightedDelta(child(3, 4, torch.float32), 0.0, name="flipped"),
+    ]
     merged = concat_merge(children)
     assert merged["q"].rank == 8  # the zero-weight child contributes no rank
     want = (2 * children[0].delta["q"].delta() + children[1].delta["q"].delta()) / 3
@@ -91,8 +94,9 @@ def test_svd_reduction_error_is_exactly_the_tail_singular_values(seed, total_ran
     residual = d - reduced.factors.delta()
     assert math.isclose(float(torch.linalg.matrix_norm(residual)), reduced.error, rel_tol=1e-7, abs_tol=1e-9)
     assert math.isclose(reduced.error, float(torch.sqrt((tail**2).sum())), rel_tol=1e-7, abs_tol=1e-9)
-    assert math.isclose(float(torch.linalg.matrix_norm(residual, ord=2)), reduced.spectral_error,
-                        rel_tol=1e-7, abs_tol=1e-9)
+    assert math.isclose(
+        float(torch.linalg.matrix_norm(residual, ord=2)), reduced.spectral_error, rel_tol=1e-7, abs_tol=1e-9
+    )
     assert reduced.factors.rank == keep
     # The dense path agrees with the factored one.
     dense = reduce_rank(d, keep)
@@ -122,8 +126,9 @@ def test_ties_merge_resolves_sign_conflicts_as_defined():
     half = ties_merge(children, density=0.5)["w"]
     torch.testing.assert_close(half, torch.tensor([[-3.0, 4.0, 0.0, 2.5]], dtype=torch.float64))
     # Weights move the election: with t2 at weight 3 entry 1 elects '-' (sum -6+4 < 0) -> t2's -2 alone.
-    heavy = ties_merge([WeightedDelta(exact(t1)), WeightedDelta(exact(t2), 3.0), WeightedDelta(exact(t3))],
-                       density=0.5)["w"]
+    heavy = ties_merge(
+        [WeightedDelta(exact(t1)), WeightedDelta(exact(t2), 3.0), WeightedDelta(exact(t3))], density=0.5
+    )["w"]
     torch.testing.assert_close(heavy, torch.tensor([[-3.0, -2.0, 0.0, 2.5]], dtype=torch.float64))
     # Entries where two trimmed deltas overlap: 0, 1, 3; children disagree in sign on 0 and 1.
     assert math.isclose(sign_conflict(children, density=0.5), 2 / 3)
@@ -158,8 +163,13 @@ def test_candidate_parent_is_the_best_rank_r_approximation_of_parent_plus_eta_me
 def test_auto_uses_ties_only_when_children_disagree_in_sign():
     g = torch.Generator().manual_seed(5)
     d = torch.randn(12, 10, generator=g, dtype=torch.float64)
-    parent = {"w": LoraFactors(A=torch.randn(3, 10, generator=g, dtype=torch.float64),
-                               B=torch.randn(12, 3, generator=g, dtype=torch.float64), scale=2.0)}
+    parent = {
+        "w": LoraFactors(
+            A=torch.randn(3, 10, generator=g, dtype=torch.float64),
+            B=torch.randn(12, 3, generator=g, dtype=torch.float64),
+            scale=2.0,
+        )
+    }
     aligned = [WeightedDelta(exact(d)), WeightedDelta(exact(2 * d))]
     assert sign_conflict(aligned) == 0.0
     assert candidate_parent(parent, aligned).method == "concat"
@@ -179,7 +189,7 @@ def test_aggregation_changes_none_of_its_inputs_and_checks_layers():
     snapshot = [{m: (f.A.clone(), f.B.clone()) for m, f in d.items()} for d in [parent] + [k.delta for k in kids]]
     candidate_parent(parent, kids, MergePolicy(method="ties"))
     candidate_parent(parent, kids, MergePolicy(method="concat"))
-    for d, snap in zip([parent] + [k.delta for k in kids], snapshot):
+    for d, snap in zip([parent] + [k.delta for k in kids], snapshot, strict=False):
         for m, (a, b) in snap.items():
             assert torch.equal(d[m].A, a) and torch.equal(d[m].B, b)
     with pytest.raises(AggregationError, match="parent's layers"):
@@ -191,8 +201,12 @@ def test_aggregation_changes_none_of_its_inputs_and_checks_layers():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"method": "mean"}, "method"), ({"eta": 0.0}, "eta"), ({"density": 0.0}, "density"),
-     ({"conflict_threshold": 2.0}, "conflict_threshold")],
+    [
+        ({"method": "mean"}, "method"),
+        ({"eta": 0.0}, "eta"),
+        ({"density": 0.0}, "density"),
+        ({"conflict_threshold": 2.0}, "conflict_threshold"),
+    ],
 )
 def test_bad_merge_policies_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

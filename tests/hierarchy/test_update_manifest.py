@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -31,7 +31,7 @@ from hierarchy.updates import (
     sign_manifest,
 )
 
-T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def make_manifest(**overrides) -> UpdateManifest:
@@ -198,7 +198,7 @@ def test_times_must_be_aware_and_keep_second_precision():
     with pytest.raises(ManifestError, match="timezone-aware"):
         make_manifest(created=datetime(2030, 1, 1))
     m = make_manifest(created=T0 + timedelta(microseconds=700), expires="2030-02-01T00:00:00Z")
-    assert m.created == T0 and m.expires == datetime(2030, 2, 1, tzinfo=timezone.utc)
+    assert m.created == T0 and m.expires == datetime(2030, 2, 1, tzinfo=UTC)
 
 
 # -- envelopes -----------------------------------------------------------------------------------------

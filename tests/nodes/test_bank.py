@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hierarchy.chain import LoraFactors
-from nodes.store.adapters import AdapterWeights, read_adapter
-from nodes.runtime.bank import AdapterBank, BankLinear, prepare_adapter
-from nodes.runtime.plan import BucketKind
 from nodes.base.model import load_base
 from nodes.build.compose import merge_chain
 from nodes.errors import AdapterError
+from nodes.runtime.bank import AdapterBank, BankLinear, prepare_adapter
+from nodes.runtime.plan import BucketKind
+from nodes.store.adapters import AdapterWeights, read_adapter
 from tests.nodes.treefactory import make_random_tree
 
 PROMPTS = [
@@ -82,10 +82,19 @@ def test_every_bucket_kind_matches_the_merged_model(setup, tokens):
     assert BucketKind.RUN in _kinds(_check(bank, chains, ids, reference, leaves, tokens))
     # Interleaved rows: gather/scatter buckets, with padding when counts differ.
     mixed = [
-        ("en/medical/radiology", 0), ("fr/medical", 1), ("en/medical/radiology", 2), ("", 0),
-        ("fr/medical", 2), ("en/medical/cardiology", 1), ("en/medical/radiology", 1), ("fr", 0),
-        ("en/legal/contracts", 1), ("en/medical/cardiology", 0), ("fr/medical", 0), ("en", 2),
-    ]  # fmt: skip
+        ("en/medical/radiology", 0),
+        ("fr/medical", 1),
+        ("en/medical/radiology", 2),
+        ("", 0),
+        ("fr/medical", 2),
+        ("en/medical/cardiology", 1),
+        ("en/medical/radiology", 1),
+        ("fr", 0),
+        ("en/legal/contracts", 1),
+        ("en/medical/cardiology", 0),
+        ("fr/medical", 0),
+        ("en", 2),
+    ]
     plan = _check(bank, chains, ids, reference, mixed, tokens)
     assert _kinds(plan) >= {BucketKind.SUBSET, BucketKind.STACKED}
     assert any(layer.needs_zero_row for layer in plan.layers.values())
@@ -104,7 +113,7 @@ def test_random_mixes_match_the_merged_model(setup, data):
 
 
 def test_a_shared_ancestor_is_computed_once_and_ranks_are_not_padded(setup):
-    bank, chains, ids, _ = setup
+    bank, chains, _ids, _ = setup
     rows = ["en/medical/radiology", "en/medical/cardiology", "en/legal/contracts", "en/medical", "en", "fr/medical"]
     random.Random(1).shuffle(rows)
     plan = bank.plan([chains[p] for p in rows], 4)
@@ -120,8 +129,16 @@ def test_a_shared_ancestor_is_computed_once_and_ranks_are_not_padded(setup):
     q0 = plan.layers["model.layers.0.self_attn.q_proj"]
     en = [w for w in q0.weights if "en" in w.bucket.keys]
     assert len(en) == 1
-    assert ranks == {"en": {8}, "en/medical": {4}, "en/medical/radiology": {2}, "en/medical/cardiology": {2},
-                     "en/legal": {3}, "en/legal/contracts": {5}, "fr": {4}, "fr/medical": {2}}  # fmt: skip
+    assert ranks == {
+        "en": {8},
+        "en/medical": {4},
+        "en/medical/radiology": {2},
+        "en/medical/cardiology": {2},
+        "en/legal": {3},
+        "en/legal/contracts": {5},
+        "fr": {4},
+        "fr/medical": {2},
+    }
 
 
 def test_the_base_alone_is_untouched_and_unwrap_restores_the_model(setup, tiny_base_dir):
@@ -147,15 +164,19 @@ def test_adapters_that_do_not_fit_the_base_are_refused(setup):
     name = "model.layers.0.self_attn.q_proj"
     fan_in, fan_out = shapes[name]
     wrong = AdapterWeights(
-        r=2, alpha=2.0, target_modules=("q_proj",),
+        r=2,
+        alpha=2.0,
+        target_modules=("q_proj",),
         factors={name: LoraFactors(A=torch.zeros(2, fan_in + 1), B=torch.zeros(fan_out, 2), scale=1.0)},
-    )  # fmt: skip
+    )
     with pytest.raises(AdapterError, match="q_proj"):
         prepare_adapter("wrong", wrong, shapes, torch.float32)
     stray = AdapterWeights(
-        r=2, alpha=2.0, target_modules=("nope",),
+        r=2,
+        alpha=2.0,
+        target_modules=("nope",),
         factors={"model.layers.0.nope": LoraFactors(A=torch.zeros(2, 4), B=torch.zeros(4, 2), scale=1.0)},
-    )  # fmt: skip
+    )
     with pytest.raises(AdapterError, match="not a linear layer"):
         prepare_adapter("stray", stray, shapes, torch.float32)
     with pytest.raises(AdapterError, match="not active"):

@@ -12,11 +12,11 @@ import yaml
 from peft import PeftModel
 
 from hierarchy.spec import load_spec
-from nodes.store.adapters import read_adapter
 from nodes.base.model import load_base
 from nodes.build.builder import build_tree
 from nodes.build.compose import merge_chain
 from nodes.build.training import ChainPatch, perplexity, tokenize_text
+from nodes.store.adapters import read_adapter
 from nodes.store.tree import open_tree, verify_node_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +27,12 @@ TINY_NODES = {
     "en": {"level": "language", "language": "en"},
     "es": {"level": "language", "language": "es"},
     "en/medical": {"level": "domain", "domain": "medical", "tags": ["clinical"]},
-    "en/medical/radiology": {"level": "subdomain", "subdomain": "radiology", "visibility": "private", "owner": "st-marys"},
+    "en/medical/radiology": {
+        "level": "subdomain",
+        "subdomain": "radiology",
+        "visibility": "private",
+        "owner": "st-marys",
+    },
 }
 
 
@@ -66,7 +71,7 @@ def built(tmp_path_factory):
 
 
 def test_every_node_is_trained_parents_first_and_recorded(built):
-    spec, out, report = built
+    _spec, out, report = built
     assert report.ok and [o.status for o in report.outcomes] == ["trained"] * 4
     tree = open_tree(out)
     assert [str(n.path) for n in tree.nodes] == ["en", "es", "en/medical", "en/medical/radiology"]
@@ -194,12 +199,21 @@ def _junk_tree(tmp_path: Path, guard: dict) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     junk = tmp_path / "junk.txt"
     junk.write_text(JUNK)
-    radiology = {"train": str(DATA / "en/medical/radiology/train.txt"), "eval": str(DATA / "en/medical/radiology/eval.txt")}
+    radiology = {
+        "train": str(DATA / "en/medical/radiology/train.txt"),
+        "eval": str(DATA / "en/medical/radiology/eval.txt"),
+    }
     return write_spec(
         tmp_path,
         {
             "en": TINY_NODES["en"],
-            "en/junk": {"level": "domain", "guard": guard, "training": {"lr": 0.05}, "train": str(junk), "eval": str(junk)},
+            "en/junk": {
+                "level": "domain",
+                "guard": guard,
+                "training": {"lr": 0.05},
+                "train": str(junk),
+                "eval": str(junk),
+            },
             "en/junk/deeper": {"level": "subdomain"} | radiology,
         },
     )
@@ -221,8 +235,9 @@ def test_forgetting_guard_fails_the_node_with_a_reason_and_writes_nothing(tmp_pa
 
 
 def test_replay_and_kl_guard_reduce_forgetting(tmp_path):
-    unguarded = build_tree(load_spec(_junk_tree(tmp_path / "a", {"replay": 0.0, "max_forgetting": 100.0})),
-                           tmp_path / "a" / "out")  # fmt: skip
+    unguarded = build_tree(
+        load_spec(_junk_tree(tmp_path / "a", {"replay": 0.0, "max_forgetting": 100.0})), tmp_path / "a" / "out"
+    )
     guarded = build_tree(
         load_spec(_junk_tree(tmp_path / "b", {"replay": 0.5, "kl_weight": 1.0, "max_forgetting": 100.0})),
         tmp_path / "b" / "out",

@@ -70,7 +70,7 @@ def _write(path: Path, content) -> Path:
 
 
 def test_bad_data_leaves_an_existing_tree_unchanged_and_cli_exits_2(small_tree, tmp_path, capsys):
-    spec, out = small_tree
+    _spec, out = small_tree
     changed = write_spec(tmp_path, SMALL)
     _set_node(changed, "en/medical", train=str(_write(tmp_path / "short.txt", "Too short.")))
     before = snapshot(out)

@@ -31,13 +31,24 @@ def test_smollm2_base_is_converted_once_and_a_node_trains_over_it(tmp_path):
     (tmp_path / "train.txt").write_text(text[:4000])
     (tmp_path / "eval.txt").write_text((DATA / "en/medical/eval.txt").read_text()[:1200])
     spec = tmp_path / "tree.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "real",
-        "base": {"model": "smollm2"},
-        "nodes": {"en": {"level": "language", "language": "en", "train": "train.txt", "eval": "eval.txt",
-                         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                         "training": {"steps": 4, "batch_size": 4, "max_seq_len": 32, "lr": 0.003}}},
-    }))  # fmt: skip
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "real",
+                "base": {"model": "smollm2"},
+                "nodes": {
+                    "en": {
+                        "level": "language",
+                        "language": "en",
+                        "train": "train.txt",
+                        "eval": "eval.txt",
+                        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                        "training": {"steps": 4, "batch_size": 4, "max_seq_len": 32, "lr": 0.003},
+                    }
+                },
+            }
+        )
+    )
     out = tmp_path / "out"
     report = build_tree(load_spec(spec), out)
     assert report.ok

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from nodes.store.adapters import read_adapter
-from nodes.runtime.bank import AdapterBank, prepare_adapter
 from nodes.base.model import load_base
-from nodes.runtime.cache import AdapterCache, CacheFull
 from nodes.errors import IntegrityError
+from nodes.runtime.bank import AdapterBank, prepare_adapter
+from nodes.runtime.cache import AdapterCache, CacheFull
+from nodes.store.adapters import read_adapter
 from tests.nodes.treefactory import RandomNode, RandomTreeSpec, make_random_tree
 
 
@@ -37,7 +37,9 @@ def corrupt(node) -> None:
 
 
 def adapter_bytes(tree, bank, path) -> int:
-    return prepare_adapter(path, read_adapter(tree.node(f"{tree.name}/{path}").directory), bank.shapes, bank.dtype).nbytes
+    return prepare_adapter(
+        path, read_adapter(tree.node(f"{tree.name}/{path}").directory), bank.shapes, bank.dtype
+    ).nbytes
 
 
 def test_tiers_move_adapters_and_count_it(world):
@@ -75,7 +77,6 @@ def test_host_memory_is_bounded_by_bytes_least_recently_used_first(world):
     s = cache.stats()
     # With no host budget every eviction drops to disk, so "en" is read (and verified) twice.
     assert (s.loads, s.evictions_active, s.evictions_host, s.host, s.host_bytes) == (3, 2, 2, 0, 0)
-
 
 
 def test_host_lru_drops_the_least_recently_used_first(tiny_base_dir, tmp_path, base):

@@ -9,12 +9,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hierarchy.chain import LoraFactors, pad_rank
-from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 from nodes.base.model import load_base
 from nodes.build.compose import flatten_adapters, merge_chain
+from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 
 # (rank, alpha, target modules) for language -> domain -> subdomain
-CHAIN = [(8, 16.0, ("q_proj", "v_proj")), (2, 4.0, ("q_proj", "k_proj", "v_proj", "o_proj")), (4, 2.0, ("v_proj", "up_proj"))]
+CHAIN = [
+    (8, 16.0, ("q_proj", "v_proj")),
+    (2, 4.0, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (4, 2.0, ("v_proj", "up_proj")),
+]
 
 
 def random_adapter(model, r, alpha, targets, seed) -> AdapterWeights:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodes.runtime.engine import Engine, EngineConfig
 from nodes.errors import IntegrityError, UnknownNode
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import ChatMessage, FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
@@ -104,7 +104,9 @@ async def test_a_short_request_joins_and_leaves_a_running_batch(engine, referenc
         prompt=PROMPTS[0],
         params=SamplingParams(max_new_tokens=300, ignore_eos=True),
     )
-    short = GenerationRequest(node=f"{tree.name}/fr/medical", prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=6))
+    short = GenerationRequest(
+        node=f"{tree.name}/fr/medical", prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=6)
+    )
     seen = 0
     short_task = None
     async for chunk in engine.stream(long):
@@ -139,7 +141,9 @@ async def test_streaming_gives_the_same_tokens_text_and_usage(engine, reference,
 
 async def test_chat_messages_go_through_the_chat_template(engine, reference, tree):
     messages = (ChatMessage("system", "You are terse."), ChatMessage("user", "Describe the scan."))
-    request = GenerationRequest(node=f"{tree.name}/en/medical", messages=messages, params=SamplingParams(max_new_tokens=8))
+    request = GenerationRequest(
+        node=f"{tree.name}/en/medical", messages=messages, params=SamplingParams(max_new_tokens=8)
+    )
     expected_text = engine.tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True, tokenize=False
     )
@@ -160,7 +164,9 @@ async def test_stop_strings_end_the_text_before_them(engine, reference, tree):
     assert len(text) >= 6
     stop = text[3:5]
     cut = text.find(stop)
-    request = GenerationRequest(node=node, prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=16, stop=(stop,), ignore_eos=True))
+    request = GenerationRequest(
+        node=node, prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=16, stop=(stop,), ignore_eos=True)
+    )
     result = await engine.generate(request)
     assert result.finish_reason == FinishReason.STOP and result.text == text[:cut]
     assert list(result.token_ids) == list(free.token_ids[: len(result.token_ids)])
@@ -172,7 +178,9 @@ async def test_sampling_is_per_row_and_reproducible_with_a_seed(engine, tree):
     node = f"{tree.name}/fr/medical"
 
     def req(**params):
-        return GenerationRequest(node=node, prompt=PROMPTS[3], params=SamplingParams(max_new_tokens=10, ignore_eos=True, **params))
+        return GenerationRequest(
+            node=node, prompt=PROMPTS[3], params=SamplingParams(max_new_tokens=10, ignore_eos=True, **params)
+        )
 
     greedy = await engine.generate(req())
     # Sampled rows and a greedy row in the same batch: each keeps its own settings and RNG.
@@ -199,8 +207,17 @@ def test_stats_report_the_engine_and_its_cache(engine, tree):
     asyncio.run(run_mix(engine, mix))
     stats = engine.stats()
     flat = stats.as_dict()
-    for key in ("queue_depth", "active_requests", "tokens_in_flight", "completed", "cache_loads", "cache_hits_active",
-                "cache_evictions_active", "cache_pinned", "cache_active"):  # fmt: skip
+    for key in (
+        "queue_depth",
+        "active_requests",
+        "tokens_in_flight",
+        "completed",
+        "cache_loads",
+        "cache_hits_active",
+        "cache_evictions_active",
+        "cache_pinned",
+        "cache_active",
+    ):
         assert key in flat
     assert stats.cache.loads == stats.cache.active == 8  # every node loaded (verified) once, all still active
     assert stats.cache.hits_active > 0 and stats.failed == 0 and not stats.closed

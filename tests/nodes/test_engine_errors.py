@@ -8,10 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from nodes.runtime import cache as cache_module
 from nodes.base.model import TinyBaseConfig, load_base, make_tiny_base
+from nodes.errors import (
+    AdapterError,
+    BaseModelError,
+    DeadlineExceeded,
+    IntegrityError,
+    InvalidRequest,
+    QueueFull,
+    UnknownNode,
+)
+from nodes.runtime import cache as cache_module
 from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
-from nodes.errors import AdapterError, BaseModelError, DeadlineExceeded, IntegrityError, InvalidRequest, QueueFull, UnknownNode
 from nodes.runtime.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
@@ -104,7 +112,7 @@ async def test_a_changed_adapter_file_fails_its_subtree_only(tiny_base_dir, tmp_
         results = await asyncio.gather(
             *(engine.generate(request(n, max_new_tokens=8)) for n in ok_nodes + bad_nodes), return_exceptions=True
         )
-        for node, result in zip(ok_nodes, results):
+        for node, result in zip(ok_nodes, results, strict=False):
             assert list(result.token_ids) == reference.tokens(node, engine.encode(request(node)), 8)
         for result in results[len(ok_nodes) :]:
             assert isinstance(result, IntegrityError) and "changed on disk" in str(result)
@@ -134,12 +142,20 @@ async def test_a_full_queue_rejects_with_queue_full_and_serves_the_rest(tiny_bas
 
 
 def test_engine_config_and_base_mismatches_are_refused(tiny_base_dir, tree, tmp_path):
-    for bad in ({"max_batch_size": 0}, {"max_queue": -1}, {"max_context": 0}, {"host_cache_bytes": -5}, {"max_batch_size": 2.5}):
+    for bad in (
+        {"max_batch_size": 0},
+        {"max_queue": -1},
+        {"max_context": 0},
+        {"host_cache_bytes": -5},
+        {"max_batch_size": 2.5},
+    ):
         with pytest.raises(EngineConfigError, match=next(iter(bad))):
             EngineConfig(**bad)
     with pytest.raises(EngineConfigError, match="max_active_adapters"):
         Engine(tiny_base_dir, tree.root, EngineConfig(max_active_adapters=2))  # chains are 3 deep
-    other = make_tiny_base(tmp_path / "other", TinyBaseConfig(hidden=32, layers=1, vocab=400, heads=2, kv_heads=1, seed=3))
+    other = make_tiny_base(
+        tmp_path / "other", TinyBaseConfig(hidden=32, layers=1, vocab=400, heads=2, kv_heads=1, seed=3)
+    )
     with pytest.raises(BaseModelError, match="digest"):
         Engine(load_base(other), tree.root)
     with pytest.raises(BaseModelError, match="different base"):

@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from nodes.base.model import TinyBaseConfig, make_tiny_base
-from nodes.runtime.engine import Engine, EngineConfig
 from nodes.errors import DeadlineExceeded, EngineClosed, EngineError, InvalidRequest, RequestCancelled
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 
@@ -169,7 +169,7 @@ class FailingForward:
 
 @pytest.mark.parametrize("fail_at, where", [(1, "prefill"), (3, "generation")])
 async def test_a_failed_forward_fails_its_rows_and_the_engine_goes_on(one_slot, reference, tree, fail_at, where):
-    scheduler = one_slot._scheduler  # noqa: SLF001 - inject the failure at the model call
+    scheduler = one_slot._scheduler
     scheduler.model = FailingForward(scheduler.model, fail_at)
     with pytest.raises(EngineError, match=f"{where} failed"):
         await one_slot.generate(request(f"{tree.name}/en/medical", 10))

@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cluster.cli import main
 from hierarchy.spec import load_spec
 from nodes.build.builder import build_tree
-from nodes.store.digest import sha256_file
-from nodes.errors import ExportError, IntegrityError
 from nodes.build.export import export_node, load_chain_model
 from nodes.build.quantize import load_int8
 from nodes.build.training import perplexity, tokenize_text
+from nodes.errors import ExportError, IntegrityError
+from nodes.store.digest import sha256_file
 from nodes.store.tree import open_tree
 from tests.nodes.test_build import DATA, TINY_NODES, write_spec
 

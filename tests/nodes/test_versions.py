@@ -8,10 +8,10 @@ import asyncio
 import pytest
 
 from hierarchy.chain import LoraFactors
-from nodes.store.adapters import AdapterWeights
-from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
 from nodes.errors import IntegrityError, NodesError
+from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
 from nodes.runtime.requests import GenerationRequest, SamplingParams
+from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, ServedNode, VersionStore, open_served_tree
 from tests.nodes.treefactory import MergedReference, RandomTreeSpec, make_random_tree
 
@@ -67,8 +67,9 @@ def test_a_held_node_keeps_its_old_chain_while_its_sibling_moves_on(store, tiny_
     for path in ("en", "en/medical", "en/medical/radiology", "en/legal"):
         chain = (en_v2, *nodes[path].chain[1:])
         moved[path] = ServedNode(path, chain)
-    moved["en/medical/cardiology"] = ServedNode("en/medical/cardiology", nodes["en/medical/cardiology"].chain,
-                                                "held", "probe regressed")  # fmt: skip
+    moved["en/medical/cardiology"] = ServedNode(
+        "en/medical/cardiology", nodes["en/medical/cardiology"].chain, "held", "probe regressed"
+    )
     snapshot = store.write_snapshot(moved)
     tree = store.served_tree(snapshot)
     radiology, cardiology = tree.chain("rt/en/medical/radiology"), tree.chain("rt/en/medical/cardiology")

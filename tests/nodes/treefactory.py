@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from hierarchy.chain import LoraFactors
-from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 from nodes.base.model import base_digest, load_base
 from nodes.build.compose import merge_chain
+from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 from nodes.store.digest import sha256_file
 from nodes.store.tree import NODE_RECORD, TREE_RECORD, BuiltTree, node_dir, open_tree
 
@@ -148,13 +148,16 @@ def make_random_tree(root: str | Path, base_dir: str | Path, spec: RandomTreeSpe
             "parent": f"{spec.name}/{parent}" if parent else spec.name,
             "version": node.version,
             "parent_version": parent_record["version"] if parent_record else None,
-            "parent_adapter_digest": parent_record["files"]["adapter_model.safetensors"]["sha256"] if parent_record else None,
+            "parent_adapter_digest": parent_record["files"]["adapter_model.safetensors"]["sha256"]
+            if parent_record
+            else None,
             "base_digest": digest,
             "visibility": node.visibility,
             "owner": node.owner,
             "lora": {"r": node.r, "alpha": node.alpha, "target_modules": list(node.targets)},
             "files": {
-                name: {"sha256": sha, "length": (directory / name).stat().st_size} for name, sha in sorted(files.items())
+                name: {"sha256": sha, "length": (directory / name).stat().st_size}
+                for name, sha in sorted(files.items())
             },
         }
         (directory / NODE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -208,7 +211,7 @@ class MergedReference:
                 )
             run = out[0, ids.shape[1] :].tolist()
             cut = next((i for i, t in enumerate(run) if t in self.eos), None)
-            run = run[:cut] + [-1] if cut is not None else run  # -1 marks "ended with eos"
+            run = [*run[:cut], -1] if cut is not None else run  # -1 marks "ended with eos"
             self._runs[key] = run
         body = [t for t in run if t != -1]
         return body[:max_new]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
@@ -61,7 +61,7 @@ def snapshot(url: str) -> dict[str, list[tuple]]:
             out = {}
             for table in sorted(inspect(conn).get_table_names()):
                 rows = conn.execute(text(f'SELECT * FROM "{table}"')).all()
-                out[table] = sorted((tuple(map(repr, r)) for r in rows))
+                out[table] = sorted(tuple(map(repr, r)) for r in rows)
             return out
     finally:
         engine.dispose()
@@ -69,10 +69,21 @@ def snapshot(url: str) -> dict[str, list[tuple]]:
 
 # SmolLM2-135M's architecture (config.json of HuggingFaceTB/SmolLM2-135M-Instruct).
 SMOLLM2 = dict(
-    model="smollm2", architecture="LlamaForCausalLM", weight_dtype="bfloat16", parameter_count=134_515_008,
-    quantizable_parameter_count=106_168_320, weights_bytes=269_060_552, layers=30, hidden_size=576,
-    attention_heads=9, kv_heads=3, head_dim=64, vocab_size=49_152, max_context=8192, intermediate_size=1536,
-)  # fmt: skip
+    model="smollm2",
+    architecture="LlamaForCausalLM",
+    weight_dtype="bfloat16",
+    parameter_count=134_515_008,
+    quantizable_parameter_count=106_168_320,
+    weights_bytes=269_060_552,
+    layers=30,
+    hidden_size=576,
+    attention_heads=9,
+    kv_heads=3,
+    head_dim=64,
+    vocab_size=49_152,
+    max_context=8192,
+    intermediate_size=1536,
+)
 
 
 def smollm2_base(seed: str = "smollm2") -> BaseFacts:
@@ -111,10 +122,20 @@ def demo_tree(name: str = "demo", base: BaseFacts | None = None, nodes: dict | N
         depth = path.count("/") + 1
         out.append(
             ImportNode(
-                path=path, level=level, manifest_digest=digest(f"{name}/{path}@1"), version=1,
-                parent_version=1 if depth > 1 else None, language=lang, domain=dom, subdomain=sub, tags=tags,
-                visibility=vis, owner=owner, metrics={"eval_ppl": ppl}, variants=variants(rank_params * depth),
-            )  # fmt: skip
+                path=path,
+                level=level,
+                manifest_digest=digest(f"{name}/{path}@1"),
+                version=1,
+                parent_version=1 if depth > 1 else None,
+                language=lang,
+                domain=dom,
+                subdomain=sub,
+                tags=tags,
+                visibility=vis,
+                owner=owner,
+                metrics={"eval_ppl": ppl},
+                variants=variants(rank_params * depth),
+            )
         )
     return TreeImport(name=name, base=base, nodes=tuple(out))
 
@@ -130,8 +151,8 @@ def write_built_tree(root: Path, base_dir: Path, name: str = "demo", nodes: dict
     import torch
 
     from hierarchy.chain import LoraFactors
-    from nodes.store.adapters import AdapterWeights, write_adapter
     from nodes.base.model import base_digest
+    from nodes.store.adapters import AdapterWeights, write_adapter
 
     config = json.loads((base_dir / "config.json").read_text())
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
@@ -152,22 +173,40 @@ def write_built_tree(root: Path, base_dir: Path, name: str = "demo", nodes: dict
             for proj, out in shapes.items()
         }
         directory = root / "nodes" / path
-        files = write_adapter(AdapterWeights(r=r, alpha=2.0 * r, target_modules=("q_proj", "v_proj"), factors=factors),
-                              directory, base_model_name_or_path=str(base_dir))  # fmt: skip
+        files = write_adapter(
+            AdapterWeights(r=r, alpha=2.0 * r, target_modules=("q_proj", "v_proj"), factors=factors),
+            directory,
+            base_model_name_or_path=str(base_dir),
+        )
         parent = path.rpartition("/")[0]
         record = {
-            "id": f"{name}/{path}", "level": level, "parent": f"{name}/{parent}" if parent else name,
-            "version": 1, "parent_version": 1 if parent else None,
-            "parent_adapter_digest": records[parent]["files"]["adapter_model.safetensors"]["sha256"] if parent else None,
-            "base_digest": base, "language": lang, "domain": dom, "subdomain": sub, "tags": list(tags),
-            "visibility": vis, "owner": owner, "description": f"the {path} node",
+            "id": f"{name}/{path}",
+            "level": level,
+            "parent": f"{name}/{parent}" if parent else name,
+            "version": 1,
+            "parent_version": 1 if parent else None,
+            "parent_adapter_digest": records[parent]["files"]["adapter_model.safetensors"]["sha256"]
+            if parent
+            else None,
+            "base_digest": base,
+            "language": lang,
+            "domain": dom,
+            "subdomain": sub,
+            "tags": list(tags),
+            "visibility": vis,
+            "owner": owner,
+            "description": f"the {path} node",
             "lora": {"r": r, "alpha": 2.0 * r, "target_modules": ["q_proj", "v_proj"]},
             "metrics": {"eval_ppl": ppl, "parent_eval_ppl": ppl * 1.2},
             "files": {f: {"sha256": sha, "length": (directory / f).stat().st_size} for f, sha in sorted(files.items())},
-        }  # fmt: skip
+        }
         (directory / "node.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         records[path] = record
-    tree = {"name": name, "base": {"dir": str(base_dir), "digest": base, "model": "tiny"}, "spec_digest": "",
-            "nodes": list(spec)}  # fmt: skip
+    tree = {
+        "name": name,
+        "base": {"dir": str(base_dir), "digest": base, "model": "tiny"},
+        "spec_digest": "",
+        "nodes": list(spec),
+    }
     (root / "tree.json").write_text(json.dumps(tree, indent=2, sort_keys=True))
     return root

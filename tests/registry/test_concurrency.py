@@ -19,8 +19,9 @@ def _writer(url: str, writer: int, barrier, errors) -> None:
         reg = open_registry(url)
         barrier.wait(timeout=60)
         for i in range(WRITES):
-            record = add_version(reg, NODE, manifest_digest=digest(f"{writer}-{i}"), parent_version=1,
-                                 metrics={"writer": writer, "i": i})  # fmt: skip
+            record = add_version(
+                reg, NODE, manifest_digest=digest(f"{writer}-{i}"), parent_version=1, metrics={"writer": writer, "i": i}
+            )
             if i % 5 == 0:  # other writes interleaved with version numbering
                 set_version_status(reg, NODE, record.version, "accepted")
                 add_variant(reg, NODE, record.version, VariantFacts("merged", 1000 + i, False, 0))

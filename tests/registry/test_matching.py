@@ -130,12 +130,14 @@ def test_fit_bands_at_their_boundaries_through_matching(demo_reg):
 
 def test_better_evaluation_ranks_first_at_equal_specificity_and_fit(reg):
     register_tree(reg, demo_tree("alpha"))  # radiology eval_ppl 8
-    better = {k: v[:7] + (3.0,) for k, v in DEMO_NODES.items()}
+    better = {k: (*v[:7], 3.0) for k, v in DEMO_NODES.items()}
     register_tree(reg, demo_tree("beta", base=smollm2_base("other-base"), nodes=better))
     result = match(reg, request(top=50))
     first = result.candidates[0]
     assert first.node_id == "beta/en/medical/radiology"
-    alpha = next(c for c in result.candidates if c.node_id == "alpha/en/medical/radiology" and c.variant == first.variant)
+    alpha = next(
+        c for c in result.candidates if c.node_id == "alpha/en/medical/radiology" and c.variant == first.variant
+    )
     assert first.evaluation > alpha.evaluation and first.score > alpha.score
     assert alpha.reasons[0].startswith("exact match")  # equally specific, only ranked lower
 
@@ -155,8 +157,12 @@ def test_fit_and_speed_order_variants_of_one_node(demo_reg):
 
 
 def test_measured_speed_is_used_on_its_device(demo_reg):
-    add_variant(demo_reg, "demo/en/medical/radiology", 1,
-                VariantFacts("merged", 269_060_552, False, 0, tokens_per_second=42.5, measured_device="cpu"))  # fmt: skip
+    add_variant(
+        demo_reg,
+        "demo/en/medical/radiology",
+        1,
+        VariantFacts("merged", 269_060_552, False, 0, tokens_per_second=42.5, measured_device="cpu"),
+    )
     result = match(demo_reg, request(top=50))
     merged = next(c for c in result.candidates if c.node_id == "demo/en/medical/radiology" and c.variant == "merged")
     assert merged.tokens_per_second == 42.5
@@ -199,8 +205,9 @@ def test_no_fit_suggests_a_smaller_variant_and_remote_endpoint(reg):
 
 def test_no_fit_suggests_a_shallower_node_of_a_smaller_model(reg):
     register_tree(reg, demo_tree())  # SmolLM2-sized: nothing of it fits below
-    small = replace(smollm2_base("small"), parameter_count=20_000_000, quantizable_parameter_count=15_000_000,
-                    layers=6, kv_heads=1)  # fmt: skip
+    small = replace(
+        smollm2_base("small"), parameter_count=20_000_000, quantizable_parameter_count=15_000_000, layers=6, kv_heads=1
+    )
     small_tree = demo_tree("small", base=small, nodes={"en": DEMO_NODES["en"]})  # no medical nodes at all
     chain_only = tuple(replace(n, variants=tuple(v for v in n.variants if v.kind == "chain")) for n in small_tree.nodes)
     register_tree(reg, replace(small_tree, nodes=chain_only))
@@ -243,8 +250,11 @@ def test_bad_tasks_devices_and_tenants(demo_reg):
 
 
 def test_the_candidate_query_uses_indexes_not_a_scan(demo_reg):
-    tasks = [TaskQuery(path="en/medical/radiology"), TaskQuery(language="en", domain="medical", subdomain="radiology"),
-             TaskQuery(language="en", subdomain="radiology", tags=("imaging",))]  # fmt: skip
+    tasks = [
+        TaskQuery(path="en/medical/radiology"),
+        TaskQuery(language="en", domain="medical", subdomain="radiology"),
+        TaskQuery(language="en", subdomain="radiology", tags=("imaging",)),
+    ]
     with demo_reg.engine.connect() as conn:
         for task in tasks:
             compiled = candidate_query(task, "st-marys").compile(conn, compile_kwargs={"literal_binds": True})
@@ -263,10 +273,20 @@ def _row(path, *, depth_attrs, visibility="public", owner=None):
 
     lang, dom, sub = depth_attrs
     return CandidateRow(
-        node_id=f"demo/{path}", tree="demo", path=path, level=["base", "language", "domain", "subdomain"][path.count("/") + 1],
-        language=lang, domain=dom, subdomain=sub, visibility=visibility, owner=owner, base=smollm2_base(),
-        version=1, version_status="accepted", variant=VariantFacts("merged", 1, True, 0),
-    )  # fmt: skip
+        node_id=f"demo/{path}",
+        tree="demo",
+        path=path,
+        level=["base", "language", "domain", "subdomain"][path.count("/") + 1],
+        language=lang,
+        domain=dom,
+        subdomain=sub,
+        visibility=visibility,
+        owner=owner,
+        base=smollm2_base(),
+        version=1,
+        version_status="accepted",
+        variant=VariantFacts("merged", 1, True, 0),
+    )
 
 
 def test_int8_variants_are_offered_on_cpu_only(demo_reg):

@@ -56,7 +56,12 @@ def test_import_registers_everything_once(reg, db_url):
     assert nodes["demo"].level == "base" and nodes["demo"].parent is None
     rad = nodes["demo/en/medical/radiology"]
     assert (rad.parent, rad.level, rad.language, rad.domain, rad.subdomain) == (
-        "demo/en/medical", "subdomain", "en", "medical", "radiology")  # fmt: skip
+        "demo/en/medical",
+        "subdomain",
+        "en",
+        "medical",
+        "radiology",
+    )
     assert rad.tags == ("imaging",) and rad.stable_version == 1 and rad.candidate_version is None
 
 
@@ -134,17 +139,23 @@ def test_versions_are_immutable_in_the_database(demo_reg):
     # No repository function rewrites a version's content; a duplicate number is refused by the schema.
     engine = demo_reg.engine
     with pytest.raises(Exception), engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO node_versions (node_id, version, manifest_digest, status, metrics, created_at, status_changed_at) "
-            "SELECT node_id, 2, manifest_digest, 'candidate', metrics, created_at, status_changed_at "
-            "FROM node_versions WHERE version = 2"
-        ))  # fmt: skip
+        conn.execute(
+            text(
+                "INSERT INTO node_versions (node_id, version, manifest_digest, status, metrics, created_at, status_changed_at) "
+                "SELECT node_id, 2, manifest_digest, 'candidate', metrics, created_at, status_changed_at "
+                "FROM node_versions WHERE version = 2"
+            )
+        )
 
 
 def test_variants_measured_replaces_estimated(demo_reg):
     node = "demo/en/legal"
-    add_variant(demo_reg, node, 1, VariantFacts("merged-int8", 123_456, False, 0, tokens_per_second=31.0,
-                                                measured_device="cpu", uri="/exports/x"))  # fmt: skip
+    add_variant(
+        demo_reg,
+        node,
+        1,
+        VariantFacts("merged-int8", 123_456, False, 0, tokens_per_second=31.0, measured_device="cpu", uri="/exports/x"),
+    )
     int8 = next(v for v in list_variants(demo_reg, node, 1) if v.kind == "merged-int8")
     assert (int8.bytes, int8.bytes_estimated, int8.tokens_per_second, int8.uri) == (123_456, False, 31.0, "/exports/x")
     register_tree(demo_reg, demo_tree())  # a re-import's estimate never overwrites a measurement

@@ -82,7 +82,9 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
             if not context.is_active():
                 return
             last = i == rec.stream_chunks - 1
-            chunk = inference_pb2.GenerateChunk(request_id="s", node=request.node, node_version=2, index=i, text=f"t{i}")
+            chunk = inference_pb2.GenerateChunk(
+                request_id="s", node=request.node, node_version=2, index=i, text=f"t{i}"
+            )
             chunk.token_ids.append(10 + i)
             if last:
                 chunk.finish_reason = inference_pb2.FINISH_REASON_STOP
@@ -100,8 +102,14 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
             nodes=[
                 registry_pb2.Node(id="demo", tree="demo", level="base", visibility="public"),
                 registry_pb2.Node(
-                    id="demo/en", tree="demo", path="en", level="language", parent="demo", language="en",
-                    visibility="public", aliases={"stable": 1},
+                    id="demo/en",
+                    tree="demo",
+                    path="en",
+                    level="language",
+                    parent="demo",
+                    language="en",
+                    visibility="public",
+                    aliases={"stable": 1},
                 ),
             ]
         )
@@ -122,11 +130,18 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.MatchResponse(
             candidates=[
                 registry_pb2.MatchCandidate(
-                    node="demo/" + request.task, version=1, variant="chain", fit="perfect",
-                    memory_bytes=123, score=0.9, reasons=[f"memory={request.memory}"],
+                    node="demo/" + request.task,
+                    version=1,
+                    variant="chain",
+                    fit="perfect",
+                    memory_bytes=123,
+                    score=0.9,
+                    reasons=[f"memory={request.memory}"],
                 )
             ],
-            suggestions=[registry_pb2.MatchSuggestion(kind="shorter-context", message="use a shorter context", context=512)],
+            suggestions=[
+                registry_pb2.MatchSuggestion(kind="shorter-context", message="use a shorter context", context=512)
+            ],
         )
 
 
@@ -137,7 +152,9 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
     def Status(self, request, context):
         self.rec.step("Status", request, context)
         return admin_pb2.StatusResponse(
-            version="0.1.0", auth_enabled=True, tenant="acme",
+            version="0.1.0",
+            auth_enabled=True,
+            tenant="acme",
             trunks=[admin_pb2.Trunk(tree="demo", queue_depth=2, cache=admin_pb2.AdapterCacheCounters(hits=5))],
         )
 

@@ -10,8 +10,8 @@ import grpc.aio
 import pytest
 
 import treelm
-from treelm import AsyncClient, ChatMessage, Client, FinishReason, RetryPolicy
 from tests.treelm.fake_server import start_fake_server
+from treelm import AsyncClient, ChatMessage, Client, FinishReason, RetryPolicy
 
 FAST = RetryPolicy(retries=3, initial_backoff=0.001, max_backoff=0.005)
 S = grpc.StatusCode
@@ -33,12 +33,28 @@ def client(fake):
 
 def test_generate_sends_the_request_and_decodes_the_result(fake, client):
     _, rec = fake
-    result = client.generate("demo/en", "hello", max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11,
-                             stop=["\n", "END"], request_id="abc")
+    result = client.generate(
+        "demo/en",
+        "hello",
+        max_new_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=3,
+        seed=11,
+        stop=["\n", "END"],
+        request_id="abc",
+    )
     method, request, metadata = rec.calls[-1]
     assert method == "Generate" and request.node == "demo/en" and request.prompt == "hello"
     p = request.params
-    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop)) == (7, 0.5, 0.9, 3, 11, ["\n", "END"])
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop)) == (
+        7,
+        0.5,
+        0.9,
+        3,
+        11,
+        ["\n", "END"],
+    )
     assert request.request_id == "abc"
     assert metadata["authorization"] == "Bearer tok-1"
     assert result.text == "echo:hello" and result.token_ids == (1, 2, 3) and result.request_id == "abc"
@@ -109,7 +125,9 @@ def test_status_codes_decode_to_typed_errors(fake, client, code, meta, expected)
     assert len(rec.calls) == 1  # none of these is retried
 
 
-@pytest.mark.parametrize("code, error", [(S.UNAVAILABLE, treelm.Unavailable), (S.RESOURCE_EXHAUSTED, treelm.Overloaded)])
+@pytest.mark.parametrize(
+    "code, error", [(S.UNAVAILABLE, treelm.Unavailable), (S.RESOURCE_EXHAUSTED, treelm.Overloaded)]
+)
 def test_retryable_codes_are_retried_with_backoff_until_success(fake, client, code, error):
     _, rec = fake
     rec.script = [(code, "busy", ()), (code, "busy", ())]
@@ -139,7 +157,7 @@ def test_the_timeout_bounds_all_attempts_together(fake):
 
 
 def test_stream_yields_chunks_in_order_with_usage_on_the_last(fake, client):
-    _, rec = fake
+    _, _rec = fake
     chunks = list(client.stream("demo/en", "p"))
     assert [c.index for c in chunks] == [0, 1, 2] and "".join(c.text for c in chunks) == "t0t1t2"
     assert [c.last for c in chunks] == [False, False, True]
@@ -190,13 +208,18 @@ def test_registry_and_admin_calls_decode(fake, client):
     assert (suggestion.kind, suggestion.context, suggestion.node) == ("shorter-context", 512, None)
     client.match("en", memory="8GiB", bandwidth="50GB/s", tags=["clinical"], tree="demo")
     request = rec.calls[-1][1]
-    assert (request.memory, request.bandwidth, list(request.tags), request.tree) == ("8GiB", "50GB/s", ["clinical"], "demo")
+    assert (request.memory, request.bandwidth, list(request.tags), request.tree) == (
+        "8GiB",
+        "50GB/s",
+        ["clinical"],
+        "demo",
+    )
     status = client.status()
     assert status.tenant == "acme" and status.trunks[0].queue_depth == 2 and status.trunks[0].cache.hits == 5
 
 
 def test_an_injected_channel_is_used_and_left_open(fake):
-    target, rec = fake
+    target, _rec = fake
     seen = []
 
     class Spy(grpc.UnaryUnaryClientInterceptor):
@@ -253,7 +276,7 @@ async def test_async_stream_cancel_reaches_the_server(fake):
 
 
 async def test_async_client_accepts_an_injected_aio_channel(fake):
-    target, rec = fake
+    target, _rec = fake
     channel = grpc.aio.insecure_channel(target)
     client = AsyncClient(channel=channel)
     await client.close()  # not ours: stays open

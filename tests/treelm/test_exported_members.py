@@ -26,8 +26,15 @@ def test_error_tree_is_rooted_in_treelm_error():
     errors = [getattr(treelm, n) for n in treelm.__all__ if isinstance(getattr(treelm, n), type)]
     errors = [e for e in errors if issubclass(e, Exception)]
     assert {e.__name__ for e in errors} >= {
-        "NodeNotFound", "PermissionDenied", "Unauthenticated", "InvalidRequest", "Overloaded",
-        "DeadlineExceeded", "Unavailable", "Unimplemented", "ServerError",
+        "NodeNotFound",
+        "PermissionDenied",
+        "Unauthenticated",
+        "InvalidRequest",
+        "Overloaded",
+        "DeadlineExceeded",
+        "Unavailable",
+        "Unimplemented",
+        "ServerError",
     }
     assert all(issubclass(e, treelm.TreeLMError) for e in errors)
     # The module docstring draws the tree: every error is named in it.

@@ -13,8 +13,16 @@ SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 def _generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(REPO)) for p in PROTO_DIR.glob("*.proto"))
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={out}", f"--grpc_python_out={out}",
-           f"--pyi_out={out}", *protos]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I.",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--pyi_out={out}",
+        *protos,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
@@ -42,7 +50,9 @@ def test_generated_modules_live_under_protos_and_do_not_shadow_the_sdk():
     assert treelm.Client.__module__ == "treelm._client"
     assert inference_pb2.DESCRIPTOR.package == "treelm.v1"
     assert inference_pb2.DESCRIPTOR.name == "protos/treelm/v1/inference.proto"
-    assert {m.DESCRIPTOR.services_by_name.keys().__iter__().__next__() for m in
-            (inference_pb2, registry_pb2, updates_pb2, admin_pb2)} == {"Inference", "Registry", "Updates", "Admin"}  # fmt: skip
+    assert {
+        m.DESCRIPTOR.services_by_name.keys().__iter__().__next__()
+        for m in (inference_pb2, registry_pb2, updates_pb2, admin_pb2)
+    } == {"Inference", "Registry", "Updates", "Admin"}
     assert "from protos.treelm.v1 import inference_pb2" in Path(inference_pb2_grpc.__file__).read_text()
     assert not (REPO / "treelm" / "v1").exists()

@@ -30,10 +30,16 @@ def tree_nodes(tree_dir: Path, versions: dict[str, int | None]) -> list[dict]:
     out = [{"id": meta["name"], "parent": None, "level": "base", "version": None, "gain": None}]
     for path in meta["nodes"]:
         node = json.loads((tree_dir / "nodes" / path / "node.json").read_text())
-        out.append({"id": node["id"], "parent": node.get("parent") or meta["name"], "level": node["level"],
-                    "version": versions.get(node["id"], node.get("version")),
-                    "gain": node.get("metrics", {}).get("specialisation_gain"),
-                    "owner": node.get("owner") if node.get("visibility") == "private" else None})  # fmt: skip
+        out.append(
+            {
+                "id": node["id"],
+                "parent": node.get("parent") or meta["name"],
+                "level": node["level"],
+                "version": versions.get(node["id"], node.get("version")),
+                "gain": node.get("metrics", {}).get("specialisation_gain"),
+                "owner": node.get("owner") if node.get("visibility") == "private" else None,
+            }
+        )
     return out
 
 
@@ -75,8 +81,16 @@ def write(report_dir: Path, tables: list[Table], nodes: list[dict], rates: dict[
             label += f"\nprivate ({n['owner']})"
         if n["gain"] is not None:
             label += f"  ppl gain {n['gain']:+.0%}"
-        ax.text(x, y, label, ha="center", va="center", fontsize=8, zorder=2,
-                bbox={"boxstyle": "round", "facecolor": "#dde8f7", "edgecolor": "#4a6fa5"})  # fmt: skip
+        ax.text(
+            x,
+            y,
+            label,
+            ha="center",
+            va="center",
+            fontsize=8,
+            zorder=2,
+            bbox={"boxstyle": "round", "facecolor": "#dde8f7", "edgecolor": "#4a6fa5"},
+        )
     ax.set_yticks([-d for d in sorted(rows)])
     ax.set_yticklabels([k for k, v in sorted(levels.items(), key=lambda kv: kv[1]) if v in rows])
     ax.set_xticks([])

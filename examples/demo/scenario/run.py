@@ -112,8 +112,9 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
     chain = next(t for t in tables if t.name == "chain")
     rates = {row[0]: float(row[3]) for row in chain.rows}
     total = round(time.monotonic() - started, 1)
-    tables.append(steps.Table("timings", "Where the time went (wall seconds)", ["step", "s"],
-                              [*clock.rows, ["total", total]]))  # fmt: skip
+    tables.append(
+        steps.Table("timings", "Where the time went (wall seconds)", ["step", "s"], [*clock.rows, ["total", total]])
+    )
     report.show(console, tables[-1])
     written = report.write(config.report, tables, report.tree_nodes(state.tree, versions), rates)
     console.print(f"report: {', '.join(str(p) for p in written)}")

@@ -35,12 +35,16 @@ class ServeProcess:
     def __init__(self, state: DemoState, port: int | None = None, log: Path | None = None):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self._log = open(log or state.dir / "serve.log", "wb")
+        self._log = open(log or state.dir / "serve.log", "wb")  # noqa: SIM115 (the server's stdout while it runs)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        args = ["serve", str(state.tree), "--db", state.url, "--port", str(self.port), "--threads", "1",
-                "--grace", "2"]  # fmt: skip
-        self._proc = subprocess.Popen([*_treelm(), *args], stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                      cwd=Path(__file__).resolve().parents[3])  # fmt: skip
+        args = ["serve", str(state.tree), "--db", state.url, "--port", str(self.port), "--threads", "1", "--grace", "2"]
+        self._proc = subprocess.Popen(
+            [*_treelm(), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=Path(__file__).resolve().parents[3],
+        )
 
     def wait_ready(self, token: str, timeout: float = 300.0) -> None:
         from treelm import Client, TreeLMError
@@ -102,7 +106,7 @@ def interrupt_as_keyboard():
 
     Returns the previous handler (to restore), or None off the main thread (nothing changed)."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt
 
     try:

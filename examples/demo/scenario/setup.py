@@ -75,16 +75,21 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     cli("registry", "init", "--db", url)
     cli("registry", "import", tree, "--db", url)  # also adds st-marys, owner of the private node
     cli("registry", "tenant", "add", OTHER, "--db", url)
-    tokens = {t: cli("registry", "token", "issue", t, "--db", url).strip().splitlines()[-1].strip()
-              for t in (HOSPITAL, OTHER)}  # fmt: skip
+    tokens = {
+        t: cli("registry", "token", "issue", t, "--db", url).strip().splitlines()[-1].strip() for t in (HOSPITAL, OTHER)
+    }
     keys = state_dir / "keys"
     onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
     for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL):
         if not (keys / key / "private.pem").exists():
             cli("keys", "gen", "--out", keys / key)
     cli("keys", "register", keys / "root", "--role", "root", "--db", url)
-    for key, role, node in (("operator", "operator", None), ("medical-eval", "evaluator", med),
-                            ("en-eval", "evaluator", en), (HOSPITAL, "node", onc)):  # fmt: skip
+    for key, role, node in (
+        ("operator", "operator", None),
+        ("medical-eval", "evaluator", med),
+        ("en-eval", "evaluator", en),
+        (HOSPITAL, "node", onc),
+    ):
         extra = ["--node", node] if node else []
         cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)
     return DemoState(state_dir, tree, url, keys, tokens, name)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from treelm import Client, TreeLMError
+from typing import Any
 
 from examples.demo.scenario.setup import HOSPITAL, OTHER, DemoState
+from treelm import Client, TreeLMError
 
 QUESTION = "A patient with chest pain and shortness of breath has an abnormal ECG. What should the clinician check?"
 
@@ -40,13 +40,18 @@ def match_profiles(client: Client, tree: str, max_context: int) -> Table:
 
     ``max_context``: the base's own limit (the tiny test base has 512 positions)."""
     profiles = {
-        "clinician laptop (cpu, 2 GiB)": dict(device="cpu", memory="2GiB", context=min(1024, max_context),
-                                              bandwidth="20GB/s"),  # fmt: skip
-        "GPU workstation (cuda, 24 GiB)": dict(device="cuda", memory="24GiB", context=min(4096, max_context),
-                                               bandwidth="900GB/s", compute="80TFLOPS"),  # fmt: skip
+        "clinician laptop (cpu, 2 GiB)": dict(
+            device="cpu", memory="2GiB", context=min(1024, max_context), bandwidth="20GB/s"
+        ),
+        "GPU workstation (cuda, 24 GiB)": dict(
+            device="cuda", memory="24GiB", context=min(4096, max_context), bandwidth="900GB/s", compute="80TFLOPS"
+        ),
     }
-    table = Table("match", "1. Which model for English cardiology?",
-                  ["profile", "node", "version", "variant", "fit", "memory", "tokens/s", "score"])  # fmt: skip
+    table = Table(
+        "match",
+        "1. Which model for English cardiology?",
+        ["profile", "node", "version", "variant", "fit", "memory", "tokens/s", "score"],
+    )
     for name, hw in profiles.items():
         result = client.match("en/medical/cardiology", tree=tree, top=3, **hw)
         if not result.candidates:
@@ -55,8 +60,18 @@ def match_profiles(client: Client, tree: str, max_context: int) -> Table:
             continue
         for rank, c in enumerate(result.candidates[:2], 1):  # the choice, and the runner-up for contrast
             tps = f"{c.tokens_per_s:.1f}" if c.tokens_per_s else "-"
-            table.rows.append([name if rank == 1 else f"  (#{rank})", c.node, c.version, c.variant, c.fit,
-                               _mib(c.memory_bytes), tps, round(c.score, 3)])  # fmt: skip
+            table.rows.append(
+                [
+                    name if rank == 1 else f"  (#{rank})",
+                    c.node,
+                    c.version,
+                    c.variant,
+                    c.fit,
+                    _mib(c.memory_bytes),
+                    tps,
+                    round(c.score, 3),
+                ]
+            )
             if rank == 1:
                 table.notes.append(f"{name}, because: " + "; ".join(c.reasons))
     return table
@@ -64,10 +79,15 @@ def match_profiles(client: Client, tree: str, max_context: int) -> Table:
 
 def ask_the_chain(client: Client, tree: str, echo: Callable[[str], None], max_new_tokens: int) -> Table:
     """(2) The same question to every level on the cardiology path, streamed."""
-    table = Table("chain", "2. The same clinical question, base -> cardiology (streamed, greedy)",
-                  ["node", "version", "tokens", "tokens/s", "ttft (s)", "answer"])  # fmt: skip
-    table.notes.append("One request at a time, streamed through the gRPC ingress (and, on a cluster, a Ray replica "
-                       "with one thread); the hospital's local fine-tune may be running beside it (step 4).")
+    table = Table(
+        "chain",
+        "2. The same clinical question, base -> cardiology (streamed, greedy)",
+        ["node", "version", "tokens", "tokens/s", "ttft (s)", "answer"],
+    )
+    table.notes.append(
+        "One request at a time, streamed through the gRPC ingress (and, on a cluster, a Ray replica "
+        "with one thread); the hospital's local fine-tune may be running beside it (step 4)."
+    )
     for path in ("", "en", "en/medical", "en/medical/cardiology"):
         node = f"{tree}/{path}" if path else tree
         echo(f"{node}: ", end="")
@@ -82,8 +102,9 @@ def ask_the_chain(client: Client, tree: str, echo: Callable[[str], None], max_ne
         tokens = last.usage.completion_tokens if last and last.usage else 0
         ttft = last.timings.ttft_s if last and last.timings else 0.0
         rate = tokens / max(wall - ttft, 1e-6) if tokens > 1 else tokens / max(wall, 1e-6)
-        table.rows.append([node, last.node_version if last else None, tokens, round(rate, 1), round(ttft, 3),
-                           "".join(pieces).strip()])  # fmt: skip
+        table.rows.append(
+            [node, last.node_version if last else None, tokens, round(rate, 1), round(ttft, 3), "".join(pieces).strip()]
+        )
     return table
 
 
@@ -121,8 +142,9 @@ def tenants(address: str, state: DemoState, max_new_tokens: int) -> Table:
     """(3) St Mary's uses its private oncology node; another tenant cannot even see it."""
     node = f"{state.tree_name}/en/medical/oncology"
     prompt = "Oncology note: the patient started a second cycle of chemotherapy and"
-    table = Table("tenants", "3. A private node: the owner uses it, another tenant is refused",
-                  ["tenant", "call", "outcome"])  # fmt: skip
+    table = Table(
+        "tenants", "3. A private node: the owner uses it, another tenant is refused", ["tenant", "call", "outcome"]
+    )
     for tenant in (HOSPITAL, OTHER):
         with Client(address, token=state.tokens[tenant], timeout=120) as client:
             visible = any(n.id == node for n in client.nodes())
@@ -163,15 +185,34 @@ class LocalFineTune:
             shutil.rmtree(self.package)
         self.package.parent.mkdir(parents=True, exist_ok=True)
         node = f"{state.tree_name}/en/medical/oncology"
-        args = ["update", "make", state.tree, node, "--train", notes, "--key", state.keys / HOSPITAL,
-                "--out", self.package, "--steps", steps, "--lr", lr, "--threads", threads, "--json"]  # fmt: skip
+        args = [
+            "update",
+            "make",
+            state.tree,
+            node,
+            "--train",
+            notes,
+            "--key",
+            state.keys / HOSPITAL,
+            "--out",
+            self.package,
+            "--steps",
+            steps,
+            "--lr",
+            lr,
+            "--threads",
+            threads,
+            "--json",
+        ]
         self._log = state.dir / "update-make.log"
-        self._out = open(state.dir / "update-make.json", "w+b")
+        self._out = open(state.dir / "update-make.json", "w+b")  # noqa: SIM115 (read when the child exits)
         with open(self._log, "wb") as err:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from cluster.cli import main; sys.exit(main())", *map(str, args)],
-                stdout=self._out, stderr=err, cwd=Path(__file__).resolve().parents[3],
-            )  # fmt: skip
+                stdout=self._out,
+                stderr=err,
+                cwd=Path(__file__).resolve().parents[3],
+            )
 
     def result(self, timeout: float = 1800.0) -> dict:
         """Wait for the package; its `--json` summary (version, parent version, local metrics)."""
@@ -193,23 +234,28 @@ class LocalFineTune:
             self._out.close()
 
 
-def update_story(address: str, state: DemoState, local: LocalFineTune, *,
-                 lap: Callable[[str], None] = lambda step: None) -> Table:  # fmt: skip
+def update_story(
+    address: str, state: DemoState, local: LocalFineTune, *, lap: Callable[[str], None] = lambda step: None
+) -> Table:
     """(4) Fine-tune locally, sign, submit; screen, aggregate, gate; approve; re-pin; a tampered copy.
 
     ``local``: the hospital's fine-tune, started earlier; ``lap(step)`` is called after each timed
     part (the demo's "where the time went" table)."""
     tree = state.tree_name
     onc, med = f"{tree}/en/medical/oncology", f"{tree}/en/medical"
-    table = Table("update", "4. St Mary's updates its private node; the tree follows",
-                  ["step", "who", "result"])  # fmt: skip
+    table = Table("update", "4. St Mary's updates its private node; the tree follows", ["step", "who", "result"])
     made = local.result()
     package = local.package
     lap("4a. wait for the local fine-tune + signature (treelm update make, started beside the service)")
     m = made.get("metrics", {})
-    table.rows.append(["fine-tune on local notes + sign (treelm update make)", HOSPITAL,
-                       f"v{made['version']} over parent v{made['parent_version']}; local eval ppl "
-                       f"{m.get('eval_ppl_before', float('nan')):.2f} -> {m.get('eval_ppl', float('nan')):.2f}"])
+    table.rows.append(
+        [
+            "fine-tune on local notes + sign (treelm update make)",
+            HOSPITAL,
+            f"v{made['version']} over parent v{made['parent_version']}; local eval ppl "
+            f"{m.get('eval_ppl_before', float('nan')):.2f} -> {m.get('eval_ppl', float('nan')):.2f}",
+        ]
+    )
     with Client(address, token=state.tokens[HOSPITAL], timeout=600) as hospital:
         try:
             status = hospital.submit_update(package)
@@ -217,21 +263,39 @@ def update_story(address: str, state: DemoState, local: LocalFineTune, *,
             table.rows.append(["submit the signed package", HOSPITAL, f"refused: {type(exc).__name__}: {exc}"])
             return table
         lap("4b. submit: verify, screen, gate, aggregate a candidate")
-        figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(status.figures.items())
-                            if k.startswith(("screen.norm", "screen.cosine", "gate.passed")))  # fmt: skip
-        table.rows.append(["submit: verify, screen, gate, aggregate", "parent en/medical",
-                           f"{status.state}; {figures}; reasons: {'; '.join(status.reasons) or '-'}"])
+        figures = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in sorted(status.figures.items())
+            if k.startswith(("screen.norm", "screen.cosine", "gate.passed"))
+        )
+        table.rows.append(
+            [
+                "submit: verify, screen, gate, aggregate",
+                "parent en/medical",
+                f"{status.state}; {figures}; reasons: {'; '.join(status.reasons) or '-'}",
+            ]
+        )
         served = hospital.generate(onc, "The patient", max_new_tokens=2, temperature=0).node_version
         table.rows.append(["the hospital's node is served at its new version", "engine", f"{onc} v{served}"])
         if status.candidate_id:
             cand = hospital.update_status(status.candidate_id)
-            table.rows.append(["candidate parent awaits approvals", "registry",
-                               f"{med} v{cand.manifest()['version']}: {cand.state}, "
-                               f"{cand.approvals}/{cand.approvals_needed} approvals"])  # fmt: skip
+            table.rows.append(
+                [
+                    "candidate parent awaits approvals",
+                    "registry",
+                    f"{med} v{cand.manifest()['version']}: {cand.state}, "
+                    f"{cand.approvals}/{cand.approvals_needed} approvals",
+                ]
+            )
             for key in ("medical-eval", "operator"):
                 done = hospital.approve(status.candidate_id, state.keys / key)
-                table.rows.append([f"approve (signed with keys/{key})", key,
-                                   f"{done.state}, {done.approvals}/{done.approvals_needed}"])  # fmt: skip
+                table.rows.append(
+                    [
+                        f"approve (signed with keys/{key})",
+                        key,
+                        f"{done.state}, {done.approvals}/{done.approvals_needed}",
+                    ]
+                )
             lap("4c. approvals: stable, re-pins, the increment offered one level up")
             table.rows.append(["new stable parent", "registry", f"{med} stable = v{hospital.node(med).stable_version}"])
             for path, chain in _pins(state, med).items():
@@ -254,8 +318,11 @@ def _pins(state: DemoState, parent: str) -> dict[str, str]:
 
     with open_registry(state.url) as reg:
         pins = current_pins(reg, state.tree_name)
-    return {node: " -> ".join(f"{x['path'] or 'base'}@v{x['version']}" for x in pin.chain)
-            for node, pin in sorted(pins.items()) if node.startswith(parent + "/")}  # fmt: skip
+    return {
+        node: " -> ".join(f"{x['path'] or 'base'}@v{x['version']}" for x in pin.chain)
+        for node, pin in sorted(pins.items())
+        if node.startswith(parent + "/")
+    }
 
 
 def server_status(client: Client, cluster: dict | None) -> Table:
@@ -265,9 +332,16 @@ def server_status(client: Client, cluster: dict | None) -> Table:
     table.rows.append(["server", "version / uptime", f"{s.version} / {s.uptime_s:.0f} s"])
     for t in s.trunks:
         table.rows.append([f"trunk {t.tree}", "loaded adapters", ", ".join(t.loaded_adapters) or "-"])
-        table.rows.append([f"trunk {t.tree}", "queue / running / max batch", f"{t.queue_depth} / {t.running} / {t.max_batch}"])
-        table.rows.append([f"trunk {t.tree}", "adapter cache hits / misses / loads",
-                           f"{t.cache.hits} / {t.cache.misses} / {t.cache.loads}"])  # fmt: skip
+        table.rows.append(
+            [f"trunk {t.tree}", "queue / running / max batch", f"{t.queue_depth} / {t.running} / {t.max_batch}"]
+        )
+        table.rows.append(
+            [
+                f"trunk {t.tree}",
+                "adapter cache hits / misses / loads",
+                f"{t.cache.hits} / {t.cache.misses} / {t.cache.loads}",
+            ]
+        )
     if cluster is not None:
         table.rows.extend(cluster_rows(cluster))
     return table
@@ -275,20 +349,39 @@ def server_status(client: Client, cluster: dict | None) -> Table:
 
 def cluster_rows(status: dict) -> list[list[Any]]:
     """`treelm cluster status --json` as table rows: the ingress, each trunk and replica, each Ray node."""
-    rows: list[list[Any]] = [["ray cluster", "name / ingress / endpoints",
-                              f"{status.get('name')} / {status.get('ingress')} / {', '.join(status.get('endpoints', []))}"]]
+    rows: list[list[Any]] = [
+        [
+            "ray cluster",
+            "name / ingress / endpoints",
+            f"{status.get('name')} / {status.get('ingress')} / {', '.join(status.get('endpoints', []))}",
+        ]
+    ]
     for trunk in status.get("trunks", []):
         name = trunk.get("name") or trunk.get("tree") or trunk.get("app", "trunk")
-        rows.append([f"ray trunk {name}", "status / replicas (min..max)",
-                     f"{trunk.get('status', '?')} / {len(trunk.get('replicas', []))} "
-                     f"({trunk.get('min_replicas')}..{trunk.get('max_replicas')})"])  # fmt: skip
+        rows.append(
+            [
+                f"ray trunk {name}",
+                "status / replicas (min..max)",
+                f"{trunk.get('status', '?')} / {len(trunk.get('replicas', []))} "
+                f"({trunk.get('min_replicas')}..{trunk.get('max_replicas')})",
+            ]
+        )
         for r in trunk.get("replicas", []):
             p50 = f"{r['p50_ms']:.0f} ms" if isinstance(r.get("p50_ms"), (int, float)) else "-"
-            rows.append([f"  replica {r.get('replica')}", f"on {r.get('node_ip')} pid {r.get('pid')}",
-                         f"loaded: {', '.join(r.get('loaded', [])) or '-'}; queue {r.get('queue_depth')}, "
-                         f"ongoing {r.get('ongoing')}, completed {r.get('completed')}, p50 {p50}"])
+            rows.append(
+                [
+                    f"  replica {r.get('replica')}",
+                    f"on {r.get('node_ip')} pid {r.get('pid')}",
+                    f"loaded: {', '.join(r.get('loaded', [])) or '-'}; queue {r.get('queue_depth')}, "
+                    f"ongoing {r.get('ongoing')}, completed {r.get('completed')}, p50 {p50}",
+                ]
+            )
     for n in status.get("nodes", []):
-        rows.append([f"ray node {n.get('address')}", "head" if n.get("head") else "worker",
-                     f"alive {n.get('alive')}, {n.get('cpus')} CPUs, {n.get('gpus')} GPUs, "
-                     f"{n.get('replicas')} replicas"])  # fmt: skip
+        rows.append(
+            [
+                f"ray node {n.get('address')}",
+                "head" if n.get("head") else "worker",
+                f"alive {n.get('alive')}, {n.get('cpus')} CPUs, {n.get('gpus')} GPUs, {n.get('replicas')} replicas",
+            ]
+        )
     return rows

@@ -73,9 +73,7 @@ def upgrade() -> None:
             "visibility = 'public' OR owner_tenant_id IS NOT NULL", name=op.f("ck_nodes_private_has_owner")
         ),
         sa.CheckConstraint("visibility IN ('public', 'private')", name=op.f("ck_nodes_visibility")),
-        sa.ForeignKeyConstraint(
-            ["base_model_id"], ["base_models.id"], name=op.f("fk_nodes_base_model_id_base_models")
-        ),
+        sa.ForeignKeyConstraint(["base_model_id"], ["base_models.id"], name=op.f("fk_nodes_base_model_id_base_models")),
         sa.ForeignKeyConstraint(["owner_tenant_id"], ["tenants.id"], name=op.f("fk_nodes_owner_tenant_id_tenants")),
         sa.ForeignKeyConstraint(["parent_id"], ["nodes.id"], name=op.f("fk_nodes_parent_id_nodes")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_nodes")),
@@ -126,9 +124,7 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("name IN ('stable', 'candidate')", name=op.f("ck_aliases_name")),
         sa.ForeignKeyConstraint(["node_id"], ["nodes.id"], name=op.f("fk_aliases_node_id_nodes")),
-        sa.ForeignKeyConstraint(
-            ["version_id"], ["node_versions.id"], name=op.f("fk_aliases_version_id_node_versions")
-        ),
+        sa.ForeignKeyConstraint(["version_id"], ["node_versions.id"], name=op.f("fk_aliases_version_id_node_versions")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_aliases")),
         sa.UniqueConstraint("node_id", "name", name=op.f("uq_aliases_node_id_name")),
     )

@@ -13,9 +13,10 @@ import json
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -57,25 +58,58 @@ def free_port_block(size: int = 220) -> int:
 
 
 def head_ports(base: int) -> RayPorts:
-    return RayPorts(gcs=base, client_server=base + 1, dashboard=base + 2, node_manager=base + 3,
-                    object_manager=base + 4, dashboard_agent=base + 5, dashboard_agent_grpc=base + 6,
-                    runtime_env_agent=base + 7, metrics_export=base + 8, serve_http=base + 9, serve_grpc=base + 10,
-                    workers=(base + 100, base + 149))  # fmt: skip
+    return RayPorts(
+        gcs=base,
+        client_server=base + 1,
+        dashboard=base + 2,
+        node_manager=base + 3,
+        object_manager=base + 4,
+        dashboard_agent=base + 5,
+        dashboard_agent_grpc=base + 6,
+        runtime_env_agent=base + 7,
+        metrics_export=base + 8,
+        serve_http=base + 9,
+        serve_grpc=base + 10,
+        workers=(base + 100, base + 149),
+    )
 
 
 def worker_ports(base: int) -> RayPorts:
     """A second node on the same machine: its own node ports and worker range."""
-    return RayPorts(gcs=base, client_server=base + 1, dashboard=base + 2, node_manager=base + 33,
-                    object_manager=base + 34, dashboard_agent=base + 35, dashboard_agent_grpc=base + 36,
-                    runtime_env_agent=base + 37, metrics_export=base + 38, serve_http=base + 9, serve_grpc=base + 10,
-                    workers=(base + 150, base + 199))  # fmt: skip
+    return RayPorts(
+        gcs=base,
+        client_server=base + 1,
+        dashboard=base + 2,
+        node_manager=base + 33,
+        object_manager=base + 34,
+        dashboard_agent=base + 35,
+        dashboard_agent_grpc=base + 36,
+        runtime_env_agent=base + 37,
+        metrics_export=base + 38,
+        serve_http=base + 9,
+        serve_grpc=base + 10,
+        workers=(base + 150, base + 199),
+    )
 
 
 def cluster_yaml(path: Path, *, base: int, registry_url: str, temp_dir: Path, trees: dict[str, dict]) -> Path:
     p = head_ports(base)
-    ports = {name: getattr(p, name) for name in ("gcs", "client_server", "dashboard", "node_manager", "object_manager",
-             "dashboard_agent", "dashboard_agent_grpc", "runtime_env_agent", "metrics_export", "serve_http",
-             "serve_grpc")}  # fmt: skip
+    ports = {
+        name: getattr(p, name)
+        for name in (
+            "gcs",
+            "client_server",
+            "dashboard",
+            "node_manager",
+            "object_manager",
+            "dashboard_agent",
+            "dashboard_agent_grpc",
+            "runtime_env_agent",
+            "metrics_export",
+            "serve_http",
+            "serve_grpc",
+        )
+    }
     ports["workers"] = list(p.workers)
     doc = {
         "name": "test",

@@ -22,26 +22,46 @@ from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
 @pytest.fixture(scope="session")
 def ray_world(tiny_base_dir, tmp_path_factory):
-    from cluster.tree_import import import_tree
     from cluster.ray.runtime import connect, load_state
+    from cluster.tree_import import import_tree
 
     root = tmp_path_factory.mktemp("ray-cluster")
     world = make_world(tiny_base_dir, root)  # tree rt over the session base, registry, tenants acme + globex
-    long_base = make_tiny_base(root / "long-base", TinyBaseConfig(hidden=48, layers=2, vocab=400, heads=4,
-                                                                  kv_heads=2, max_position=8192, seed=1))  # fmt: skip
+    long_base = make_tiny_base(
+        root / "long-base",
+        TinyBaseConfig(hidden=48, layers=2, vocab=400, heads=4, kv_heads=2, max_position=8192, seed=1),
+    )
     kb = make_random_tree(root / "kb", long_base, KB_SPEC)
     # A tree the registry knows but the cluster does not serve.
     import_tree(world.registry, make_random_tree(root / "zz", tiny_base_dir, RandomTreeSpec(name="zz")).root)
     base = free_port_block()
     temp_dir = Path(tempfile.mkdtemp(prefix="tl-ray-"))  # short: Ray's socket paths must stay under 108 bytes
-    config = cluster_yaml(root / "cluster.yaml", base=base, registry_url=world.db_url, temp_dir=temp_dir, trees={
-        # A small max_ongoing_requests: a busy replica spills requests to others sooner (see test_ray_serving).
-        world.tree.root: {"replicas": 1, "max_adapters": 8, "max_ongoing_requests": 4, "resources": {"cpus": 0.5},
-                          "health_check_period_s": 1},
-        kb.root: {"replicas": 1, "max_adapters": 3, "resources": {"cpus": 0.5}, "health_check_period_s": 1},
-    })  # fmt: skip
-    rw = RayWorld(world=world, kb_tree=kb, config=config, state_dir=root / "state", base=base,
-                  target=f"127.0.0.1:{base + 20}", temp_dir=temp_dir)  # fmt: skip
+    config = cluster_yaml(
+        root / "cluster.yaml",
+        base=base,
+        registry_url=world.db_url,
+        temp_dir=temp_dir,
+        trees={
+            # A small max_ongoing_requests: a busy replica spills requests to others sooner (see test_ray_serving).
+            world.tree.root: {
+                "replicas": 1,
+                "max_adapters": 8,
+                "max_ongoing_requests": 4,
+                "resources": {"cpus": 0.5},
+                "health_check_period_s": 1,
+            },
+            kb.root: {"replicas": 1, "max_adapters": 3, "resources": {"cpus": 0.5}, "health_check_period_s": 1},
+        },
+    )
+    rw = RayWorld(
+        world=world,
+        kb_tree=kb,
+        config=config,
+        state_dir=root / "state",
+        base=base,
+        target=f"127.0.0.1:{base + 20}",
+        temp_dir=temp_dir,
+    )
     try:
         assert rw.cli("up", str(config), "--timeout", "240") == 0, "treelm cluster up failed (see the output above)"
         connect(load_state(rw.state_dir))  # the test process stays a driver (kills, the board, Serve details)

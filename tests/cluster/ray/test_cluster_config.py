@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.ray.config import ClusterConfigError, RayPorts, load_cluster_config, parse_cluster_config
 from cluster.errors import ClusterError
 from cluster.ray.app import Scaling
 from cluster.ray.backend import aggregate
 from cluster.ray.board import ReplicaReport
+from cluster.ray.config import ClusterConfigError, RayPorts, load_cluster_config, parse_cluster_config
 from cluster.ray.runtime import ClusterState, NodeProcess, load_state, node_command, save_state
 from cluster.ray.wire import RemoteError, TrunkInfo
 from cluster.service.trunk import CacheSnapshot
@@ -44,8 +44,15 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert trunk.tree == "rt" and trunk.min_replicas == trunk.max_replicas == 1 and not trunk.autoscaling
     assert config.registry == f"sqlite:///{tmp_path / 'registry.db'}"  # relative to the file
     ports = config.ray.ports
-    used = [*ports.node_ports().values(), ports.gcs, ports.client_server, ports.dashboard, ports.serve_http,
-            ports.serve_grpc, config.ingress.port]  # fmt: skip
+    used = [
+        *ports.node_ports().values(),
+        ports.gcs,
+        ports.client_server,
+        ports.dashboard,
+        ports.serve_http,
+        ports.serve_grpc,
+        config.ingress.port,
+    ]
     assert len(set(used)) == len(used) and not {6379, 8265, 8000, 10001} & set(used)
     assert config.ray.auth == "token" and config.ingress.auth and config.ingress.on_head
     assert config.ingress.updates  # the Updates service is on unless the file turns it off
@@ -84,8 +91,11 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d["trunks"][0].update(tree="/nonexistent"), "trunks[0].tree", "not a built tree"),
         (lambda d: d["trunks"][0].update(replicas={"min": 3, "max": 2}), "trunks[0].replicas.max", "must be >= min"),
         (lambda d: d["trunks"][0].update(replicas=0), "trunks[0].replicas", ">= 1"),
-        (lambda d: d["trunks"][0].update(replicas={"min": 1, "max": 2, "initial": 5}), "trunks[0].replicas.initial",
-         "min..max"),
+        (
+            lambda d: d["trunks"][0].update(replicas={"min": 1, "max": 2, "initial": 5}),
+            "trunks[0].replicas.initial",
+            "min..max",
+        ),
         (lambda d: d["trunks"][0].update(resources={"memory": "lots"}), "trunks[0].resources.memory", "not a size"),
         (lambda d: d["trunks"][0].update(resources={"cpus": -1}), "trunks[0].resources.cpus", ">= 0"),
         (lambda d: d["trunks"][0].update(max_adapters=2), "trunks[0].max_adapters", "deepest chain"),
@@ -131,12 +141,16 @@ def test_ray_commands_set_every_port_and_block():
     worker = node_command(ports, Path("/tmp/r"), head=False, address="10.0.0.5:46379", resources={"zone-b": 1})
     for cmd in (head, worker):
         assert "--block" in cmd and cmd[cmd.index("--temp-dir") + 1] == "/tmp/r"
-        for flag, port in (("--node-manager-port", ports.node_manager), ("--object-manager-port", ports.object_manager),
-                           ("--dashboard-agent-listen-port", ports.dashboard_agent),
-                           ("--dashboard-agent-grpc-port", ports.dashboard_agent_grpc),
-                           ("--runtime-env-agent-port", ports.runtime_env_agent),
-                           ("--metrics-export-port", ports.metrics_export), ("--min-worker-port", ports.workers[0]),
-                           ("--max-worker-port", ports.workers[1])):  # fmt: skip
+        for flag, port in (
+            ("--node-manager-port", ports.node_manager),
+            ("--object-manager-port", ports.object_manager),
+            ("--dashboard-agent-listen-port", ports.dashboard_agent),
+            ("--dashboard-agent-grpc-port", ports.dashboard_agent_grpc),
+            ("--runtime-env-agent-port", ports.runtime_env_agent),
+            ("--metrics-export-port", ports.metrics_export),
+            ("--min-worker-port", ports.workers[0]),
+            ("--max-worker-port", ports.workers[1]),
+        ):
             assert cmd[cmd.index(flag) + 1] == str(port)
         assert not {"6379", "8265", "8000", "10001"} & set(cmd)
     assert head[head.index("--port") + 1] == "46379" and head[head.index("--include-dashboard") + 1] == "false"
@@ -146,9 +160,17 @@ def test_ray_commands_set_every_port_and_block():
 
 
 def test_cluster_state_round_trips_and_a_missing_one_says_what_to_do(tmp_path):
-    state = ClusterState(config_file="/c.yaml", name="t", gcs_address="10.0.0.5:46379", namespace="treelm",
-                         auth="token", token_file="/s/ray_token", head=NodeProcess(12, "/s/head.log", "/tmp/r"),
-                         endpoints=("127.0.0.1:50051",), overrides={"rt": {"min": 1, "max": 3}})  # fmt: skip
+    state = ClusterState(
+        config_file="/c.yaml",
+        name="t",
+        gcs_address="10.0.0.5:46379",
+        namespace="treelm",
+        auth="token",
+        token_file="/s/ray_token",
+        head=NodeProcess(12, "/s/head.log", "/tmp/r"),
+        endpoints=("127.0.0.1:50051",),
+        overrides={"rt": {"min": 1, "max": 3}},
+    )
     save_state(tmp_path, state)
     assert load_state(tmp_path) == state
     with pytest.raises(ClusterError, match="treelm cluster up"):
@@ -157,8 +179,11 @@ def test_cluster_state_round_trips_and_a_missing_one_says_what_to_do(tmp_path):
 
 @pytest.mark.parametrize(
     "error",
-    [InvalidRequest("top_p", "must be in (0, 1], got 3.0"), UnknownNode("node 'x' is not served here"),
-     QueueFull("1024 requests are waiting")],  # fmt: skip
+    [
+        InvalidRequest("top_p", "must be in (0, 1], got 3.0"),
+        UnknownNode("node 'x' is not served here"),
+        QueueFull("1024 requests are waiting"),
+    ],
 )
 def test_replica_errors_cross_ray_as_values_and_come_back_typed(error):
     remote = pickle.loads(pickle.dumps(RemoteError.of(error)))  # what Ray does to a returned value
@@ -172,11 +197,27 @@ def test_a_trunk_snapshot_sums_its_replicas():
     info = TrunkInfo(tree="rt", app="a", deployment="Trunk", base_digest="d" * 64, nodes=("rt", "rt/en"), max_batch=16)
 
     def report(replica, loaded, queue, hits):
-        return ReplicaReport(trunk="rt", replica=replica, node_id="n", node_ip="ip", pid=1, base_digest="d" * 64,
-                             loaded=loaded, routed=loaded, queue_depth=queue, running=1, ongoing=2,
-                             in_flight=("r1", "r2"), max_batch=16,
-                             completed=5, failed=0, requests_per_s=1.0, p50_ms=3.0, p95_ms=9.0,
-                             cache=CacheSnapshot(hits=hits, loads=1, active=len(loaded)))  # fmt: skip
+        return ReplicaReport(
+            trunk="rt",
+            replica=replica,
+            node_id="n",
+            node_ip="ip",
+            pid=1,
+            base_digest="d" * 64,
+            loaded=loaded,
+            routed=loaded,
+            queue_depth=queue,
+            running=1,
+            ongoing=2,
+            in_flight=("r1", "r2"),
+            max_batch=16,
+            completed=5,
+            failed=0,
+            requests_per_s=1.0,
+            p50_ms=3.0,
+            p95_ms=9.0,
+            cache=CacheSnapshot(hits=hits, loads=1, active=len(loaded)),
+        )
 
     snap = aggregate(info, [report("a", ("rt/en",), 2, 3), report("b", ("rt/en", "rt/fr"), 1, 4)])
     assert snap.loaded_adapters == ("rt/en", "rt/fr") and snap.queue_depth == 3 and snap.running == 2

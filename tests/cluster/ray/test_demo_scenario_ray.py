@@ -21,12 +21,22 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
     temp_dir = Path(tempfile.mkdtemp(prefix="tl-demo-"))  # short: Ray's socket paths must stay under 108 bytes
     try:
         # The scenario replaces the registry and the trunk's tree with its own state's.
-        template = cluster_yaml(tmp_path / "cluster.yaml", base=free_port_block(), registry_url="sqlite:///unused.db",
-                                temp_dir=temp_dir, trees={built / "tree": {"replicas": 1,
-                                                                          "resources": {"cpus": 0.5}}})  # fmt: skip
-        config = DemoConfig(built / "tree", tmp_path / "state", tmp_path / "report",
-                            built / "data" / "en/medical/oncology" / "local.txt", cluster=template,
-                            max_new_tokens=4, update_steps=20)  # fmt: skip
+        template = cluster_yaml(
+            tmp_path / "cluster.yaml",
+            base=free_port_block(),
+            registry_url="sqlite:///unused.db",
+            temp_dir=temp_dir,
+            trees={built / "tree": {"replicas": 1, "resources": {"cpus": 0.5}}},
+        )
+        config = DemoConfig(
+            built / "tree",
+            tmp_path / "state",
+            tmp_path / "report",
+            built / "data" / "en/medical/oncology" / "local.txt",
+            cluster=template,
+            max_new_tokens=4,
+            update_steps=20,
+        )
         console = Console(record=True, width=160)
         tables = run(config, console)
         chain = tables["chain"].rows

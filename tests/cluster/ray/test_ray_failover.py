@@ -88,8 +88,11 @@ def test_a_replica_killed_under_load_loses_nothing_and_answers_nothing_twice(ray
     def victim():
         """The replica that, in a report made after the streams began, holds the sentinel; one that also
         holds a stream when there is one (Serve usually routes them together, but not always)."""
-        holders = [r for r in ray.get(the_board.reports.remote(2.0))
-                   if r.trunk == "kb" and r.at > since and "sentinel" in r.in_flight]  # fmt: skip
+        holders = [
+            r
+            for r in ray.get(the_board.reports.remote(2.0))
+            if r.trunk == "kb" and r.at > since and "sentinel" in r.in_flight
+        ]
         return next((r for r in holders if set(STREAMS) & set(r.in_flight)), holders[0] if holders else None)
 
     dying = wait_until(victim, timeout=30, every=0.05, what="a replica holding the sentinel")
@@ -125,9 +128,12 @@ def test_a_replica_killed_under_load_loses_nothing_and_answers_nothing_twice(ray
     lost = submitted - answered
     assert not lost and not twice, (lost, twice)
     with capsys.disabled():  # the counts belong in the test log (`pytest -s` shows them)
-        print(f"\nfailover: {len(submitted)} requests; unary ok={len(unary)}/{len(unary)} (retried after "
-              f"UNAVAILABLE: {len(retried)}); streams completed={len(STREAMS) - len(on_victim)}, cut with "
-              f"UNAVAILABLE={len(on_victim)}; lost={len(lost)}; answered twice={len(twice)}")
+        print(
+            f"\nfailover: {len(submitted)} requests; unary ok={len(unary)}/{len(unary)} (retried after "
+            f"UNAVAILABLE: {len(retried)}); streams completed={len(STREAMS) - len(on_victim)}, cut with "
+            f"UNAVAILABLE={len(on_victim)}; lost={len(lost)}; answered twice={len(twice)}"
+        )
+
     # Serve replaced the replica; the hot node is served again.
     def restarted():
         kb = next(t for t in ray_world.status(capsys)["trunks"] if t["tree"] == "kb")

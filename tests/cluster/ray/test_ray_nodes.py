@@ -14,8 +14,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
 def test_a_joined_node_takes_new_replicas_and_drain_moves_them_off_while_serving(ray_world, capsys):
     ray_world.start_worker_node(num_cpus=2)
-    status = wait_until(lambda: (s := ray_world.status(capsys)) and sum(n["alive"] for n in s["nodes"]) == 2 and s,
-                        what="the second node in `treelm cluster status`")  # fmt: skip
+    status = wait_until(
+        lambda: (s := ray_world.status(capsys)) and sum(n["alive"] for n in s["nodes"]) == 2 and s,
+        what="the second node in `treelm cluster status`",
+    )
     worker = next(n for n in status["nodes"] if n["alive"] and not n["head"])
     assert worker["cpus"] == 2 and worker["replicas"] == 0
 

@@ -52,9 +52,14 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
     assert PRIVATE in sdk["rt"].loaded_adapters and PRIVATE not in theirs["rt"].loaded_adapters
     assert sdk["kb"].base_digest == ray_world.kb_tree.base_digest and sdk["kb"].cache.loads >= 2
 
-    status = wait_until(lambda: (s := ray_world.status(capsys)) and all(r["completed"] for t in ("rt", "kb")
-                                                                         for r in replicas_of(s, t)) and s,
-                        what="reports from every replica")  # fmt: skip
+    status = wait_until(
+        lambda: (
+            (s := ray_world.status(capsys))
+            and all(r["completed"] for t in ("rt", "kb") for r in replicas_of(s, t))
+            and s
+        ),
+        what="reports from every replica",
+    )
     head = next(n for n in status["nodes"] if n["head"])
     assert status["ingress"] == "RUNNING" and status["endpoints"] == [ray_world.target]
     for tree in ("rt", "kb"):
@@ -95,8 +100,14 @@ def test_scale_to_two_in_place_and_traffic_spreads_over_both(ray_world, capsys):
     for t in threads:
         t.join()
     assert len(done) == 72
-    spread = wait_until(lambda: (rs := {r["replica"]: r for r in replicas_of(ray_world.status(capsys), "rt")})
-                        and (rs.get(new) or {}).get("completed") and rs, what="the new replica's report")  # fmt: skip
+    spread = wait_until(
+        lambda: (
+            (rs := {r["replica"]: r for r in replicas_of(ray_world.status(capsys), "rt")})
+            and (rs.get(new) or {}).get("completed")
+            and rs
+        ),
+        what="the new replica's report",
+    )
     assert spread[new]["completed"] > 0 and spread[new]["loaded"]  # requests spilled over and loaded chains there
     old = next(iter(before))
     assert spread[old]["completed"] > before[old]["completed"]
@@ -145,17 +156,22 @@ def test_a_client_leaving_mid_stream_cancels_the_replicas_request(ray_world):
         return {r.replica: r for r in ray.get(the_board.reports.remote(5.0)) if r.trunk == "kb"}
 
     now = time.time()
-    before = wait_until(lambda: (rs := kb_reports()) and all(r.at > now for r in rs.values()) and rs,
-                        what="fresh reports")  # fmt: skip
+    before = wait_until(
+        lambda: (rs := kb_reports()) and all(r.at > now for r in rs.values()) and rs, what="fresh reports"
+    )
     with treelm.Client(ray_world.target, token=ray_world.world.tokens["acme"]) as client:
         stream = client.stream("kb/it", "a long story", max_new_tokens=2000, request_id="leaves-early")
         first = [next(stream), next(stream)]
-        holder = wait_until(lambda: next((r for r in kb_reports().values() if "leaves-early" in r.in_flight), None),
-                            what="the stream in a replica's report")  # fmt: skip
+        holder = wait_until(
+            lambda: next((r for r in kb_reports().values() if "leaves-early" in r.in_flight), None),
+            what="the stream in a replica's report",
+        )
         stream.cancel()
     assert [c.index for c in first] == [0, 1]
-    after = wait_until(lambda: (r := kb_reports().get(holder.replica)) and "leaves-early" not in r.in_flight and
-                       r.running == 0 and r, what="the replica to drop the cancelled request")  # fmt: skip
+    after = wait_until(
+        lambda: (r := kb_reports().get(holder.replica)) and "leaves-early" not in r.in_flight and r.running == 0 and r,
+        what="the replica to drop the cancelled request",
+    )
     old = before.get(holder.replica)
     assert after.failed == (old.failed if old else 0) + 1  # ended without a result: cancelled, not completed
     assert after.completed == (old.completed if old else 0)
@@ -180,8 +196,12 @@ def test_autoscaling_adds_a_replica_under_load(ray_world, capsys):
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: next(t for t in ray_world.status(capsys)["trunks"] if t["tree"] == "kb")["running"] == 2,
-                   timeout=120, every=1.0, what="autoscaling to a second replica")  # fmt: skip
+        wait_until(
+            lambda: next(t for t in ray_world.status(capsys)["trunks"] if t["tree"] == "kb")["running"] == 2,
+            timeout=120,
+            every=1.0,
+            what="autoscaling to a second replica",
+        )
     finally:
         stop.set()
         for t in threads:

@@ -28,13 +28,17 @@ class _Unportable(Exception):
         self.lock = __import__("threading").Lock()  # an attribute that does not pickle
 
 
-@pytest.mark.parametrize("exc", [
-    e.ThresholdError("1 valid signature of 2 needed"),
-    e.StaleParentError("parent version 1 is not the stable 2"),
-    PackageError("no adapter_config.json", field="files"),
-    NotAwaitingApproval("update 1234 is stable"),
-    UpdateNotFound.for_id("0" * 32),
-], ids=lambda x: type(x).__name__)  # fmt: skip
+@pytest.mark.parametrize(
+    "exc",
+    [
+        e.ThresholdError("1 valid signature of 2 needed"),
+        e.StaleParentError("parent version 1 is not the stable 2"),
+        PackageError("no adapter_config.json", field="files"),
+        NotAwaitingApproval("update 1234 is stable"),
+        UpdateNotFound.for_id("0" * 32),
+    ],
+    ids=lambda x: type(x).__name__,
+)
 def test_desk_errors_come_back_with_their_type_message_and_status(exc):
     back = PortableError.of(exc).rebuild()
     assert type(back) is type(exc) and str(back) == str(exc)
