@@ -9,12 +9,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install protos test lint-imports demo bench clean help
+.PHONY: install llama protos test lint-imports demo bench clean help
 
 help:
 	@echo "make test   - install into .venv and run the whole test suite"
 	@echo "make demo   - install into .venv and run the demo"
 	@echo "make bench  - run the benchmarks (tables, JSON and PNG under benchmarks/results/)"
+	@echo "make llama  - add llama-cpp-python (the GGUF variants' llama.cpp checks run with it)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) protos
+
+# Optional: stock llama.cpp for the GGUF variant checks (tests skip without it; compiles if no wheel is cached).
+llama: install
+	$(BIN)/pip install --quiet 'llama-cpp-python==0.3.36'
 
 # gRPC code generated from protos/treelm/v1/*.proto (gitignored; the repository root is
 # the include path so the modules import as protos.treelm.v1.*, never shadowing the SDK).

@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "EngineStats": "nodes.runtime.engine",
     "Evaluator": "nodes.build.gate",
     "ExportResult": "nodes.build.export",
+    "VariantArtifact": "nodes.build.variants",
+    "VariantStore": "nodes.build.variants",
     "FineTuneResult": "nodes.build.finetune",
     "GateBounds": "nodes.build.gate",
     "GateReport": "nodes.build.gate",
@@ -43,7 +45,6 @@ _EXPORTS: dict[str, str] = {
     "flatten_adapters": "nodes.build.compose",
     "increment": "nodes.build.finetune",
     "load_base": "nodes.base.model",
-    "load_int8": "nodes.build.quantize",
     "make_tiny_base": "nodes.base.model",
     "merge_chain": "nodes.build.compose",
     "open_served_tree": "nodes.store.versions",
@@ -79,6 +80,8 @@ __all__ = [
     "Snapshot",
     "SnapshotTree",
     "TinyBaseConfig",
+    "VariantArtifact",
+    "VariantStore",
     "VersionStore",
     "base_digest",
     "build_tree",
@@ -87,7 +90,6 @@ __all__ = [
     "flatten_adapters",
     "increment",
     "load_base",
-    "load_int8",
     "make_tiny_base",
     "merge_chain",
     "open_served_tree",
@@ -116,7 +118,7 @@ if TYPE_CHECKING:
     from nodes.build.export import ExportResult, export_node
     from nodes.build.finetune import FineTuneResult, fine_tune, increment
     from nodes.build.gate import Evaluator, GateBounds, GateReport
-    from nodes.build.quantize import load_int8
+    from nodes.build.variants import VariantArtifact, VariantStore
     from nodes.runtime.bank import AdapterBank
     from nodes.runtime.cache import AdapterCache, CacheStats
     from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError, EngineStats

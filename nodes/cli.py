@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
     from rich.table import Table
 
 from hierarchy.errors import SpecError
@@ -129,7 +130,7 @@ class _RichBuildProgress:
             console=console,
             transient=True,
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self):
         self.progress.__enter__()
@@ -245,23 +246,79 @@ def build(
     report.raise_for_failures()
 
 
+class _RichVariantProgress:
+    """Rich progress for building variants: one bar per variant being built, one line per finished one."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[what]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def started(self, label: str) -> None:
+        self.tasks[label] = self.progress.add_task(label, total=None, what="")
+
+    def advance(self, label: str, what: str, done: int, total: int) -> None:
+        if label in self.tasks:
+            self.progress.update(self.tasks[label], completed=done, total=total, what=what)
+
+    def finished(self, label: str, artifact) -> None:
+        if label in self.tasks:
+            self.progress.remove_task(self.tasks.pop(label))
+        self.console.print(f"[green]   built[/] {escape(label)} [dim]({artifact.seconds:.1f} s)[/dim]")
+
+
 def export_command(
     tree_dir: Annotated[Path, typer.Argument(help="a built tree directory (treelm tree build --out DIR)")],
     node_id: Annotated[str, typer.Argument(help="node id (<tree>/<path>) or path, e.g. demo/en/medical")],
-    variant: Annotated[str, typer.Option(help="flat | merged | merged-int8")] = "flat",
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="flat | merged | merged-fp16 | merged-bf16 | merged-int8 (GGUF Q8_0) | gguf-f16 | gguf-q4_0 | gguf-lora"
+        ),
+    ] = "flat",
+    version: Annotated[
+        int | None, typer.Option(help="a stored version of the node (default: the version the tree serves)")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="new output directory")] = Path("export"),
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
-    """Export one node for end devices: flat adapter, merged model, or int8 merged model."""
+    """Export one node version for end devices: flat adapter, merged model, GGUF (built once, then cached)."""
     from nodes.build.export import export_node
 
     _quiet_hf(threads)
-    result = export_node(tree_dir, node_id, variant, out)
     if as_json:
+        result = export_node(tree_dir, node_id, variant, out, version=version)
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
-    Console().print(
-        f"[green]exported[/green] {escape(result.node_id)} as [bold]{variant}[/bold] to {escape(str(result.out))} "
-        f"({result.bytes_on_disk / 1e6:.1f} MB on disk, {len(result.files)} files, manifest.json)"
+    console = Console()
+    with _RichVariantProgress(console) as progress:
+        result = export_node(tree_dir, node_id, variant, out, version=version, progress=progress)
+    line = (
+        f"[green]exported[/green] {escape(result.node_id)} v{result.version} as [bold]{result.variant}[/bold] to "
+        f"{escape(str(result.out))} ({result.bytes_on_disk / 1e6:.1f} MB on disk, {len(result.files)} files, variant.json)"
     )
+    console.print(line)
+    need = result.to_json().get("requires")
+    if need:
+        console.print(
+            f"  it runs over [bold]{need['variant']}[/bold] of the base: "
+            f"`treelm export {escape(str(tree_dir))} {need['node']} --variant {need['variant']} --out BASE_DIR`"
+        )

@@ -1,5 +1,5 @@
-"""`treelm export`: flat / merged / merged-int8 variants load with stock peft / transformers (or our
-int8 loader) and match the tree's own chain forward; model cards and manifests; bad input."""
+"""`treelm export`: flat / merged / merged-int8 (GGUF Q8_0) variants load with stock peft / transformers and
+match the tree's own chain forward; model cards and manifests; bad input."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from cluster.cli import main
 from hierarchy.spec import load_spec
 from nodes.build.builder import build_tree
 from nodes.build.export import export_node, load_chain_model
-from nodes.build.quantize import load_int8
 from nodes.build.training import perplexity, tokenize_text
 from nodes.errors import ExportError, IntegrityError
 from nodes.store.digest import sha256_file
@@ -27,8 +26,7 @@ from tests.nodes.test_build import DATA, TINY_NODES, write_spec
 NODE = "tt/en/medical/radiology"
 PROMPTS = ["The patient", "FINDINGS: there is", "IMPRESSION:", "On Monday morning"]
 NEW_TOKENS = 12
-# int8 weights (per output channel) for every decoder linear layer may move perplexity by at most this much;
-# on the tiny base this holds for weight-only int8 and for torch's dynamic quantization alike.
+# Q8_0 weights (blocks of 32, one scale each) may move perplexity by at most this much.
 INT8_PPL_TOLERANCE = 0.05
 
 
@@ -66,14 +64,14 @@ def _card(out: Path) -> dict:
 
 
 def _check_manifest(out: Path, variant: str) -> dict:
-    manifest = json.loads((out / "manifest.json").read_text())
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert set(manifest["files"]) == files
-    for name, info in manifest["files"].items():
+    manifest = json.loads((out / "variant.json").read_text())
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"variant.json"}
+    assert {f["name"] for f in manifest["files"]} == files
+    for info in manifest["files"]:
+        name = info["name"]
         assert sha256_file(out / name) == info["sha256"] and (out / name).stat().st_size == info["length"]
-    assert manifest["variant"] == variant and manifest["node"] == NODE
-    assert [c["id"] for c in manifest["chain"]] == ["tt/en", "tt/en/medical", NODE]
-    assert manifest["bytes"] == sum(i["length"] for i in manifest["files"].values())
+    assert manifest["kind"] == variant and manifest["node"] == NODE
+    assert [c["path"] for c in manifest["chain"]] == ["en", "en/medical", "en/medical/radiology"]
     return manifest
 
 
@@ -102,30 +100,31 @@ def test_merged_export_loads_in_stock_transformers_and_matches_the_chain(tree_di
     _check_manifest(result.out, "merged")
 
 
-@pytest.mark.parametrize("activations", ["float", "int8"])
-def test_int8_export_is_smaller_and_within_the_perplexity_tolerance(tree_dir, chain_outputs, tmp_path, activations):
+def test_int8_export_is_a_q8_0_gguf_that_stock_transformers_loads(tree_dir, chain_outputs, tmp_path):
     merged = export_node(tree_dir, NODE, "merged", tmp_path / "merged")
     result = export_node(tree_dir, NODE, "merged-int8", tmp_path / "int8")
-    model, tokenizer = load_int8(result.out, activations=activations)
-    kinds = {m._get_name() for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
-    assert kinds == ({"Int8Linear"} if activations == "float" else {"DynamicQuantizedLinear"})
+    (gguf_file,) = result.artifact.manifest.load["gguf"]
+    model = AutoModelForCausalLM.from_pretrained(result.out, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(result.out, gguf_file=gguf_file)
     ppl = perplexity(model, chain_outputs["eval_ids"], 32)
     assert abs(ppl / chain_outputs["ppl"] - 1) <= INT8_PPL_TOLERANCE, (ppl, chain_outputs["ppl"])
     assert len(_greedy(model, tokenizer, PROMPTS[0])) == NEW_TOKENS
-    weights = (result.out / "model.int8.safetensors").stat().st_size
-    assert weights < 0.8 * (merged.out / "model.safetensors").stat().st_size
+    assert (result.out / gguf_file).stat().st_size < 0.4 * (merged.out / "model.safetensors").stat().st_size
     manifest = _check_manifest(result.out, "merged-int8")
-    assert result.bytes_on_disk == manifest["bytes"] + (result.out / "manifest.json").stat().st_size
+    assert (
+        result.bytes_on_disk
+        == sum(f["length"] for f in manifest["files"]) + (result.out / "variant.json").stat().st_size
+    )
     card = _card(result.out)
-    assert "int8" in card["tags"] and card["base_model_relation"] == "finetune"
+    assert "gguf" in card["tags"] and card["base_model_relation"] == "finetune" and card["library_name"] == "gguf"
 
 
 def test_export_of_an_unknown_node_or_variant_writes_nothing(tree_dir, tmp_path, capsys):
-    with pytest.raises(ExportError, match=r"unknown node 'tt/en/legal'.*built nodes: tt/en, tt/en/medical"):
+    with pytest.raises(ExportError, match=r"unknown node 'tt/en/legal'.*nodes: tt/en, tt/en/medical"):
         export_node(tree_dir, "tt/en/legal", "flat", tmp_path / "x")
     with pytest.raises(ExportError, match="is the base itself"):
         export_node(tree_dir, "tt", "flat", tmp_path / "x")
-    with pytest.raises(ExportError, match="variant must be one of flat, merged, merged-int8"):
+    with pytest.raises(ExportError, match="variant must be one of merged, merged-fp16, merged-bf16, flat"):
         export_node(tree_dir, NODE, "gguf", tmp_path / "x")
     assert not (tmp_path / "x").exists()
     code = main(["export", str(tree_dir), "tt/en/nope", "--variant", "flat", "--out", str(tmp_path / "x")])
@@ -156,3 +155,16 @@ def test_cli_export_prints_the_size(tree_dir, tmp_path, capsys):
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["variant"] == "merged-int8" and data["bytes"] > 0 and Path(data["out"]).is_dir()
+
+
+def test_cli_export_of_lora_files_names_the_base_they_run_over(tree_dir, tmp_path, capsys):
+    code = main(["export", str(tree_dir), NODE, "--variant", "gguf-lora", "--out", str(tmp_path / "l"), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["requires"] == {"variant": "gguf-f16", "node": "tt"} and data["version"] == 1
+    code = main(["export", str(tree_dir), "tt", "--variant", "gguf-f16", "--out", str(tmp_path / "b"), "--json"])
+    assert code == 0
+    base = json.loads((tmp_path / "b" / "variant.json").read_text())
+    assert base["key"] == json.loads((tmp_path / "l" / "variant.json").read_text())["requires"]["key"]
+    code = main(["export", str(tree_dir), NODE, "--variant", "flat", "--version", "9", "--out", str(tmp_path / "v")])
+    assert code == 2 and "built at version 1; version 9 is not stored" in capsys.readouterr().err
