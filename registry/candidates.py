@@ -1,9 +1,10 @@
 """The one query that feeds matching, and :func:`match` (query + the pure ranking).
 
 The query never scans the node table: a path task seeks ``ix_nodes_path`` with
-the task's lineage (``''``, ``en``, ``en/medical``, ...); an attribute task is an
-OR of branches, one per level, each led by an equality on an indexed column
-(``language``, ``domain`` or ``subdomain``), plus the base (``path = ''``).
+the task's lineage (``''``, ``en``, ``en/medical``, ...) and, reading its segments
+as language, domain and sub-domain, ORs in the attribute branches; an attribute
+task is an OR of branches, one per level, each led by an equality on an indexed
+column (``language``, ``domain`` or ``subdomain``), plus the base (``path = ''``).
 Versions, aliases and variants join on their unique keys. Private nodes of
 other tenants are filtered in SQL (and again in the pure function).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, or_, select
+from sqlalchemy import ColumnElement, Select, and_, bindparam, or_, select
 from sqlalchemy.orm import aliased
 
 from registry.db import Registry
@@ -44,15 +45,20 @@ _BASE_COLUMNS = (
 )
 
 
+def _attributes(task: TaskQuery) -> TaskQuery:
+    """The attributes the query looks for: the task's own, or a path task's segments read as attributes."""
+    return (task.path_attributes() or task) if task.path is not None else task
+
+
 def _shape(task: TaskQuery, tenant: str | None) -> tuple:
     """What the statement's structure depends on (its values travel as bound parameters)."""
-    requested = tuple(v is not None for _, v in task.attributes)
+    requested = tuple(v is not None for _, v in _attributes(task).attributes)
     tags_branch = not task.has_attributes and bool(task.tags)
     return (task.path is not None, requested, tags_branch, tenant is not None, task.tree is not None)
 
 
 def _params(task: TaskQuery, tenant: str | None) -> dict:
-    params: dict = {name: value for name, value in task.attributes if value is not None}
+    params: dict = {name: value for name, value in _attributes(task).attributes if value is not None}
     if task.path is not None:
         segments = task.path.split("/")
         params["lineage"] = ["/".join(segments[:i]) for i in range(len(segments) + 1)]
@@ -66,10 +72,11 @@ def _params(task: TaskQuery, tenant: str | None) -> dict:
 
 
 def _node_filter(by_path: bool, requested: tuple[bool, ...], tags_branch: bool):
-    if by_path:
-        return Node.path.in_(bindparam("lineage", expanding=True))
     names = ("language", "domain", "subdomain")
-    branches = [Node.path == ""]
+    # A path task: the nodes on its lineage, and nodes declaring its segments as attributes.
+    branches: list[ColumnElement[bool]] = [
+        Node.path.in_(bindparam("lineage", expanding=True)) if by_path else Node.path == ""
+    ]
     # One branch per requested attribute: nodes whose own level is that attribute (deeper ones unset).
     for j, name in enumerate(names):
         if not requested[j]:
@@ -81,7 +88,7 @@ def _node_filter(by_path: bool, requested: tuple[bool, ...], tags_branch: bool):
             elif i > j:
                 conds.append(getattr(Node, other).is_(None))
         branches.append(and_(*conds))
-    if tags_branch:
+    if tags_branch and not by_path:
         branches.append(Node.id.in_(select(NodeTag.node_id).where(NodeTag.tag.in_(bindparam("tags", expanding=True)))))
     return or_(*branches)
 
@@ -257,4 +264,5 @@ def _unknown_task_message(reg: Registry, request: MatchRequest) -> str:
             .order_by(Node.language)
             .limit(20)
         ).all()
-    return f"no node matches task {task.describe()}; known languages: {', '.join(languages) or 'none'}"
+    known_languages = ", ".join(lang for lang in languages if lang) or "none"
+    return f"no node matches task {task.describe()}; known languages: {known_languages}"

@@ -21,7 +21,7 @@ from registry.access import create_tenant, get_tenant, issue_token, list_tenants
 from registry.candidates import match as run_match
 from registry.db import init_registry, open_registry, upgrade_registry
 from registry.matching import MatchResult
-from registry.matchtypes import Hardware, MatchRequest, TaskQuery
+from registry.matchtypes import DEFAULT_CONTEXT, Hardware, MatchRequest, TaskQuery
 from registry.memory import format_bytes, parse_bandwidth, parse_compute, parse_memory_size
 from registry.records import NodeRecord
 from registry.trees import get_node, list_nodes
@@ -255,7 +255,14 @@ def match(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps")] = "cpu",
     memory: Annotated[str, typer.Option("--memory", help="device memory, e.g. 8GiB, 512MiB, 16GB")] = "8GiB",
-    context: Annotated[int, typer.Option("--context", help="context length in tokens")] = 2048,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            "--context",
+            help=f"context length in tokens; only an explicit one rules a model out (default: {DEFAULT_CONTEXT}, "
+            "or the model's limit when smaller)",
+        ),
+    ] = None,
     batch: Annotated[int, typer.Option("--batch", help="concurrent sequences")] = 1,
     bandwidth: Annotated[str | None, typer.Option("--bandwidth", help="memory bandwidth, e.g. 50GB/s")] = None,
     compute: Annotated[str | None, typer.Option("--compute", help="compute, e.g. 10TFLOPS")] = None,
@@ -298,7 +305,7 @@ def _print_match(console: Console, result: MatchResult) -> None:
     req = result.request
     console.print(
         f"task [bold]{escape(req.task.describe())}[/bold] on {req.hardware.device} with "
-        f"{format_bytes(req.hardware.memory)}, context {req.context}, batch {req.batch}"
+        f"{format_bytes(req.hardware.memory)}, context {req.context or f'up to {DEFAULT_CONTEXT}'}, batch {req.batch}"
     )
     if result.candidates:
         table = Table()

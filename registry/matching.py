@@ -11,7 +11,14 @@ specificity: how much of the task the node covers (1.0 = the deepest node asked
 for); evaluation: the version's ``eval_score`` in [0, 1]; fit: perfect 1.0,
 good 0.67, marginal 0.33; speed: tokens/s relative to the fastest candidate
 (0 when unknown). Ties go to the variant that serves most faithfully
-(merged, flat, chain, then int8) and then to the smaller one. Every candidate
+(merged, flat, chain, half precision, GGUF F16 and LoRA, then Q8_0 and Q4_0) and then
+to the smaller one.
+
+A context the user did not ask for adapts to each model (the smaller of
+:data:`~registry.matchtypes.DEFAULT_CONTEXT` and the model's limit); only an
+explicit context rules a model out. A path task (``en/medical/radiology``) also
+matches nodes that declare its segments as language, domain and sub-domain, so a
+tree that names its nodes ``en/med/radio`` is found as well. Every candidate
 carries the reasons behind its place; when nothing fits, suggestions say what
 would (a shorter context, a smaller variant, a shallower node, remote serving).
 """
@@ -23,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from registry.matchtypes import CandidateRow, Hardware, MatchRequest, TaskQuery
+from registry.matchtypes import DEFAULT_CONTEXT, CandidateRow, Hardware, MatchRequest, TaskQuery
 from registry.memory import (
     MemoryEstimate,
     classify_fit,
@@ -50,9 +57,20 @@ FIT_VALUE = {"perfect": 1.0, "good": 0.67, "marginal": 0.33}
 # Lower is preferred when everything else ties: the most faithful way to serve the node first.
 # Perplexity of the version on its own eval text: the tree builder writes ``eval_ppl``.
 PERPLEXITY_KEYS = ("eval_ppl", "perplexity")
-VARIANT_PREFERENCE = {"merged": 0, "flat": 1, "chain": 2, "merged-int8": 3}
-# Variants whose kernels run on the CPU only (torch's int8 linear layers).
-CPU_ONLY_VARIANTS = frozenset({"merged-int8"})
+VARIANT_PREFERENCE = {
+    "merged": 0,
+    "flat": 1,
+    "chain": 2,
+    "merged-bf16": 3,
+    "merged-fp16": 4,
+    "gguf-f16": 5,
+    "gguf-lora": 6,
+    "merged-int8": 7,
+    "gguf-q4_0": 8,
+}
+# float16 safetensors on a CPU: torch computes fp16 matmuls slowly there, and the GGUF
+# variants (llama.cpp: CPU, CUDA, Metal) serve CPUs in 16 or fewer bits instead.
+GPU_ONLY_VARIANTS = frozenset({"merged-fp16"})
 
 
 @dataclass(frozen=True)
@@ -169,9 +187,12 @@ def specificity(row: CandidateRow, task: TaskQuery) -> float | None:
     if task.path is not None:
         segments = task.path.split("/")
         lineage = {"/".join(segments[:i]) for i in range(len(segments) + 1)}
-        if row.path not in lineage:
+        by_path = row.depth if row.path in lineage else None
+        attributes = task.path_attributes()
+        by_attributes = _attribute_matches(row, attributes) if attributes is not None else None
+        if by_path is None and by_attributes is None:
             return None
-        levels, matched = len(segments), row.depth
+        levels, matched = len(segments), max(m for m in (by_path, by_attributes) if m is not None)
     elif task.has_attributes:
         found = _attribute_matches(row, task)
         if found is None:
@@ -223,7 +244,7 @@ def _estimate(
         variant.adapter_parameters,
         device=hw.device,
         dtype=hw.serving_dtype,
-        context=context or req.context,
+        context=context or req.context_for(row.base.max_context),
         batch=req.batch,
     )
 
@@ -246,7 +267,7 @@ def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], reques
     visible = [
         r for r in rows if r.visibility == "public" or (request.tenant is not None and r.owner == request.tenant)
     ]
-    specs = {r.node_id: s for r in visible if (s := specificity(r, task)) is not None}
+    specs = {r.node_id: found for r in visible if (found := specificity(r, task)) is not None}
     if not specs:
         return MatchResult(request, (), (_remote(None, None),), None, ())
     by_node: dict[str, CandidateRow] = {}
@@ -267,10 +288,10 @@ def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], reques
     for r in visible:
         if r.node_id not in specs or r.variant is None or r.version_status != "accepted":
             continue
-        if r.variant.kind in CPU_ONLY_VARIANTS and hw.device != "cpu":
-            continue  # its int8 kernels are torch's CPU ones: not a way to serve on a GPU
+        if r.variant.kind in GPU_ONLY_VARIANTS and hw.device == "cpu":
+            continue
         estimate = _estimate(r, r.variant, request)
-        too_long = request.context > r.base.max_context
+        too_long = request.exceeds(r.base.max_context)
         fit = None if too_long else classify_fit(estimate.total, hw.memory)
         tps, why = _speed(r, estimate, hw)
         scored.append(_Scored(r, specs[r.node_id], evaluation_score(r.metrics), estimate, fit, tps, why, too_long))
@@ -318,6 +339,11 @@ def _candidate(
     pinned = f", pinned to parent version {row.parent_version}" if row.parent_version is not None else ""
     evaluation = f"eval score {s.evaluation:.2f}" if s.evaluation is not None else "no evaluation score recorded"
     reasons.append(f"stable version {row.version} (accepted{pinned}); {evaluation}")
+    if req.context is None and s.estimate.context < DEFAULT_CONTEXT:
+        reasons.append(
+            f"context {s.estimate.context}: the limit of base {row.base.model} (the default is {DEFAULT_CONTEXT}; "
+            "pass --context to ask for a length)"
+        )
     reasons.append(_memory_reason(s.estimate, req.hardware.memory, s.fit))
     reasons.append(s.speed_reason)
     origin = "estimated from the architecture" if variant.bytes_estimated else "measured"
@@ -373,17 +399,18 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
         limit = min(max_context_that_fits(s.estimate, req.hardware.memory), s.row.base.max_context)
         options.append((limit, -VARIANT_PREFERENCE[s.row.variant.kind], s))  # type: ignore[union-attr]
     limit, _, s = max(options, key=lambda o: (o[0], o[1]))
-    if limit >= 1:
+    variant = s.row.variant
+    if limit >= 1 and variant is not None:
         context = limit - limit % 128 if limit >= 256 else limit
-        fit = classify_fit(_estimate(s.row, s.row.variant, req, context).total, req.hardware.memory)  # type: ignore[arg-type]
+        fit = classify_fit(_estimate(s.row, variant, req, context).total, req.hardware.memory)
         out.append(
             Suggestion(
                 "shorter-context",
-                f"use --context {context} (or less) with {s.row.node_id} {s.row.variant.kind}: {fit} fit",  # type: ignore[union-attr]
+                f"use --context {context} (or less) with {s.row.node_id} {variant.kind}: {fit} fit",
                 s.row.node_id,
-                s.row.variant.kind,
+                variant.kind,
                 context,
-                fit,  # type: ignore[union-attr]
+                fit,
             )
         )
     # 2. a smaller variant not yet exported, for the most specific node first, then shallower ones
@@ -398,9 +425,11 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
     )
     for node_id in seen_nodes:
         row = by_node[node_id]
-        if req.context > row.base.max_context:
+        if req.exceeds(row.base.max_context):
             continue
         for kind in sorted(set(VARIANT_KINDS) - registered[node_id], key=lambda k: VARIANT_PREFERENCE[k]):
+            if kind in GPU_ONLY_VARIANTS and req.hardware.device == "cpu":
+                continue
             hypo = _hypothetical(row, kind, adapters.get(node_id, 0))
             estimate = _estimate(hypo, hypo.variant, req)  # type: ignore[arg-type]
             fit = classify_fit(estimate.total, req.hardware.memory)
@@ -416,7 +445,7 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
                     f"about {format_bytes(estimate.total)}, {fit} fit",
                     node_id,
                     kind,
-                    req.context,
+                    estimate.context,
                     fit,
                 )
             )

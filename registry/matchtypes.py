@@ -12,7 +12,7 @@ from registry.errors import InvalidHardware, InvalidInput, InvalidTask
 from registry.memory import DEFAULT_DTYPE, DEVICES, DTYPE_BYTES
 from registry.records import BaseFacts, VariantFacts, normalise_label
 
-__all__ = ["CandidateRow", "Hardware", "MatchRequest", "TaskQuery"]
+__all__ = ["DEFAULT_CONTEXT", "CandidateRow", "Hardware", "MatchRequest", "TaskQuery"]
 
 ATTRIBUTES = ("language", "domain", "subdomain")
 
@@ -80,6 +80,22 @@ class TaskQuery:
     def has_attributes(self) -> bool:
         return any(v is not None for _, v in self.attributes)
 
+    def path_attributes(self) -> TaskQuery | None:
+        """A path task read as attributes (language, domain, sub-domain by position), when it can be.
+
+        ``en/medical/radiology`` also asks for language=en, domain=medical, subdomain=radiology,
+        so it finds a node declared with those attributes whatever its path (``en/med/radio``).
+        """
+        if self.path is None:
+            return None
+        segments = self.path.split("/")
+        if len(segments) > len(ATTRIBUTES):
+            return None
+        try:
+            return TaskQuery(tags=self.tags, tree=self.tree, **dict(zip(ATTRIBUTES, segments, strict=False)))
+        except InvalidTask:
+            return None
+
     def describe(self) -> str:
         parts = [self.path] if self.path else [f"{k}={v}" for k, v in self.attributes if v is not None]
         if self.tags:
@@ -125,11 +141,17 @@ class Hardware:
         return self.dtype or DEFAULT_DTYPE[self.device]
 
 
+DEFAULT_CONTEXT = 2048
+
+
 @dataclass(frozen=True)
 class MatchRequest:
+    """A task on a device. ``context`` None: not asked for, so each model gets the smaller of
+    :data:`DEFAULT_CONTEXT` and its own limit; an explicit context rules out models it exceeds."""
+
     task: TaskQuery
     hardware: Hardware
-    context: int = 2048
+    context: int | None = None
     batch: int = 1
     tenant: str | None = None
     top: int = 5
@@ -137,8 +159,18 @@ class MatchRequest:
     def __post_init__(self) -> None:
         for name in ("context", "batch", "top"):
             value = getattr(self, name)
+            if name == "context" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidInput(f"{name} must be a positive integer, got {value!r}", field=name)
+
+    def context_for(self, max_context: int) -> int:
+        """The context estimated for a model whose limit is ``max_context``."""
+        return self.context if self.context is not None else min(DEFAULT_CONTEXT, max_context)
+
+    def exceeds(self, max_context: int) -> bool:
+        """Whether an explicitly asked context is longer than the model allows."""
+        return self.context is not None and self.context > max_context
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
     memory = weights + adapters + KV bytes/token x context x batch + runtime overhead
 
-* weights: parameters x bytes of the serving dtype (int8 variants: the linear
-  weights at 1 byte, everything else in the serving dtype);
-* adapters: the LoRA parameters a variant keeps beside the weights (chain and
-  flat variants; merged variants have none);
+* weights: parameters x bytes of the serving dtype; variants with their own number
+  format keep it (half-precision files 2 bytes, GGUF Q8_0/Q4_0 in GGML blocks; see
+  :func:`weight_bytes`);
+* adapters: the LoRA parameters a variant keeps beside the weights (chain, flat and
+  LoRA GGUF variants; merged variants have none);
 * KV cache: 2 (K and V) x layers x KV heads x head dim x dtype bytes per token;
 * runtime overhead: a fixed allowance for the framework (CUDA context, allocator,
   interpreter) plus 10% of weights and adapters for activations and fragmentation.
@@ -29,8 +30,11 @@ __all__ = [
     "DEVICES",
     "DTYPE_BYTES",
     "FIT_BANDS",
+    "HALF_KINDS",
+    "MERGED_KINDS",
     "RUNTIME_OVERHEAD",
     "MemoryEstimate",
+    "adapter_bytes",
     "classify_fit",
     "estimate_memory",
     "estimate_speed",
@@ -124,12 +128,42 @@ def kv_bytes_per_token(base: BaseFacts, dtype: str) -> int:
     return 2 * base.layers * base.kv_heads * base.head_dim * _dtype_bytes(dtype)
 
 
+# GGML block sizes: Q8_0 stores 32 weights in 34 bytes (int8 + an fp16 scale), Q4_0 in 18 bytes.
+_Q8_0 = (34, 32)
+_Q4_0 = (18, 32)
+# Kinds whose weights keep their own number format whatever the device computes in.
+HALF_KINDS = frozenset({"merged-fp16", "merged-bf16", "gguf-f16", "gguf-lora"})
+MERGED_KINDS = frozenset({"merged", "merged-fp16", "merged-bf16", "merged-int8", "gguf-f16", "gguf-q4_0"})
+
+
+def _blocks(count: int, block: tuple[int, int]) -> int:
+    return -(-count * block[0] // block[1])
+
+
 def weight_bytes(base: BaseFacts, kind: str, dtype: str) -> int:
+    """Bytes of the model weights a variant keeps in memory.
+
+    chain, flat, merged: every parameter in the serving dtype. merged-fp16/bf16, gguf-f16 and
+    gguf-lora's base: 2 bytes each. merged-int8 (GGUF Q8_0, as llama.cpp holds it): every 2-D
+    tensor, embeddings included, in Q8_0 blocks. gguf-q4_0: linear weights in Q4_0 blocks, the
+    embeddings in Q8_0.
+    """
     per = _dtype_bytes(dtype)
+    if kind in HALF_KINDS:
+        return base.parameter_count * 2
     if kind == "merged-int8":
-        # Dynamic int8 quantization shrinks the linear weights only; embeddings and norms keep the dtype.
-        return base.quantizable_parameter_count + (base.parameter_count - base.quantizable_parameter_count) * per
+        return _blocks(base.parameter_count, _Q8_0)
+    if kind == "gguf-q4_0":
+        rest = base.parameter_count - base.quantizable_parameter_count
+        return _blocks(base.quantizable_parameter_count, _Q4_0) + _blocks(rest, _Q8_0)
     return base.parameter_count * per
+
+
+def adapter_bytes(kind: str, adapter_parameters: int, dtype: str) -> int:
+    """Bytes of the LoRA factors kept beside the weights: none when merged, float32 in LoRA GGUF files."""
+    if kind in MERGED_KINDS:
+        return 0
+    return adapter_parameters * (4 if kind == "gguf-lora" else _dtype_bytes(dtype))
 
 
 @dataclass(frozen=True)
@@ -161,7 +195,7 @@ def estimate_memory(
     if device not in RUNTIME_OVERHEAD:
         raise InvalidHardware(f"device {device!r} is not one of {', '.join(DEVICES)}", field="device")
     weights = weight_bytes(base, kind, dtype)
-    adapters = 0 if kind in ("merged", "merged-int8") else adapter_parameters * _dtype_bytes(dtype)
+    adapters = adapter_bytes(kind, adapter_parameters, dtype)
     per_token = kv_bytes_per_token(base, dtype)
     overhead = RUNTIME_OVERHEAD[device] + (weights + adapters) * ACTIVATION_SHARE_PERCENT // 100
     return MemoryEstimate(

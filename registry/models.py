@@ -61,7 +61,18 @@ LEVELS = ("base", "language", "domain", "subdomain")
 VISIBILITIES = ("public", "private")
 VERSION_STATUSES = ("candidate", "accepted", "rejected", "revoked")
 ALIAS_NAMES = ("stable", "candidate")
-VARIANT_KINDS = ("chain", "flat", "merged", "merged-int8")
+# Kept in step with migration 0004 (a CHECK constraint) and with nodes.build.variants.kinds.
+VARIANT_KINDS = (
+    "chain",
+    "flat",
+    "merged",
+    "merged-fp16",
+    "merged-bf16",
+    "merged-int8",
+    "gguf-f16",
+    "gguf-q4_0",
+    "gguf-lora",
+)
 KEY_ROLES = ("node", "evaluator", "operator", "root")
 KEY_STATUSES = ("active", "revoked")
 DEPLOYMENT_STATUSES = ("active", "draining", "stopped")

@@ -119,7 +119,7 @@ class BaseFacts:
 class VariantFacts:
     """One variant of a node version: its size and, when measured, its speed."""
 
-    kind: str  # chain | flat | merged | merged-int8
+    kind: str  # one of registry.models.VARIANT_KINDS (chain, flat, merged, merged-int8, gguf-lora, ...)
     bytes: int  # what a device downloads and stores
     bytes_estimated: bool  # True when computed from the architecture, not measured on disk
     adapter_parameters: int = 0  # LoRA parameters held beside the weights (chain/flat), 0 when merged

@@ -289,11 +289,74 @@ def _row(path, *, depth_attrs, visibility="public", owner=None):
     )
 
 
-def test_int8_variants_are_offered_on_cpu_only(demo_reg):
-    # The same node and memory: a CPU gets the int8 model among its choices, a GPU never does
-    # (torch's int8 linear kernels are CPU kernels), so a workstation is told to run merged weights.
+def test_gguf_int8_is_offered_everywhere_and_fp16_safetensors_on_gpus_only(demo_reg):
+    # merged-int8 is a GGUF Q8_0 file: llama.cpp runs it on CPUs and GPUs alike. float16 safetensors
+    # are for GPUs: torch computes fp16 slowly on a CPU, where GGUF files serve in 16 bits or fewer.
+    add_variant(demo_reg, "demo/en/medical/cardiology", 1, VariantFacts("merged-fp16", 269_030_016, False, 0))
     cpu = match(demo_reg, request("en/medical/cardiology", memory="24GiB", device="cpu", top=50))
     gpu = match(demo_reg, request("en/medical/cardiology", memory="24GiB", device="cuda", top=50))
-    assert "merged-int8" in {c.variant for c in cpu.candidates}
-    assert gpu.candidates and "merged-int8" not in {c.variant for c in gpu.candidates}
+    on_cpu = {c.variant for c in cpu.candidates if c.node_id == "demo/en/medical/cardiology"}
+    on_gpu = {c.variant for c in gpu.candidates if c.node_id == "demo/en/medical/cardiology"}
+    assert "merged-int8" in on_cpu and "merged-int8" in on_gpu
+    assert "merged-fp16" in on_gpu and "merged-fp16" not in on_cpu
     assert gpu.candidates[0].node_id == "demo/en/medical/cardiology"
+
+
+def _small_context_tree(name="small"):
+    """The demo tree over a SmolLM2-shaped base whose context limit is 512."""
+    return demo_tree(name, base=replace(smollm2_base(name), max_context=512))
+
+
+def test_a_context_nobody_asked_for_adapts_to_the_model(reg):
+    register_tree(reg, _small_context_tree())
+    result = match(reg, request(memory="8GiB"))  # no context given: 2048 by default, 512 is the base's limit
+    best = result.candidates[0]
+    assert best.node_id == "small/en/medical/radiology" and best.memory.context == 512
+    assert any("context 512: the limit of base smollm2" in r for r in best.reasons)
+    explicit = match(reg, request(memory="8GiB", context=2048))  # asked for: it rules the model out
+    assert explicit.candidates == ()
+    assert any("context 2048 exceeds the maximum context 512" in n for n in explicit.notes)
+    assert match(reg, request(memory="8GiB", context=256)).candidates[0].memory.context == 256
+
+
+def test_the_default_context_is_2048_where_the_model_allows_more(demo_reg):
+    best = match(demo_reg, request()).candidates[0]
+    assert best.memory.context == 2048 and not any("the limit of base" in r for r in best.reasons)
+
+
+def test_a_path_task_finds_nodes_by_their_declared_attributes(reg):
+    # en/med/radio declares domain: medical, subdomain: radiology; the task names them by path.
+    nodes = {
+        "en": DEMO_NODES["en"],
+        "en/med": ("domain", "en", "medical", None, (), "public", None, 12.0),
+        "en/med/radio": ("subdomain", "en", "medical", "radiology", (), "public", None, 8.0),
+        "en/med/cardio": ("subdomain", "en", "medical", "cardiology", (), "public", None, 9.0),
+        "en/law": ("domain", "en", "legal", None, (), "public", None, 14.0),
+    }
+    register_tree(reg, demo_tree("hospital", nodes=nodes))
+    result = match(reg, request("en/medical/radiology", top=50))
+    assert result.target == "hospital/en/med/radio"
+    best = result.candidates[0]
+    assert best.node_id == "hospital/en/med/radio" and best.specificity == 1.0
+    assert best.reasons[0].startswith("exact match for task en/medical/radiology")
+    found = {c.node_id for c in result.candidates}
+    assert {"hospital/en/med", "hospital/en", "hospital"} <= found
+    assert not found & {"hospital/en/med/cardio", "hospital/en/law"}
+    # The attribute spelling of the same task agrees, and a path match still works as before.
+    by_attrs = match(reg, request(TaskQuery(language="en", domain="medical", subdomain="radiology"), top=50))
+    assert [c.node_id for c in by_attrs.candidates] == [c.node_id for c in result.candidates]
+    assert match(reg, request("en/med/cardio")).candidates[0].node_id == "hospital/en/med/cardio"
+
+
+def test_a_path_task_by_attributes_still_uses_the_indexes(demo_reg):
+    with demo_reg.engine.connect() as conn:
+        compiled = candidate_query(TaskQuery(path="en/med/radio"), None).compile(
+            conn, compile_kwargs={"literal_binds": True}
+        )
+        if conn.dialect.name == "sqlite":
+            plan = " | ".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}"))
+            assert "SCAN nodes" not in plan, plan
+        else:
+            conn.execute(text("SET enable_seqscan = off"))
+            plan = " | ".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
+            assert "Seq Scan on nodes" not in plan, plan

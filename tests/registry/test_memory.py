@@ -72,9 +72,25 @@ def test_estimate_is_the_sum_of_its_parts():
     merged = estimate_memory(base, "merged", 1_000_000, device="cpu", dtype="float32", context=1024, batch=2)
     assert merged.adapters == 0  # merged variants carry no adapters
     int8 = estimate_memory(base, "merged-int8", 0, device="cpu", dtype="float32", context=1024, batch=2)
-    q = base.quantizable_parameter_count
-    assert int8.weights == weight_bytes(base, "merged-int8", "float32") == q + (base.parameter_count - q) * 4
+    assert int8.weights == weight_bytes(base, "merged-int8", "float32")
     assert int8.total < merged.total
+
+
+def test_every_variant_kind_keeps_its_own_number_format():
+    base = smollm2_base()  # 134,515,008 parameters, 106,168,320 of them in linear layers
+    n, q = base.parameter_count, base.quantizable_parameter_count
+
+    def weights(kind, dtype="float32"):
+        return weight_bytes(base, kind, dtype)
+
+    assert weights("merged") == weights("flat") == weights("chain") == n * 4
+    assert weights("merged", "float16") == n * 2
+    assert weights("merged-fp16") == weights("merged-bf16") == weights("gguf-f16") == weights("gguf-lora") == n * 2
+    assert weights("merged-int8") == -(-n * 34 // 32)  # Q8_0: 34 bytes per block of 32, embeddings too
+    assert weights("gguf-q4_0") == -(-q * 18 // 32) + -(-(n - q) * 34 // 32)  # Q4_0 linears, Q8_0 embeddings
+    lora = estimate_memory(base, "gguf-lora", 1_000, device="cpu", dtype="float32", context=16, batch=1)
+    assert lora.adapters == 4_000  # LoRA GGUF files are float32
+    assert estimate_memory(base, "gguf-q4_0", 1_000, device="cpu", dtype="float32", context=16, batch=1).adapters == 0
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from tests.registry.helpers import demo_tree, snapshot
 
 def test_migrations_create_exactly_the_models_schema(db_url):
     status, created = init_registry(db_url)
-    assert created and status.current == head_revision() == "0003_updates"
+    assert created and status.current == head_revision() == "0004_variant_kinds"
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -136,3 +136,32 @@ def test_a_failed_import_writes_nothing(reg, db_url):
         register_tree(reg, replace(tree, nodes=(changed[0], extra, *changed[1:])))
     assert snapshot(db_url) == before
     assert "demo/de" not in {n.node_id for n in list_nodes(reg, include_private=True)}
+
+
+def test_variant_kinds_migration_keeps_variants_and_the_database_enforces_the_kinds(db_url):
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError
+
+    from registry import VariantFacts, add_variant, list_variants
+    from registry.db import _alembic_config
+
+    init_registry(db_url)
+    with open_registry(db_url) as reg:
+        register_tree(reg, demo_tree())
+    engine = create_engine(db_url)
+    with engine.connect() as conn, conn.begin():
+        command.downgrade(_alembic_config(conn), "0003_updates")
+    engine.dispose()
+    before, after = upgrade_registry(db_url)
+    assert (before.current, after.current) == ("0003_updates", "0004_variant_kinds")
+    with open_registry(db_url) as reg:
+        kinds = {v.kind for v in list_variants(reg, "demo/en/medical/radiology", 1)}
+        assert kinds == {"chain", "flat", "merged", "merged-int8"}  # the rows survived the table copy
+        add_variant(reg, "demo/en/medical/radiology", 1, VariantFacts("gguf-lora", 1_000, False, 10))
+        assert "gguf-lora" in {v.kind for v in list_variants(reg, "demo/en/medical/radiology", 1)}
+    engine = create_engine(db_url)
+    try:
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE variants SET kind = 'onnx' WHERE kind = 'gguf-lora'"))
+    finally:
+        engine.dispose()
