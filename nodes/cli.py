@@ -313,7 +313,7 @@ def export_command(
         result = export_node(tree_dir, node_id, variant, out, version=version, progress=progress)
     line = (
         f"[green]exported[/green] {escape(result.node_id)} v{result.version} as [bold]{result.variant}[/bold] to "
-        f"{escape(str(result.out))} ({result.bytes_on_disk / 1e6:.1f} MB on disk, {len(result.files)} files, variant.json)"
+        f"{escape(str(result.out))} ({result.bytes_on_disk / 1e6:.1f} MB on disk, {len(result.files)} files, manifest.json)"
     )
     console.print(line)
     need = result.to_json().get("requires")

@@ -43,6 +43,7 @@ _ROLE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _FIELDS = (
     "base",
     "builder",
+    "bytes",
     "chain",
     "files",
     "format",
@@ -143,6 +144,7 @@ class VariantManifest:
     metrics: Mapping[str, Any] = field(default_factory=dict)  # the node version's own evaluation
     builder: Mapping[str, Any] = field(default_factory=dict)  # what built it (library versions)
     format: str = VARIANT_FORMAT
+    total: int | None = None  # "bytes": the files' total length; filled in, and checked when given
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -178,6 +180,10 @@ class VariantManifest:
         if not files or len(set(names)) != len(names):
             raise _fail("field 'files' must name at least one file, each once", "files")
         set_(self, "files", files)
+        total = sum(f.length for f in files)
+        if self.total is not None and _int(self.total, "bytes", 0) != total:
+            raise _fail(f"field 'bytes' is {self.total}, the files add up to {total}", "bytes")
+        set_(self, "total", total)
         load: dict[str, tuple[str, ...]] = {}
         for role, listed in dict(self.load).items():
             entries = (listed,) if isinstance(listed, str) else tuple(listed)
@@ -209,6 +215,7 @@ class VariantManifest:
         return {
             "base": dict(self.base),
             "builder": dict(self.builder),
+            "bytes": self.size,
             "chain": [x.to_dict() for x in self.chain],
             "files": [{"length": f.length, "name": f.name, "sha256": f.sha256} for f in self.files],
             "format": self.format,
@@ -249,7 +256,8 @@ class VariantManifest:
             files = tuple(FileEntry(**x) for x in obj["files"])
         except TypeError as exc:
             raise _fail(f"a chain or file entry has the wrong fields: {exc}", "files") from exc
-        return cls(**{**obj, "chain": chain, "files": files})
+        fields = {k: v for k, v in obj.items() if k != "bytes"}
+        return cls(**{**fields, "chain": chain, "files": files, "total": obj["bytes"]})
 
 
 def _no_duplicates(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The variant is built (or found) in the tree's variant cache (:mod:`nodes.build.variants`) and
 copied into the new directory OUT: its files, a model card (README.md with ``base_model``,
-``base_model_relation``, ``language``, ``tags``) and ``variant.json``, the manifest listing
+``base_model_relation``, ``language``, ``tags``) and ``manifest.json``, the manifest listing
 every other file's sha256 and length. Any stored version can be exported, including versions
 made by updates (``version=``; default: the version the tree serves now). Before anything is
 written the node's whole chain is verified: each file against its recorded sha256, each built

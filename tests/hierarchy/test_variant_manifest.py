@@ -92,3 +92,11 @@ def test_a_signed_manifest_verifies_and_a_changed_byte_does_not():
     tampered = envelope.payload.replace(b'"length":10', b'"length":11')
     assert tampered != envelope.payload
     assert not key.public.verify(envelope.signatures[0].sig, type(envelope)(VARIANT_PAYLOAD_TYPE, tampered).pae())
+
+
+def test_the_total_must_add_up():
+    data = json.loads(manifest().to_bytes())
+    assert data["bytes"] == 13
+    with pytest.raises(ManifestError, match="the files add up to 13") as info:
+        VariantManifest.from_dict(data | {"bytes": 14})
+    assert info.value.details["field"] == "bytes"

@@ -64,8 +64,8 @@ def _card(out: Path) -> dict:
 
 
 def _check_manifest(out: Path, variant: str) -> dict:
-    manifest = json.loads((out / "variant.json").read_text())
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"variant.json"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert {f["name"] for f in manifest["files"]} == files
     for info in manifest["files"]:
         name = info["name"]
@@ -113,7 +113,7 @@ def test_int8_export_is_a_q8_0_gguf_that_stock_transformers_loads(tree_dir, chai
     manifest = _check_manifest(result.out, "merged-int8")
     assert (
         result.bytes_on_disk
-        == sum(f["length"] for f in manifest["files"]) + (result.out / "variant.json").stat().st_size
+        == sum(f["length"] for f in manifest["files"]) + (result.out / "manifest.json").stat().st_size
     )
     card = _card(result.out)
     assert "gguf" in card["tags"] and card["base_model_relation"] == "finetune" and card["library_name"] == "gguf"
@@ -164,7 +164,7 @@ def test_cli_export_of_lora_files_names_the_base_they_run_over(tree_dir, tmp_pat
     assert data["requires"] == {"variant": "gguf-f16", "node": "tt"} and data["version"] == 1
     code = main(["export", str(tree_dir), "tt", "--variant", "gguf-f16", "--out", str(tmp_path / "b"), "--json"])
     assert code == 0
-    base = json.loads((tmp_path / "b" / "variant.json").read_text())
-    assert base["key"] == json.loads((tmp_path / "l" / "variant.json").read_text())["requires"]["key"]
+    base = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert base["key"] == json.loads((tmp_path / "l" / "manifest.json").read_text())["requires"]["key"]
     code = main(["export", str(tree_dir), NODE, "--variant", "flat", "--version", "9", "--out", str(tmp_path / "v")])
     assert code == 2 and "built at version 1; version 9 is not stored" in capsys.readouterr().err

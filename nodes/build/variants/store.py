@@ -1,14 +1,14 @@
 """Variants of any stored node version, built on first request and cached, content-addressed.
 
-    DIR/variants/<kind>/<key>/        one variant: its files, README.md and variant.json
-        variant.json                  the manifest (hierarchy.updates.variants.VariantManifest, canonical bytes)
+    DIR/variants/<kind>/<key>/        one variant: its files, README.md and manifest.json
+        manifest.json                  the manifest (hierarchy.updates.variants.VariantManifest, canonical bytes)
     DIR/variants/.locks/<key>.lock    held while one process builds that key
 
 ``key`` = sha256 over (builder format, kind, base digest, the chain's links): the same
 weights in the same form always land in the same directory, whoever asks, so a variant is
 built once; a new version (or a re-pin over another parent version) is a new key. A build
 writes into a hidden temp dir and renames it into place when complete, so a directory with a
-variant.json is always whole; a file lock makes concurrent requests for the same key wait
+manifest.json is always whole; a file lock makes concurrent requests for the same key wait
 for the one build rather than repeat it.
 """
 
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 VARIANTS_DIR = "variants"
-MANIFEST_FILE = "variant.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class VariantProgress(Protocol):
