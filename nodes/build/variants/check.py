@@ -23,7 +23,16 @@ from typing import Any
 from nodes.build.variants.store import VariantArtifact
 from nodes.errors import ExportError
 
-__all__ = ["Runner", "agreement", "engine_greedy", "llama_available", "llama_runner", "load_llama", "stock_runner"]
+__all__ = [
+    "Runner",
+    "agreement",
+    "engine_answers",
+    "engine_greedy",
+    "llama_available",
+    "llama_runner",
+    "load_llama",
+    "stock_runner",
+]
 
 
 def llama_available() -> bool:
@@ -52,6 +61,13 @@ def engine_greedy(
     tree_dir: str | Path, node: str, prompts: Sequence[str], max_new: int
 ) -> list[tuple[list[int], list[int]]]:
     """TreeLM's own greedy answers (the generation engine serving the tree dir): ``(prompt ids, tokens)`` each."""
+    return engine_answers(tree_dir, [(node, p) for p in prompts], max_new)
+
+
+def engine_answers(
+    tree_dir: str | Path, requests: Sequence[tuple[str, str]], max_new: int
+) -> list[tuple[list[int], list[int]]]:
+    """Greedy answers of one engine for ``(node, prompt)`` pairs: ``(prompt ids, tokens)`` each, in order."""
     from nodes.runtime.engine import Engine, EngineConfig
     from nodes.runtime.requests import GenerationRequest, SamplingParams
     from nodes.store.versions import open_served_tree
@@ -60,14 +76,11 @@ def engine_greedy(
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
 
     async def run(engine: Engine) -> list[tuple[list[int], list[int]]]:
-        out = []
-        for prompt in prompts:
-            request = GenerationRequest(node=node, prompt=prompt, params=params)
-            result = await engine.generate(request)
-            out.append((list(engine.encode(request)), list(result.token_ids)))
-        return out
+        asked = [GenerationRequest(node=node, prompt=prompt, params=params) for node, prompt in requests]
+        results = await asyncio.gather(*(engine.generate(r) for r in asked))  # one mixed batch, as served
+        return [(list(engine.encode(r)), list(res.token_ids)) for r, res in zip(asked, results, strict=True)]
 
-    with Engine(tree.base_dir, tree_dir, EngineConfig(max_batch_size=max(1, len(prompts)))) as engine:
+    with Engine(tree.base_dir, tree_dir, EngineConfig(max_batch_size=max(1, min(len(requests), 32)))) as engine:
         return asyncio.run(run(engine))
 
 
