@@ -38,6 +38,7 @@ from registry.memory import (
     estimate_speed,
     format_bytes,
     max_context_that_fits,
+    weights_format,
 )
 from registry.models import VARIANT_KINDS
 from registry.records import VariantFacts
@@ -224,11 +225,11 @@ def _speed(row: CandidateRow, estimate: MemoryEstimate, hw: Hardware) -> tuple[f
     return tps, f"about {tps:.1f} tokens/s per sequence ({basis})"
 
 
-def _memory_reason(e: MemoryEstimate, available: int, fit: str | None) -> str:
+def _memory_reason(e: MemoryEstimate, available: int, fit: str | None, kind: str) -> str:
     verdict = f"{fit} fit" if fit else "does not fit"
     return (
         f"needs {format_bytes(e.total)} of {format_bytes(available)} ({100 * e.total / available:.1f}%): {verdict}; "
-        f"weights {format_bytes(e.weights)} ({e.dtype}) + adapters {format_bytes(e.adapters)} + KV cache "
+        f"weights {format_bytes(e.weights)} ({weights_format(kind, e.dtype)}) + adapters {format_bytes(e.adapters)} + KV cache "
         f"{format_bytes(e.kv_cache)} ({e.context} tokens x batch {e.batch} x {format_bytes(e.kv_per_token)}/token) "
         f"+ runtime overhead {format_bytes(e.overhead)}"
     )
@@ -344,7 +345,7 @@ def _candidate(
             f"context {s.estimate.context}: the limit of base {row.base.model} (the default is {DEFAULT_CONTEXT}; "
             "pass --context to ask for a length)"
         )
-    reasons.append(_memory_reason(s.estimate, req.hardware.memory, s.fit))
+    reasons.append(_memory_reason(s.estimate, req.hardware.memory, s.fit, variant.kind))
     reasons.append(s.speed_reason)
     origin = "estimated from the architecture" if variant.bytes_estimated else "measured"
     reasons.append(f"variant {variant.kind}: {format_bytes(variant.bytes)} to download ({origin})")

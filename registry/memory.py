@@ -45,6 +45,7 @@ __all__ = [
     "parse_compute",
     "parse_memory_size",
     "weight_bytes",
+    "weights_format",
 ]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
@@ -157,6 +158,21 @@ def weight_bytes(base: BaseFacts, kind: str, dtype: str) -> int:
         rest = base.parameter_count - base.quantizable_parameter_count
         return _blocks(base.quantizable_parameter_count, _Q4_0) + _blocks(rest, _Q8_0)
     return base.parameter_count * per
+
+
+_FORMATS = {
+    "merged-fp16": "float16",
+    "merged-bf16": "bfloat16",
+    "gguf-f16": "GGUF F16",
+    "gguf-lora": "GGUF F16",
+    "merged-int8": "GGUF Q8_0",
+    "gguf-q4_0": "GGUF Q4_0, embeddings Q8_0",
+}
+
+
+def weights_format(kind: str, dtype: str) -> str:
+    """How a variant's weights are held: its own format, else the serving dtype."""
+    return _FORMATS.get(kind, dtype)
 
 
 def adapter_bytes(kind: str, adapter_parameters: int, dtype: str) -> int:

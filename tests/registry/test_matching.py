@@ -299,6 +299,8 @@ def test_gguf_int8_is_offered_everywhere_and_fp16_safetensors_on_gpus_only(demo_
     on_gpu = {c.variant for c in gpu.candidates if c.node_id == "demo/en/medical/cardiology"}
     assert "merged-int8" in on_cpu and "merged-int8" in on_gpu
     assert "merged-fp16" in on_gpu and "merged-fp16" not in on_cpu
+    int8 = next(c for c in cpu.candidates if c.variant == "merged-int8")
+    assert any("weights" in r and "(GGUF Q8_0)" in r for r in int8.reasons)
     assert gpu.candidates[0].node_id == "demo/en/medical/cardiology"
 
 

@@ -130,3 +130,10 @@ def test_speed_is_bandwidth_over_bytes_read_and_capped_by_compute():
     capped = estimate_speed(e, parameters=base.parameter_count, bandwidth=100e9, compute=1e9)
     assert capped == pytest.approx(1e9 / (2 * base.parameter_count))
     assert estimate_speed(e, parameters=base.parameter_count, bandwidth=None) is None
+
+
+def test_reasons_name_the_format_the_weights_are_held_in():
+    from registry.memory import weights_format
+
+    assert weights_format("merged-int8", "float32") == "GGUF Q8_0"
+    assert weights_format("merged", "float16") == "float16" and weights_format("chain", "float32") == "float32"
