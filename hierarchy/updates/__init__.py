@@ -64,6 +64,15 @@ from hierarchy.updates.trust import (
     sign_revocation,
     sign_rotation,
 )
+from hierarchy.updates.variants import (
+    VARIANT_FORMAT,
+    VARIANT_PAYLOAD_TYPE,
+    VariantLink,
+    VariantManifest,
+    VariantRequirement,
+    parse_variant_manifest,
+    sign_variant_manifest,
+)
 from hierarchy.updates.verify import (
     VERIFICATION_CHECKS,
     Expectations,
@@ -80,6 +89,8 @@ __all__ = [
     "REPIN_PAYLOAD_TYPE",
     "ROLLBACK_PAYLOAD_TYPE",
     "UPDATE_PAYLOAD_TYPE",
+    "VARIANT_FORMAT",
+    "VARIANT_PAYLOAD_TYPE",
     "VERIFICATION_CHECKS",
     "AggregationError",
     "BaseMismatchError",
@@ -122,6 +133,9 @@ __all__ = [
     "UnknownParentVersionError",
     "UpdateError",
     "UpdateManifest",
+    "VariantLink",
+    "VariantManifest",
+    "VariantRequirement",
     "VerifiedUpdate",
     "VersionError",
     "apply_to_trust",
@@ -129,6 +143,7 @@ __all__ = [
     "key_id",
     "pae",
     "parse_manifest",
+    "parse_variant_manifest",
     "repin_statement",
     "revoke_key",
     "rollback_statement",
@@ -139,5 +154,6 @@ __all__ = [
     "sign_payload",
     "sign_revocation",
     "sign_rotation",
+    "sign_variant_manifest",
     "verify_update",
 ]
