@@ -32,8 +32,8 @@ from registry.memory import (
     format_bytes,
     max_context_that_fits,
 )
-from registry.models import VARIANT_KINDS
 from registry.records import VariantFacts
+from registry.vocab import VARIANT_KINDS
 
 __all__ = [
     "WEIGHTS",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ray import serve
 from ray.serve.config import ProxyLocation
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterError, DeployError
 from cluster.ray.config import ClusterConfig, TrunkConfig
 from cluster.ray.ingress import TreeIngress
 from cluster.ray.replica import replica_class
@@ -34,7 +34,6 @@ __all__ = [
     "INGRESS_APP",
     "INGRESS_DEPLOYMENT",
     "TRUNK_DEPLOYMENT",
-    "DeployError",
     "Scaling",
     "app_name",
     "deploy",
@@ -51,10 +50,6 @@ try:
     _CODE = importlib.metadata.version("treelm")
 except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
     _CODE = "0+unknown"
-
-
-class DeployError(ClusterError):
-    """An application did not become healthy (Serve's message says why)."""
 
 
 @dataclass(frozen=True)

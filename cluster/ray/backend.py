@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.errors import ReplicaUnavailable
 from cluster.ray.board import ReplicaReport
-from cluster.ray.wire import RemoteError, TrunkInfo
+from cluster.ray.wire import TrunkInfo, remote_cause
 from cluster.service.trunk import CacheSnapshot, TrunkSnapshot
 from nodes.errors import QueueFull
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
@@ -119,8 +119,8 @@ class RayTrunk:
             ) from None
         except serve_exceptions.BackPressureError:
             raise QueueFull(f"every replica of trunk {self.tree!r} is at its queue bound; retry later") from None
-        if isinstance(answer, RemoteError):
-            raise answer.rebuild()
+        except ray.exceptions.RayTaskError as exc:  # the request's own error (unknown node, bad field, ...)
+            raise remote_cause(exc) from None
         return answer
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
@@ -128,9 +128,6 @@ class RayTrunk:
         sent, finished = 0, False
         try:
             async for item in response:
-                if isinstance(item, RemoteError):
-                    finished = True
-                    raise item.rebuild()
                 sent += 1
                 finished = item.finish_reason is not None
                 yield item
@@ -144,6 +141,9 @@ class RayTrunk:
         except serve_exceptions.BackPressureError:
             finished = True
             raise QueueFull(f"every replica of trunk {self.tree!r} is at its queue bound; retry later") from None
+        except ray.exceptions.RayTaskError as exc:
+            finished = True
+            raise remote_cause(exc) from None
         finally:
             if not finished:
                 response.cancel()  # the client went away: the replica's generator is cancelled too

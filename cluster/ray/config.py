@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterConfigError
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
 from registry.errors import InvalidMemorySize
@@ -29,7 +29,6 @@ from registry.memory import parse_memory_size
 
 __all__ = [
     "ClusterConfig",
-    "ClusterConfigError",
     "IngressConfig",
     "RayConfig",
     "RayPorts",
@@ -46,15 +45,6 @@ _RAY_DEFAULT_PORTS = {
     8000: "Serve's default HTTP port",
     10001: "Ray's default client port",
 }
-
-
-class ClusterConfigError(ClusterError, ValueError):
-    """A cluster.yaml value is missing or wrong; ``field`` names it, ``file`` says where."""
-
-    def __init__(self, file: str, field: str, message: str):
-        self.file = file
-        self.field = field
-        super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
 
 
 @dataclass(frozen=True)

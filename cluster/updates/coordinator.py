@@ -36,8 +36,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cluster.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.tree_import import import_tree
-from cluster.updates.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.updates.keys import load_trust
 from cluster.updates.operator_actions import OperatorActions
 from cluster.updates.package import Package
@@ -54,15 +54,15 @@ from cluster.updates.rounds import (
 from cluster.updates.status import UpdateStatus
 from cluster.updates.workbench import Workbench
 from hierarchy.chain import LoraFactors
-from hierarchy.ids import NodeId
-from hierarchy.updates.envelope import Envelope, Signature
-from hierarchy.updates.errors import (
+from hierarchy.errors import (
     ExpiredError,
     RevokedKeyError,
     ShapeMismatchError,
     ThresholdError,
     UnknownKeyError,
 )
+from hierarchy.ids import NodeId
+from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.manifest import UpdateManifest, parse_manifest
 from hierarchy.updates.screening import ScreenResult, delta_norm, scale_delta, screen_update
 from hierarchy.updates.trust import NodeVersion

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hierarchy.errors import KeyFormatError, RotationError, ThresholdError
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Signature, pae
-from hierarchy.updates.errors import KeyFormatError, RotationError, ThresholdError
 from hierarchy.updates.keys import PublicKey, SigningKey
 from hierarchy.updates.trust import (
     ROTATION_PAYLOAD_TYPE,

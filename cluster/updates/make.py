@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cluster.updates.errors import PackageError
+from cluster.errors import PackageError
 from cluster.updates.package import write_package
 from hierarchy.ids import NodeId
 from hierarchy.spec import TrainSettings

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hierarchy.chain import LoraFactors, pad_rank
-from hierarchy.updates.errors import AggregationError
+from hierarchy.errors import AggregationError
 
 __all__ = [
     "CandidateParent",

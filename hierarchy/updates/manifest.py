@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hierarchy.errors import InvalidNodePath
+from hierarchy.errors import InvalidNodePath, ManifestError
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Envelope, sign_envelope
-from hierarchy.updates.errors import ManifestError
 from hierarchy.updates.keys import SigningKey
 
 __all__ = [

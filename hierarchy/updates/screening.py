@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hierarchy.chain import LoraFactors
-from hierarchy.updates.errors import ScreeningRejected
+from hierarchy.errors import ScreeningRejected
 
 __all__ = [
     "Delta",

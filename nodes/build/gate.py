@@ -24,7 +24,7 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from hierarchy.updates.errors import GateRejected
+from hierarchy.errors import GateRejected
 from nodes.store.adapters import AdapterWeights
 from nodes.base.model import LoadedBase
 from nodes.store.digest import sha256_bytes
@@ -32,6 +32,7 @@ from nodes.errors import NodesError
 from nodes.build.finetune import chain_perplexity
 from nodes.build.training import tokenize_text
 from nodes.store.tree import BuiltNode, BuiltTree
+from nodes.errors import GateTextMissing
 
 __all__ = [
     "Comparison",
@@ -40,15 +41,10 @@ __all__ = [
     "GateBounds",
     "GateCheck",
     "GateReport",
-    "GateTextMissing",
     "canary_text",
     "node_eval_text",
     "read_eval_text",
 ]
-
-
-class GateTextMissing(NodesError):
-    """A text the gate needs (a probe, the held-out text, the canary) cannot be found or changed."""
 
 
 @dataclass(frozen=True)

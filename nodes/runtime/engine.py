@@ -41,8 +41,8 @@ from nodes.errors import (
     BaseModelError,
     DeadlineExceeded,
     EngineClosed,
+    EngineConfigError,
     InvalidRequest,
-    NodesError,
     UnknownNode,
 )
 from nodes.runtime.bank import AdapterBank
@@ -58,10 +58,6 @@ __all__ = ["Engine", "EngineConfig", "EngineConfigError", "EngineStats"]
 
 # How often a request may look at the tree dir's snapshot.json for a newer snapshot (one stat).
 _SNAPSHOT_POLL_S = 1.0
-
-
-class EngineConfigError(NodesError, ValueError):
-    """An EngineConfig value is out of range; the message names the field."""
 
 
 @dataclass(frozen=True)

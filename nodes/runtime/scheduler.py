@@ -21,6 +21,7 @@ import torch
 
 from nodes.errors import (
     AdapterError,
+    CacheFull,
     DeadlineExceeded,
     EngineClosed,
     EngineError,
@@ -30,7 +31,7 @@ from nodes.errors import (
     RequestCancelled,
 )
 from nodes.runtime.bank import AdapterBank
-from nodes.runtime.cache import AdapterCache, CacheFull
+from nodes.runtime.cache import AdapterCache
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
 from nodes.runtime.requests import FinishReason, GenerationRequest, GenerationResult, Timings, TokenChunk, Usage
 from nodes.runtime.sampling import choose_tokens, make_generator

@@ -60,7 +60,7 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
         ),
         what="reports from every replica",
     )
-    head = next(n for n in status["nodes"] if n["head"])
+    head = next(n for n in status["machines"] if n["head"])
     assert status["ingress"] == "RUNNING" and status["endpoints"] == [ray_world.target]
     for tree in ("rt", "kb"):
         trunk = next(t for t in status["trunks"] if t["tree"] == tree)
@@ -76,7 +76,7 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
     capsys.readouterr()
     assert ray_world.cli("status") == 0
     table = capsys.readouterr().out
-    assert "trunks" in table and "replicas" in table and "Ray nodes" in table
+    assert "trunks" in table and "replicas" in table and "machines" in table
     assert replicas_of(status, "kb")[0]["replica"] in table
 
 
