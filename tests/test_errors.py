@@ -21,12 +21,14 @@ from hierarchy import errors as hierarchy_errors
 from hierarchy.errors import PicklableError, SpecProblem
 from nodes import errors as nodes_errors
 from registry import errors as registry_errors
+from treelm import _errors as sdk_errors
 
 PACKAGES: dict[ModuleType, type[Exception]] = {
     hierarchy_errors: hierarchy_errors.HierarchyError,
     nodes_errors: nodes_errors.NodesError,
     registry_errors: registry_errors.RegistryError,
     cluster_errors: cluster_errors.ClusterError,
+    sdk_errors: sdk_errors.TreeLMError,
 }
 
 
@@ -79,7 +81,11 @@ def test_every_error_pickles_with_its_type_message_and_fields(module, cls):
 
 @pytest.mark.parametrize(
     ("module", "cls"),
-    [(m, c) for m, c in ALL_ERRORS if m is not hierarchy_errors or issubclass(c, hierarchy_errors.UpdateError)],
+    [
+        (m, c)
+        for m, c in ALL_ERRORS
+        if m is not sdk_errors and (m is not hierarchy_errors or issubclass(c, hierarchy_errors.UpdateError))
+    ],
     ids=lambda x: getattr(x, "__name__", str(x)),
 )
 def test_every_server_side_error_has_a_precise_status_and_its_http_twin(module, cls):

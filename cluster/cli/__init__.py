@@ -44,7 +44,21 @@ app.add_typer(cluster_app, name="cluster")
 
 # Packages of the `server` extra: a command that needs one, run from an SDK-only install.
 _SERVER_PACKAGES = frozenset(
-    {"torch", "ray", "transformers", "peft", "safetensors", "sqlalchemy", "alembic", "psycopg", "matplotlib"}
+    {
+        "alembic",
+        "grpc_health",
+        "grpc_reflection",
+        "matplotlib",
+        "peft",
+        "prometheus_client",
+        "psycopg",
+        "ray",
+        "safetensors",
+        "sqlalchemy",
+        "tokenizers",
+        "torch",
+        "transformers",
+    }
 )
 
 # Error types that are the user's to fix: printed plainly, exit code 2.
@@ -69,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in _SERVER_PACKAGES:
             raise
-        err.print(
-            f"[bold red]error:[/bold red] this command needs {escape(exc.name or '')}, part of the server install: "
-            "pip install 'treelm[server]'",
-            highlight=False,
-        )
+        needs = f"this command needs {exc.name}, part of the server install: pip install 'treelm[server]'"
+        err.print("[bold red]error:[/bold red]", escape(needs), highlight=False, soft_wrap=True)
         return 2
     return 0

@@ -348,7 +348,7 @@ def server_status(client: Client, cluster: dict | None) -> Table:
 
 
 def cluster_rows(status: dict) -> list[list[Any]]:
-    """`treelm cluster status --json` as table rows: the ingress, each trunk and replica, each Ray node."""
+    """`treelm cluster status --json` as table rows: the ingress, each trunk and replica, each machine."""
     rows: list[list[Any]] = [
         [
             "ray cluster",
