@@ -37,15 +37,15 @@ import fcntl
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from hierarchy.ids import NodePath
 from hierarchy.spec import NodeSpec, TreeSpec
-from nodes.store.adapters import AdapterWeights, read_adapter
 from nodes.base.model import load_base
 from nodes.base.resolve import ResolvedBase, resolve_base
 from nodes.build.files import (
@@ -59,8 +59,6 @@ from nodes.build.files import (
     write_json_atomic,
 )
 from nodes.build.report import BuildProgress, BuildReport, NodeOutcome
-from nodes.store.digest import sha256_bytes
-from nodes.errors import BuildError, IntegrityError, NodesError
 from nodes.build.training import (
     PRECISIONS,
     ChainPatch,
@@ -70,6 +68,9 @@ from nodes.build.training import (
     tokenize_text,
     train_adapter,
 )
+from nodes.errors import BuildError, IntegrityError, NodesError
+from nodes.store.adapters import AdapterWeights, read_adapter
+from nodes.store.digest import sha256_bytes
 from nodes.store.tree import NODE_RECORD, TREE_RECORD, BuiltNode, node_dir, verify_node_files
 
 __all__ = ["BUILDER", "BuildProgress", "BuildReport", "NodeOutcome", "build_tree"]
@@ -117,7 +118,8 @@ class _Builder:
                 "build into a new --out directory"
             )
         gone = [
-            p for p in record.get("nodes", [])
+            p
+            for p in record.get("nodes", [])
             if not self.spec.has(p) and (node_dir(self.out, p) / NODE_RECORD).is_file()
         ]
         if gone:
@@ -137,8 +139,10 @@ class _Builder:
                 if got is not None:
                     texts[(str(node.path), fld)] = got
         if problems:
-            raise BuildError(f"{len(problems)} data problem(s) in tree {self.spec.name!r}:\n" + "\n".join(
-                f"  - {p}" for p in problems))
+            raise BuildError(
+                f"{len(problems)} data problem(s) in tree {self.spec.name!r}:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
         return texts
 
     def _tokenize(self, tokenizer) -> dict[tuple[str, str], Any]:
@@ -156,8 +160,10 @@ class _Builder:
             if int(tokens[(str(node.path), "eval")].numel()) < 2:
                 problems.append(f"node '{node.path}': field 'eval': fewer than 2 tokens of evaluation text")
         if problems:
-            raise BuildError(f"{len(problems)} data problem(s) in tree {self.spec.name!r}:\n" + "\n".join(
-                f"  - {p}" for p in problems))
+            raise BuildError(
+                f"{len(problems)} data problem(s) in tree {self.spec.name!r}:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
         return tokens
 
     # ---- guard texts
@@ -217,7 +223,11 @@ class _Builder:
             }
             | {
                 "parent_text": [
-                    {"node": s, "train_sha256": self.texts[(s, "train")].sha256, "eval_sha256": self.texts[(s, "eval")].sha256}
+                    {
+                        "node": s,
+                        "train_sha256": self.texts[(s, "train")].sha256,
+                        "eval_sha256": self.texts[(s, "eval")].sha256,
+                    }
                     for s in sources
                 ]
             },
@@ -249,7 +259,9 @@ class _Builder:
         except IntegrityError as exc:
             raise IntegrityError(f"{exc}; retrain it with `--force {node.path}`") from None
         status = "reused"
-        wanted = self._node_record(node, digest, sources, dict(record.get("metrics", {})), dict(record.get("training", {})))
+        wanted = self._node_record(
+            node, digest, sources, dict(record.get("metrics", {})), dict(record.get("training", {}))
+        )
         wanted["files"] = record["files"]
         if wanted != record:
             write_json_atomic(node_dir(self.out, node.path) / NODE_RECORD, wanted)
@@ -280,7 +292,9 @@ class _Builder:
         own, own_eval = self.tokens[(p, "train")], self.tokens[(p, "eval")]
         replay, ref_eval = self._joined(sources, "train"), self._joined(sources, "eval")
         seq = node.training.max_seq_len
-        parent_key = tuple(self.present[a]["files"]["adapter_model.safetensors"]["sha256"] for a in node.path.ancestors())
+        parent_key = tuple(
+            self.present[a]["files"]["adapter_model.safetensors"]["sha256"] for a in node.path.ancestors()
+        )
         self.progress.node_started(node_id, planned_steps(node.training, int(own.numel())))
         with ChainPatch(self.model, self._chain(node), node.lora, seed=node.training.seed) as patch:
             self.progress.phase(node_id, "measuring the parent")
@@ -289,7 +303,13 @@ class _Builder:
             parent_ref = self._ppl((parent_key, ref_label, "ref"), ref_eval, seq) if ref_eval is not None else None
             patch.set_own_enabled(True)
             result = train_adapter(
-                self.model, patch, own, replay, node.training, node.guard, precision=self.precision,
+                self.model,
+                patch,
+                own,
+                replay,
+                node.training,
+                node.guard,
+                precision=self.precision,
                 on_step=lambda step, total, loss: self.progress.step(node_id, step, total, loss),
             )
             self.progress.phase(node_id, "evaluating")
@@ -345,7 +365,10 @@ class _Builder:
             self.progress.message(f"resolving base {self.spec.base.model!r}")
             all_train = [t.text for (_, fld), t in self.texts.items() if fld == "train"]
             self.base: ResolvedBase = resolve_base(
-                self.spec.base, self.out, spec_dir=self.spec_dir, texts=all_train,
+                self.spec.base,
+                self.out,
+                spec_dir=self.spec_dir,
+                texts=all_train,
                 recorded=existing.get("base") if existing else None,
             )
             loaded = load_base(self.base.directory)
@@ -390,7 +413,11 @@ class _Builder:
             self._drop_subtree(node.path)
             self._write_tree()
             outcome = NodeOutcome(
-                node.path, node_id, node.level.value, "skipped", f"its parent {self.spec.node_id(node.parent)} was not built"
+                node.path,
+                node_id,
+                node.level.value,
+                "skipped",
+                f"its parent {self.spec.node_id(node.parent)} was not built",
             )
         else:
             ref_label, sources = self._guard_sources(node)
@@ -454,4 +481,3 @@ def build_tree(
         lock = getattr(builder, "_lock", None)
         if lock is not None:
             lock.close()
-

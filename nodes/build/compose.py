@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from hierarchy.chain import LoraFactors, effective_weight, flatten_chain, pad_rank
-from nodes.store.adapters import AdapterWeights
 from nodes.errors import AdapterError
+from nodes.store.adapters import AdapterWeights
 
 __all__ = ["chain_by_module", "flatten_adapters", "merge_chain"]
 

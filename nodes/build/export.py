@@ -23,21 +23,22 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from hierarchy.ids import NodeId, NodePath
-from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
 from nodes.base.model import LoadedBase, load_base
-from nodes.build.files import share_permissions
 from nodes.build.compose import flatten_adapters, merge_chain
-from nodes.store.digest import file_digests
-from nodes.errors import ExportError, IntegrityError
+from nodes.build.files import share_permissions
 from nodes.build.quantize import load_int8, save_int8
 from nodes.build.training import ChainPatch
+from nodes.errors import ExportError, IntegrityError
+from nodes.store.adapters import AdapterWeights, read_adapter, write_adapter
+from nodes.store.digest import file_digests
 from nodes.store.tree import BuiltNode, BuiltTree, open_tree, verify_node_files
 
 __all__ = [
@@ -105,8 +106,10 @@ def verified_chain(tree: BuiltTree, key: NodeId) -> tuple[BuiltNode, ...]:
                 "rebuild the tree with `treelm tree build SPEC --out DIR`"
             )
         if node.base_digest and node.base_digest != tree.base_digest:
-            raise IntegrityError(f"node {node.node_id} was trained over base {node.base_digest[:12]}..., "
-                                 f"the tree's base is {tree.base_digest[:12]}...")
+            raise IntegrityError(
+                f"node {node.node_id} was trained over base {node.base_digest[:12]}..., "
+                f"the tree's base is {tree.base_digest[:12]}..."
+            )
         parent_digest = node.adapter_digest
     return chain
 
@@ -162,7 +165,9 @@ def _card(tree: BuiltTree, node: BuiltNode, variant: str, chain: tuple[BuiltNode
     m = node.metrics
     if m.get("eval_ppl") is not None:
         lines += ["", "| metric | value |", "|---|---|"]
-        lines.append(f"| perplexity on own eval text (node / parent) | {m['eval_ppl']:.3f} / {m['parent_eval_ppl']:.3f} |")
+        lines.append(
+            f"| perplexity on own eval text (node / parent) | {m['eval_ppl']:.3f} / {m['parent_eval_ppl']:.3f} |"
+        )
         if m.get("forgetting") is not None:
             lines.append(
                 f"| perplexity on {m.get('forgetting_reference')} eval text (node / parent) | "
@@ -218,7 +223,11 @@ def export_node(tree_dir: str | Path, node_id: str, variant: str, out: str | Pat
             "tree": tree.name,
             "node": str(node.node_id),
             "variant": variant,
-            "base": {"model": tree.base_model, "digest": tree.base_digest, "hub_id": tree.raw.get("base", {}).get("hub_id")},
+            "base": {
+                "model": tree.base_model,
+                "digest": tree.base_digest,
+                "hub_id": tree.raw.get("base", {}).get("hub_id"),
+            },
             "chain": [
                 {"id": str(n.node_id), "version": n.version, "adapter_sha256": n.adapter_digest, "lora": dict(n.lora)}
                 for n in chain

@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from hierarchy.ids import NodePath
 from hierarchy.spec import NodeSpec, TreeSpec
@@ -156,7 +157,9 @@ def commit_node(root: Path, path: NodePath, adapter: AdapterWeights, record: dic
     try:
         sha = write_adapter(adapter, tmp, base_model_name_or_path=base_ref)
         share_permissions(tmp)
-        record["files"] = {name: {"sha256": digest, "length": (tmp / name).stat().st_size} for name, digest in sha.items()}
+        record["files"] = {
+            name: {"sha256": digest, "length": (tmp / name).stat().st_size} for name, digest in sha.items()
+        }
         (tmp / NODE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         old = None
         if final.exists():

@@ -13,16 +13,16 @@ direction an honest update should roughly share; see cluster.updates).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from hierarchy.chain import LoraFactors
 from hierarchy.spec import GuardSettings, LoraSettings, TrainSettings
-from nodes.store.adapters import AdapterWeights
-from nodes.errors import AdapterError, BuildError
 from nodes.build.training import ChainPatch, TrainResult, perplexity, train_adapter
+from nodes.errors import AdapterError, BuildError
+from nodes.store.adapters import AdapterWeights
 
 __all__ = ["FineTuneResult", "chain_perplexity", "fine_tune", "increment", "lora_settings_of"]
 
@@ -89,15 +89,15 @@ def increment(current: AdapterWeights, new: AdapterWeights) -> dict[str, LoraFac
     [s' B' | -s B] @ [A'; A] = s' B' A' - s B A: nothing is approximated.
     """
     if set(current.factors) != set(new.factors):
-        raise AdapterError(
-            f"the new adapter adapts {sorted(new.factors)}, the current one {sorted(current.factors)}"
-        )
+        raise AdapterError(f"the new adapter adapts {sorted(new.factors)}, the current one {sorted(current.factors)}")
     out: dict[str, LoraFactors] = {}
     for module in sorted(new.factors):
         n, c = new.factors[module], current.factors[module]
         if (n.out_features, n.in_features) != (c.out_features, c.in_features):
-            raise AdapterError(f"layer {module} is {n.out_features}x{n.in_features} in the new adapter, "
-                               f"{c.out_features}x{c.in_features} in the current one")
+            raise AdapterError(
+                f"layer {module} is {n.out_features}x{n.in_features} in the new adapter, "
+                f"{c.out_features}x{c.in_features} in the current one"
+            )
         a = torch.cat([n.A, c.A.to(n.A.dtype)], dim=0)
         b = torch.cat([n.scale * n.B, -c.scale * c.B.to(n.B.dtype)], dim=1)
         out[module] = LoraFactors(A=a, B=b, scale=1.0)
@@ -105,8 +105,9 @@ def increment(current: AdapterWeights, new: AdapterWeights) -> dict[str, LoraFac
 
 
 @torch.no_grad()
-def chain_perplexity(model: torch.nn.Module, chain: Sequence[AdapterWeights], tokens: torch.Tensor,
-                     seq_len: int) -> float:
+def chain_perplexity(
+    model: torch.nn.Module, chain: Sequence[AdapterWeights], tokens: torch.Tensor, seq_len: int
+) -> float:
     """Perplexity of ``tokens`` under the base with ``chain`` applied (exact W0 + sum s_i B_i A_i)."""
     if not chain:
         return perplexity(model, tokens, seq_len)

@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import torch
 
 from hierarchy.errors import GateRejected
-from nodes.store.adapters import AdapterWeights
 from nodes.base.model import LoadedBase
-from nodes.store.digest import sha256_bytes
-from nodes.errors import NodesError
 from nodes.build.finetune import chain_perplexity
 from nodes.build.training import tokenize_text
-from nodes.store.tree import BuiltNode, BuiltTree
 from nodes.errors import GateTextMissing
+from nodes.store.adapters import AdapterWeights
+from nodes.store.digest import sha256_bytes
+from nodes.store.tree import BuiltNode, BuiltTree
 
 __all__ = [
     "Comparison",
@@ -84,8 +84,10 @@ def read_eval_text(path: str | Path, label: str | None = None, sha256: str | Non
         raise GateTextMissing(f"cannot read {label or path}: {exc.strerror or exc}") from None
     digest = sha256_bytes(raw)
     if sha256 is not None and digest != sha256:
-        raise GateTextMissing(f"{path} has sha256 {digest[:12]}..., the tree recorded {sha256[:12]}...: "
-                              "it changed since the build; restore it or name another text")
+        raise GateTextMissing(
+            f"{path} has sha256 {digest[:12]}..., the tree recorded {sha256[:12]}...: "
+            "it changed since the build; restore it or name another text"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -116,8 +118,9 @@ def canary_text(tree: BuiltTree) -> EvalText:
     if not parts:
         raise GateTextMissing(f"tree {tree.name!r} has no first-level nodes to draw a canary text from")
     text = "\n\n".join(p.text for p in parts)
-    return EvalText("canary (" + ", ".join(p.label.split(" ")[0] for p in parts) + ")", sha256_bytes(text.encode()),
-                    text)
+    return EvalText(
+        "canary (" + ", ".join(p.label.split(" ")[0] for p in parts) + ")", sha256_bytes(text.encode()), text
+    )
 
 
 @dataclass(frozen=True)
@@ -154,12 +157,22 @@ class GateCheck:
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "REGRESSION"
-        return (f"{self.name}: perplexity {self.before:.3f} -> {self.after:.3f} ({self.change:+.2%}, bound "
-                f"+{self.bound:.2%}) {verdict}")
+        return (
+            f"{self.name}: perplexity {self.before:.3f} -> {self.after:.3f} ({self.change:+.2%}, bound "
+            f"+{self.bound:.2%}) {verdict}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "text": self.text, "before": self.before,
-                "after": self.after, "change": self.change, "bound": self.bound, "passed": self.passed}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "text": self.text,
+            "before": self.before,
+            "after": self.after,
+            "change": self.change,
+            "bound": self.bound,
+            "passed": self.passed,
+        }
 
 
 @dataclass(frozen=True)
@@ -180,7 +193,7 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return {"subject": self.subject, "passed": self.passed, "checks": [c.to_dict() for c in self.checks]}
 
-    def raise_if_failed(self) -> "GateReport":
+    def raise_if_failed(self) -> GateReport:
         if not self.passed:
             lines = "; ".join(c.describe() for c in self.failures)
             raise GateRejected(f"gate rejected {self.subject}: {lines}", report=self)

@@ -97,7 +97,12 @@ def save_int8(model: nn.Module, out: str | Path) -> list[str]:
         tensors[key] = value.detach().contiguous()
     save_file(tensors, str(out / INT8_WEIGHTS), metadata={"format": "pt", "treelm": "int8-weights"})
     model.config.save_pretrained(out)
-    record = {"method": _METHOD, "activations": list(ACTIVATIONS), "torch": torch.__version__, "quantized_layers": names}
+    record = {
+        "method": _METHOD,
+        "activations": list(ACTIVATIONS),
+        "torch": torch.__version__,
+        "quantized_layers": names,
+    }
     (out / INT8_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return names
 
@@ -139,7 +144,9 @@ def load_int8(path: str | Path, *, activations: str = "float") -> tuple[nn.Modul
         missing = [k for k in missing if k != "lm_head.weight"]
     missing = [k for k in missing if not any(k in (f"{n}.weight", f"{n}.bias") for n in names)]
     if missing or unexpected:
-        raise ExportError(f"{path / INT8_WEIGHTS} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ExportError(
+            f"{path / INT8_WEIGHTS} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name in names:
         try:
             q, scale = tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"]

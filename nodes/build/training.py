@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,9 @@ from torch import nn
 
 from hierarchy.chain import LoraFactors, flatten_chain
 from hierarchy.spec import GuardSettings, LoraSettings, TrainSettings
-from nodes.store.adapters import AdapterWeights
 from nodes.build.compose import chain_by_module
 from nodes.errors import AdapterError, BuildError
+from nodes.store.adapters import AdapterWeights
 
 __all__ = [
     "PRECISIONS",
@@ -137,7 +137,9 @@ class ChainPatch:
         by_module = chain_by_module(chain)
         targets = set(by_module)
         if own is not None:
-            targets |= {n for n, m in modules.items() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in own.target_modules}
+            targets |= {
+                n for n, m in modules.items() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in own.target_modules
+            }
         generator = torch.Generator().manual_seed(seed)
         try:
             for name in sorted(targets):
@@ -209,7 +211,7 @@ class ChainPatch:
         self._originals.clear()
         self.layers.clear()
 
-    def __enter__(self) -> "ChainPatch":
+    def __enter__(self) -> ChainPatch:
         return self
 
     def __exit__(self, *exc) -> None:
