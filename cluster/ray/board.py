@@ -25,8 +25,8 @@ BOARD_NAME = "treelm-replica-board"
 class ReplicaReport:
     trunk: str  # the tree the replica serves
     replica: str  # Serve's replica id
-    node_id: str  # the Ray node it runs on
-    node_ip: str
+    machine_id: str  # Ray's node id of the machine it runs on
+    machine_ip: str
     pid: int
     base_digest: str
     loaded: tuple[str, ...]  # node ids whose whole chain is active in the engine's bank

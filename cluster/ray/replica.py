@@ -132,8 +132,8 @@ class TrunkReplicaBase:
         self._reported_loaded: frozenset[str] = frozenset()
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else f"local-{os.getpid()}"
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._node_ip = ray.util.get_node_ip_address()
+        self._machine_id = ray.get_runtime_context().get_node_id()
+        self._machine_ip = ray.util.get_node_ip_address()
         if spec.preload:
             # The constructor may run inside Serve's event loop: preload on a loop of our own, and
             # let a failure (an adapter whose sha256 changed) fail the replica's start.
@@ -227,8 +227,8 @@ class TrunkReplicaBase:
         return ReplicaReport(
             trunk=self.spec.tree,
             replica=self.replica_id,
-            node_id=self._node_id,
-            node_ip=self._node_ip,
+            machine_id=self._machine_id,
+            machine_ip=self._machine_ip,
             pid=os.getpid(),
             base_digest=snap.base_digest,
             loaded=loaded,

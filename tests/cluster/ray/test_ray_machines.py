@@ -1,4 +1,4 @@
-"""A second Ray node on this machine: status shows it, new replicas land there, `drain` moves them off."""
+"""A second Ray machine (here: a second Ray process on this host): status shows it, new replicas land there, `drain` moves them off."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.cluster.ray.cluster_harness import wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
 
-def test_a_joined_node_takes_new_replicas_and_drain_moves_them_off_while_serving(ray_world, capsys):
+def test_a_joined_machine_takes_new_replicas_and_drain_moves_them_off_while_serving(ray_world, capsys):
     ray_world.start_worker_node(num_cpus=2)
     status = wait_until(
         lambda: (s := ray_world.status(capsys)) and sum(n["alive"] for n in s["machines"]) == 2 and s,
@@ -61,9 +61,9 @@ def test_a_joined_node_takes_new_replicas_and_drain_moves_them_off_while_serving
     ray_world.stop_extra_nodes()
 
 
-def test_drain_refuses_the_head_and_unknown_nodes(ray_world, capsys):
+def test_drain_refuses_the_head_and_unknown_machines(ray_world, capsys):
     head = next(n for n in ray_world.status(capsys)["machines"] if n["head"])
     assert ray_world.cli("drain", head["address"]) == 2
-    assert "head node" in capsys.readouterr().err
+    assert "head machine" in capsys.readouterr().err
     assert ray_world.cli("drain", "10.255.255.1:1") == 2
-    assert "no live Ray node" in " ".join(capsys.readouterr().err.split())
+    assert "no live machine" in " ".join(capsys.readouterr().err.split())

@@ -66,7 +66,7 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
         trunk = next(t for t in status["trunks"] if t["tree"] == tree)
         assert trunk["status"] == "RUNNING" and trunk["running"] == trunk["target"] >= 1
         for replica in trunk["replicas"]:
-            assert replica["state"] == "RUNNING" and replica["node_id"] == head["node_id"]
+            assert replica["state"] == "RUNNING" and replica["machine_id"] == head["machine_id"]
             os.kill(replica["pid"], 0)  # a live process on this machine
             # p50 covers the last minute: a replica whose last request is older reports none.
             assert (replica["p50_ms"] is None or replica["p50_ms"] > 0) and replica["queue_depth"] == 0
