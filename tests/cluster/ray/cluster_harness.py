@@ -150,7 +150,9 @@ class RayWorld:
         state = load_state(self.state_dir)
         ports = worker_ports(self.base)
         temp = self.temp_dir.parent / (self.temp_dir.name + "-w")
-        cmd = ray_start_command(ports, temp, head=False, address=state.gcs_address, num_cpus=num_cpus, resources=resources)
+        cmd = ray_start_command(
+            ports, temp, head=False, address=state.gcs_address, num_cpus=num_cpus, resources=resources
+        )
         env = ray_env(state.auth, Path(state.token_file) if state.token_file else None)
         node = start_ray_process(cmd, env, self.state_dir / "worker.log", temp, list(ports.node_ports().values()))
         self.extra_nodes.append(node)

@@ -53,7 +53,9 @@ def test_a_joined_node_takes_new_replicas_and_drain_moves_them_off_while_serving
             t.join(60)
     after = ray_world.status(capsys)
     rt = next(t for t in after["trunks"] if t["tree"] == "rt")
-    assert rt["running"] == 4 and all(r["machine_id"] != worker["machine_id"] for t in after["trunks"] for r in t["replicas"])
+    assert rt["running"] == 4 and all(
+        r["machine_id"] != worker["machine_id"] for t in after["trunks"] for r in t["replicas"]
+    )
     assert len(outcomes) > 10 and not [o for o in outcomes if o.startswith("error")]  # served throughout
     assert ray_world.cli("scale", "rt", "--replicas", "1") == 0
     ray_world.stop_extra_nodes()
