@@ -157,11 +157,14 @@ def scale_command(
     from cluster.ray.operate import driver
     from cluster.ray.runtime import default_state_dir, load_state, save_state
 
-    if replicas is not None and (min_replicas is not None or max_replicas is not None):
-        raise ClusterError("give either --replicas or --min/--max, not both")
-    if replicas is None and (min_replicas is None or max_replicas is None):
+    if replicas is not None:
+        if min_replicas is not None or max_replicas is not None:
+            raise ClusterError("give either --replicas or --min/--max, not both")
+        scaling = Scaling.fixed(replicas)
+    elif min_replicas is None or max_replicas is None:
         raise ClusterError("give --replicas N, or both --min and --max")
-    scaling = Scaling.fixed(replicas) if replicas is not None else Scaling(min_replicas, max_replicas)
+    else:
+        scaling = Scaling(min_replicas, max_replicas)
     state_dir = state_dir or default_state_dir()
     state = load_state(state_dir)
     config = load_cluster_config(state.config_file)

@@ -25,6 +25,7 @@ from rich.table import Table
 from hierarchy.errors import UpdateError
 from hierarchy.updates.envelope import Envelope, sign_payload
 from hierarchy.updates.statements import REPIN_PAYLOAD_TYPE, ROLLBACK_PAYLOAD_TYPE
+from hierarchy.updates.trust import Role
 from hierarchy.updates.verify import VERIFICATION_CHECKS
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def keys_register(
     signers = [load_signing_key(p, password) for p in sign_with or ()]
     with open_registry(db) as reg:
         trust = register_key(reg, new, role, node, signers, threshold)
-    group = trust.group(role, node)
+    group = trust.group(Role.parse(role), node)
     Console().print(
         f"[green]registered[/green] {new.keyid[:16]}... as {escape(role)} for "
         f"{escape(node or 'every node')} (group threshold {group.threshold}, key-set version "
@@ -131,7 +132,7 @@ def keys_ls(db: DbOption = None, as_json: JsonOption = False) -> None:
                         "node": r.node_id,
                         "status": r.status,
                         "created_at": r.created_at.isoformat(),
-                        "threshold": trust.threshold(r.role, r.node_id),
+                        "threshold": trust.threshold(Role.parse(r.role), r.node_id),
                     }
                     for r in records
                 ]
@@ -148,7 +149,7 @@ def keys_ls(db: DbOption = None, as_json: JsonOption = False) -> None:
             r.role,
             escape(r.node_id or "*"),
             f"[{style}]{r.status}[/{style}]",
-            str(trust.threshold(r.role, r.node_id)),
+            str(trust.threshold(Role.parse(r.role), r.node_id)),
             r.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     Console().print(table)
@@ -179,7 +180,7 @@ def keys_rotate(
             signers.append(load_signing_key(path, password))
     with open_registry(db) as reg:
         trust = rotate(reg, role, publics, threshold, signers, node)
-    group = trust.group(role, node)
+    group = trust.group(Role.parse(role), node)
     Console().print(
         f"[green]rotated[/green] {escape(role)}/{escape(node or '*')}: {len(publics)} key(s), "
         f"threshold {group.threshold}, key-set version {group.version}"

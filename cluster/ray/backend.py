@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import ray.exceptions
 from ray.serve import exceptions as serve_exceptions
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.errors import ReplicaUnavailable
 from cluster.ray.board import ReplicaReport
@@ -125,6 +125,8 @@ class RayTrunk:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         response = self._handle.options(stream=True, multiplexed_model_id=request.node).stream.remote(request)
+        if not isinstance(response, DeploymentResponseGenerator):  # stream=True makes one; Ray types either kind
+            raise TypeError(f"a streaming call answered {type(response).__name__}")
         sent, finished = 0, False
         try:
             async for item in response:

@@ -68,7 +68,8 @@ class ReplicaBoard:
 
 def ensure_board(namespace: str):
     """The board actor, created (detached, on the head, no CPU) if absent."""
-    return ReplicaBoard.options(
+    # mypy keeps a class's own type under a class decorator: it misses that @ray.remote made an ActorClass.
+    return ReplicaBoard.options(  # type: ignore[attr-defined]
         name=BOARD_NAME,
         namespace=namespace,
         lifetime="detached",

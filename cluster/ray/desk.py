@@ -63,7 +63,7 @@ def _warm(coordinator: Coordinator) -> None:
         log.warning("could not load the base for %s's gate", coordinator.tree.name, exc_info=True)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)  # type: ignore[call-overload]  # stubs lack actor options
 class UpdateDesk:
     """One coordinator per served tree, over one registry; calls run one at a time, in order."""
 
@@ -165,7 +165,8 @@ def ensure_desk(spec: DeskSpec, namespace: str, timeout_s: float = 300.0):
     A desk left by an earlier `up` is replaced: it may hold another set of trees. It keeps no
     state of its own (the registry and the tree dirs hold everything), so nothing is lost."""
     kill_desk(namespace)
-    desk = UpdateDesk.options(
+    # mypy keeps a class's own type under a class decorator: it misses that @ray.remote made an ActorClass.
+    desk = UpdateDesk.options(  # type: ignore[attr-defined]
         name=DESK_NAME,
         namespace=namespace,
         lifetime="detached",

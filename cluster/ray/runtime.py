@@ -325,7 +325,10 @@ def connect(state: ClusterState) -> bool:
     if already_imported and not ray.is_initialized():
         # Ray reads RAY_AUTH_MODE and the token when it is imported; a process that imported it
         # earlier (a test session) re-reads them, the way Ray's own token setup does.
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import (  # type: ignore[attr-defined]  # compiled in, absent from _raylet.pyi
+            AuthenticationTokenLoader,
+            Config,
+        )
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
@@ -335,7 +338,7 @@ def connect(state: ClusterState) -> bool:
         ray.init(
             address=state.gcs_address,
             namespace=state.namespace,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             log_to_driver=False,
             configure_logging=True,
         )

@@ -11,13 +11,14 @@ holds and how busy it is comes from the replicas' own reports
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
 from rich.console import Console
 from rich.table import Table
 
+from cluster.errors import ClusterError
 from cluster.ray.app import INGRESS_APP, INGRESS_DEPLOYMENT, TRUNK_DEPLOYMENT, app_name
 from cluster.ray.board import ReplicaReport, board
 from cluster.ray.config import ClusterConfig
@@ -97,7 +98,10 @@ class ClusterStatus:
 def serve_details() -> Mapping[str, Any]:
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().get_serve_details()
+    client = _get_global_client()  # raises RayServeException when no Serve controller runs
+    if client is None:  # typed optional for raise_if_no_controller_running=False only
+        raise ClusterError("Serve is not running on this cluster")
+    return client.get_serve_details()
 
 
 def _replicas(
@@ -106,10 +110,18 @@ def _replicas(
     rows = []
     for raw in deployment.get("replicas", ()):
         state = getattr(raw.get("state"), "value", str(raw.get("state")))
+        row = ReplicaStatus(
+            trunk=tree,
+            replica=raw["replica_id"],
+            state=state,
+            machine_id=raw.get("node_id") or "",
+            machine_ip=raw.get("node_ip") or "",
+            pid=raw.get("pid"),
+        )
         rep = reports.get(raw["replica_id"])
-        load = {}
-        if rep is not None:
-            load = dict(
+        if rep is not None:  # its load, as the replica last reported it
+            row = replace(
+                row,
                 loaded=rep.loaded,
                 queue_depth=rep.queue_depth,
                 running=rep.running,
@@ -120,17 +132,7 @@ def _replicas(
                 completed=rep.completed,
                 failed=rep.failed,
             )
-        rows.append(
-            ReplicaStatus(
-                trunk=tree,
-                replica=raw["replica_id"],
-                state=state,
-                machine_id=raw.get("node_id") or "",
-                machine_ip=raw.get("node_ip") or "",
-                pid=raw.get("pid"),
-                **load,
-            )
-        )
+        rows.append(row)
     return tuple(sorted(rows, key=lambda r: r.replica))
 
 

@@ -170,7 +170,7 @@ class TreeServer:
         c = self.config
         address = f"{c.host}:{c.port}"
         try:
-            if c.tls:
+            if c.tls_key is not None and c.tls_cert is not None:  # both or neither (ServerConfig checks)
                 creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
                 port = server.add_secure_port(address, creds)
             else:

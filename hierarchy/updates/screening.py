@@ -21,6 +21,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -142,7 +143,11 @@ def delta_cosine(x: Delta, y: Delta) -> float | None:
     return max(-1.0, min(1.0, delta_inner(x, y) / (nx * ny)))
 
 
-def scale_delta(delta: Delta, factor: float) -> dict[str, LoraFactors | torch.Tensor]:
+@overload
+def scale_delta(delta: Mapping[str, LoraFactors], factor: float) -> dict[str, LoraFactors]: ...
+@overload
+def scale_delta(delta: Delta, factor: float) -> dict[str, LoraFactors | torch.Tensor]: ...
+def scale_delta(delta: Delta, factor: float) -> Delta:
     """A new delta equal to ``factor`` x ``delta`` (B is scaled, A and the stored scale kept)."""
     return {
         m: LoraFactors(A=v.A, B=v.B * factor, scale=v.scale) if isinstance(v, LoraFactors) else v * factor

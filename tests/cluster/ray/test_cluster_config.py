@@ -96,6 +96,12 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         ),
         (lambda d: d["trunks"][0].update(resources={"memory": "lots"}), "trunks[0].resources.memory", "not a size"),
         (lambda d: d["trunks"][0].update(resources={"cpus": -1}), "trunks[0].resources.cpus", ">= 0"),
+        (
+            lambda d: d["trunks"][0].update(resources={"custom": {"zone-b": None}}),
+            "trunks[0].resources.custom.zone-b",
+            "got nothing",
+        ),
+        (lambda d: d.update(ray={"resources": {"big-box": None}}), "ray.resources.big-box", "got nothing"),
         (lambda d: d["trunks"][0].update(max_adapters=2), "trunks[0].max_adapters", "deepest chain"),
         (lambda d: d["trunks"][0].update(preload=["rt/xx"]), "trunks[0].preload", "not a node"),
         (lambda d: d["trunks"].append(dict(d["trunks"][0])), "trunks[1].tree", "one trunk per tree"),
