@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
     from rich.table import Table
 
 from hierarchy.errors import SpecError
@@ -129,7 +130,7 @@ class _RichBuildProgress:
             console=console,
             transient=True,
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self):
         self.progress.__enter__()

@@ -257,4 +257,5 @@ def _unknown_task_message(reg: Registry, request: MatchRequest) -> str:
             .order_by(Node.language)
             .limit(20)
         ).all()
-    return f"no node matches task {task.describe()}; known languages: {', '.join(languages) or 'none'}"
+    known_languages = ", ".join(lang for lang in languages if lang) or "none"
+    return f"no node matches task {task.describe()}; known languages: {known_languages}"

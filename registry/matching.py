@@ -246,7 +246,7 @@ def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], reques
     visible = [
         r for r in rows if r.visibility == "public" or (request.tenant is not None and r.owner == request.tenant)
     ]
-    specs = {r.node_id: s for r in visible if (s := specificity(r, task)) is not None}
+    specs = {r.node_id: found for r in visible if (found := specificity(r, task)) is not None}
     if not specs:
         return MatchResult(request, (), (_remote(None, None),), None, ())
     by_node: dict[str, CandidateRow] = {}
@@ -373,17 +373,18 @@ def _suggest(scored: list[_Scored], req: MatchRequest, by_node: dict[str, Candid
         limit = min(max_context_that_fits(s.estimate, req.hardware.memory), s.row.base.max_context)
         options.append((limit, -VARIANT_PREFERENCE[s.row.variant.kind], s))  # type: ignore[union-attr]
     limit, _, s = max(options, key=lambda o: (o[0], o[1]))
-    if limit >= 1:
+    variant = s.row.variant
+    if limit >= 1 and variant is not None:
         context = limit - limit % 128 if limit >= 256 else limit
-        fit = classify_fit(_estimate(s.row, s.row.variant, req, context).total, req.hardware.memory)  # type: ignore[arg-type]
+        fit = classify_fit(_estimate(s.row, variant, req, context).total, req.hardware.memory)
         out.append(
             Suggestion(
                 "shorter-context",
-                f"use --context {context} (or less) with {s.row.node_id} {s.row.variant.kind}: {fit} fit",  # type: ignore[union-attr]
+                f"use --context {context} (or less) with {s.row.node_id} {variant.kind}: {fit} fit",
                 s.row.node_id,
-                s.row.variant.kind,
+                variant.kind,
                 context,
-                fit,  # type: ignore[union-attr]
+                fit,
             )
         )
     # 2. a smaller variant not yet exported, for the most specific node first, then shallower ones

@@ -20,7 +20,7 @@ the newest row per node is the current one, older rows are chains it was validat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -402,7 +402,7 @@ def _set_key_group(session: Session, c: SetKeyGroup, nodes: dict[str, Node], now
     session.flush()
 
 
-_APPLY = {
+_APPLY: dict[type, Callable[[Session, Any, dict[str, Node], datetime], None]] = {
     AddVersion: _add_version,
     SetStatus: _set_status,
     MoveAlias: _move_alias,

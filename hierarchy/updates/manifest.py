@@ -93,10 +93,14 @@ def _int(value: Any, field: str, minimum: int) -> int:
 
 def _check_file_name(name: Any) -> str:
     # Names become paths on the receiver: relative, no '..', no backslashes, no empty parts.
-    ok = isinstance(name, str) and 0 < len(name) <= 255 and "\\" not in name and "\0" not in name
-    if ok:
-        ok = not name.startswith("/") and all(part not in ("", ".", "..") for part in name.split("/"))
-    if not ok:
+    if not (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and "\\" not in name
+        and "\0" not in name
+        and not name.startswith("/")
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    ):
         raise ManifestError(f"field 'files': file name {name!r} must be a relative path without '..'", field="files")
     return name
 
