@@ -28,7 +28,7 @@ from nodes.runtime.bank import AdapterBank, PreparedAdapter, prepare_adapter
 from nodes.store.adapters import read_adapter
 from nodes.store.tree import BuiltNode
 
-__all__ = ["AdapterCache", "CacheFull", "CacheStats"]
+__all__ = ["AdapterCache", "CacheStats"]
 
 
 @dataclass(frozen=True)
