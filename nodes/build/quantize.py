@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nodes.errors import ExportError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["ACTIVATIONS", "INT8_RECORD", "INT8_WEIGHTS", "Int8Linear", "load_int8", "quantize_weight", "save_int8"]
 
@@ -52,6 +55,10 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A linear layer with resident int8 weights, dequantized per matmul (weight-only int8)."""
 
+    weight_int8: torch.Tensor  # buffers, declared for the type checker
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = int(q.shape[1]), int(q.shape[0])
@@ -68,12 +75,12 @@ class Int8Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _targets(model: nn.Module) -> list[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+def _targets(model: PreTrainedModel) -> list[str]:
+    head = model.get_output_embeddings()  # the head stays float: it is tied to the embeddings
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
-def save_int8(model: nn.Module, out: str | Path) -> list[str]:
+def save_int8(model: PreTrainedModel, out: str | Path) -> list[str]:
     """Write ``model`` (float) with int8 linear weights to ``out``; returns the quantized layer names."""
     out = Path(out)
     names = _targets(model)
