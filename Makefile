@@ -9,12 +9,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install llama protos test lint-imports demo bench clean help
+.PHONY: install llama protos test lint demo bench clean help
 
 help:
 	@echo "make test   - install into .venv and run the whole test suite"
 	@echo "make demo   - install into .venv and run the demo"
 	@echo "make bench  - run the benchmarks (tables, JSON and PNG under benchmarks/results/)"
+	@echo "make lint   - ruff (lint + format check), mypy, import-linter (part of make test)"
+	@echo "make protos - regenerate the committed gRPC code after editing protos/treelm/v1/*.proto"
 	@echo "make llama  - add llama-cpp-python (the GGUF variants' llama.cpp checks run with it)"
 
 $(BIN)/python:
@@ -29,21 +31,25 @@ $(STAMP): $(BIN)/python pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP) protos
+install: $(STAMP)
 
 # Optional: stock llama.cpp for the GGUF variant checks (tests skip without it; compiles if no wheel is cached).
 llama: install
 	$(BIN)/pip install --quiet 'llama-cpp-python==0.3.36'
 
-# gRPC code generated from protos/treelm/v1/*.proto (gitignored; the repository root is
-# the include path so the modules import as protos.treelm.v1.*, never shadowing the SDK).
+# The gRPC code generated from protos/treelm/v1/*.proto is committed, so `pip install .` needs no
+# build step; run this after editing a .proto (tests/treelm/test_generated_protos.py checks it).
+# The repository root is the include path: the modules import as protos.treelm.v1.*.
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/treelm/v1/*.proto
 
-lint-imports: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: install protos lint-imports
+test: install lint
 	$(BIN)/python -m pytest
 
 demo: install

@@ -21,22 +21,15 @@ import math
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
-from rich.console import Console
-from rich.markup import escape
+from typing import Any
 
 from nodes.errors import NodesError
 from nodes.store.tree import BuiltNode, BuiltTree, open_tree
 from registry import BaseFacts, ImportNode, ImportResult, Registry, TreeImport, VariantFacts, register_tree
-from registry.cli import DbOption, db_url
-from registry.db import open_registry
 from registry.errors import ImportConflict, InvalidInput
 
 __all__ = [
     "base_facts_from_dir",
-    "import_command",
     "import_tree",
     "manifest_digest",
     "safetensors_summary",
@@ -227,46 +220,3 @@ def tree_import(tree_dir: str | Path) -> TreeImport:
 def import_tree(reg: Registry, tree_dir: str | Path) -> ImportResult:
     """Register the built tree at ``tree_dir`` (idempotent; all or nothing)."""
     return register_tree(reg, tree_import(tree_dir))
-
-
-def import_command(
-    ctx: typer.Context,
-    tree_dir: Annotated[Path, typer.Argument(help="a built tree directory (from `treelm tree build`)")],
-    db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
-) -> None:
-    """Register a built tree: its base, nodes, first versions (as stable) and variants. Idempotent."""
-    prepared = tree_import(tree_dir)  # read and check everything before touching the database
-    with open_registry(db_url(ctx, db)) as reg:
-        result = register_tree(reg, prepared)
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "tree": result.tree,
-                    "base_digest": result.base_digest,
-                    "nodes_added": result.nodes_added,
-                    "versions_added": result.versions_added,
-                    "variants_added": result.variants_added,
-                    "variants_updated": result.variants_updated,
-                    "tenants_added": list(result.tenants_added),
-                    "changed": result.changed,
-                },
-                indent=2,
-            )
-        )
-        return
-    console = Console()
-    if not result.changed:
-        console.print(f"[green]up to date[/green]: tree {escape(result.tree)} is already registered as built")
-        return
-    console.print(
-        f"[green]imported[/green] tree {escape(result.tree)} (base {result.base_digest[:12]}): "
-        f"{result.nodes_added} node(s), {result.versions_added} version(s), {result.variants_added} variant(s) added, "
-        f"{result.variants_updated} variant(s) updated"
-    )
-    if result.tenants_added:
-        console.print(
-            f"  new tenant(s) for private nodes: {escape(', '.join(result.tenants_added))} "
-            "(issue tokens with `treelm registry token issue TENANT`)"
-        )

@@ -7,10 +7,10 @@ the node and the field, so that `treelm tree validate` can list them all.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -230,7 +230,7 @@ class TreeSpec:
 
     def to_json(self) -> dict[str, Any]:
         """The shape printed by ``treelm tree show --json``."""
-        nodes = [{"id": self.name, "path": "", "level": Level.BASE.value, "parent": None}]
+        nodes: list[dict[str, Any]] = [{"id": self.name, "path": "", "level": Level.BASE.value, "parent": None}]
         for n in self.nodes:
             nodes.append(
                 {
@@ -270,14 +270,16 @@ _NODE_KEYS = {
     "owner",
 }
 _DEFAULT_KEYS = {"lora", "training", "guard"}
-_SETTINGS = {"lora": LoraSettings, "training": TrainSettings, "guard": GuardSettings}
+_Settings = TypeVar("_Settings", LoraSettings, TrainSettings, GuardSettings)
+# Reports one problem: (node label, field, message); node and field are None when not about one.
+_Problem = Callable[[str | None, str | None, str], None]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that reports duplicate mapping keys instead of silently keeping the last."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -374,14 +376,14 @@ def parse_spec(raw: Any, *, source: Path | None = None, check_files: bool = True
                     "lora.target_modules",
                     f"the base has no module(s) {unknown} (it has: {', '.join(LLAMA_LINEAR_MODULES)})",
                 )
-    if problems:
+    if problems or base is None:  # a missing base is always among the problems
         raise SpecError(problems)
     return TreeSpec(
         name=name, base=base, nodes=tuple(ordered), source=source, description=str(raw.get("description") or "")
     )
 
 
-def _parse_base(raw: Any, problem) -> BaseSpec | None:
+def _parse_base(raw: Any, problem: _Problem) -> BaseSpec | None:
     if raw is None:
         problem(None, "base", "missing 'base' (e.g. base: {model: tiny})")
         return None
@@ -403,13 +405,13 @@ def _parse_base(raw: Any, problem) -> BaseSpec | None:
         return None
 
 
-def _parse_defaults(raw: Any, problem) -> dict[str, dict]:
+def _parse_defaults(raw: Any, problem: _Problem) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         problem(None, "defaults", "must be a mapping with lora / training / guard")
         return {}
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         if key not in _DEFAULT_KEYS:
             problem(None, f"defaults.{key}", f"unknown key (expected one of: {', '.join(sorted(_DEFAULT_KEYS))})")
@@ -420,8 +422,14 @@ def _parse_defaults(raw: Any, problem) -> dict[str, dict]:
     return out
 
 
-def _settings(kind: str, raw: Any, defaults: dict[str, dict], label: str | None, problem):
-    cls = _SETTINGS[kind]
+def _settings(
+    kind: str,
+    cls: type[_Settings],
+    raw: Any,
+    defaults: dict[str, dict[str, Any]],
+    label: str | None,
+    problem: _Problem,
+) -> _Settings:
     merged = dict(defaults.get(kind, {}))
     if raw is not None:
         if not isinstance(raw, Mapping):
@@ -448,7 +456,14 @@ def _settings(kind: str, raw: Any, defaults: dict[str, dict], label: str | None,
         return cls()
 
 
-def _parse_node(path, body, defaults, root_dir: Path, check_files: bool, problem) -> NodeSpec | None:
+def _parse_node(
+    path: NodePath,
+    body: Any,
+    defaults: dict[str, dict[str, Any]],
+    root_dir: Path,
+    check_files: bool,
+    problem: _Problem,
+) -> NodeSpec | None:
     label = str(path)
     if body is None:
         body = {}
@@ -502,9 +517,9 @@ def _parse_node(path, body, defaults, root_dir: Path, check_files: bool, problem
         problem(label, "tags", "must be a list of strings")
         tags = ()
 
-    lora = _settings("lora", body.get("lora"), defaults, label, problem)
-    training = _settings("training", body.get("training"), defaults, label, problem)
-    guard = _settings("guard", body.get("guard"), defaults, label, problem)
+    lora = _settings("lora", LoraSettings, body.get("lora"), defaults, label, problem)
+    training = _settings("training", TrainSettings, body.get("training"), defaults, label, problem)
+    guard = _settings("guard", GuardSettings, body.get("guard"), defaults, label, problem)
     if level is None:
         return None
     return NodeSpec(
@@ -526,7 +541,7 @@ def _parse_node(path, body, defaults, root_dir: Path, check_files: bool, problem
     )
 
 
-def _check_structure(parsed: dict[NodePath, NodeSpec], problem) -> list[NodeSpec]:
+def _check_structure(parsed: dict[NodePath, NodeSpec], problem: _Problem) -> list[NodeSpec]:
     """Parents exist, levels deepen, attributes inherit; returns nodes parents-first."""
     ok: dict[NodePath, NodeSpec] = {}
     for path in sorted(parsed, key=lambda p: (p.depth, p.value)):

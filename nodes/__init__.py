@@ -7,8 +7,9 @@ CLI's help must not load torch and transformers, which most of these modules nee
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hierarchy.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "AdapterBank": "nodes.runtime.bank",
@@ -101,14 +102,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from nodes.base.model import LoadedBase, TinyBaseConfig, base_digest, load_base, make_tiny_base

@@ -1,11 +1,14 @@
 """Errors raised by the model runtime.
 
-NodesError
+NodesError (PicklableError: every error survives pickle and a Ray call with its fields)
 ├── BaseModelError        a base that cannot be made, found or loaded
 ├── AdapterError          an adapter dir that is missing, malformed or does not fit the base
 │   └── IntegrityError    a file whose sha256 differs from the recorded one
 ├── BuildError            a tree build step that failed (bad data, forgetting bound, ...)
+├── GateTextMissing       a text the evaluation gate needs cannot be found
 ├── ExportError           an export that cannot be produced
+├── EngineConfigError     an EngineConfig value out of range (the message names the field)
+├── CacheFull             every adapter slot is pinned by in-flight requests (internal: retried)
 └── EngineError           one request failed; the engine keeps serving others
     ├── UnknownNode       the node id is not in the served tree
     ├── InvalidRequest    a bad parameter; ``field`` names it
@@ -17,14 +20,19 @@ NodesError
 
 from __future__ import annotations
 
+from hierarchy.errors import PicklableError
+
 __all__ = [
     "AdapterError",
     "BaseModelError",
     "BuildError",
+    "CacheFull",
     "DeadlineExceeded",
     "EngineClosed",
+    "EngineConfigError",
     "EngineError",
     "ExportError",
+    "GateTextMissing",
     "IntegrityError",
     "InvalidRequest",
     "NodesError",
@@ -34,7 +42,7 @@ __all__ = [
 ]
 
 
-class NodesError(Exception):
+class NodesError(PicklableError):
     """Base of every error raised by :mod:`nodes`."""
 
 
@@ -88,3 +96,15 @@ class RequestCancelled(EngineError):
 
 class EngineClosed(EngineError):
     """The engine is shutting down or stopped and accepts no new requests."""
+
+
+class EngineConfigError(NodesError, ValueError):
+    """An EngineConfig value is out of range; the message names the field."""
+
+
+class CacheFull(NodesError):
+    """Every active slot is pinned by in-flight requests; try again after one finishes (internal)."""
+
+
+class GateTextMissing(NodesError):
+    """A text the gate needs (a probe, the held-out text, the canary) cannot be found or changed."""

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from registry._rows import canonical_node_id, find_node, find_version, utc
 from registry.db import Registry
 from registry.errors import Conflict, InvalidInput, InvalidToken, NotFound, SigningKeyNotFound, TenantNotFound
-from registry.models import DEPLOYMENT_STATUSES, ApiToken, Deployment, Node, NodeVersion, SigningKey, Tenant, utcnow
+from registry.models import ApiToken, Deployment, Node, NodeVersion, SigningKey, Tenant, utcnow
 from registry.records import (
     DeploymentRecord,
     IssuedToken,
@@ -27,6 +27,7 @@ from registry.records import (
     check_name,
     check_role,
 )
+from registry.vocab import DEPLOYMENT_STATUSES
 
 __all__ = [
     "add_signing_key",

@@ -9,7 +9,7 @@ The database is ``--db URL`` (before or after the sub-command), else
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,15 +17,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from registry.access import create_tenant, get_tenant, issue_token, list_tenants, revoke_token
-from registry.candidates import match as run_match
-from registry.db import init_registry, open_registry, upgrade_registry
-from registry.matching import MatchResult
-from registry.matchtypes import DEFAULT_CONTEXT, Hardware, MatchRequest, TaskQuery
-from registry.memory import format_bytes, parse_bandwidth, parse_compute, parse_memory_size
-from registry.records import NodeRecord
-from registry.trees import get_node, list_nodes
-from registry.versions import list_versions, set_alias
+from registry.memory import DEFAULT_CONTEXT, format_bytes, parse_bandwidth, parse_compute, parse_memory_size
+
+if TYPE_CHECKING:
+    from registry.matching import MatchResult
+    from registry.records import NodeRecord
 
 __all__ = ["DbOption", "db_url", "registry_app"]
 
@@ -68,6 +64,8 @@ def db_url(ctx: typer.Context, db: str | None) -> str | None:
 
 
 def _known_tenant(reg, tenant: str | None) -> None:
+    from registry.access import get_tenant
+
     if tenant is not None:
         get_tenant(reg, tenant)  # a typo must not silently show the public view
 
@@ -79,6 +77,8 @@ def _echo_json(data: Any) -> None:
 @registry_app.command("init")
 def init(ctx: typer.Context, db: DbOption = None) -> None:
     """Create the registry schema (through its migrations)."""
+    from registry.db import init_registry
+
     status, created = init_registry(db_url(ctx, db))
     verb = "initialised" if created else "already initialised:"
     Console().print(f"[green]{verb}[/green] registry at {escape(status.url)} (schema {status.current})")
@@ -87,6 +87,8 @@ def init(ctx: typer.Context, db: DbOption = None) -> None:
 @registry_app.command("upgrade")
 def upgrade(ctx: typer.Context, db: DbOption = None) -> None:
     """Migrate the registry schema to this treelm's version."""
+    from registry.db import upgrade_registry
+
     before, after = upgrade_registry(db_url(ctx, db))
     console = Console()
     if before.current == after.current:
@@ -121,6 +123,9 @@ def ls(
     as_json: JsonOption = False,
 ) -> None:
     """List nodes as a tree per tree (all of them; with --tenant only what that tenant sees)."""
+    from registry.db import open_registry
+    from registry.trees import list_nodes
+
     with open_registry(db_url(ctx, db)) as reg:
         _known_tenant(reg, tenant)
         nodes = list_nodes(reg, tenant=tenant, include_private=tenant is None, tree=tree)
@@ -155,6 +160,9 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one node: attributes, base, versions, variants of its stable version, deployments."""
+    from registry.db import open_registry
+    from registry.trees import get_node
+
     with open_registry(db_url(ctx, db)) as reg:
         _known_tenant(reg, tenant)
         detail = get_node(reg, node_id, tenant=tenant, include_private=tenant is None)
@@ -222,6 +230,9 @@ def versions(
     as_json: JsonOption = False,
 ) -> None:
     """List a node's versions with their status and aliases."""
+    from registry.db import open_registry
+    from registry.versions import list_versions
+
     with open_registry(db_url(ctx, db)) as reg:
         _known_tenant(reg, tenant)
         found = list_versions(reg, node_id, tenant=tenant, include_private=tenant is None)
@@ -240,6 +251,9 @@ def alias(
     db: DbOption = None,
 ) -> None:
     """Point a node's alias (stable/candidate) at a version, atomically."""
+    from registry.db import open_registry
+    from registry.versions import set_alias
+
     with open_registry(db_url(ctx, db)) as reg:
         moved = set_alias(reg, node_id, name, version)
     before = "nowhere" if moved.previous_version is None else f"v{moved.previous_version}"
@@ -280,6 +294,10 @@ def match(
     as_json: JsonOption = False,
 ) -> None:
     """Find the node and variant that best fit a task and a device, with the reasons."""
+    from registry.candidates import match as run_match
+    from registry.db import open_registry
+    from registry.matchtypes import Hardware, MatchRequest, TaskQuery
+
     tags = tuple(tag or ())
     if task is not None:
         query = TaskQuery.parse(task, tags=tags, tree=tree)
@@ -345,6 +363,9 @@ def tenant_add(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="tenant name, e.g. st-marys")], db: DbOption = None
 ) -> None:
     """Add a tenant."""
+    from registry.access import create_tenant
+    from registry.db import open_registry
+
     with open_registry(db_url(ctx, db)) as reg:
         created = create_tenant(reg, name)
     Console().print(f"[green]added[/green] tenant {escape(created.name)}")
@@ -353,6 +374,9 @@ def tenant_add(
 @tenant_app.command("ls")
 def tenant_ls(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """List tenants."""
+    from registry.access import list_tenants
+    from registry.db import open_registry
+
     with open_registry(db_url(ctx, db)) as reg:
         tenants = list_tenants(reg)
     if as_json:
@@ -367,6 +391,9 @@ def token_issue(
     ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="tenant the token acts for")], db: DbOption = None
 ) -> None:
     """Issue an API token for a tenant. It is printed once and stored only hashed."""
+    from registry.access import issue_token
+    from registry.db import open_registry
+
     with open_registry(db_url(ctx, db)) as reg:
         issued = issue_token(reg, tenant)
     typer.echo(issued.token)
@@ -382,6 +409,9 @@ def token_revoke(
     db: DbOption = None,
 ) -> None:
     """Revoke an API token by its id."""
+    from registry.access import revoke_token
+    from registry.db import open_registry
+
     with open_registry(db_url(ctx, db)) as reg:
         revoke_token(reg, token_id)
     Console().print(f"[green]revoked[/green] token {escape(token_id)}")

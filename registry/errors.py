@@ -1,6 +1,6 @@
 """Errors raised by the registry. Every one is the user's (or operator's) to fix.
 
-    RegistryError
+    RegistryError (PicklableError: every error survives pickle and a Ray call with its fields)
     ├── DatabaseError             the database cannot be used as it is
     │   ├── InvalidDatabaseUrl    a URL SQLAlchemy cannot parse or has no driver for
     │   ├── DatabaseUnavailable   the database cannot be reached (down, wrong host, bad credentials)
@@ -10,6 +10,7 @@
     ├── NotFound                  a record that does not exist (or is not visible to the tenant)
     │   ├── NodeNotFound
     │   ├── VersionNotFound
+    │   ├── UpdateNotFound        an update id no update has
     │   ├── TenantNotFound
     │   └── SigningKeyNotFound
     ├── InvalidInput              a bad value; ``field`` names the input
@@ -28,6 +29,8 @@ same message as a node that does not exist, so its existence never leaks.
 """
 
 from __future__ import annotations
+
+from hierarchy.errors import PicklableError
 
 __all__ = [
     "AliasError",
@@ -51,11 +54,12 @@ __all__ = [
     "StatusTransitionError",
     "TenantNotFound",
     "UnknownTask",
+    "UpdateNotFound",
     "VersionNotFound",
 ]
 
 
-class RegistryError(Exception):
+class RegistryError(PicklableError):
     """Base of every error raised by :mod:`registry`."""
 
 
@@ -145,3 +149,11 @@ class AliasError(Conflict):
 
 class StatusTransitionError(Conflict):
     pass
+
+
+class UpdateNotFound(NotFound):
+    """No update record with this id (the same message whether it is absent or not the caller's)."""
+
+    @classmethod
+    def for_id(cls, update_id: str) -> UpdateNotFound:
+        return cls(f"no update {update_id!r}: `treelm update status` lists them")

@@ -40,8 +40,8 @@ from registry.memory import (
     max_context_that_fits,
     weights_format,
 )
-from registry.models import VARIANT_KINDS
 from registry.records import VariantFacts
+from registry.vocab import VARIANT_KINDS
 
 __all__ = [
     "WEIGHTS",

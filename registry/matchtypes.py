@@ -9,7 +9,7 @@ from typing import Any
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodePath
 from registry.errors import InvalidHardware, InvalidInput, InvalidTask
-from registry.memory import DEFAULT_DTYPE, DEVICES, DTYPE_BYTES
+from registry.memory import DEFAULT_CONTEXT, DEFAULT_DTYPE, DEVICES, DTYPE_BYTES
 from registry.records import BaseFacts, VariantFacts, normalise_label
 
 __all__ = ["DEFAULT_CONTEXT", "CandidateRow", "Hardware", "MatchRequest", "TaskQuery"]
@@ -139,9 +139,6 @@ class Hardware:
     @property
     def serving_dtype(self) -> str:
         return self.dtype or DEFAULT_DTYPE[self.device]
-
-
-DEFAULT_CONTEXT = 2048
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from registry.errors import InvalidHardware, InvalidMemorySize
 from registry.records import BaseFacts
 
 __all__ = [
+    "DEFAULT_CONTEXT",
     "DEFAULT_DTYPE",
     "DEVICES",
     "DTYPE_BYTES",
@@ -48,6 +49,8 @@ __all__ = [
     "weights_format",
 ]
 
+# The context a match estimates when the user asks for none (capped at each model's own limit).
+DEFAULT_CONTEXT = 2048
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 DEVICES = ("cpu", "cuda", "mps")
 # What each device computes in unless told otherwise: fp32 on CPU (PyTorch's fast path), fp16 on GPUs.

@@ -16,7 +16,7 @@ from typing import Any
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodePath
 from registry.errors import InvalidInput
-from registry.models import KEY_ROLES, LEVELS, VARIANT_KINDS, VERSION_STATUSES, VISIBILITIES
+from registry.vocab import KEY_ROLES, LEVELS, VARIANT_KINDS, VERSION_STATUSES, VISIBILITIES
 
 __all__ = [
     "AliasRecord",

@@ -101,7 +101,9 @@ class _Importer:
         if found is not None:
             return found
         values = {name: getattr(facts, name) for name in BASE_FIELDS}
-        return self.s.scalar(insert(BaseModel).values(**values, created_at=self.now).returning(BaseModel.id))
+        return self.s.execute(
+            insert(BaseModel).values(**values, created_at=self.now).returning(BaseModel.id)
+        ).scalar_one()
 
     def _tenants(self) -> tuple[dict[str, int], list[str]]:
         owners = sorted({n.owner for n in self.tree.nodes if n.owner})
@@ -110,7 +112,9 @@ class _Importer:
         have = dict(self.s.execute(select(Tenant.name, Tenant.id).where(Tenant.name.in_(owners))).tuples().all())
         added = [o for o in owners if o not in have]
         for name in added:  # owners named in a tree become tenants (without tokens until one is issued)
-            have[name] = self.s.scalar(insert(Tenant).values(name=name, created_at=self.now).returning(Tenant.id))
+            have[name] = self.s.execute(
+                insert(Tenant).values(name=name, created_at=self.now).returning(Tenant.id)
+            ).scalar_one()
         return have, added
 
     def _nodes(self, existing: dict[str, Any], tenants: dict[str, int], base_id: int) -> dict[str, int]:

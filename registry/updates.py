@@ -20,7 +20,7 @@ the newest row per node is the current one, older rows are chains it was validat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,12 +30,15 @@ from sqlalchemy.orm import Session
 
 from registry._rows import canonical_node_id, find_node, find_version, utc
 from registry.db import Registry
-from registry.errors import AliasError, Conflict, InvalidInput, NotFound, SigningKeyNotFound, StatusTransitionError
+from registry.errors import (
+    AliasError,
+    Conflict,
+    InvalidInput,
+    SigningKeyNotFound,
+    StatusTransitionError,
+    UpdateNotFound,
+)
 from registry.models import (
-    ALIAS_NAMES,
-    PIN_STATUSES,
-    UPDATE_KINDS,
-    UPDATE_STATES,
     Alias,
     KeyGroup,
     Node,
@@ -48,6 +51,7 @@ from registry.models import (
 )
 from registry.records import check_digest, check_role, check_status
 from registry.versions import ALLOWED_TRANSITIONS
+from registry.vocab import ALIAS_NAMES, PIN_STATUSES, UPDATE_KINDS, UPDATE_STATES
 
 __all__ = [
     "AddEvent",
@@ -66,7 +70,6 @@ __all__ = [
     "SetStatus",
     "SetUpdate",
     "UpdateEntry",
-    "UpdateNotFound",
     "apply_changes",
     "current_pins",
     "get_update",
@@ -76,14 +79,6 @@ __all__ = [
     "pin_history",
     "tree_versions",
 ]
-
-
-class UpdateNotFound(NotFound):
-    """No update record with this id (the same message whether it is absent or not the caller's)."""
-
-    @classmethod
-    def for_id(cls, update_id: str) -> UpdateNotFound:
-        return cls(f"no update {update_id!r}: `treelm update status` lists them")
 
 
 # -- records -------------------------------------------------------------------------------
@@ -407,7 +402,7 @@ def _set_key_group(session: Session, c: SetKeyGroup, nodes: dict[str, Node], now
     session.flush()
 
 
-_APPLY = {
+_APPLY: dict[type, Callable[[Session, Any, dict[str, Node], datetime], None]] = {
     AddVersion: _add_version,
     SetStatus: _set_status,
     MoveAlias: _move_alias,

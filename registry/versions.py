@@ -20,8 +20,9 @@ from sqlalchemy.exc import IntegrityError
 from registry._rows import aliases_of, find_node, find_version, variant_record, version_record
 from registry.db import Registry
 from registry.errors import AliasError, Conflict, InvalidInput, StatusTransitionError, VersionNotFound
-from registry.models import ALIAS_NAMES, Alias, NodeVersion, Variant, utcnow
+from registry.models import Alias, NodeVersion, Variant, utcnow
 from registry.records import AliasRecord, VariantFacts, VariantRecord, VersionRecord, check_digest, check_status
+from registry.vocab import ALIAS_NAMES
 
 __all__ = [
     "ALLOWED_TRANSITIONS",

@@ -162,10 +162,11 @@ class AsyncClient:
             opts = list(CHANNEL_OPTIONS) + list(options)
             channel = grpc.aio.secure_channel(target, creds, opts) if creds else grpc.aio.insecure_channel(target, opts)
         self._channel = channel
-        self._inference = inference_pb2_grpc.InferenceStub(channel)
-        self._registry = registry_pb2_grpc.RegistryStub(channel)
-        self._admin = admin_pb2_grpc.AdminStub(channel)
-        self._updates = updates_pb2_grpc.UpdatesStub(channel)
+        # grpc_tools writes no type stubs for services, so the generated stub classes are untyped.
+        self._inference = inference_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+        self._registry = registry_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]
+        self._admin = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool = True) -> Any:
         deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
@@ -288,9 +289,17 @@ class AsyncClient:
         return update_status_from_proto(await self._unary(self._updates.Approve, request, timeout, idempotent=False))
 
     async def rollback(
-        self, node: str, to_version: int, keys: Any, *, password: bytes | None = None, timeout: float | None = _UNSET
+        self,
+        node: str,
+        to_version: int,
+        keys: Sequence[SigningKey | str | Path] | SigningKey | str | Path,
+        *,
+        password: bytes | None = None,
+        timeout: float | None = _UNSET,
     ) -> RollbackResult:
-        signers = [load_signing_key(k, password) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
+        signers = [
+            load_signing_key(k, password) for k in ([keys] if isinstance(keys, (SigningKey, str, Path)) else keys)
+        ]
         current = (await self.node(node, timeout=timeout)).stable_version or 0
         signatures = sign_payload(ROLLBACK_PAYLOAD_TYPE, rollback_statement(node, current, to_version), signers)
         request = updates_pb2.RollbackRequest(

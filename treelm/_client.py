@@ -180,10 +180,11 @@ class Client:
             opts = list(CHANNEL_OPTIONS) + list(options)
             channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
         self._channel = channel
-        self._inference = inference_pb2_grpc.InferenceStub(channel)
-        self._registry = registry_pb2_grpc.RegistryStub(channel)
-        self._admin = admin_pb2_grpc.AdminStub(channel)
-        self._updates = updates_pb2_grpc.UpdatesStub(channel)
+        # grpc_tools writes no type stubs for services, so the generated stub classes are untyped.
+        self._inference = inference_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+        self._registry = registry_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]
+        self._admin = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
 
     # -- plumbing ---------------------------------------------------------------------------
     # Reads and generation are idempotent (they change nothing on the server) and are retried;
@@ -353,7 +354,9 @@ class Client:
         timeout: float | None = _UNSET,
     ) -> RollbackResult:
         """Move ``node``'s ``stable`` alias to ``to_version``, signed by operator key(s); re-signs nothing."""
-        signers = [load_signing_key(k, password) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
+        signers = [
+            load_signing_key(k, password) for k in ([keys] if isinstance(keys, (SigningKey, str, Path)) else keys)
+        ]
         current = self.node(node, timeout=timeout).stable_version or 0
         statement = rollback_statement(node, current, to_version)
         signatures: tuple[Signature, ...] = sign_payload(ROLLBACK_PAYLOAD_TYPE, statement, signers)

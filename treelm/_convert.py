@@ -48,6 +48,8 @@ _FINISH = {
 
 
 def _message(item: MessageLike, i: int) -> inference_pb2.ChatMessage:
+    role: str | None
+    content: str | None
     if isinstance(item, ChatMessage):
         role, content = item.role, item.content
     elif isinstance(item, Mapping):
@@ -178,6 +180,7 @@ def match_request(
     tree: str | None = None,
     dtype: str | None = None,
 ) -> registry_pb2.MatchRequest:
+    value: object  # each loop checks the caller's values at run time
     for name, value in (("task", task), ("device", device)):
         if not isinstance(value, str):
             raise InvalidRequest(f"{name}: must be a string, got {value!r}", field=name)

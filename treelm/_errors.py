@@ -1,6 +1,6 @@
 """Errors raised by the SDK, decoded from the server's gRPC status codes.
 
-    TreeLMError                     any failed call; ``code`` and ``details`` say what the server said
+    TreeLMError (PicklableError)    any failed call; ``code`` and ``details`` say what the server said
     ├── NotFound                    NOT_FOUND
     │   └── NodeNotFound            no such node -- or a private node of another tenant (same answer)
     ├── InvalidRequest              INVALID_ARGUMENT / OUT_OF_RANGE; ``field`` names the bad parameter
@@ -33,6 +33,8 @@ from typing import Any
 
 import grpc
 
+from hierarchy.errors import PicklableError
+
 __all__ = [
     "ERROR_FIELD_KEY",
     "ERROR_KIND_KEY",
@@ -57,7 +59,7 @@ ERROR_FIELD_KEY = "treelm-error-field"  # the request field an INVALID_ARGUMENT 
 ERROR_KIND_KEY = "treelm-error-kind"  # a finer kind than the code, e.g. "node-not-found"
 
 
-class TreeLMError(Exception):
+class TreeLMError(PicklableError):
     """A call failed. ``code`` is the gRPC status code, ``details`` the server's message, ``kind`` the
     server's finer reason when it gives one (e.g. ``"hash-mismatch"``, ``"stale-parent"``)."""
 

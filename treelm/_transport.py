@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 
@@ -29,7 +30,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
 
 # None: plaintext; True: TLS with the system's roots; bytes/str/Path: a root CA (PEM or its file);
 # or ready grpc.ChannelCredentials.
-TLS = None | bool | bytes | str | Path | grpc.ChannelCredentials
+TLS: TypeAlias = bool | bytes | str | Path | grpc.ChannelCredentials | None
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,8 @@ class UpdateStatus:
         import base64
         import json
 
-        return json.loads(base64.b64decode(json.loads(self.envelope)["payload"]))
+        manifest: dict[str, Any] = json.loads(base64.b64decode(json.loads(self.envelope)["payload"]))
+        return manifest
 
 
 @dataclass(frozen=True)

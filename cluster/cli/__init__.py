@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from cluster.cli.cluster import cluster_app
+from cluster.cli.registry_import import import_command
 from cluster.cli.serve import serve_command
 from cluster.cli.updates import keys_app, update_app
 from cluster.errors import ClusterError
-from cluster.tree_import import import_command
 from hierarchy.errors import HierarchyError
 from nodes.cli import base_app, export_command, tree_app
 from nodes.errors import NodesError
@@ -42,6 +42,25 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(update_app, name="update")
 app.add_typer(cluster_app, name="cluster")
 
+# Packages of the `server` extra: a command that needs one, run from an SDK-only install.
+_SERVER_PACKAGES = frozenset(
+    {
+        "alembic",
+        "grpc_health",
+        "grpc_reflection",
+        "matplotlib",
+        "peft",
+        "prometheus_client",
+        "psycopg",
+        "ray",
+        "safetensors",
+        "sqlalchemy",
+        "tokenizers",
+        "torch",
+        "transformers",
+    }
+)
+
 # Error types that are the user's to fix: printed plainly, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError)
 
@@ -60,5 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except USER_ERRORS as exc:
         err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _SERVER_PACKAGES:
+            raise
+        needs = f"this command needs {exc.name}, part of the server install: pip install 'treelm[server]'"
+        err.print("[bold red]error:[/bold red]", escape(needs), highlight=False, soft_wrap=True)
         return 2
     return 0

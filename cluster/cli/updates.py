@@ -15,34 +15,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cluster.updates.coordinator import Coordinator
-from cluster.updates.keys import (
-    load_public_key,
-    load_signing_key,
-    load_trust,
-    register_key,
-    revoke,
-    rotate,
-    write_key_files,
-)
-from cluster.updates.make import make_package
-from cluster.updates.package import read_package
-from cluster.updates.policy import UpdatePolicy
-from cluster.updates.status import UpdateStatus
+from hierarchy.errors import UpdateError
 from hierarchy.updates.envelope import Envelope, sign_payload
-from hierarchy.updates.errors import UpdateError
 from hierarchy.updates.statements import REPIN_PAYLOAD_TYPE, ROLLBACK_PAYLOAD_TYPE
+from hierarchy.updates.trust import Role
 from hierarchy.updates.verify import VERIFICATION_CHECKS
-from registry.access import list_signing_keys
-from registry.db import open_registry
-from registry.updates import list_update_events
+
+if TYPE_CHECKING:
+    from cluster.updates.coordinator import Coordinator
 
 __all__ = ["keys_app", "update_app"]
 
@@ -87,6 +74,8 @@ def keys_gen(
     password_env: PasswordEnv = None,
 ) -> None:
     """Generate an Ed25519 key pair; prints its key id (sha256 of the public key)."""
+    from cluster.updates.keys import write_key_files
+
     files = write_key_files(out, password=_password(password_env))
     typer.echo(files.keyid)
     Console(stderr=True).print(
@@ -107,12 +96,15 @@ def keys_register(
     password_env: PasswordEnv = None,
 ) -> None:
     """Trust a key for a role: signed by the key itself and by root (new group) or the group's keys."""
+    from cluster.updates.keys import load_signing_key, register_key
+    from registry.db import open_registry
+
     password = _password(password_env)
     new = load_signing_key(key_dir, password)
     signers = [load_signing_key(p, password) for p in sign_with or ()]
     with open_registry(db) as reg:
         trust = register_key(reg, new, role, node, signers, threshold)
-    group = trust.group(role, node)
+    group = trust.group(Role.parse(role), node)
     Console().print(
         f"[green]registered[/green] {new.keyid[:16]}... as {escape(role)} for "
         f"{escape(node or 'every node')} (group threshold {group.threshold}, key-set version "
@@ -123,6 +115,10 @@ def keys_register(
 @keys_app.command("ls")
 def keys_ls(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List registered signing keys with their role, node, status and group threshold."""
+    from cluster.updates.keys import load_trust
+    from registry.access import list_signing_keys
+    from registry.db import open_registry
+
     with open_registry(db) as reg:
         records = list_signing_keys(reg)
         trust = load_trust(reg)
@@ -136,7 +132,7 @@ def keys_ls(db: DbOption = None, as_json: JsonOption = False) -> None:
                         "node": r.node_id,
                         "status": r.status,
                         "created_at": r.created_at.isoformat(),
-                        "threshold": trust.threshold(r.role, r.node_id),
+                        "threshold": trust.threshold(Role.parse(r.role), r.node_id),
                     }
                     for r in records
                 ]
@@ -153,7 +149,7 @@ def keys_ls(db: DbOption = None, as_json: JsonOption = False) -> None:
             r.role,
             escape(r.node_id or "*"),
             f"[{style}]{r.status}[/{style}]",
-            str(trust.threshold(r.role, r.node_id)),
+            str(trust.threshold(Role.parse(r.role), r.node_id)),
             r.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     Console().print(table)
@@ -170,6 +166,9 @@ def keys_rotate(
     password_env: PasswordEnv = None,
 ) -> None:
     """Replace a group's keys: needs a threshold of the OLD keys and a threshold of the NEW keys."""
+    from cluster.updates.keys import load_public_key, load_signing_key, rotate
+    from registry.db import open_registry
+
     password = _password(password_env)
     signers = [load_signing_key(p, password) for p in sign_with or ()]
     # New keys sign for themselves when their private key is at hand (proof of possession).
@@ -181,7 +180,7 @@ def keys_rotate(
             signers.append(load_signing_key(path, password))
     with open_registry(db) as reg:
         trust = rotate(reg, role, publics, threshold, signers, node)
-    group = trust.group(role, node)
+    group = trust.group(Role.parse(role), node)
     Console().print(
         f"[green]rotated[/green] {escape(role)}/{escape(node or '*')}: {len(publics)} key(s), "
         f"threshold {group.threshold}, key-set version {group.version}"
@@ -196,6 +195,9 @@ def keys_revoke(
     password_env: PasswordEnv = None,
 ) -> None:
     """Revoke a key for good (signed by root's threshold of root keys)."""
+    from cluster.updates.keys import load_signing_key, revoke
+    from registry.db import open_registry
+
     password = _password(password_env)
     with open_registry(db) as reg:
         revoke(reg, keyid, [load_signing_key(p, password) for p in sign_with or ()])
@@ -206,6 +208,10 @@ def keys_revoke(
 @contextmanager
 def _local(tree: Path | None, db: str | None, policy: Path | None) -> Iterator[Coordinator]:
     """The tree's coordinator (the first use registers the tree and pins its built versions)."""
+    from cluster.updates.coordinator import Coordinator
+    from cluster.updates.policy import UpdatePolicy
+    from registry.db import open_registry
+
     if tree is None:
         raise typer.BadParameter("give --tree DIR (local mode) or --server HOST:PORT (remote mode)")
     with open_registry(db) as reg:
@@ -233,6 +239,8 @@ def _remote(call):
 
 
 def _print_status(status: Any, as_json: bool) -> None:
+    from cluster.updates.status import UpdateStatus
+
     data = (
         status.to_json()
         if isinstance(status, UpdateStatus)
@@ -305,6 +313,9 @@ def update_make(
     """Fine-tune a node on local data and write a signed package (manifest + DSSE envelope + PEFT files)."""
     import torch
 
+    from cluster.updates.keys import load_signing_key
+    from cluster.updates.make import make_package
+
     signer = load_signing_key(key, _password(password_env))
     previous = torch.get_num_threads()
     if threads is not None:
@@ -359,6 +370,8 @@ def update_verify(
     Prints every check; exit 0 only if all pass, 1 with the failing check otherwise. (The first
     command on a tree dir registers the tree and pins its built versions; nothing else is written.)
     """
+    from cluster.updates.package import read_package
+
     failed: UpdateError | None = None
     with _local(tree, db, policy) as coordinator:
         try:
@@ -400,6 +413,8 @@ def update_submit(
     as_json: JsonOption = False,
 ) -> None:
     """Submit a package: verified, screened and gated; then stored, served, and aggregated upward."""
+    from cluster.updates.package import read_package
+
     if server:
         with _client(server, token) as client:
             status = _remote(lambda: client.submit_update(package))
@@ -462,6 +477,8 @@ def update_approve(
     as_json: JsonOption = False,
 ) -> None:
     """Approve a candidate: sign its manifest (DSSE PAE) with your key; at k-of-n it becomes stable."""
+    from cluster.updates.keys import load_signing_key
+
     signer = load_signing_key(key, _password(password_env))
     if server:
         with _client(server, token) as client:
@@ -487,6 +504,8 @@ def update_rollback(
     password_env: PasswordEnv = None,
 ) -> None:
     """Move `stable` back to an accepted version (nothing is re-signed); its subtree is re-pinned."""
+    from cluster.updates.keys import load_signing_key
+
     password = _password(password_env)
     signers = [load_signing_key(k, password) for k in key]
     if server:
@@ -510,6 +529,8 @@ def update_repin(
     password_env: PasswordEnv = None,
 ) -> None:
     """Operator decision: serve a held node over its parent's current chain without re-validation."""
+    from cluster.updates.keys import load_signing_key
+
     password = _password(password_env)
     signers = [load_signing_key(k, password) for k in key]
     with _local(tree, db, None) as coordinator:
@@ -534,6 +555,9 @@ def update_log(
     as_json: JsonOption = False,
 ) -> None:
     """The registry's record of every update state change (keys, versions, pins, approvals)."""
+    from registry.db import open_registry
+    from registry.updates import list_update_events
+
     with open_registry(db) as reg:
         events = list_update_events(reg, node=node)
     if as_json:

@@ -21,9 +21,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ray import serve
+from ray.serve import Application, Deployment
 from ray.serve.config import ProxyLocation
+from ray.serve.schema import ReplicaState
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterError, DeployError
 from cluster.ray.config import ClusterConfig, TrunkConfig
 from cluster.ray.ingress import TreeIngress
 from cluster.ray.replica import replica_class
@@ -34,7 +36,6 @@ __all__ = [
     "INGRESS_APP",
     "INGRESS_DEPLOYMENT",
     "TRUNK_DEPLOYMENT",
-    "DeployError",
     "Scaling",
     "app_name",
     "deploy",
@@ -51,10 +52,6 @@ try:
     _CODE = importlib.metadata.version("treelm")
 except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
     _CODE = "0+unknown"
-
-
-class DeployError(ClusterError):
-    """An application did not become healthy (Serve's message says why)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ def _actor_options(trunk: TrunkConfig) -> dict:
     return options
 
 
-def trunk_application(config: ClusterConfig, trunk: TrunkConfig, scaling: Scaling):
+def trunk_application(config: ClusterConfig, trunk: TrunkConfig, scaling: Scaling) -> Application:
     spec = trunk_spec(config, trunk)
     options: dict = dict(
         name=TRUNK_DEPLOYMENT,
@@ -160,10 +157,10 @@ def trunk_application(config: ClusterConfig, trunk: TrunkConfig, scaling: Scalin
         options["num_replicas"] = "auto"
     else:
         options["num_replicas"] = scaling.min
-    return serve.deployment(replica_class(trunk.max_adapters)).options(**options).bind(spec)
+    return _deployment(replica_class(trunk.max_adapters)).options(**options).bind(spec)
 
 
-def ingress_application(config: ClusterConfig):
+def ingress_application(config: ClusterConfig) -> Application:
     ing = config.ingress
     spec = IngressSpec(
         trunks=tuple(trunk_info(t) for t in config.trunks),
@@ -182,7 +179,7 @@ def ingress_application(config: ClusterConfig):
     if ing.on_head:
         actor["resources"] = {"node:__internal_head__": 0.001}
     return (
-        serve.deployment(TreeIngress)
+        _deployment(TreeIngress)
         .options(
             name=INGRESS_DEPLOYMENT,
             num_replicas=ing.replicas,
@@ -196,6 +193,11 @@ def ingress_application(config: ClusterConfig):
         )
         .bind(spec)
     )
+
+
+def _deployment(cls: type) -> Deployment:
+    # Ray annotates deployment() with its decorator form's result even when it is given the class itself.
+    return serve.deployment(cls)  # type: ignore[return-value]
 
 
 def start_serve(config: ClusterConfig) -> None:
@@ -249,10 +251,10 @@ def wait_healthy(
         for name in names:
             app = apps.get(name)
             status = app.status.value if app else "NOT_STARTED"
-            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            if app is not None and status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 messages = [app.message] + [d.message for d in app.deployments.values() if d.message]
                 raise DeployError(f"{name} is {status}: {' '.join(m for m in messages if m)[:2000]}")
-            running = sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values()) if app else 0
+            running = sum(d.replica_states.get(ReplicaState.RUNNING, 0) for d in app.deployments.values()) if app else 0
             tree = name.removeprefix("treelm-trunk-")
             want = (replicas or {}).get(tree)
             if status == "RUNNING" and (want is None or running == want):

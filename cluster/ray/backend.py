@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Iterable
 
 import ray.exceptions
 from ray.serve import exceptions as serve_exceptions
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.errors import ReplicaUnavailable
 from cluster.ray.board import ReplicaReport
-from cluster.ray.wire import RemoteError, TrunkInfo
+from cluster.ray.wire import TrunkInfo, remote_cause
 from cluster.service.trunk import CacheSnapshot, TrunkSnapshot
 from nodes.errors import QueueFull
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
@@ -119,18 +119,17 @@ class RayTrunk:
             ) from None
         except serve_exceptions.BackPressureError:
             raise QueueFull(f"every replica of trunk {self.tree!r} is at its queue bound; retry later") from None
-        if isinstance(answer, RemoteError):
-            raise answer.rebuild()
+        except ray.exceptions.RayTaskError as exc:  # the request's own error (unknown node, bad field, ...)
+            raise remote_cause(exc) from None
         return answer
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         response = self._handle.options(stream=True, multiplexed_model_id=request.node).stream.remote(request)
+        if not isinstance(response, DeploymentResponseGenerator):  # stream=True makes one; Ray types either kind
+            raise TypeError(f"a streaming call answered {type(response).__name__}")
         sent, finished = 0, False
         try:
             async for item in response:
-                if isinstance(item, RemoteError):
-                    finished = True
-                    raise item.rebuild()
                 sent += 1
                 finished = item.finish_reason is not None
                 yield item
@@ -144,6 +143,9 @@ class RayTrunk:
         except serve_exceptions.BackPressureError:
             finished = True
             raise QueueFull(f"every replica of trunk {self.tree!r} is at its queue bound; retry later") from None
+        except ray.exceptions.RayTaskError as exc:
+            finished = True
+            raise remote_cause(exc) from None
         finally:
             if not finished:
                 response.cancel()  # the client went away: the replica's generator is cancelled too

@@ -25,8 +25,8 @@ BOARD_NAME = "treelm-replica-board"
 class ReplicaReport:
     trunk: str  # the tree the replica serves
     replica: str  # Serve's replica id
-    node_id: str  # the Ray node it runs on
-    node_ip: str
+    machine_id: str  # Ray's node id of the machine it runs on
+    machine_ip: str
     pid: int
     base_digest: str
     loaded: tuple[str, ...]  # node ids whose whole chain is active in the engine's bank
@@ -68,7 +68,8 @@ class ReplicaBoard:
 
 def ensure_board(namespace: str):
     """The board actor, created (detached, on the head, no CPU) if absent."""
-    return ReplicaBoard.options(
+    # mypy keeps a class's own type under a class decorator: it misses that @ray.remote made an ActorClass.
+    return ReplicaBoard.options(  # type: ignore[attr-defined]
         name=BOARD_NAME,
         namespace=namespace,
         lifetime="detached",

@@ -17,11 +17,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterConfigError
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
 from registry.errors import InvalidMemorySize
@@ -29,7 +29,6 @@ from registry.memory import parse_memory_size
 
 __all__ = [
     "ClusterConfig",
-    "ClusterConfigError",
     "IngressConfig",
     "RayConfig",
     "RayPorts",
@@ -39,6 +38,12 @@ __all__ = [
     "parse_cluster_config",
 ]
 
+# A getter's default decides its result type: a value default gives that type, None gives it or None.
+_Int = TypeVar("_Int", bound=int | None)
+_Number = TypeVar("_Number", bound=float | None)
+_Text = TypeVar("_Text", bound=str | None)
+_Path = TypeVar("_Path", bound=Path | None)
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _RAY_DEFAULT_PORTS = {
     6379: "Ray's default GCS port (often a Redis)",
@@ -46,15 +51,6 @@ _RAY_DEFAULT_PORTS = {
     8000: "Serve's default HTTP port",
     10001: "Ray's default client port",
 }
-
-
-class ClusterConfigError(ClusterError, ValueError):
-    """A cluster.yaml value is missing or wrong; ``field`` names it, ``file`` says where."""
-
-    def __init__(self, file: str, field: str, message: str):
-        self.file = file
-        self.field = field
-        super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
 
 
 @dataclass(frozen=True)
@@ -192,33 +188,33 @@ class _Reader:
     def child(self, key: str) -> _Reader:
         return _Reader(self.file, self.base, self.raw(key, {}), self.path_of(key))
 
-    def integer(self, key: str, default: int | None, low: int = 0, high: int | None = None) -> int | None:
+    def integer(self, key: str, default: _Int, low: int = 0, high: int | None = None) -> int | _Int:
         value = self.raw(key, default)
         if value is None:
-            return None
+            return default
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
             bound = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
             raise self.error(key, f"must be {bound}, got {value!r}")
         return value
 
-    def number(self, key: str, default: float | None, low: float = 0.0, strict: bool = False) -> float | None:
+    def number(self, key: str, default: _Number, low: float = 0.0, strict: bool = False) -> float | _Number:
         value = self.raw(key, default)
         if value is None:
-            return None
+            return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
             raise self.error(key, f"must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
         return float(value)
 
-    def port(self, key: str, default: int | None) -> int | None:
+    def port(self, key: str, default: _Int) -> int | _Int:
         value = self.integer(key, default, low=0 if key in ("port", "metrics_port") else 1, high=65535)
         if value in _RAY_DEFAULT_PORTS:
             raise self.error(key, f"{value} is {_RAY_DEFAULT_PORTS[value]}; choose another port explicitly")
         return value
 
-    def text(self, key: str, default: str | None, choices: tuple[str, ...] = ()) -> str | None:
+    def text(self, key: str, default: _Text, choices: tuple[str, ...] = ()) -> str | _Text:
         value = self.raw(key, default)
         if value is None:
-            return None
+            return default
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"must be a non-empty string, got {value!r}")
         if choices and value not in choices:
@@ -231,7 +227,7 @@ class _Reader:
             raise self.error(key, f"must be true or false, got {value!r}")
         return value
 
-    def path(self, key: str, default: Path | None = None) -> Path | None:
+    def path(self, key: str, default: _Path) -> Path | _Path:
         value = self.text(key, None)
         if value is None:
             return default
@@ -244,7 +240,10 @@ class _Reader:
         for name in reader.data:
             if not isinstance(name, str) or not name:
                 raise reader.error(str(name), "resource names must be non-empty strings")
-            out[name] = reader.number(name, None, strict=True)
+            value = reader.number(name, None, strict=True)
+            if value is None:  # `name:` with nothing after it
+                raise reader.error(name, "must be a number > 0, got nothing")
+            out[name] = value
         reader.done()
         return out
 
@@ -256,7 +255,7 @@ class _Reader:
 
 def _ports(r: _Reader) -> RayPorts:
     d = RayPorts()
-    values = {
+    values: dict[str, int] = {
         name: r.port(name, getattr(d, name))
         for name in ("gcs", "client_server", "dashboard", "serve_http", "serve_grpc", *d.node_ports())
     }
@@ -310,8 +309,8 @@ def _ingress(r: _Reader) -> IngressConfig:
         cpus=r.number("cpus", 0.25),
         metrics_port=r.port("metrics_port", None),
         auth=r.flag("auth", True),
-        tls_cert=r.path("tls_cert"),
-        tls_key=r.path("tls_key"),
+        tls_cert=r.path("tls_cert", None),
+        tls_key=r.path("tls_key", None),
         grace_s=r.number("grace_s", 10.0),
         updates=r.flag("updates", True),
         update_threads=r.integer("update_threads", 1, low=1),
@@ -354,7 +353,7 @@ def _memory(r: _Reader, key: str) -> int | None:
 
 
 def _trunk(r: _Reader) -> TrunkConfig:
-    tree_dir = r.path("tree")
+    tree_dir = r.path("tree", None)
     if tree_dir is None:
         raise r.error("tree", "is required: the directory of a built tree (treelm tree build ... --out DIR)")
     try:

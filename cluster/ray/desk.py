@@ -1,7 +1,7 @@
 """The update protocol in a Ray cluster: one detached desk actor owns every trunk's coordinator.
 
     desk = ensure_desk(DeskSpec(registry_url, (("demo", "/srv/demo/build"),)), namespace)  # `cluster up`
-    backend = RemoteCoordinator(namespace)     # in each ingress replica: what UpdateServicer calls
+    backend = RemoteCoordinator(namespace)     # in each ingress replica: what UpdatesServicer calls
 
 Why one actor and not the ingress: the coordinator is the single writer of a tree's
 versions (it holds the tree dir's file lock and moves ``stable`` in one registry
@@ -14,27 +14,25 @@ writes the tree's snapshot; each trunk replica's engine notices the new snapshot
 next request (it checks at most once a second) and serves it from then on, without a
 restart. Replicas on other machines see it only when the tree dir is a shared mount.
 
-Typed errors do not survive Ray's pickling (their constructors take other arguments than
-``args``), so the desk returns them as :class:`PortableError` values and the ingress raises
-the same type again; the status mapping of cluster/service/interceptors.py then applies unchanged.
+The desk's methods raise the coordinator's typed errors; every TreeLM error pickles with its
+type and fields, so :class:`RemoteCoordinator` raises the same error again in the ingress and
+the status table of cluster/service/status.py applies unchanged.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pickle
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from cluster.errors import ClusterError, ReplicaUnavailable
+from cluster.errors import ClusterError, ReplicaUnavailable, UpdateStateError
+from cluster.ray.wire import remote_cause
 from cluster.updates.coordinator import Coordinator
-from cluster.updates.errors import UpdateStateError
 from cluster.updates.package import Package
 from cluster.updates.policy import UpdatePolicy
 from cluster.updates.status import RollbackResult, UpdateStatus
@@ -42,11 +40,10 @@ from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Signature
 
-__all__ = ["DESK_NAME", "DeskSpec", "PortableError", "RemoteCoordinator", "UpdateDesk", "ensure_desk", "kill_desk"]
+__all__ = ["DESK_NAME", "DeskSpec", "RemoteCoordinator", "UpdateDesk", "ensure_desk", "kill_desk"]
 
 log = logging.getLogger("treelm.updates.desk")
 DESK_NAME = "treelm-update-desk"
-_METHODS = frozenset({"submit", "status", "approve", "rollback"})  # what RemoteCoordinator may call
 _CALL_TIMEOUT_S = 1800.0  # a submission may train nothing but evaluates and aggregates on the head's CPU
 
 
@@ -59,41 +56,6 @@ class DeskSpec:
     threads: int = 1  # torch threads for gating and aggregation (replicas keep theirs)
 
 
-@dataclass(frozen=True)
-class PortableError:
-    """An error raised in the desk, carried as a value (see the module docstring)."""
-
-    module: str
-    name: str
-    message: str
-    state: bytes  # the error's attributes (details, field), pickled; empty when they would not pickle
-
-    @classmethod
-    def of(cls, exc: BaseException) -> PortableError:
-        try:
-            state = pickle.dumps(dict(vars(exc)))
-        except Exception:
-            state = b""
-        return cls(type(exc).__module__, type(exc).__qualname__, str(exc), state)
-
-    def rebuild(self) -> BaseException:
-        """The same type with the same message and attributes; a RuntimeError if the type is not importable."""
-        try:
-            error_type = getattr(importlib.import_module(self.module), self.name)
-            if not (isinstance(error_type, type) and issubclass(error_type, BaseException)):
-                raise TypeError(self.name)
-        except Exception:
-            return RuntimeError(f"{self.name}: {self.message}")
-        error = error_type.__new__(error_type)
-        BaseException.__init__(error, self.message)
-        if self.state:
-            try:
-                error.__dict__.update(pickle.loads(self.state))
-            except Exception:
-                pass
-        return error
-
-
 def _warm(coordinator: Coordinator) -> None:
     try:
         coordinator.bench.evaluator  # noqa: B018  (loads the base model once)
@@ -101,7 +63,7 @@ def _warm(coordinator: Coordinator) -> None:
         log.warning("could not load the base for %s's gate", coordinator.tree.name, exc_info=True)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)  # type: ignore[call-overload]  # stubs lack actor options
 class UpdateDesk:
     """One coordinator per served tree, over one registry; calls run one at a time, in order."""
 
@@ -141,15 +103,6 @@ class UpdateDesk:
     def max_package_bytes(self) -> int:
         return max((c.policy.max_package_bytes for c in self._coordinators.values()), default=64 << 20)
 
-    def call(self, method: str, *args: Any) -> tuple[bool, Any]:
-        """(True, result) or (False, PortableError); ``method``: submit, status, approve or rollback."""
-        try:
-            if method not in _METHODS:
-                raise ValueError(f"the update desk has no method {method!r}")
-            return True, getattr(self, f"_{method}")(*args)
-        except Exception as exc:  # every error goes back to the caller as a value
-            return False, PortableError.of(exc)
-
     # -- routing to the tree's coordinator -----------------------------------------------------
     def _of_tree(self, tree: str) -> Coordinator:
         if tree not in self._coordinators:
@@ -175,7 +128,7 @@ class UpdateDesk:
             raise UpdateStateError("this cluster serves no tree")
         return self._of_node(first.status(update_id).node), update_id  # UpdateNotFound for an unknown id
 
-    def _submit(self, package: Package) -> UpdateStatus:
+    def submit(self, package: Package) -> UpdateStatus:
         hint = package.node_hint()  # only to choose the coordinator; it verifies everything itself
         if hint:
             return self._of_node(hint).submit(package)
@@ -183,15 +136,15 @@ class UpdateDesk:
             raise UpdateStateError("this cluster serves no tree")
         return next(iter(self._coordinators.values())).submit(package)  # it refuses the malformed manifest
 
-    def _status(self, update_id: str) -> UpdateStatus:
+    def status(self, update_id: str) -> UpdateStatus:
         coordinator, full = self._of_update(update_id)
         return coordinator.status(full)
 
-    def _approve(self, update_id: str, keyid: str, signature: bytes) -> UpdateStatus:
+    def approve(self, update_id: str, keyid: str, signature: bytes) -> UpdateStatus:
         coordinator, full = self._of_update(update_id)
         return coordinator.approve(full, keyid, signature)
 
-    def _rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
+    def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
         return self._of_node(node).rollback(node, to_version, list(signatures))
 
     def __del__(self) -> None:
@@ -212,7 +165,8 @@ def ensure_desk(spec: DeskSpec, namespace: str, timeout_s: float = 300.0):
     A desk left by an earlier `up` is replaced: it may hold another set of trees. It keeps no
     state of its own (the registry and the tree dirs hold everything), so nothing is lost."""
     kill_desk(namespace)
-    desk = UpdateDesk.options(
+    # mypy keeps a class's own type under a class decorator: it misses that @ray.remote made an ActorClass.
+    desk = UpdateDesk.options(  # type: ignore[attr-defined]
         name=DESK_NAME,
         namespace=namespace,
         lifetime="detached",
@@ -263,7 +217,7 @@ class _Policy:
 
 
 class RemoteCoordinator:
-    """What the ingress's UpdateServicer calls: the coordinator's methods, run by the desk.
+    """What the ingress's UpdatesServicer calls: the coordinator's methods, run by the desk.
 
     Blocking calls (the servicer runs them in a worker thread, as with a local coordinator)."""
 
@@ -281,27 +235,23 @@ class RemoteCoordinator:
                 raise ReplicaUnavailable("the update desk is not running (run `treelm cluster up` again)") from None
         return self._desk
 
-    def _call_desk(self, send):
+    def _call_desk(self, send: Callable[[Any], Any]) -> Any:
         try:
             return ray.get(send(self._handle()), timeout=self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:  # the coordinator's typed error, as it raised it
+            raise remote_cause(exc) from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             self._desk = None  # look it up again next time (a desk replaced by `up`)
             raise ReplicaUnavailable(f"the update desk did not answer: {type(exc).__name__}") from None
 
-    def _call(self, method: str, *args: Any) -> Any:
-        ok, value = self._call_desk(lambda d: d.call.remote(method, *args))
-        if not ok:
-            raise value.rebuild()
-        return value
-
     def submit(self, package: Package) -> UpdateStatus:
-        return self._call("submit", package)
+        return self._call_desk(lambda d: d.submit.remote(package))
 
     def status(self, update_id: str) -> UpdateStatus:
-        return self._call("status", update_id)
+        return self._call_desk(lambda d: d.status.remote(update_id))
 
     def approve(self, update_id: str, keyid: str, signature: bytes) -> UpdateStatus:
-        return self._call("approve", update_id, keyid, signature)
+        return self._call_desk(lambda d: d.approve.remote(update_id, keyid, signature))
 
     def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
-        return self._call("rollback", node, to_version, list(signatures))
+        return self._call_desk(lambda d: d.rollback.remote(node, to_version, list(signatures)))

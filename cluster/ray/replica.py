@@ -29,10 +29,10 @@ import torch
 from ray import serve
 
 from cluster.ray.board import ReplicaReport, board
-from cluster.ray.wire import RemoteError, TrunkSpec
+from cluster.ray.wire import TrunkSpec
 from cluster.service.trunk import EngineTrunk
 from hierarchy.errors import HierarchyError
-from nodes.errors import NodesError
+from nodes.errors import EngineError
 from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 from nodes.store.tree import open_tree
@@ -91,11 +91,29 @@ class _Window:
         return recent / _RATE_S, pct(0.5), pct(0.95)
 
 
+class _RequestErrors(logging.Filter):
+    """Serve logs every exception a replica raises as "Request failed." with its traceback. A
+    request's own errors (unknown node, bad parameter, full queue, deadline) are answers that the
+    ingress passes on with their status code, not failures of the replica: keep them out of the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (EngineError, HierarchyError))
+
+
+def _quiet_request_errors() -> None:
+    serve_log = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _RequestErrors) for f in serve_log.filters):
+        serve_log.addFilter(_RequestErrors())
+
+
 class TrunkReplicaBase:
     """One replica of a trunk deployment; :func:`replica_class` adds the multiplexed router."""
 
     def __init__(self, spec: TrunkSpec):
         torch.set_num_threads(1)  # one thread per replica: several replicas share the cores
+        _quiet_request_errors()
         self.spec = spec
         base_dir = open_tree(spec.tree_dir).base_dir
         config = EngineConfig(
@@ -114,8 +132,8 @@ class TrunkReplicaBase:
         self._reported_loaded: frozenset[str] = frozenset()
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else f"local-{os.getpid()}"
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._node_ip = ray.util.get_node_ip_address()
+        self._machine_id = ray.get_runtime_context().get_node_id()
+        self._machine_ip = ray.util.get_node_ip_address()
         if spec.preload:
             # The constructor may run inside Serve's event loop: preload on a loop of our own, and
             # let a failure (an adapter whose sha256 changed) fail the replica's start.
@@ -148,7 +166,7 @@ class TrunkReplicaBase:
     async def _route(self, node: str) -> NodeLease:  # replaced by the multiplexed version
         return await self._open_lease(node)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult | RemoteError:
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
         started, ok = time.perf_counter(), False
         self._enter(request)
         try:
@@ -156,13 +174,11 @@ class TrunkReplicaBase:
             result = await self.engine.generate(request)
             ok = True
             return result
-        except (NodesError, HierarchyError) as exc:
-            return RemoteError.of(exc)
         finally:
             self._leave(request)
             await self._finished(request.node, started, ok)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk | RemoteError]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         started, ok = time.perf_counter(), False
         self._enter(request)
         try:
@@ -170,8 +186,6 @@ class TrunkReplicaBase:
             async for chunk in self.engine.stream(request):
                 yield chunk
             ok = True
-        except (NodesError, HierarchyError) as exc:
-            yield RemoteError.of(exc)
         finally:
             self._leave(request)
             await self._finished(request.node, started, ok)
@@ -213,8 +227,8 @@ class TrunkReplicaBase:
         return ReplicaReport(
             trunk=self.spec.tree,
             replica=self.replica_id,
-            node_id=self._node_id,
-            node_ip=self._node_ip,
+            machine_id=self._machine_id,
+            machine_ip=self._machine_ip,
             pid=os.getpid(),
             base_digest=snap.base_digest,
             loaded=loaded,

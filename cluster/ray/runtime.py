@@ -3,7 +3,7 @@
     head = start_head(config, state_dir)          # `ray start --head --block ...` in its own session
     connect(state)                                # this process becomes a driver of that cluster
     join_command(config, state, ports)            # what a new machine runs to add capacity
-    stop_node(head.pid)                           # SIGTERM: Ray drains, then stops every process it started
+    stop_ray_process(head.pid)                           # SIGTERM: Ray drains, then stops every process it started
 
 Every Ray process (head, workers, drivers) gets the same ``RAY_AUTH_MODE``; with
 ``auth: token`` the token lives in the state directory (mode 0600) and joining
@@ -28,26 +28,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterError, RayStartError
 from cluster.ray.config import ClusterConfig, RayPorts
 
 __all__ = [
     "ClusterState",
-    "NodeProcess",
-    "RayStartError",
+    "RayProcess",
     "connect",
     "default_state_dir",
     "head_alive",
     "join_command",
     "load_state",
-    "node_command",
     "ray_env",
     "ray_executable",
+    "ray_start_command",
     "remove_state",
     "save_state",
     "start_head",
-    "start_node",
-    "stop_node",
+    "start_ray_process",
+    "stop_ray_process",
     "token_file",
 ]
 
@@ -66,16 +65,12 @@ _FLAGS = {
 }
 
 
-class RayStartError(ClusterError):
-    """A Ray node did not start (the message carries the end of its log)."""
-
-
 def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or Path.home() / ".treelm" / "cluster")
 
 
 @dataclass(frozen=True)
-class NodeProcess:
+class RayProcess:
     pid: int  # the `ray start --block` process; its process group holds the node's Ray processes
     log: str
     temp_dir: str
@@ -91,7 +86,7 @@ class ClusterState:
     namespace: str
     auth: str  # token | disabled
     token_file: str | None
-    head: NodeProcess | None  # None: we joined a cluster someone else started (down leaves Ray up)
+    head: RayProcess | None  # None: we joined a cluster someone else started (down leaves Ray up)
     endpoints: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # trunk -> scale settings
     started_at: float = 0.0
@@ -117,7 +112,7 @@ def load_state(state_dir: Path) -> ClusterState:
         )
     try:
         raw = json.loads(path.read_text())
-        head = NodeProcess(**raw.pop("head")) if raw.get("head") else raw.pop("head", None)
+        head = RayProcess(**raw.pop("head")) if raw.get("head") else raw.pop("head", None)
         raw["endpoints"] = tuple(raw.get("endpoints", ()))
         return ClusterState(head=head, **raw)
     except (ValueError, TypeError, KeyError) as exc:
@@ -162,7 +157,7 @@ def ray_executable() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
-def node_command(
+def ray_start_command(
     ports: RayPorts,
     temp_dir: Path,
     *,
@@ -230,19 +225,19 @@ def _wait_started(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
         time.sleep(0.25)
     tail = "\n".join((log.read_text(errors="replace") if log.exists() else "").splitlines()[-15:])
     if proc.poll() is None:
-        stop_node(proc.pid, timeout_s=10)
+        stop_ray_process(proc.pid, timeout_s=10)
     why = f"exited with code {proc.returncode}" if proc.poll() is not None else f"did not start within {timeout_s:g}s"
     raise RayStartError(f"Ray {why}; the end of {log}:\n{tail}")
 
 
-def start_node(
+def start_ray_process(
     cmd: Sequence[str],
     env: Mapping[str, str],
     log: Path,
     temp_dir: Path,
     ports: Sequence[int] = (),
     timeout_s: float = 90.0,
-) -> NodeProcess:
+) -> RayProcess:
     """Run ``cmd`` (a `ray start --block`) in a session of its own and wait until the node is up."""
     busy = [p for p in ports if _port_in_use(p)]
     if busy:
@@ -262,15 +257,15 @@ def start_node(
             start_new_session=True,
         )
     _wait_started(proc, log, timeout_s)
-    return NodeProcess(pid=proc.pid, log=str(log), temp_dir=str(temp_dir))
+    return RayProcess(pid=proc.pid, log=str(log), temp_dir=str(temp_dir))
 
 
-def start_head(config: ClusterConfig, state_dir: Path, timeout_s: float = 90.0) -> tuple[NodeProcess, dict[str, str]]:
+def start_head(config: ClusterConfig, state_dir: Path, timeout_s: float = 90.0) -> tuple[RayProcess, dict[str, str]]:
     """Start a head node as ``config`` says; returns it and the environment drivers must use."""
     ray_cfg = config.ray
     token = token_file(state_dir, create=True) if ray_cfg.auth == "token" else None
     env = ray_env(ray_cfg.auth, token)
-    cmd = node_command(
+    cmd = ray_start_command(
         ray_cfg.ports,
         ray_cfg.temp_dir,
         head=True,
@@ -281,7 +276,7 @@ def start_head(config: ClusterConfig, state_dir: Path, timeout_s: float = 90.0) 
     )
     p = ray_cfg.ports
     ports = [p.gcs, p.client_server, *p.node_ports().values()]
-    return start_node(cmd, env, state_dir / "head.log", ray_cfg.temp_dir, ports, timeout_s), env
+    return start_ray_process(cmd, env, state_dir / "head.log", ray_cfg.temp_dir, ports, timeout_s), env
 
 
 def _alive(pid: int) -> bool:
@@ -298,7 +293,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def stop_node(pid: int, timeout_s: float = 40.0) -> bool:
+def stop_ray_process(pid: int, timeout_s: float = 40.0) -> bool:
     """SIGTERM the `ray start --block` we started; SIGKILL its process group if it lingers. True if it was up."""
     if not _alive(pid):
         return False
@@ -330,7 +325,10 @@ def connect(state: ClusterState) -> bool:
     if already_imported and not ray.is_initialized():
         # Ray reads RAY_AUTH_MODE and the token when it is imported; a process that imported it
         # earlier (a test session) re-reads them, the way Ray's own token setup does.
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import (  # type: ignore[attr-defined]  # compiled in, absent from _raylet.pyi
+            AuthenticationTokenLoader,
+            Config,
+        )
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
@@ -340,7 +338,7 @@ def connect(state: ClusterState) -> bool:
         ray.init(
             address=state.gcs_address,
             namespace=state.namespace,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             log_to_driver=False,
             configure_logging=True,
         )
@@ -361,7 +359,7 @@ def join_command(
     resources: Mapping[str, float] | None = None,
 ) -> str:
     """The shell line a new machine runs to join (same ports as the head unless given)."""
-    cmd = node_command(
+    cmd = ray_start_command(
         ports or config.ray.ports,
         config.ray.temp_dir,
         head=False,

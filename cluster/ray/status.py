@@ -1,4 +1,6 @@
-"""What `treelm cluster status` shows: trunks, their replicas and where they run, the Ray nodes.
+"""What `treelm cluster status` shows: trunks, their replicas and where they run, the machines.
+
+A *machine* is a host running Ray (Ray calls it a node); a *node* is always a node of a tree.
 
 Placement and replica states come from Serve's controller; what each replica
 holds and how busy it is comes from the replicas' own reports
@@ -9,19 +11,28 @@ holds and how busy it is comes from the replicas' own reports
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
 from rich.console import Console
 from rich.table import Table
 
+from cluster.errors import ClusterError
 from cluster.ray.app import INGRESS_APP, INGRESS_DEPLOYMENT, TRUNK_DEPLOYMENT, app_name
 from cluster.ray.board import ReplicaReport, board
 from cluster.ray.config import ClusterConfig
 from cluster.ray.runtime import ClusterState
 
-__all__ = ["ClusterStatus", "RayNodeStatus", "ReplicaStatus", "TrunkStatus", "collect_status", "render_status"]
+__all__ = [
+    "ClusterStatus",
+    "MachineStatus",
+    "ReplicaStatus",
+    "TrunkStatus",
+    "collect_status",
+    "render_status",
+    "serve_details",
+]
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,8 @@ class ReplicaStatus:
     trunk: str
     replica: str
     state: str  # Serve's replica state: STARTING, RUNNING, STOPPING, ...
-    node_id: str
-    node_ip: str
+    machine_id: str  # Ray's node id of the machine the replica runs on
+    machine_ip: str
     pid: int | None
     loaded: tuple[str, ...] = ()  # node ids whose chain is active in this replica's engine
     queue_depth: int | None = None
@@ -58,9 +69,9 @@ class TrunkStatus:
 
 
 @dataclass(frozen=True)
-class RayNodeStatus:
-    node_id: str
-    address: str  # ip:node_manager_port (unique even with several nodes on one machine)
+class MachineStatus:
+    machine_id: str  # Ray's node id
+    address: str  # ip:node_manager_port (unique even with several Ray processes on one host)
     alive: bool
     head: bool
     cpus: float
@@ -75,7 +86,7 @@ class ClusterStatus:
     endpoints: tuple[str, ...]
     ingress: str  # the ingress application's status
     trunks: tuple[TrunkStatus, ...]
-    nodes: tuple[RayNodeStatus, ...]
+    machines: tuple[MachineStatus, ...]
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -84,10 +95,13 @@ class ClusterStatus:
         return out
 
 
-def _serve_details() -> Mapping[str, Any]:
+def serve_details() -> Mapping[str, Any]:
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().get_serve_details()
+    client = _get_global_client()  # raises RayServeException when no Serve controller runs
+    if client is None:  # typed optional for raise_if_no_controller_running=False only
+        raise ClusterError("Serve is not running on this cluster")
+    return client.get_serve_details()
 
 
 def _replicas(
@@ -96,10 +110,18 @@ def _replicas(
     rows = []
     for raw in deployment.get("replicas", ()):
         state = getattr(raw.get("state"), "value", str(raw.get("state")))
+        row = ReplicaStatus(
+            trunk=tree,
+            replica=raw["replica_id"],
+            state=state,
+            machine_id=raw.get("node_id") or "",
+            machine_ip=raw.get("node_ip") or "",
+            pid=raw.get("pid"),
+        )
         rep = reports.get(raw["replica_id"])
-        load = {}
-        if rep is not None:
-            load = dict(
+        if rep is not None:  # its load, as the replica last reported it
+            row = replace(
+                row,
                 loaded=rep.loaded,
                 queue_depth=rep.queue_depth,
                 running=rep.running,
@@ -110,17 +132,7 @@ def _replicas(
                 completed=rep.completed,
                 failed=rep.failed,
             )
-        rows.append(
-            ReplicaStatus(
-                trunk=tree,
-                replica=raw["replica_id"],
-                state=state,
-                node_id=raw.get("node_id") or "",
-                node_ip=raw.get("node_ip") or "",
-                pid=raw.get("pid"),
-                **load,
-            )
-        )
+        rows.append(row)
     return tuple(sorted(rows, key=lambda r: r.replica))
 
 
@@ -135,7 +147,7 @@ def _scaling(deployment: Mapping[str, Any]) -> tuple[int, int]:
 
 def collect_status(config: ClusterConfig, state: ClusterState) -> ClusterStatus:
     """Ask Serve, the replica board and Ray (this process must be connected, see ray_runtime.connect)."""
-    details = _serve_details().get("applications", {})
+    details = serve_details().get("applications", {})
     the_board = board(state.namespace)
     reports = {r.replica: r for r in ray.get(the_board.reports.remote(10.0), timeout=30)} if the_board else {}
     trunks = []
@@ -146,7 +158,7 @@ def collect_status(config: ClusterConfig, state: ClusterState) -> ClusterStatus:
         low, high = _scaling(deployment)
         replicas = _replicas(trunk.tree, deployment, reports)
         for r in replicas:
-            placed[r.node_id] = placed.get(r.node_id, 0) + 1
+            placed[r.machine_id] = placed.get(r.machine_id, 0) + 1
         status = getattr(app.get("status"), "value", app.get("status")) or "NOT_STARTED"
         trunks.append(
             TrunkStatus(
@@ -161,21 +173,21 @@ def collect_status(config: ClusterConfig, state: ClusterState) -> ClusterStatus:
     ingress_app = details.get(INGRESS_APP) or {}
     for raw in ((ingress_app.get("deployments") or {}).get(INGRESS_DEPLOYMENT) or {}).get("replicas", ()):
         placed[raw.get("node_id") or ""] = placed.get(raw.get("node_id") or "", 0) + 1
-    nodes = []
-    for node in ray.nodes():
-        res = node.get("Resources") or {}
-        nodes.append(
-            RayNodeStatus(
-                node_id=node["NodeID"],
-                address=f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}",
-                alive=bool(node.get("Alive")),
+    machines = []
+    for raw_machine in ray.nodes():
+        res = raw_machine.get("Resources") or {}
+        machines.append(
+            MachineStatus(
+                machine_id=raw_machine["NodeID"],
+                address=f"{raw_machine['NodeManagerAddress']}:{raw_machine['NodeManagerPort']}",
+                alive=bool(raw_machine.get("Alive")),
                 head="node:__internal_head__" in res,
                 cpus=float(res.get("CPU", 0)),
                 gpus=float(res.get("GPU", 0)),
-                replicas=placed.get(node["NodeID"], 0),
+                replicas=placed.get(raw_machine["NodeID"], 0),
             )
         )
-    nodes.sort(key=lambda n: (not n.alive, not n.head, n.address))
+    machines.sort(key=lambda m: (not m.alive, not m.head, m.address))
     ingress = getattr(ingress_app.get("status"), "value", ingress_app.get("status")) or "NOT_STARTED"
     return ClusterStatus(
         name=config.name,
@@ -183,7 +195,7 @@ def collect_status(config: ClusterConfig, state: ClusterState) -> ClusterStatus:
         endpoints=state.endpoints,
         ingress=str(ingress),
         trunks=tuple(trunks),
-        nodes=tuple(nodes),
+        machines=tuple(machines),
     )
 
 
@@ -206,13 +218,13 @@ def render_status(status: ClusterStatus, console: Console) -> None:
         scaling = f"{t.min_replicas}" if fixed else f"auto {t.min_replicas}..{t.max_replicas}"
         trunks.add_row(t.tree, t.status.lower(), f"{t.running}/{t.target}", scaling, f"{rate:.2f}", str(queue))
     console.print(trunks)
-    node_names = {n.node_id: n.address + (" (head)" if n.head else "") for n in status.nodes}
+    machine_names = {m.machine_id: m.address + (" (head)" if m.head else "") for m in status.machines}
     replicas = Table(title="replicas")
     for col in (
         "trunk",
         "replica",
         "state",
-        "ray node",
+        "machine",
         "pid",
         "loaded nodes",
         "queue",
@@ -233,7 +245,7 @@ def render_status(status: ClusterStatus, console: Console) -> None:
                 t.tree,
                 r.replica,
                 r.state.lower(),
-                node_names.get(r.node_id, r.node_id[:12] or "-"),
+                machine_names.get(r.machine_id, r.machine_id[:12] or "-"),
                 _num(r.pid),
                 loaded,
                 _num(r.queue_depth),
@@ -243,17 +255,17 @@ def render_status(status: ClusterStatus, console: Console) -> None:
                 _num(r.p95_ms, "{:.1f}"),
             )
     console.print(replicas)
-    nodes = Table(title="Ray nodes")
-    for col in ("node id", "address", "role", "alive", "CPUs", "GPUs", "TreeLM replicas"):
-        nodes.add_column(col)
-    for n in status.nodes:
-        nodes.add_row(
-            n.node_id[:12],
-            n.address,
-            "head" if n.head else "worker",
-            "yes" if n.alive else "no",
-            f"{n.cpus:g}",
-            f"{n.gpus:g}",
-            str(n.replicas),
+    machines = Table(title="machines")
+    for col in ("Ray node id", "address", "role", "alive", "CPUs", "GPUs", "TreeLM replicas"):
+        machines.add_column(col)
+    for m in status.machines:
+        machines.add_row(
+            m.machine_id[:12],
+            m.address,
+            "head" if m.head else "worker",
+            "yes" if m.alive else "no",
+            f"{m.cpus:g}",
+            f"{m.gpus:g}",
+            str(m.replicas),
         )
-    console.print(nodes)
+    console.print(machines)

@@ -1,11 +1,9 @@
 """Values that cross between the ingress, the trunk replicas and the operator CLI over Ray.
 
-Typed errors of :mod:`nodes` do not survive Ray's pickling (their constructors
-take a field and a message), and a replica that raises makes Serve log a
-traceback for what is an ordinary answer (unknown node, full queue). So
-replicas *return* expected errors as a :class:`RemoteError` value, and the
-ingress raises the same typed error again; the gRPC status mapping in
-cluster/service/interceptors.py then works exactly as in the single-process server.
+Errors need no wrapper: every TreeLM error pickles with its type and fields
+(hierarchy.errors.PicklableError), so replicas and the update desk raise them and the caller
+raises the same error again (:func:`remote_cause`); the status table of
+cluster/service/status.py then applies exactly as in the single-process server.
 """
 
 from __future__ import annotations
@@ -14,54 +12,11 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hierarchy.errors import HierarchyError
-from nodes import errors as engine_errors
+import ray.exceptions
+
 from nodes.store.tree import NODE_RECORD, TREE_RECORD
 
-__all__ = ["IngressSpec", "RemoteError", "TrunkInfo", "TrunkSpec", "tree_content_digest"]
-
-# Errors a replica may hand back as values, by name; anything else is a server bug (INTERNAL).
-_PORTABLE: dict[str, type[BaseException]] = {
-    cls.__name__: cls
-    for cls in (
-        engine_errors.UnknownNode,
-        engine_errors.InvalidRequest,
-        engine_errors.QueueFull,
-        engine_errors.DeadlineExceeded,
-        engine_errors.RequestCancelled,
-        engine_errors.EngineClosed,
-        engine_errors.IntegrityError,
-        engine_errors.AdapterError,
-        engine_errors.BaseModelError,
-        engine_errors.EngineError,
-        engine_errors.NodesError,
-    )
-}
-
-
-@dataclass(frozen=True)
-class RemoteError:
-    """An expected error of a replica, carried as a value (see the module docstring)."""
-
-    kind: str  # the class name, one of _PORTABLE
-    message: str  # str() of the original error
-    field: str | None = None  # InvalidRequest's field
-
-    @classmethod
-    def of(cls, exc: BaseException) -> RemoteError:
-        kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _PORTABLE), "NodesError")
-        if isinstance(exc, HierarchyError):
-            kind = "InvalidRequest"
-        return cls(kind=kind, message=str(exc), field=getattr(exc, "field", None))
-
-    def rebuild(self) -> BaseException:
-        """The typed error again, with the same message (and field)."""
-        error_type = _PORTABLE.get(self.kind, engine_errors.NodesError)
-        error = error_type.__new__(error_type)
-        Exception.__init__(error, self.message)
-        if self.field is not None:
-            error.field = self.field
-        return error
+__all__ = ["IngressSpec", "TrunkInfo", "TrunkSpec", "remote_cause", "tree_content_digest"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +74,12 @@ def tree_content_digest(tree_dir: Path) -> str:
         digest.update(str(path.relative_to(tree_dir)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def remote_cause(error: ray.exceptions.RayTaskError) -> BaseException:
+    """The exception a Ray task, actor method or Serve replica raised, as it was raised.
+
+    Ray wraps it in a RayTaskError whose message carries the remote traceback; callers want the
+    typed error (its message, its fields), which arrives intact in ``cause``."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error

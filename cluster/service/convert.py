@@ -42,12 +42,15 @@ _FINISH = {
 
 
 def _params(msg: inference_pb2.SamplingParams) -> SamplingParams:
-    kwargs: dict[str, object] = {}
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
-        if msg.HasField(name):
-            kwargs[name] = getattr(msg, name)
-    kwargs["stop"] = tuple(msg.stop)
-    return SamplingParams(**kwargs)  # raises InvalidRequest naming the field
+    unset = SamplingParams()  # a field the message leaves unset keeps the engine's default
+    return SamplingParams(  # raises InvalidRequest naming the field
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else unset.max_new_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else unset.temperature,
+        top_p=msg.top_p if msg.HasField("top_p") else unset.top_p,
+        top_k=msg.top_k if msg.HasField("top_k") else unset.top_k,
+        seed=msg.seed if msg.HasField("seed") else unset.seed,
+        stop=tuple(msg.stop),
+    )
 
 
 def engine_request(msg: inference_pb2.GenerateRequest, time_remaining: float | None) -> GenerationRequest:

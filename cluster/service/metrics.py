@@ -16,6 +16,7 @@ makes up count as ``node="other"`` so they cannot blow up the label space.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -77,7 +78,7 @@ class ServerMetrics:
         )
         self.tokens = Counter("treelm_tokens", "Tokens processed", ["node", "kind"], registry=r)
         self.in_flight = Gauge("treelm_in_flight_requests", "Calls being served", registry=r)
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def node_label(self, node: str) -> str:
         if not node:

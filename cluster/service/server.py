@@ -31,9 +31,9 @@ from cluster.service.catalog import Catalog
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
-from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter, UpdatesServicer
+from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter
 from cluster.service.trunk import Trunk
-from cluster.service.update_servicer import UpdateBackend, UpdateServicer
+from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
 from cluster.updates.coordinator import Coordinator
 from protos.treelm.v1 import (
     admin_pb2,
@@ -150,8 +150,7 @@ class TreeServer:
         observe = self.metrics.observe_generation
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.router, self.access, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
-        updates = UpdatesServicer() if self.updates is None else UpdateServicer(self.updates, self.access)
-        updates_pb2_grpc.add_UpdatesServicer_to_server(updates, server)
+        updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
         admin = AdminServicer(
             self.router,
             self.access,
@@ -171,7 +170,7 @@ class TreeServer:
         c = self.config
         address = f"{c.host}:{c.port}"
         try:
-            if c.tls:
+            if c.tls_key is not None and c.tls_cert is not None:  # both or neither (ServerConfig checks)
                 creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
                 port = server.add_secure_port(address, creds)
             else:

@@ -34,10 +34,9 @@ from protos.treelm.v1 import (
     inference_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
-    updates_pb2_grpc,
 )
 
-__all__ = ["AdminServicer", "InferenceServicer", "RegistryServicer", "TrunkRouter", "UpdatesServicer"]
+__all__ = ["AdminServicer", "InferenceServicer", "RegistryServicer", "TrunkRouter"]
 
 # Hook for metrics: (method, node, prompt_tokens, completion_tokens, ttft_s).
 GenerationObserver = Callable[[str, str, int, int, float], None]
@@ -172,22 +171,3 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             trunks=trunks,
             in_flight=self._in_flight(),
         )
-
-
-_UPDATES_LATER = "the signed update protocol is not served by this server (it runs no update coordinator)"
-
-
-class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
-    """Every method answers UNIMPLEMENTED: a server without an update coordinator (cluster.updates)."""
-
-    async def Submit(self, request_iterator, context):
-        raise NotImplementedError(_UPDATES_LATER)
-
-    async def GetStatus(self, request, context):
-        raise NotImplementedError(_UPDATES_LATER)
-
-    async def Approve(self, request, context):
-        raise NotImplementedError(_UPDATES_LATER)
-
-    async def Rollback(self, request, context):
-        raise NotImplementedError(_UPDATES_LATER)

@@ -22,9 +22,9 @@ from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Signature
 from protos.treelm.v1 import updates_pb2, updates_pb2_grpc
-from registry.updates import UpdateNotFound
+from registry.errors import UpdateNotFound
 
-__all__ = ["UpdateBackend", "UpdateServicer", "status_to_proto"]
+__all__ = ["UpdateBackend", "UpdatesServicer", "status_to_proto"]
 
 
 class UpdateBackend(Protocol):
@@ -68,10 +68,22 @@ def _node_id(value: str, field: str = "node") -> str:
         raise BadArgument(field, str(exc)) from None
 
 
-class UpdateServicer(updates_pb2_grpc.UpdatesServicer):
-    def __init__(self, coordinator: Coordinator | UpdateBackend, access: NodeAccess):
-        self._coordinator = coordinator
+_NO_DESK = "the signed update protocol is not served by this server (it runs no update coordinator)"
+
+
+class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
+    """The Updates service over a local coordinator or the Ray desk; with neither, every call
+    answers UNIMPLEMENTED (a server started without the update protocol)."""
+
+    def __init__(self, coordinator: Coordinator | UpdateBackend | None, access: NodeAccess):
+        self._backend = coordinator
         self._access = access
+
+    @property
+    def _coordinator(self) -> Coordinator | UpdateBackend:
+        if self._backend is None:
+            raise NotImplementedError(_NO_DESK)
+        return self._backend
 
     async def _visible_status(self, update_id: str) -> UpdateStatus:
         if not update_id:

@@ -36,8 +36,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cluster.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.tree_import import import_tree
-from cluster.updates.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.updates.keys import load_trust
 from cluster.updates.operator_actions import OperatorActions
 from cluster.updates.package import Package
@@ -54,19 +54,20 @@ from cluster.updates.rounds import (
 from cluster.updates.status import UpdateStatus
 from cluster.updates.workbench import Workbench
 from hierarchy.chain import LoraFactors
-from hierarchy.ids import NodeId
-from hierarchy.updates.envelope import Envelope, Signature
-from hierarchy.updates.errors import (
+from hierarchy.errors import (
     ExpiredError,
+    ManifestError,
     RevokedKeyError,
     ShapeMismatchError,
     ThresholdError,
     UnknownKeyError,
 )
+from hierarchy.ids import NodeId
+from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.manifest import UpdateManifest, parse_manifest
 from hierarchy.updates.screening import ScreenResult, delta_norm, scale_delta, screen_update
-from hierarchy.updates.trust import NodeVersion
-from hierarchy.updates.verify import Expectations, VerifiedUpdate, check_approvals, verify_update
+from hierarchy.updates.trust import NodeVersion, TrustState
+from hierarchy.updates.verify import Expectations, LayerShape, VerifiedUpdate, check_approvals, verify_update
 from nodes.build.finetune import increment
 from nodes.errors import AdapterError
 from nodes.store.adapters import AdapterWeights, read_adapter
@@ -83,6 +84,7 @@ from registry.updates import (
     MoveAlias,
     SetStatus,
     SetUpdate,
+    UpdateEntry,
     apply_changes,
     current_pins,
     get_update,
@@ -224,7 +226,7 @@ class Coordinator(OperatorActions):
         return self.store.served_tree()
 
     # -- verification --------------------------------------------------------------------------
-    def _trust_for(self, view: TreeView, path: str | None):
+    def _trust_for(self, view: TreeView, path: str | None) -> TrustState:
         nodes = []
         if path:
             nodes.append(NodeVersion(view.node_id(path), view.latest(path), 0))
@@ -247,9 +249,9 @@ class Coordinator(OperatorActions):
     def _expectations(self, view: TreeView, path: str | None) -> Expectations:
         base = "sha256:" + self.tree.base_digest
         if path is None:
-            return Expectations(base, {"(unknown)": (1, 1)}, self.policy.max_rank)
+            return Expectations(base, (LayerShape("(unknown)", 1, 1),), self.policy.max_rank)
         adapter = self.bench.adapter(view.pins[path].link)
-        layers = {m: (f.out_features, f.in_features) for m, f in adapter.factors.items()}
+        layers = tuple(LayerShape(m, f.out_features, f.in_features) for m, f in adapter.factors.items())
         return Expectations(base, layers, self.policy.max_rank)
 
     def verify(self, package: Package) -> VerifiedUpdate:
@@ -276,6 +278,8 @@ class Coordinator(OperatorActions):
                 self.clock(),
                 self._expectations(view, path),
             )
+            if path is None:  # a payload that verifies names its node, so _locate found it
+                raise ManifestError("the update names no node of this tree", field="node")
             m = verified.manifest
             new = _read_adapter(package.files)
             current = view.pins[path].link
@@ -470,11 +474,7 @@ class Coordinator(OperatorActions):
                     "the approval signature does not verify over this candidate's manifest "
                     "(sign the DSSE PAE of the envelope GetStatus returns)"
                 )
-            approvals = [
-                a
-                for a in entry.approvals
-                if a["keyid"] != keyid and trust.key(a["keyid"]) and trust.key(a["keyid"]).active
-            ]
+            approvals = [a for a in entry.approvals if a["keyid"] != keyid and _active(trust, a["keyid"])]
             approvals.append({"keyid": keyid, "sig": _b64(signature)})
             sigs = [Signature(a["keyid"], _unb64(a["sig"])) for a in approvals]
             try:
@@ -493,7 +493,9 @@ class Coordinator(OperatorActions):
             self._promote(entry, manifest, envelope, approvals)
             return self.status(update_id)
 
-    def _promote(self, entry, manifest: UpdateManifest, envelope: Envelope, approvals: list[dict]) -> None:
+    def _promote(
+        self, entry: UpdateEntry, manifest: UpdateManifest, envelope: Envelope, approvals: Sequence[Mapping[str, str]]
+    ) -> None:
         view = self._view(history_for=str(manifest.node.path))
         path, parent = str(manifest.node.path), view.parent(str(manifest.node.path))
         link, before = ChainLink.from_dict(entry.figures["to"]), ChainLink.from_dict(entry.figures["from"])
@@ -557,10 +559,11 @@ class Coordinator(OperatorActions):
                 ),
             ]
         self._commit(changes, view, decisions)
-        if parent and self._background is None:
-            self._maybe_aggregate(parent)
-        elif parent:
-            self._background(lambda: self._aggregate_later(parent))
+        if parent:
+            if self._background is None:
+                self._maybe_aggregate(parent)
+            else:
+                self._background(lambda: self._aggregate_later(parent))
 
     def _aggregate_later(self, parent: str) -> None:
         try:
@@ -600,6 +603,11 @@ def _read_adapter(files: Mapping[str, bytes]) -> AdapterWeights:
             return read_adapter(scratch)
         except AdapterError as exc:
             raise ShapeMismatchError(f"the payload is not a usable LoRA adapter: {exc}") from None
+
+
+def _active(trust: TrustState, keyid: str) -> bool:
+    key = trust.key(keyid)
+    return key is not None and key.active
 
 
 def _b64(data: bytes) -> str:

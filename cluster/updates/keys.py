@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hierarchy.errors import KeyFormatError, RotationError, ThresholdError
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Signature, pae
-from hierarchy.updates.errors import KeyFormatError, RotationError, ThresholdError
 from hierarchy.updates.keys import PublicKey, SigningKey
 from hierarchy.updates.trust import (
     ROTATION_PAYLOAD_TYPE,
     KeyGroup,
+    KeyStatus,
     NodeVersion,
     Role,
     TrustedKey,
@@ -121,8 +122,8 @@ def load_trust(reg: Registry, nodes: Sequence[NodeVersion] = ()) -> TrustState:
             continue
         if public.keyid != record.key_id:
             continue
-        keys.append(TrustedKey(public, record.role, record.node_id, record.status))
-    groups = tuple(KeyGroup(g.role, g.scope, g.threshold, g.version) for g in list_key_groups(reg))
+        keys.append(TrustedKey(public, Role.parse(record.role), record.node_id, KeyStatus(record.status)))
+    groups = tuple(KeyGroup(Role.parse(g.role), g.scope, g.threshold, g.version) for g in list_key_groups(reg))
     return TrustState(keys=tuple(keys), groups=groups, nodes=tuple(nodes))
 
 

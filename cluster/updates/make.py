@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cluster.updates.errors import PackageError
+from cluster.errors import PackageError
 from cluster.updates.package import write_package
 from hierarchy.ids import NodeId
 from hierarchy.spec import TrainSettings
@@ -69,10 +69,10 @@ def build_manifest(
         parent_version=parent_version,
         base_digest=base_digest if base_digest.startswith("sha256:") else "sha256:" + base_digest,
         version=version,
-        files=[FileEntry.of(name, data) for name, data in files.items()],
-        layers=[LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in adapter.factors.items()],
+        files=tuple(FileEntry.of(name, data) for name, data in files.items()),
+        layers=tuple(LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in adapter.factors.items()),
         training_data_digest=sha256_digest(training_data),
-        metrics=dict(metrics),
+        metrics=tuple(sorted(metrics.items())),
         created=now,
         expires=now + expires_in,
     )

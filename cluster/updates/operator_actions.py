@@ -8,13 +8,15 @@ over a statement that names the node's current state, so a signature cannot be r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from cluster.updates.errors import UpdateStateError
+from cluster.errors import UpdateStateError
 from cluster.updates.keys import load_trust
-from cluster.updates.pins import PinDecision, pin_changes, plan_pins
+from cluster.updates.pins import PinDecision, TreeView, pin_changes, plan_pins
 from cluster.updates.status import RollbackResult, check_operator
+from cluster.updates.workbench import Workbench
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Signature
 from hierarchy.updates.statements import (
@@ -23,24 +25,39 @@ from hierarchy.updates.statements import (
     repin_statement,
     rollback_statement,
 )
+from nodes.store.tree import BuiltTree
 from nodes.store.versions import ChainLink, ServedNode
+from registry.db import Registry
 from registry.errors import AliasError, Conflict, NodeNotFound
 from registry.updates import AddEvent, Change, MoveAlias, pin_history
 
-if TYPE_CHECKING:
-    from cluster.updates.coordinator import Coordinator
+__all__ = ["CoordinatorCore", "OperatorActions"]
 
-__all__ = ["OperatorActions"]
+
+class CoordinatorCore(Protocol):
+    """What the operator's actions need of the coordinator that mixes them in (no import of it)."""
+
+    tree: BuiltTree
+    registry: Registry
+    bench: Workbench
+
+    def _locked(self) -> AbstractContextManager[None]: ...
+
+    def _view(self, history_for: str | None = None) -> TreeView: ...
+
+    def _commit(self, changes: Sequence[Change], view: TreeView, decisions: Sequence[PinDecision] = ()) -> None: ...
+
+    def _link_of(self, node_id: str, version: int) -> ChainLink: ...
 
 
 class OperatorActions:
-    """Rollback and repin (see the module docstring); ``self`` is a Coordinator."""
+    """Rollback and repin (see the module docstring), mixed into the Coordinator."""
 
-    def rollback_statement(self: Coordinator, node: str, to_version: int) -> bytes:
+    def rollback_statement(self: CoordinatorCore, node: str, to_version: int) -> bytes:
         view = self._view()
         return rollback_statement(str(NodeId.parse(node)), view.stable(view.path_of(node)) or 0, to_version)
 
-    def rollback(self: Coordinator, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
+    def rollback(self: CoordinatorCore, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
         """Move ``stable`` of ``node`` to an accepted ``to_version``; re-pin its subtree; re-sign nothing."""
         with self._locked():
             node_id = str(NodeId.parse(node))
@@ -70,7 +87,7 @@ class OperatorActions:
             held = tuple(view.node_id(d.path) for d in decisions if d.how == "held")
             return RollbackResult(node_id, "stable", to_version, current, held)
 
-    def _link_of(self: Coordinator, node_id: str, version: int) -> ChainLink:
+    def _link_of(self: CoordinatorCore, node_id: str, version: int) -> ChainLink:
         path = str(NodeId.parse(node_id).path)
         for pin in reversed(pin_history(self.registry, node_id)):
             for x in pin.chain:
@@ -78,13 +95,13 @@ class OperatorActions:
                     return ChainLink.from_dict(x)
         raise UpdateStateError(f"{node_id} version {version} was never served here; nothing to roll back to")
 
-    def repin_statement(self: Coordinator, node: str) -> bytes:
+    def repin_statement(self: CoordinatorCore, node: str) -> bytes:
         view = self._view()
         path = view.path_of(node)
         target = (*view.chain(view.parent(path)), view.pins[path].link)
         return repin_statement(str(NodeId.parse(node)), [x.to_dict() for x in target])
 
-    def repin(self: Coordinator, node: str, signatures: Sequence[Signature]) -> ServedNode:
+    def repin(self: CoordinatorCore, node: str, signatures: Sequence[Signature]) -> ServedNode:
         """An operator's decision: serve a held node over its parent's chain without re-validation."""
         with self._locked():
             node_id = str(NodeId.parse(node))

@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.updates.errors import PackageError
-from hierarchy.errors import InvalidNodePath
+from cluster.errors import PackageError
+from hierarchy.errors import InvalidNodePath, ManifestError
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Envelope
-from hierarchy.updates.errors import ManifestError
 from hierarchy.updates.manifest import FileEntry
 
 __all__ = [

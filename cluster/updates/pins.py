@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from hierarchy.ids import NodeId, NodePath
 from nodes.build.gate import GateCheck
@@ -95,8 +96,8 @@ class PinDecision:
     how: str  # made-for | restored | validated | held
     check: GateCheck | None = None
 
-    def detail(self) -> dict:
-        out = {"how": self.how, "chain": [x.to_dict() for x in self.served.chain]}
+    def detail(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"how": self.how, "chain": [x.to_dict() for x in self.served.chain]}
         if self.check is not None:
             out["check"] = self.check.to_dict()
         if self.served.reason:

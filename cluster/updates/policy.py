@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from cluster.updates.errors import PolicyError
+from cluster.errors import PolicyError
 from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +25,7 @@ from cluster.updates.pins import TreeView
 from cluster.updates.policy import UpdatePolicy
 from cluster.updates.workbench import Workbench
 from hierarchy.chain import LoraFactors
+from hierarchy.ids import NodeId
 from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_parent
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE, FileEntry, LayerSpec, UpdateManifest
@@ -139,8 +140,11 @@ def build_candidate(
     ]
     for child in view.children(parent):
         chain = view.chain(child)
-        child_adapter, child_key = bench.adapter(chain[-1]), chain[-1]
-        before, before_key = bench.adapters(chain), tuple(chain)
+        # Cache keys of the chains measured: version links, or ("new", digest) for an adapter being admitted.
+        child_key: Hashable = chain[-1]
+        child_adapter = bench.adapter(chain[-1])
+        before = bench.adapters(chain)
+        before_key: tuple[Hashable, ...] = tuple(chain)
         if override is not None and override[0] == child:
             child_adapter, child_key = override[1], ("new", override[2])
             before, before_key = [*bench.adapters(parent_chain), child_adapter], (*parent_chain, child_key)
@@ -234,22 +238,24 @@ def store_candidate(
     link = store.put_adapter(parent, version, build.adapter, record)
     stored = store.node(link)
     contributions = json.dumps(sorted(p.manifest_digest for p in pending)).encode()
+    node = NodeId.parse(parent_id)
+    metrics = {
+        "gate_passed": 1.0,
+        "merge_relative_error": build.relative_error,
+        "sign_conflict": build.conflict,
+        "increments": float(len(pending)),
+        "eta": policy.eta,
+    }
     manifest = UpdateManifest(
-        node=parent_id,
-        parent=view.node_id(grand) if grand else view.tree.name,
+        node=node,
+        parent=node.parent,
         parent_version=grand_version or 0,
         base_digest="sha256:" + view.tree.base_digest,
         version=version,
-        files=[FileEntry(n, str(i["sha256"]), int(i["length"])) for n, i in stored.files.items()],
-        layers=[LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in build.adapter.factors.items()],
+        files=tuple(FileEntry(n, str(i["sha256"]), int(i["length"])) for n, i in stored.files.items()),
+        layers=tuple(LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in build.adapter.factors.items()),
         training_data_digest="sha256:" + hashlib.sha256(contributions).hexdigest(),
-        metrics={
-            "gate_passed": 1.0,
-            "merge_relative_error": build.relative_error,
-            "sign_conflict": build.conflict,
-            "increments": float(len(pending)),
-            "eta": policy.eta,
-        },
+        metrics=tuple(sorted(metrics.items())),
         created=now,
         expires=now + timedelta(seconds=policy.approval_ttl_s),
     )

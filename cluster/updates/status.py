@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hierarchy.errors import RevokedKeyError, ThresholdError, UnknownKeyError
 from hierarchy.updates.envelope import Signature, pae, sign_payload
-from hierarchy.updates.errors import RevokedKeyError, ThresholdError, UnknownKeyError
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.trust import Role, TrustState, count_valid_signatures
 from registry.updates import UpdateEntry

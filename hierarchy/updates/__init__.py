@@ -6,8 +6,7 @@ torch and are therefore *not* re-exported here: import them by module.
 Transport, storage, the evaluation gate and propagation live in other packages.
 """
 
-from hierarchy.updates.envelope import Envelope, Signature, pae, sign_envelope, sign_payload
-from hierarchy.updates.errors import (
+from hierarchy.errors import (
     AggregationError,
     BaseMismatchError,
     EnvelopeError,
@@ -35,6 +34,7 @@ from hierarchy.updates.errors import (
     UpdateError,
     VersionError,
 )
+from hierarchy.updates.envelope import Envelope, Signature, pae, sign_envelope, sign_payload
 from hierarchy.updates.keys import PublicKey, SigningKey, key_id
 from hierarchy.updates.manifest import (
     ADAPTER_FORMAT,

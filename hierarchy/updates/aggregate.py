@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hierarchy.chain import LoraFactors, pad_rank
-from hierarchy.updates.errors import AggregationError
+from hierarchy.errors import AggregationError
 
 __all__ = [
     "CandidateParent",
@@ -164,7 +164,7 @@ class RankReduction:
 def _svd_of(delta: LoraFactors | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U [out, n], S [n], Vh [n, in] of the delta in float64; from thin QRs when it is factored."""
     if isinstance(delta, torch.Tensor):
-        return torch.linalg.svd(delta.double(), full_matrices=False)
+        return torch.linalg.svd(delta.double(), full_matrices=False)  # type: ignore[no-any-return]  # torch._C._linalg has no stubs
     qb, rb = torch.linalg.qr(delta.scale * delta.B.double())  # [out, k], [k, R]
     qa, ra = torch.linalg.qr(delta.A.double().T)  # [in, k'], [k', R]
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core [k, k']

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hierarchy.updates.errors import EnvelopeError
+from hierarchy.errors import EnvelopeError
 from hierarchy.updates.keys import SigningKey
 
 __all__ = ["Envelope", "Signature", "pae", "sign_envelope", "sign_payload"]

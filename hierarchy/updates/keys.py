@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hierarchy.updates.errors import KeyFormatError
+from hierarchy.errors import KeyFormatError
 
 __all__ = ["PublicKey", "SigningKey", "key_id"]
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hierarchy.errors import InvalidNodePath
+from hierarchy.errors import InvalidNodePath, ManifestError
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Envelope, sign_envelope
-from hierarchy.updates.errors import ManifestError
 from hierarchy.updates.keys import SigningKey
 
 __all__ = [
@@ -94,10 +93,14 @@ def _int(value: Any, field: str, minimum: int) -> int:
 
 def _check_file_name(name: Any) -> str:
     # Names become paths on the receiver: relative, no '..', no backslashes, no empty parts.
-    ok = isinstance(name, str) and 0 < len(name) <= 255 and "\\" not in name and "\0" not in name
-    if ok:
-        ok = not name.startswith("/") and all(part not in ("", ".", "..") for part in name.split("/"))
-    if not ok:
+    if not (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and "\\" not in name
+        and "\0" not in name
+        and not name.startswith("/")
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    ):
         raise ManifestError(f"field 'files': file name {name!r} must be a relative path without '..'", field="files")
     return name
 

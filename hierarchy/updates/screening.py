@@ -21,11 +21,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
 from hierarchy.chain import LoraFactors
-from hierarchy.updates.errors import ScreeningRejected
+from hierarchy.errors import ScreeningRejected
 
 __all__ = [
     "Delta",
@@ -112,17 +113,21 @@ class ScreenResult:
 
 def _inner(x: LoraFactors | torch.Tensor, y: LoraFactors | torch.Tensor) -> float:
     """Frobenius inner product <x, y> in float64, without materialising low-rank products."""
-    if isinstance(x, LoraFactors) and isinstance(y, LoraFactors):
-        # tr((s1 B1 A1)' s2 B2 A2) = s1 s2 sum((B1' B2) * (A1 A2')): r1 x r2 work, not out x in
-        gram_b = x.B.double().T @ y.B.double()
-        gram_a = x.A.double() @ y.A.double().T
-        return float(x.scale) * float(y.scale) * float((gram_b * gram_a).sum())
     if isinstance(x, LoraFactors):
-        x, y = y, x
+        if isinstance(y, LoraFactors):
+            # tr((s1 B1 A1)' s2 B2 A2) = s1 s2 sum((B1' B2) * (A1 A2')): r1 x r2 work, not out x in
+            gram_b = x.B.double().T @ y.B.double()
+            gram_a = x.A.double() @ y.A.double().T
+            return float(x.scale) * float(y.scale) * float((gram_b * gram_a).sum())
+        return _dense_factors_inner(y, x)
     if isinstance(y, LoraFactors):
-        dense = x.double()
-        return float(y.scale) * float((y.B.double() * (dense @ y.A.double().T)).sum())  # <D, sBA> = s sum(B*(DA'))
+        return _dense_factors_inner(x, y)
     return float((x.double() * y.double()).sum())
+
+
+def _dense_factors_inner(dense: torch.Tensor, f: LoraFactors) -> float:
+    """<D, sBA> = s sum(B * (D A')), without materialising BA."""
+    return float(f.scale) * float((f.B.double() * (dense.double() @ f.A.double().T)).sum())
 
 
 def delta_inner(x: Delta, y: Delta) -> float:
@@ -142,7 +147,11 @@ def delta_cosine(x: Delta, y: Delta) -> float | None:
     return max(-1.0, min(1.0, delta_inner(x, y) / (nx * ny)))
 
 
-def scale_delta(delta: Delta, factor: float) -> dict[str, LoraFactors | torch.Tensor]:
+@overload
+def scale_delta(delta: Mapping[str, LoraFactors], factor: float) -> dict[str, LoraFactors]: ...
+@overload
+def scale_delta(delta: Delta, factor: float) -> dict[str, LoraFactors | torch.Tensor]: ...
+def scale_delta(delta: Delta, factor: float) -> Delta:
     """A new delta equal to ``factor`` x ``delta`` (B is scaled, A and the stored scale kept)."""
     return {
         m: LoraFactors(A=v.A, B=v.B * factor, scale=v.scale) if isinstance(v, LoraFactors) else v * factor
@@ -170,7 +179,9 @@ def screen_update(
     floor = max(policy.min_norm, policy.min_relative * median) if median is not None else policy.min_norm
     ceiling = policy.max_relative * median if median is not None else policy.max_norm
 
-    def result(verdict: Verdict, weight: float, norm: float, clip: float, cos: float | None, reason: str):
+    def result(
+        verdict: Verdict, weight: float, norm: float, clip: float, cos: float | None, reason: str
+    ) -> ScreenResult:
         return ScreenResult(verdict, weight, norm, clip, cos, floor, ceiling, median, reason)
 
     if not delta or not _finite(delta):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 
-from hierarchy.updates.errors import ShapeMismatchError
+from hierarchy.errors import ShapeMismatchError
 
 __all__ = ["lora_shapes", "read_tensor_shapes"]
 

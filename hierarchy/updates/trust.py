@@ -24,16 +24,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hierarchy.errors import InvalidNodePath
-from hierarchy.ids import NodeId
-from hierarchy.updates.envelope import Signature, pae, sign_payload
-from hierarchy.updates.errors import (
+from hierarchy.errors import (
+    InvalidNodePath,
     RevokedKeyError,
     RotationError,
     ThresholdError,
     UnknownKeyError,
     UpdateError,
 )
+from hierarchy.ids import NodeId
+from hierarchy.updates.envelope import Signature, pae, sign_payload
 from hierarchy.updates.keys import PublicKey, SigningKey
 from hierarchy.updates.manifest import sha256_digest
 

@@ -17,10 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hierarchy.errors import InvalidNodePath
+from hierarchy.errors import InvalidNodePath, ManifestError
 from hierarchy.ids import NodeId, NodePath
 from hierarchy.updates.envelope import Envelope, sign_envelope
-from hierarchy.updates.errors import ManifestError
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import FileEntry, sha256_digest
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hierarchy.updates.envelope import Envelope, Signature
-from hierarchy.updates.errors import (
+from hierarchy.errors import (
     BaseMismatchError,
     ExpiredError,
     HashMismatchError,
@@ -48,6 +47,7 @@ from hierarchy.updates.errors import (
     UnknownKeyError,
     UnknownParentVersionError,
 )
+from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.manifest import (
     ADAPTER_FORMAT,
     UPDATE_PAYLOAD_TYPE,

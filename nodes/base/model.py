@@ -13,9 +13,13 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nodes.errors import BaseModelError
 from nodes.store.digest import dir_digest
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded, not with this module
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -75,8 +79,8 @@ class TinyBaseConfig:
 class LoadedBase:
     """A base model in memory with its tokenizer and where it came from."""
 
-    model: object  # transformers.PreTrainedModel
-    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     path: Path
     digest: str
 

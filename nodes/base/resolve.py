@@ -205,7 +205,7 @@ def _convert_gguf(gguf: Path, directory: Path, source: Mapping[str, Any], kind: 
     except (OSError, ValueError, ImportError) as exc:
         raise BaseModelError(f"cannot convert {gguf}: {exc}") from exc
     # The weights are de-quantized fp32 now; drop the GGUF quantizer so save_pretrained writes them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by transformers at load time, not declared on the model class
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id

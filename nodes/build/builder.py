@@ -316,7 +316,7 @@ class _Builder:
             node_eval = perplexity(self.model, own_eval, seq)
             node_ref = perplexity(self.model, ref_eval, seq) if ref_eval is not None else None
             adapter = patch.own_adapter()
-        forgetting = None if node_ref is None else node_ref / parent_ref - 1.0
+        forgetting = None if node_ref is None or parent_ref is None else node_ref / parent_ref - 1.0
         metrics = {
             "eval_ppl": node_eval,
             "parent_eval_ppl": parent_eval,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
@@ -11,6 +12,8 @@ from nodes.errors import AdapterError
 from nodes.store.adapters import AdapterWeights
 
 __all__ = ["chain_by_module", "flatten_adapters", "merge_chain"]
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def chain_by_module(chain: Sequence[AdapterWeights]) -> dict[str, list[LoraFactors]]:
@@ -23,7 +26,7 @@ def chain_by_module(chain: Sequence[AdapterWeights]) -> dict[str, list[LoraFacto
 
 
 @torch.no_grad()
-def merge_chain(model: torch.nn.Module, chain: Sequence[AdapterWeights]) -> torch.nn.Module:
+def merge_chain(model: ModuleT, chain: Sequence[AdapterWeights]) -> ModuleT:
     """Fold the chain into ``model``'s linear weights in place: W <- W0 + sum(s_i B_i A_i)."""
     modules = dict(model.named_modules())
     for name, factors in chain_by_module(chain).items():

@@ -55,6 +55,7 @@ def _load_own(patch: ChainPatch, current: AdapterWeights) -> None:
     with torch.no_grad():
         for name, factors in current.factors.items():
             layer = patch.layers[name]
+            assert layer.lora_A is not None and layer.lora_B is not None  # an own layer (checked above)
             layer.lora_A.copy_(factors.A.to(layer.lora_A.dtype))
             layer.lora_B.copy_(factors.B.to(layer.lora_B.dtype))
 

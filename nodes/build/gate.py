@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from hierarchy.updates.errors import GateRejected
+from hierarchy.errors import GateRejected
 from nodes.base.model import LoadedBase
 from nodes.build.finetune import chain_perplexity
 from nodes.build.training import tokenize_text
-from nodes.errors import NodesError
+from nodes.errors import GateTextMissing
 from nodes.store.adapters import AdapterWeights
 from nodes.store.digest import sha256_bytes
 from nodes.store.tree import BuiltNode, BuiltTree
@@ -41,15 +41,10 @@ __all__ = [
     "GateBounds",
     "GateCheck",
     "GateReport",
-    "GateTextMissing",
     "canary_text",
     "node_eval_text",
     "read_eval_text",
 ]
-
-
-class GateTextMissing(NodesError):
-    """A text the gate needs (a probe, the held-out text, the canary) cannot be found or changed."""
 
 
 @dataclass(frozen=True)

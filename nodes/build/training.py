@@ -105,9 +105,9 @@ class ChainLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.frozen_a is not None:
+        if self.frozen_a is not None and self.frozen_b is not None:
             y = y + F.linear(F.linear(x, self.frozen_a.to(x.dtype)), self.frozen_b.to(x.dtype))
-        if self.lora_A is not None and self.own_enabled:
+        if self.lora_A is not None and self.lora_B is not None and self.own_enabled:
             y = y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return y
 
@@ -178,7 +178,7 @@ class ChainPatch:
     def own_parameters(self) -> list[nn.Parameter]:
         out: list[nn.Parameter] = []
         for layer in self.layers.values():
-            if layer.lora_A is not None:
+            if layer.lora_A is not None and layer.lora_B is not None:
                 out.extend([layer.lora_A, layer.lora_B])
         return out
 
@@ -194,7 +194,7 @@ class ChainPatch:
         factors = {
             name: LoraFactors(A=layer.lora_A.detach().clone(), B=layer.lora_B.detach().clone(), scale=self.own.scale)
             for name, layer in self.layers.items()
-            if layer.lora_A is not None
+            if layer.lora_A is not None and layer.lora_B is not None
         }
         return AdapterWeights(
             r=self.own.r,
@@ -302,7 +302,7 @@ def train_adapter(
             n_replay = min(n_replay, settings.batch_size - 1)
             n_own = settings.batch_size - n_replay
             rows = [_windows(own, torch.randint(0, own.numel() - length + 1, (n_own,), generator=data_rng), length)]
-            if n_replay:
+            if n_replay and replay is not None:
                 starts = torch.randint(0, replay.numel() - length + 1, (n_replay,), generator=data_rng)
                 rows.append(_windows(replay, starts, length))
             batch = torch.cat(rows)  # [batch_size, max_seq_len + 1]

@@ -23,16 +23,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nodes.errors import IntegrityError, NodesError
+from nodes.errors import CacheFull, IntegrityError
 from nodes.runtime.bank import AdapterBank, PreparedAdapter, prepare_adapter
 from nodes.store.adapters import read_adapter
 from nodes.store.tree import BuiltNode
 
-__all__ = ["AdapterCache", "CacheFull", "CacheStats"]
-
-
-class CacheFull(NodesError):
-    """Every active slot is pinned by in-flight requests; try again after one finishes (internal)."""
+__all__ = ["AdapterCache", "CacheStats"]
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def write_adapter(
         tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = f.B.detach().contiguous().cpu()
     config = LoraConfig(
         r=adapter.r,
-        lora_alpha=adapter.alpha,
+        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft annotates int, but only divides it by r: floats work
         lora_dropout=adapter.dropout,
         target_modules=sorted(adapter.target_modules),
         bias="none",

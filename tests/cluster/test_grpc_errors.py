@@ -11,7 +11,7 @@ import pytest
 from cluster.errors import BadArgument, NodeNotVisible, PermissionDenied, ShuttingDown, Unauthenticated
 from cluster.service.access import NodeAccess, NodeVisibility
 from cluster.service.auth import ANONYMOUS, Authenticator, Caller, bearer_token
-from cluster.service.interceptors import ERROR_FIELD_KEY, ERROR_KIND_KEY, wire_status
+from cluster.service.status import ERROR_FIELD_KEY, ERROR_KIND_KEY, wire_status
 from hierarchy.errors import InvalidNodePath
 from nodes import errors as ne
 from registry import errors as re_

@@ -16,7 +16,7 @@ import pytest
 from cluster.cli import main
 from cluster.updates.keys import register_key, revoke, rotate
 from cluster.updates.package import Package, read_package, write_package
-from hierarchy.updates import errors as e
+from hierarchy import errors as e
 from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.screening import Verdict

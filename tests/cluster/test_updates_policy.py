@@ -12,9 +12,9 @@ import torch
 from cluster.cli import main
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.policy import UpdatePolicy
+from hierarchy.errors import ThresholdError
 from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_parent
 from hierarchy.updates.envelope import Envelope
-from hierarchy.updates.errors import ThresholdError
 from nodes.build.finetune import increment
 from nodes.build.gate import GateBounds
 from nodes.store.versions import ChainLink
@@ -125,7 +125,7 @@ def test_a_first_level_node_update_is_gated_on_itself_and_its_subtree_follows(tm
 
 @pytest.mark.parametrize("value", [0, -5, 1.5, True, "512"])
 def test_gate_max_tokens_must_be_a_positive_integer(value):
-    from cluster.updates.errors import PolicyError
+    from cluster.errors import PolicyError
 
     assert UpdatePolicy(gate_max_tokens=512).gate_max_tokens == 512 and UpdatePolicy().gate_max_tokens is None
     with pytest.raises(PolicyError, match="gate_max_tokens"):

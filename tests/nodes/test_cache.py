@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from nodes.base.model import load_base
-from nodes.errors import IntegrityError
+from nodes.errors import CacheFull, IntegrityError
 from nodes.runtime.bank import AdapterBank, prepare_adapter
-from nodes.runtime.cache import AdapterCache, CacheFull
+from nodes.runtime.cache import AdapterCache
 from nodes.store.adapters import read_adapter
 from tests.nodes.treefactory import RandomNode, RandomTreeSpec, make_random_tree
 

@@ -13,13 +13,14 @@ from nodes.errors import (
     AdapterError,
     BaseModelError,
     DeadlineExceeded,
+    EngineConfigError,
     IntegrityError,
     InvalidRequest,
     QueueFull,
     UnknownNode,
 )
 from nodes.runtime import cache as cache_module
-from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.nodes.treefactory import MergedReference, make_random_tree
 

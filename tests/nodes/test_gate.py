@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from hierarchy.updates.errors import GateRejected
+from hierarchy.errors import GateRejected
 from nodes.base.model import load_base
-from nodes.build.gate import (
-    Comparison,
-    Evaluator,
-    GateBounds,
-    GateTextMissing,
-    canary_text,
-    node_eval_text,
-    read_eval_text,
-)
+from nodes.build.gate import Comparison, Evaluator, GateBounds, canary_text, node_eval_text, read_eval_text
+from nodes.errors import GateTextMissing
 from nodes.store.adapters import read_adapter
 from nodes.store.tree import open_tree
 from tests.cluster.update_world import built_tree

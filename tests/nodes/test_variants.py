@@ -227,7 +227,7 @@ def test_a_failed_write_leaves_no_partial_variant(tree_dir, tmp_path, monkeypatc
 
 
 def test_the_variant_manifest_refuses_non_canonical_or_inconsistent_bytes(store):
-    from hierarchy.updates.errors import ManifestError
+    from hierarchy.errors import ManifestError
 
     manifest = store.build(NODE, "flat").manifest
     data = json.loads(manifest.to_bytes())

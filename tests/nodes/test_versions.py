@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from hierarchy.chain import LoraFactors
-from nodes.errors import IntegrityError, NodesError
-from nodes.runtime.engine import Engine, EngineConfig, EngineConfigError
+from nodes.errors import EngineConfigError, IntegrityError, NodesError
+from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import GenerationRequest, SamplingParams
 from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, ServedNode, VersionStore, open_served_tree

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from registry import AliasError, Conflict, NodeNotFound, StatusTransitionError
+from registry.errors import UpdateNotFound
 from registry.updates import (
     AddEvent,
     AddPin,
@@ -15,7 +16,6 @@ from registry.updates import (
     SetKeyGroup,
     SetStatus,
     SetUpdate,
-    UpdateNotFound,
     apply_changes,
     current_pins,
     get_update,

@@ -348,7 +348,7 @@ def server_status(client: Client, cluster: dict | None) -> Table:
 
 
 def cluster_rows(status: dict) -> list[list[Any]]:
-    """`treelm cluster status --json` as table rows: the ingress, each trunk and replica, each Ray node."""
+    """`treelm cluster status --json` as table rows: the ingress, each trunk and replica, each machine."""
     rows: list[list[Any]] = [
         [
             "ray cluster",
@@ -371,15 +371,15 @@ def cluster_rows(status: dict) -> list[list[Any]]:
             rows.append(
                 [
                     f"  replica {r.get('replica')}",
-                    f"on {r.get('node_ip')} pid {r.get('pid')}",
+                    f"on {r.get('machine_ip')} pid {r.get('pid')}",
                     f"loaded: {', '.join(r.get('loaded', [])) or '-'}; queue {r.get('queue_depth')}, "
                     f"ongoing {r.get('ongoing')}, completed {r.get('completed')}, p50 {p50}",
                 ]
             )
-    for n in status.get("nodes", []):
+    for n in status.get("machines", []):
         rows.append(
             [
-                f"ray node {n.get('address')}",
+                f"machine {n.get('address')}",
                 "head" if n.get("head") else "worker",
                 f"alive {n.get('alive')}, {n.get('cpus')} CPUs, {n.get('gpus')} GPUs, {n.get('replicas')} replicas",
             ]

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from hierarchy.errors import ManifestError
 from hierarchy.ids import NodeId
-from hierarchy.updates.errors import ManifestError
 from hierarchy.updates.manifest import FileEntry
 from hierarchy.updates.variants import (
     VARIANT_FORMAT,

@@ -22,7 +22,7 @@ import yaml
 
 from cluster.cli import main
 from cluster.ray.config import RayPorts
-from cluster.ray.runtime import NodeProcess, node_command, ray_env, start_node, stop_node
+from cluster.ray.runtime import RayProcess, ray_env, ray_start_command, start_ray_process, stop_ray_process
 from nodes.runtime.requests import GenerationRequest, SamplingParams
 from tests.cluster.grpc_harness import World
 from tests.nodes.treefactory import RandomNode, RandomTreeSpec
@@ -133,7 +133,7 @@ class RayWorld:
     base: int
     target: str  # the ingress, host:port
     temp_dir: Path
-    extra_nodes: list[NodeProcess] = field(default_factory=list)
+    extra_nodes: list[RayProcess] = field(default_factory=list)
 
     def cli(self, *args: str) -> int:
         return main(["cluster", *args, "--state-dir", str(self.state_dir)])
@@ -143,22 +143,24 @@ class RayWorld:
         assert self.cli("status", "--json") == 0
         return json.loads(capsys.readouterr().out)
 
-    def start_worker_node(self, num_cpus: float = 2, resources: dict | None = None) -> NodeProcess:
+    def start_worker_node(self, num_cpus: float = 2, resources: dict | None = None) -> RayProcess:
         """`ray start --address` a second Ray node on this machine (own ports and temp dir)."""
         from cluster.ray.runtime import load_state
 
         state = load_state(self.state_dir)
         ports = worker_ports(self.base)
         temp = self.temp_dir.parent / (self.temp_dir.name + "-w")
-        cmd = node_command(ports, temp, head=False, address=state.gcs_address, num_cpus=num_cpus, resources=resources)
+        cmd = ray_start_command(
+            ports, temp, head=False, address=state.gcs_address, num_cpus=num_cpus, resources=resources
+        )
         env = ray_env(state.auth, Path(state.token_file) if state.token_file else None)
-        node = start_node(cmd, env, self.state_dir / "worker.log", temp, list(ports.node_ports().values()))
+        node = start_ray_process(cmd, env, self.state_dir / "worker.log", temp, list(ports.node_ports().values()))
         self.extra_nodes.append(node)
         return node
 
     def stop_extra_nodes(self) -> None:
         while self.extra_nodes:
-            stop_node(self.extra_nodes.pop().pid, timeout_s=20)
+            stop_ray_process(self.extra_nodes.pop().pid, timeout_s=20)
 
 
 def expected(engine, node: str, prompt: str, max_new_tokens: int) -> tuple[int, ...]:

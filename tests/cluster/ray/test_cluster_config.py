@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.errors import ClusterError
+from cluster.errors import ClusterConfigError, ClusterError
 from cluster.ray.app import Scaling
 from cluster.ray.backend import aggregate
 from cluster.ray.board import ReplicaReport
-from cluster.ray.config import ClusterConfigError, RayPorts, load_cluster_config, parse_cluster_config
-from cluster.ray.runtime import ClusterState, NodeProcess, load_state, node_command, save_state
-from cluster.ray.wire import RemoteError, TrunkInfo
+from cluster.ray.config import RayPorts, load_cluster_config, parse_cluster_config
+from cluster.ray.runtime import ClusterState, RayProcess, load_state, ray_start_command, save_state
+from cluster.ray.wire import TrunkInfo
 from cluster.service.trunk import CacheSnapshot
-from nodes.errors import InvalidRequest, NodesError, QueueFull, UnknownNode
 from tests.nodes.treefactory import make_random_tree
 
 REPO = Path(__file__).resolve().parents[3]
@@ -98,6 +96,12 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         ),
         (lambda d: d["trunks"][0].update(resources={"memory": "lots"}), "trunks[0].resources.memory", "not a size"),
         (lambda d: d["trunks"][0].update(resources={"cpus": -1}), "trunks[0].resources.cpus", ">= 0"),
+        (
+            lambda d: d["trunks"][0].update(resources={"custom": {"zone-b": None}}),
+            "trunks[0].resources.custom.zone-b",
+            "got nothing",
+        ),
+        (lambda d: d.update(ray={"resources": {"big-box": None}}), "ray.resources.big-box", "got nothing"),
         (lambda d: d["trunks"][0].update(max_adapters=2), "trunks[0].max_adapters", "deepest chain"),
         (lambda d: d["trunks"][0].update(preload=["rt/xx"]), "trunks[0].preload", "not a node"),
         (lambda d: d["trunks"].append(dict(d["trunks"][0])), "trunks[1].tree", "one trunk per tree"),
@@ -137,8 +141,8 @@ def test_unreadable_files_are_errors_too(tmp_path):
 
 def test_ray_commands_set_every_port_and_block():
     ports = RayPorts()
-    head = node_command(ports, Path("/tmp/r"), head=True, num_cpus=4)
-    worker = node_command(ports, Path("/tmp/r"), head=False, address="10.0.0.5:46379", resources={"zone-b": 1})
+    head = ray_start_command(ports, Path("/tmp/r"), head=True, num_cpus=4)
+    worker = ray_start_command(ports, Path("/tmp/r"), head=False, address="10.0.0.5:46379", resources={"zone-b": 1})
     for cmd in (head, worker):
         assert "--block" in cmd and cmd[cmd.index("--temp-dir") + 1] == "/tmp/r"
         for flag, port in (
@@ -167,7 +171,7 @@ def test_cluster_state_round_trips_and_a_missing_one_says_what_to_do(tmp_path):
         namespace="treelm",
         auth="token",
         token_file="/s/ray_token",
-        head=NodeProcess(12, "/s/head.log", "/tmp/r"),
+        head=RayProcess(12, "/s/head.log", "/tmp/r"),
         endpoints=("127.0.0.1:50051",),
         overrides={"rt": {"min": 1, "max": 3}},
     )
@@ -177,22 +181,6 @@ def test_cluster_state_round_trips_and_a_missing_one_says_what_to_do(tmp_path):
         load_state(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        InvalidRequest("top_p", "must be in (0, 1], got 3.0"),
-        UnknownNode("node 'x' is not served here"),
-        QueueFull("1024 requests are waiting"),
-    ],
-)
-def test_replica_errors_cross_ray_as_values_and_come_back_typed(error):
-    remote = pickle.loads(pickle.dumps(RemoteError.of(error)))  # what Ray does to a returned value
-    again = remote.rebuild()
-    assert type(again) is type(error) and str(again) == str(error)
-    assert getattr(again, "field", None) == getattr(error, "field", None)
-    assert isinstance(RemoteError("NoSuchKind", "odd").rebuild(), NodesError)
-
-
 def test_a_trunk_snapshot_sums_its_replicas():
     info = TrunkInfo(tree="rt", app="a", deployment="Trunk", base_digest="d" * 64, nodes=("rt", "rt/en"), max_batch=16)
 
@@ -200,8 +188,8 @@ def test_a_trunk_snapshot_sums_its_replicas():
         return ReplicaReport(
             trunk="rt",
             replica=replica,
-            node_id="n",
-            node_ip="ip",
+            machine_id="n",
+            machine_ip="ip",
             pid=1,
             base_digest="d" * 64,
             loaded=loaded,

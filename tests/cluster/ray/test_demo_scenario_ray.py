@@ -54,7 +54,7 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
         assert any(r[0] == "ray cluster" and "RUNNING" in r[2] for r in rows)
         replicas = [r for r in rows if r[0].startswith("  replica")]
         assert replicas and any(f"{TREE}/en/medical/cardiology" in r[2] for r in replicas)
-        assert any(r[0].startswith("ray node") and r[1] == "head" for r in rows)
+        assert any(r[0].startswith("machine") and r[1] == "head" for r in rows)
         assert "through the Ray cluster" in console.export_text()
         # Down: the cluster's record is gone (`down` removes it after stopping the Ray head it started).
         assert not (tmp_path / "state" / "cluster" / "state.json").exists()

@@ -60,13 +60,13 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
         ),
         what="reports from every replica",
     )
-    head = next(n for n in status["nodes"] if n["head"])
+    head = next(n for n in status["machines"] if n["head"])
     assert status["ingress"] == "RUNNING" and status["endpoints"] == [ray_world.target]
     for tree in ("rt", "kb"):
         trunk = next(t for t in status["trunks"] if t["tree"] == tree)
         assert trunk["status"] == "RUNNING" and trunk["running"] == trunk["target"] >= 1
         for replica in trunk["replicas"]:
-            assert replica["state"] == "RUNNING" and replica["node_id"] == head["node_id"]
+            assert replica["state"] == "RUNNING" and replica["machine_id"] == head["machine_id"]
             os.kill(replica["pid"], 0)  # a live process on this machine
             # p50 covers the last minute: a replica whose last request is older reports none.
             assert (replica["p50_ms"] is None or replica["p50_ms"] > 0) and replica["queue_depth"] == 0
@@ -76,7 +76,7 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
     capsys.readouterr()
     assert ray_world.cli("status") == 0
     table = capsys.readouterr().out
-    assert "trunks" in table and "replicas" in table and "Ray nodes" in table
+    assert "trunks" in table and "replicas" in table and "machines" in table
     assert replicas_of(status, "kb")[0]["replica"] in table
 
 

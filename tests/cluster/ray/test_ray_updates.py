@@ -11,46 +11,16 @@ import grpc
 import pytest
 
 import treelm
-from cluster.ray.desk import DESK_NAME, PortableError
-from cluster.updates.errors import NotAwaitingApproval, PackageError
-from cluster.updates.wire import update_wire_status
-from hierarchy.updates import errors as e
+from cluster import errors as cluster_errors
+from cluster.ray.desk import DESK_NAME
+from cluster.service.status import wire_status
+from hierarchy import errors as hierarchy_errors
 from hierarchy.updates.keys import SigningKey
-from registry.updates import UpdateNotFound
+from nodes import errors as nodes_errors
+from registry import errors as registry_errors
 from tests.cluster.test_server_errors import NO_RETRY
 
 S = grpc.StatusCode
-
-
-class _Unportable(Exception):
-    def __init__(self, a, b):  # not re-creatable from args, like most typed errors here
-        super().__init__(f"{a}/{b}")
-        self.lock = __import__("threading").Lock()  # an attribute that does not pickle
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        e.ThresholdError("1 valid signature of 2 needed"),
-        e.StaleParentError("parent version 1 is not the stable 2"),
-        PackageError("no adapter_config.json", field="files"),
-        NotAwaitingApproval("update 1234 is stable"),
-        UpdateNotFound.for_id("0" * 32),
-    ],
-    ids=lambda x: type(x).__name__,
-)
-def test_desk_errors_come_back_with_their_type_message_and_status(exc):
-    back = PortableError.of(exc).rebuild()
-    assert type(back) is type(exc) and str(back) == str(exc)
-    assert getattr(back, "field", None) == getattr(exc, "field", None)
-    assert update_wire_status(back) == update_wire_status(exc)
-
-
-def test_an_error_whose_attributes_do_not_pickle_keeps_type_and_message():
-    back = PortableError.of(_Unportable(1, 2)).rebuild()
-    assert type(back) is _Unportable and str(back) == "1/2"
-    lost = PortableError("nowhere.module", "Gone", "it went", b"").rebuild()
-    assert isinstance(lost, RuntimeError) and str(lost) == "Gone: it went"
 
 
 @pytest.mark.ray
@@ -77,3 +47,27 @@ def test_the_ingress_answers_updates_through_the_desk_with_precise_codes(ray_wor
             acme.rollback(node, 1, [SigningKey.generate()])
         assert denied.value.code == S.PERMISSION_DENIED
         assert acme.node(node).stable_version == before
+
+
+@pytest.mark.ray
+def test_an_error_raised_in_a_ray_task_comes_back_typed(ray_world):
+    """No wrapper types: a typed error crosses Ray as it is (hierarchy.errors.PicklableError)."""
+    import ray
+
+    from cluster.ray.wire import remote_cause
+
+    @ray.remote
+    def fails(error: Exception) -> None:
+        raise error
+
+    for error in (
+        nodes_errors.InvalidRequest("params.n", "must be at least 1, got 0"),
+        registry_errors.UpdateNotFound.for_id("0" * 32),
+        cluster_errors.PackageError("no adapter_config.json", field="files"),
+        hierarchy_errors.ThresholdError("0 valid signatures, 1 required", field="signatures", seen=0),
+    ):
+        with pytest.raises(ray.exceptions.RayTaskError) as info:
+            ray.get(fails.remote(error))
+        again = remote_cause(info.value)
+        assert type(again) is type(error) and str(again) == str(error) and vars(again) == vars(error)
+        assert wire_status(again) == wire_status(error)

@@ -1,0 +1,136 @@
+"""One process serving one built tree: the engine, the update coordinator and the gRPC server,
+run until SIGTERM or Ctrl-C (what `treelm serve` does; cluster/cli/serve.py parses its options).
+
+The tree is imported into the registry first (idempotent). SIGTERM or Ctrl-C drains: health
+turns NOT_SERVING, new calls are refused, in-flight calls get ``grace_s`` seconds, then the
+engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cluster.errors import ServeError
+from cluster.service.catalog import Catalog
+from cluster.service.server import ServerConfig, TreeServer
+from cluster.service.trunk import EngineTrunk
+from cluster.tree_import import import_tree
+from cluster.updates.coordinator import Coordinator
+from cluster.updates.policy import UpdatePolicy
+from nodes.runtime.engine import Engine, EngineConfig
+from nodes.store.tree import open_tree
+from registry.access import record_deployment
+from registry.db import Registry, open_registry
+from registry.errors import RegistryError
+
+__all__ = ["StandaloneOptions", "serve_standalone"]
+
+log = logging.getLogger("treelm.server")
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StandaloneOptions:
+    """What `treelm serve` runs: a tree dir, a registry, the server's settings and the engine's."""
+
+    tree_dir: Path
+    db: str | None = None  # registry URL; None: $TREELM_REGISTRY_URL or ~/.treelm/registry.db
+    server: ServerConfig = field(default_factory=ServerConfig)
+    max_batch: int = 32
+    max_queue: int = 1024
+    threads: int | None = None  # torch threads for the engine; None: torch's default
+    updates: bool = True  # serve the signed update protocol over this tree dir and registry
+    update_policy: Path | None = None  # default: TREE_DIR/update-policy.yaml
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ServeError(f"--threads must be >= 1, got {self.threads}")
+
+
+def serve_standalone(options: StandaloneOptions, say: Say) -> None:
+    """Import the tree, load the base, serve until a signal, drain, stop (blocking)."""
+    tree = open_tree(options.tree_dir)
+    registry = open_registry(options.db)
+    try:
+        imported = import_tree(registry, tree.root)
+        what = "imported into" if imported.changed else "already in"
+        say(f"tree {tree.name} ({len(tree.nodes) + 1} nodes) {what} {registry.url}")
+        if not options.server.auth:
+            log.warning("authentication is OFF (--insecure-no-auth)")
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
+        coordinator = None
+        if options.updates:  # pins every node's version and writes the snapshot the engine then serves
+            # The next level's aggregation round runs after an approval returns (one at a time).
+            rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-update-round")
+            policy = UpdatePolicy.for_tree(tree.root, options.update_policy)
+            coordinator = Coordinator.open(registry, tree.root, policy, background=rounds.submit)
+        say(f"loading the base of {tree.name} ...")
+        config = EngineConfig(max_batch_size=options.max_batch, max_queue=options.max_queue)
+        engine = Engine(tree.base_dir, tree.root, config)
+        if coordinator is not None:
+            coordinator.on_snapshot(engine.use_tree)
+        asyncio.run(_run(engine, registry, options.server, say, coordinator))
+    finally:
+        registry.close()
+
+
+async def _run(
+    engine: Engine, registry: Registry, config: ServerConfig, say: Say, coordinator: Coordinator | None
+) -> None:
+    server = TreeServer([EngineTrunk(engine)], Catalog(registry), config, close_trunks=True, updates=coordinator)
+    try:
+        await server.start()
+    except ServeError:
+        await EngineTrunk(engine).close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    endpoint = f"{config.host}:{server.port}"
+    await asyncio.to_thread(_record, registry, engine, endpoint, "active")
+    metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    say(
+        f"serving {engine.tree.name} on {endpoint} "
+        f"(tls {'on' if config.tls else 'off'}, auth {'on' if config.auth else 'OFF'}{metrics}); Ctrl-C to stop"
+    )
+    ticker = None
+    if coordinator is not None and coordinator.policy.window_s:  # time-window aggregation needs a clock
+        ticker = asyncio.create_task(_tick(coordinator, min(60.0, coordinator.policy.window_s / 10)))
+    await stop.wait()
+    if ticker is not None:
+        ticker.cancel()
+    say(f"draining (up to {config.grace_s:g}s for in-flight calls) ...")
+    await server.stop()
+    await asyncio.to_thread(_record, registry, engine, endpoint, "stopped")
+    say("stopped")
+
+
+async def _tick(coordinator: Coordinator, every_s: float) -> None:
+    """Aggregate parents whose policy window has passed (what `treelm update tick` does from cron)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(coordinator.tick)
+        except Exception:  # one failed round must not stop serving; the log has it
+            log.exception("update aggregation tick failed")
+
+
+def _record(registry: Registry, engine: Engine, endpoint: str, status: str) -> None:
+    """Tell the registry where the tree's nodes are served (match's "remote" suggestions use it)."""
+    nodes = [engine.tree.name, *(str(n.node_id) for n in engine.tree.nodes)]
+    try:
+        for node in nodes:
+            record_deployment(registry, node, trunk=engine.tree.name, endpoint=endpoint, status=status)
+    except RegistryError as exc:  # serving matters more than the bookkeeping
+        log.warning("could not record the deployment at %s: %s", endpoint, exc)

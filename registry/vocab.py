@@ -1,0 +1,45 @@
+"""The registry's closed vocabularies: the values its columns may hold (checked by the schema's
+CHECK constraints in :mod:`registry.models` and by the records in :mod:`registry.records`).
+
+A module of its own so that values and records can be used without loading SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALIAS_NAMES",
+    "DEPLOYMENT_STATUSES",
+    "KEY_ROLES",
+    "KEY_STATUSES",
+    "LEVELS",
+    "PIN_STATUSES",
+    "UPDATE_KINDS",
+    "UPDATE_STATES",
+    "VARIANT_KINDS",
+    "VERSION_STATUSES",
+    "VISIBILITIES",
+]
+
+LEVELS = ("base", "language", "domain", "subdomain")
+VISIBILITIES = ("public", "private")
+VERSION_STATUSES = ("candidate", "accepted", "rejected", "revoked")
+ALIAS_NAMES = ("stable", "candidate")
+# Kept in step with migration 0004 (a CHECK constraint) and with nodes.build.variants.kinds.
+VARIANT_KINDS = (
+    "chain",
+    "flat",
+    "merged",
+    "merged-fp16",
+    "merged-bf16",
+    "merged-int8",
+    "gguf-f16",
+    "gguf-q4_0",
+    "gguf-lora",
+)
+KEY_ROLES = ("node", "evaluator", "operator", "root")
+KEY_STATUSES = ("active", "revoked")
+DEPLOYMENT_STATUSES = ("active", "draining", "stopped")
+# The signed update protocol (cluster.updates): what an update record is and where it stands.
+UPDATE_KINDS = ("package", "candidate", "contribution")
+UPDATE_STATES = ("pending", "aggregated", "absorbed", "awaiting-approval", "stable", "rejected")
+PIN_STATUSES = ("pinned", "held")
