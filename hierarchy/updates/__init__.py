@@ -34,6 +34,13 @@ from hierarchy.errors import (
     UpdateError,
     VersionError,
 )
+from hierarchy.updates.distribution import (
+    DELEGATION_PAYLOAD_TYPE,
+    SignerDelegation,
+    parse_delegation,
+    sign_delegation,
+    verify_variant,
+)
 from hierarchy.updates.envelope import Envelope, Signature, pae, sign_envelope, sign_payload
 from hierarchy.updates.keys import PublicKey, SigningKey, key_id
 from hierarchy.updates.manifest import (
@@ -86,6 +93,7 @@ from hierarchy.updates.verify import (
 
 __all__ = [
     "ADAPTER_FORMAT",
+    "DELEGATION_PAYLOAD_TYPE",
     "REPIN_PAYLOAD_TYPE",
     "ROLLBACK_PAYLOAD_TYPE",
     "UPDATE_PAYLOAD_TYPE",
@@ -121,6 +129,7 @@ __all__ = [
     "ScreeningRejected",
     "ShapeMismatchError",
     "Signature",
+    "SignerDelegation",
     "SigningKey",
     "SkippedVersionError",
     "StaleParentError",
@@ -142,6 +151,7 @@ __all__ = [
     "check_approvals",
     "key_id",
     "pae",
+    "parse_delegation",
     "parse_manifest",
     "parse_variant_manifest",
     "repin_statement",
@@ -149,6 +159,7 @@ __all__ = [
     "rollback_statement",
     "rotate_keys",
     "sha256_digest",
+    "sign_delegation",
     "sign_envelope",
     "sign_manifest",
     "sign_payload",
@@ -156,4 +167,5 @@ __all__ = [
     "sign_rotation",
     "sign_variant_manifest",
     "verify_update",
+    "verify_variant",
 ]
