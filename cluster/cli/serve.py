@@ -51,6 +51,14 @@ def serve_command(
         Path | None,
         typer.Option("--update-policy", help="update policy YAML (default: TREE_DIR/update-policy.yaml)"),
     ] = None,
+    variant_key: Annotated[
+        Path | None,
+        typer.Option("--variant-key", help="key dir or private PEM that signs variant manifests for devices"),
+    ] = None,
+    variant_delegation: Annotated[
+        Path | None,
+        typer.Option("--variant-delegation", help="root's delegation of that key (`treelm keys delegate-variants`)"),
+    ] = None,
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection)."""
     from cluster.service.server import ServerConfig
@@ -75,6 +83,8 @@ def serve_command(
         threads=threads,
         updates=updates,
         update_policy=update_policy,
+        variant_key=variant_key,
+        variant_delegation=variant_delegation,
     )
     if insecure_no_auth:
         err.print(

@@ -5,7 +5,7 @@
     ...
     await server.stop()           # stop accepting, finish in-flight calls up to the grace period
 
-Besides the four TreeLM services it registers the standard gRPC health service
+Besides the five TreeLM services it registers the standard gRPC health service
 (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING once draining) and
 server reflection, so stock tools (grpcurl, grpc_health_probe) work. Message
 sizes are bounded explicitly on both directions.
@@ -28,6 +28,7 @@ from cluster.errors import ServeError
 from cluster.service.access import NodeAccess
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
+from cluster.service.distribution import DistributionServicer, Distributor
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
@@ -38,6 +39,8 @@ from cluster.updates.coordinator import Coordinator
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    distribution_pb2,
+    distribution_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     registry_pb2,
@@ -57,6 +60,7 @@ SERVICE_NAMES = tuple(
         (registry_pb2, "Registry"),
         (updates_pb2, "Updates"),
         (admin_pb2, "Admin"),
+        (distribution_pb2, "Distribution"),
     )
 )
 _MIB = 1 << 20
@@ -116,12 +120,14 @@ class TreeServer:
         *,
         close_trunks: bool = False,
         updates: Coordinator | UpdateBackend | None = None,
+        distribution: Distributor | None = None,
     ):
         self.config = config
         self.router = TrunkRouter({t.tree: t for t in trunks})
         self.catalog = catalog
         self._close_trunks = close_trunks
         self.updates = updates  # the update coordinator; None: Updates answers UNIMPLEMENTED
+        self.distribution = distribution  # variants for devices; None: Distribution answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.metrics = ServerMetrics(known_node=lambda node: any(t.serves(node) for t in self.router.trunks.values()))
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
@@ -151,6 +157,9 @@ class TreeServer:
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.router, self.access, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
         updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
+        distribution_pb2_grpc.add_DistributionServicer_to_server(
+            DistributionServicer(self.distribution, self.access), server
+        )
         admin = AdminServicer(
             self.router,
             self.access,

@@ -20,11 +20,14 @@ import torch
 
 from cluster.errors import ServeError
 from cluster.service.catalog import Catalog
+from cluster.service.distribution import Distributor, VariantSigning
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
 from cluster.tree_import import import_tree
 from cluster.updates.coordinator import Coordinator
+from cluster.updates.keys import load_signing_key
 from cluster.updates.policy import UpdatePolicy
+from hierarchy.updates.envelope import Envelope
 from nodes.runtime.engine import Engine, EngineConfig
 from nodes.store.tree import open_tree
 from registry.access import record_deployment
@@ -50,10 +53,14 @@ class StandaloneOptions:
     threads: int | None = None  # torch threads for the engine; None: torch's default
     updates: bool = True  # serve the signed update protocol over this tree dir and registry
     update_policy: Path | None = None  # default: TREE_DIR/update-policy.yaml
+    variant_key: Path | None = None  # the online key that signs variant manifests (Distribution)
+    variant_delegation: Path | None = None  # root's delegation of that key (treelm keys delegate-variants)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ServeError(f"--threads must be >= 1, got {self.threads}")
+        if (self.variant_key is None) != (self.variant_delegation is None):
+            raise ServeError("serving variants needs both --variant-key and --variant-delegation")
 
 
 def serve_standalone(options: StandaloneOptions, say: Say) -> None:
@@ -79,15 +86,39 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
         engine = Engine(tree.base_dir, tree.root, config)
         if coordinator is not None:
             coordinator.on_snapshot(engine.use_tree)
-        asyncio.run(_run(engine, registry, options.server, say, coordinator))
+        distribution = _distributor(options, tree.name, tree.root, registry)
+        asyncio.run(_run(engine, registry, options.server, say, coordinator, distribution))
     finally:
         registry.close()
 
 
+def _distributor(options: StandaloneOptions, tree: str, root: Path, registry: Registry) -> Distributor | None:
+    if options.variant_key is None or options.variant_delegation is None:
+        return None
+    try:
+        delegation = Envelope.from_bytes(options.variant_delegation.read_bytes())
+    except OSError as exc:
+        raise ServeError(f"cannot read --variant-delegation {options.variant_delegation}: {exc}") from None
+    signing = VariantSigning(load_signing_key(options.variant_key), {tree: delegation})
+    return Distributor({tree: root}, Catalog(registry), signing)
+
+
 async def _run(
-    engine: Engine, registry: Registry, config: ServerConfig, say: Say, coordinator: Coordinator | None
+    engine: Engine,
+    registry: Registry,
+    config: ServerConfig,
+    say: Say,
+    coordinator: Coordinator | None,
+    distribution: Distributor | None = None,
 ) -> None:
-    server = TreeServer([EngineTrunk(engine)], Catalog(registry), config, close_trunks=True, updates=coordinator)
+    server = TreeServer(
+        [EngineTrunk(engine)],
+        Catalog(registry),
+        config,
+        close_trunks=True,
+        updates=coordinator,
+        distribution=distribution,
+    )
     try:
         await server.start()
     except ServeError:
