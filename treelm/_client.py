@@ -25,6 +25,8 @@ from hierarchy.updates.statements import ROLLBACK_PAYLOAD_TYPE, rollback_stateme
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    distribution_pb2,
+    distribution_pb2_grpc,
     inference_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
@@ -43,6 +45,7 @@ from treelm._convert import (
     version_from_proto,
 )
 from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
+from treelm._pulltypes import Offer, PullResult, TrustBundle, offer_from_proto, trust_from_proto
 from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
 from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, RollbackResult, ServerStatus, UpdateStatus
 from treelm._updates import (
@@ -185,6 +188,7 @@ class Client:
         self._registry = registry_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]
         self._admin = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
+        self._distribution = distribution_pb2_grpc.DistributionStub(channel)  # type: ignore[no-untyped-call]
 
     # -- plumbing ---------------------------------------------------------------------------
     # Reads and generation are idempotent (they change nothing on the server) and are retried;
@@ -367,6 +371,41 @@ class Client:
             signatures=[updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures],
         )
         return rollback_from_proto(self._unary(self._updates.Rollback, request, timeout, idempotent=False))
+
+    # -- distribution (see treelm._pull for verified downloads) -----------------------------
+    def offer(self, node: str, variant: str, *, version: int = 0, timeout: float | None = _UNSET) -> Offer:
+        """The signed manifest of ``variant`` of ``node`` (version 0: stable), built by the server if needed.
+
+        The answer is not verified here: :meth:`pull` checks it against root keys before use.
+        """
+        request = distribution_pb2.OfferRequest(node=node, version=version, variant=variant)
+        return offer_from_proto(self._unary(self._distribution.Offer, request, timeout))
+
+    def download(
+        self, node: str, key: str, file: str, *, offset: int = 0, timeout: float | None = _UNSET
+    ) -> Iterator[tuple[int, bytes]]:
+        """``(offset, data)`` chunks of one file of a variant, from ``offset`` to its end (not retried)."""
+        request = distribution_pb2.DownloadRequest(node=node, key=key, file=file, offset=offset)
+        deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
+        call = self._distribution.Download(request, timeout=deadline.remaining(), metadata=self._metadata)
+        try:
+            for chunk in call:
+                yield chunk.offset, chunk.data
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    def trust(self, tree: str, *, timeout: float | None = _UNSET) -> TrustBundle:
+        """The server's root public keys and the tree's variant signers' delegation (to confirm once)."""
+        reply = self._unary(self._distribution.Trust, distribution_pb2.TrustRequest(tree=tree), timeout)
+        return trust_from_proto(reply)
+
+    def pull(self, target: str, **options: Any) -> PullResult:
+        """Pull a node (or the best node for a task) as a verified, ready-to-run directory: see treelm._pull.pull."""
+        from treelm._pull import pull
+
+        return pull(self, target, **options)
 
     # -- admin ------------------------------------------------------------------------------
     def status(self, *, timeout: float | None = _UNSET) -> ServerStatus:

@@ -13,7 +13,10 @@
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: the call's timeout passed
     ├── Cancelled                   CANCELLED
     ├── Unimplemented               UNIMPLEMENTED: this server does not offer the method
-    └── ServerError                 INTERNAL / UNKNOWN / DATA_LOSS: a server bug, not your mistake
+    ├── ServerError                 INTERNAL / UNKNOWN / DATA_LOSS: a server bug, not your mistake
+    └── PullError                   a pull that left no ready directory (the old one, if any, is intact)
+        ├── VerificationFailed      a signature, delegation, manifest or file hash that does not verify
+        └── DiskError               the output directory cannot be written (not writable, disk full)
 
 Example::
 
@@ -40,17 +43,20 @@ __all__ = [
     "ERROR_KIND_KEY",
     "Cancelled",
     "DeadlineExceeded",
+    "DiskError",
     "FailedPrecondition",
     "InvalidRequest",
     "NodeNotFound",
     "NotFound",
     "Overloaded",
     "PermissionDenied",
+    "PullError",
     "ServerError",
     "TreeLMError",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "VerificationFailed",
     "from_rpc_error",
 ]
 
@@ -171,3 +177,15 @@ def from_rpc_error(rpc_error: grpc.RpcError) -> TreeLMError:
         error = cls(details, code)
     error.kind = meta.get(ERROR_KIND_KEY, "")
     return error
+
+
+class PullError(TreeLMError):
+    """A pull did not produce a ready directory; the output directory is as it was (absent, or the old one)."""
+
+
+class VerificationFailed(PullError):
+    """Something downloaded does not verify against the root keys or the signed manifest: refused."""
+
+
+class DiskError(PullError):
+    """The output directory cannot be written (not writable, or the disk is full)."""

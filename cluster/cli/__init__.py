@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from cluster.cli.cluster import cluster_app
+from cluster.cli.distribution import delegate_variants_command
+from cluster.cli.pull import pull_command
 from cluster.cli.registry_import import import_command
 from cluster.cli.serve import serve_command
 from cluster.cli.updates import keys_app, update_app
@@ -21,6 +23,7 @@ from nodes.cli import base_app, export_command, tree_app
 from nodes.errors import NodesError
 from registry.cli import registry_app
 from registry.errors import RegistryError
+from treelm._errors import TreeLMError
 
 __all__ = ["app", "main"]
 
@@ -38,6 +41,8 @@ registry_app.command("import")(import_command)
 app.add_typer(registry_app, name="registry")
 app.command("export")(export_command)
 app.command("serve")(serve_command)
+app.command("pull")(pull_command)
+keys_app.command("delegate-variants")(delegate_variants_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(update_app, name="update")
 app.add_typer(cluster_app, name="cluster")
@@ -62,7 +67,7 @@ _SERVER_PACKAGES = frozenset(
 )
 
 # Error types that are the user's to fix: printed plainly, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError)
+USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError, TreeLMError)
 
 
 def main(argv: list[str] | None = None) -> int:
