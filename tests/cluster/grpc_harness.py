@@ -82,6 +82,28 @@ class ServerThread:
             self.thread.join(30)
 
 
-def serve(world: World, **config: Any) -> ServerThread:
+def serve(world: World, distribution: Any = None, **config: Any) -> ServerThread:
     config.setdefault("port", 0)
-    return ServerThread(lambda: TreeServer([EngineTrunk(world.engine)], world.catalog(), ServerConfig(**config)))
+    return ServerThread(
+        lambda: TreeServer(
+            [EngineTrunk(world.engine)], world.catalog(), ServerConfig(**config), distribution=distribution
+        )
+    )
+
+
+def distribution_for(world: World, chunk_bytes: int = 1 << 20) -> tuple[Any, str]:
+    """A Distributor for the world's tree: a root key registered, a variant key delegated by it.
+
+    Returns the distributor and the root key's fingerprint (what a device is told to trust).
+    """
+    from cluster.service.distribution import Distributor, VariantSigning
+    from cluster.updates.keys import register_key
+    from hierarchy.updates.distribution import SignerDelegation, sign_delegation
+    from hierarchy.updates.keys import SigningKey
+
+    root_key, variant_key = SigningKey.generate(), SigningKey.generate()
+    register_key(world.registry, root_key, "root")
+    delegation = sign_delegation(SignerDelegation(world.tree.name, (variant_key.public,)), [root_key])
+    signing = VariantSigning(variant_key, {world.tree.name: delegation})
+    distributor = Distributor({world.tree.name: world.tree.root}, world.catalog(), signing, chunk_bytes=chunk_bytes)
+    return distributor, root_key.keyid

@@ -12,17 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.cli import main
-from cluster.service.distribution import Distributor, VariantSigning
-from cluster.service.server import ServerConfig, TreeServer
-from cluster.service.trunk import EngineTrunk
-from cluster.updates.keys import register_key
 from hierarchy.chain import LoraFactors
-from hierarchy.updates.distribution import SignerDelegation, sign_delegation
 from hierarchy.updates.keys import SigningKey
 from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ServedNode, VersionStore
 from registry.versions import add_version, set_alias
-from tests.cluster.grpc_harness import PRIVATE, ServerThread, make_world
+from tests.cluster.grpc_harness import PRIVATE, distribution_for, make_world, serve
 from treelm import Client, NodeNotFound, PullError, VerificationFailed
 from treelm._pull import PULL_RECORD, check, pull, upgrade
 
@@ -54,15 +49,9 @@ class Counter:
 def world(tiny_base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("pull")
     w = make_world(tiny_base_dir, root)
-    root_key, variant_key = SigningKey.generate(), SigningKey.generate()
-    register_key(w.registry, root_key, "root")
-    delegation = sign_delegation(SignerDelegation("rt", (variant_key.public,)), [root_key])
-    signing = VariantSigning(variant_key, {"rt": delegation})
-    distributor = Distributor({"rt": w.tree.root}, w.catalog(), signing, chunk_bytes=64 << 10)
-    server = ServerThread(
-        lambda: TreeServer([EngineTrunk(w.engine)], w.catalog(), ServerConfig(port=0), distribution=distributor)
-    )
-    w.root_fp = root_key.keyid  # type: ignore[attr-defined]
+    distributor, root_fp = distribution_for(w, chunk_bytes=64 << 10)
+    server = serve(w, distribution=distributor)
+    w.root_fp = root_fp  # type: ignore[attr-defined]
     w.server = server  # type: ignore[attr-defined]
     yield w
     server.stop()

@@ -8,6 +8,7 @@ the ordinary way: build isolation, setuptools), never from the working tree in p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import venv
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.grpc_harness import make_world, serve
+from tests.cluster.grpc_harness import distribution_for, make_world, serve
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -88,6 +89,38 @@ def test_the_sdk_install_has_a_cli_that_says_what_a_server_command_needs(sdk_ven
     served = subprocess.run([treelm, "serve", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert served.returncode == 2, served.stderr
     assert "pip install 'treelm[server]'" in served.stderr and "Traceback" not in served.stderr
+
+
+def test_a_device_with_only_the_sdk_pulls_and_verifies_a_gguf_model(sdk_venv, tiny_base_dir, tmp_path):
+    world = make_world(tiny_base_dir, tmp_path)
+    distributor, root_fp = distribution_for(world)
+    server = serve(world, distribution=distributor)
+    try:
+        out = tmp_path / "device" / "model"
+        command = [
+            str(sdk_venv / "bin" / "treelm"),
+            "pull",
+            "en/medical/radiology",
+            "--variant",
+            "merged-int8",
+            "--hardware",
+            "cpu:2GiB",
+            "--root-key",
+            root_fp,
+            "--out",
+            str(out),
+            "--json",
+        ]
+        env = {**os.environ, "TREELM_SERVER": server.target, "TREELM_TOKEN": world.tokens["acme"]}
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        pulled = json.loads(proc.stdout)
+        assert pulled["node"] == "rt/en/medical/radiology" and pulled["variant"] == "merged-int8"
+        assert (out / "treelm-pull.json").is_file() and any(p.suffix == ".gguf" for p in out.iterdir())
+    finally:
+        server.stop()
+        world.engine.close()
+        world.registry.close()
 
 
 def test_the_sdk_ships_its_type_information(sdk_venv):
