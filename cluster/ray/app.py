@@ -115,6 +115,7 @@ def trunk_info(trunk: TrunkConfig) -> TrunkInfo:
         base_digest=tree.base_digest,
         nodes=(tree.name, *(str(n.node_id) for n in tree.nodes)),
         max_batch=trunk.max_batch,
+        tree_dir=str(trunk.tree_dir),
     )
 
 
@@ -174,6 +175,8 @@ def ingress_application(config: ClusterConfig) -> Application:
         metrics_port=ing.metrics_port,
         grace_s=ing.grace_s,
         updates=ing.updates,
+        variant_key=str(ing.variant_key) if ing.variant_key else None,
+        variant_delegations=tuple(str(p) for p in ing.variant_delegations),
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

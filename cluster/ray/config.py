@@ -112,6 +112,8 @@ class IngressConfig:
     grace_s: float = 10.0
     updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
+    variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
+    variant_delegations: tuple[Path, ...] = ()  # root's delegations of that key, one file per tree
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,13 @@ def _ray(r: _Reader) -> RayConfig:
     return config
 
 
+def _paths(r: _Reader, key: str) -> tuple[Path, ...]:
+    value = r.raw(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise r.error(key, f"must be a list of file paths, got {value!r}")
+    return tuple(p if (p := Path(v).expanduser()).is_absolute() else (r.base / p).resolve() for v in value)
+
+
 def _ingress(r: _Reader) -> IngressConfig:
     config = IngressConfig(
         host=r.text("host", "127.0.0.1"),
@@ -314,7 +323,16 @@ def _ingress(r: _Reader) -> IngressConfig:
         grace_s=r.number("grace_s", 10.0),
         updates=r.flag("updates", True),
         update_threads=r.integer("update_threads", 1, low=1),
+        variant_key=r.path("variant_key", None),
+        variant_delegations=_paths(r, "variant_delegations"),
     )
+    if (config.variant_key is None) != (not config.variant_delegations):
+        raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")
+    for path in (config.variant_key, *config.variant_delegations):
+        if path is not None and not path.exists():
+            raise r.error(
+                "variant_key" if path == config.variant_key else "variant_delegations", f"{path} does not exist"
+            )
     if (config.tls_cert is None) != (config.tls_key is None):
         raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")
     for name in ("tls_cert", "tls_key"):

@@ -32,7 +32,11 @@ from cluster.ray.board import ensure_board
 from cluster.ray.desk import RemoteCoordinator
 from cluster.ray.wire import IngressSpec
 from cluster.service.catalog import Catalog
+from cluster.service.distribution import Distributor, VariantSigning
 from cluster.service.server import ServerConfig, TreeServer
+from cluster.updates.keys import load_signing_key
+from hierarchy.updates.distribution import parse_delegation
+from hierarchy.updates.envelope import Envelope
 from registry.db import open_registry
 
 __all__ = ["TreeIngress"]
@@ -66,7 +70,7 @@ class TreeIngress:
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.
             updates = RemoteCoordinator(spec.namespace) if spec.updates else None
-            self.server: TreeServer = self._call(self._start(trunks, config, updates))
+            self.server: TreeServer = self._call(self._start(trunks, config, updates, self._distributor(spec)))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._registry.close()
@@ -77,11 +81,27 @@ class TreeIngress:
     def _call(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def _distributor(self, spec: IngressSpec) -> Distributor | None:
+        """Variants for devices, built and served here from the trunks' tree dirs (readable on this node)."""
+        if spec.variant_key is None:
+            return None
+        delegations = {}
+        for file in spec.variant_delegations:
+            envelope = Envelope.from_bytes(Path(file).read_bytes())
+            delegations[parse_delegation(envelope.payload).tree] = envelope
+        signing = VariantSigning(load_signing_key(spec.variant_key), delegations)
+        trees = {info.tree: Path(info.tree_dir) for info in spec.trunks}
+        return Distributor(trees, Catalog(self._registry), signing)
+
     async def _start(
-        self, trunks: list[RayTrunk], config: ServerConfig, updates: RemoteCoordinator | None
+        self,
+        trunks: list[RayTrunk],
+        config: ServerConfig,
+        updates: RemoteCoordinator | None,
+        distribution: Distributor | None = None,
     ) -> TreeServer:
         # grpc.aio objects live on this loop
-        server = TreeServer(trunks, Catalog(self._registry), config, updates=updates)
+        server = TreeServer(trunks, Catalog(self._registry), config, updates=updates, distribution=distribution)
         await server.start()
         return server
 

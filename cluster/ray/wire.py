@@ -48,6 +48,7 @@ class TrunkInfo:
     base_digest: str
     nodes: tuple[str, ...]  # every node id the trunk serves (the tree name = the base)
     max_batch: int
+    tree_dir: str = ""  # where the ingress reads the tree's variants (Distribution)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class IngressSpec:
     metrics_port: int | None = None
     grace_s: float = 10.0
     updates: bool = True  # serve Updates through the desk actor (cluster/ray/desk.py)
+    variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered
+    variant_delegations: tuple[str, ...] = ()  # root's delegation files, one per tree
 
 
 def tree_content_digest(tree_dir: Path) -> str:

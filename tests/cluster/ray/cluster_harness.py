@@ -92,7 +92,9 @@ def worker_ports(base: int) -> RayPorts:
     )
 
 
-def cluster_yaml(path: Path, *, base: int, registry_url: str, temp_dir: Path, trees: dict[str, dict]) -> Path:
+def cluster_yaml(
+    path: Path, *, base: int, registry_url: str, temp_dir: Path, trees: dict[str, dict], ingress: dict | None = None
+) -> Path:
     p = head_ports(base)
     ports = {
         name: getattr(p, name)
@@ -115,7 +117,7 @@ def cluster_yaml(path: Path, *, base: int, registry_url: str, temp_dir: Path, tr
         "name": "test",
         "registry": registry_url,
         "ray": {"num_cpus": 4, "temp_dir": str(temp_dir), "auth": "token", "ports": ports},
-        "ingress": {"port": base + 20, "metrics_port": base + 21, "grace_s": 2},
+        "ingress": {"port": base + 20, "metrics_port": base + 21, "grace_s": 2, **(ingress or {})},
         "trunks": [{"tree": str(tree_dir), **options} for tree_dir, options in trees.items()],
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -134,6 +136,7 @@ class RayWorld:
     target: str  # the ingress, host:port
     temp_dir: Path
     extra_nodes: list[RayProcess] = field(default_factory=list)
+    root_key: str = ""  # fingerprint of the registry's root key (devices trust it to pull variants)
 
     def cli(self, *args: str) -> int:
         return main(["cluster", *args, "--state-dir", str(self.state_dir)])

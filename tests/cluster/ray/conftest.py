@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.updates.keys import register_key, write_key_files
+from hierarchy.updates.distribution import SignerDelegation, sign_delegation
+from hierarchy.updates.keys import SigningKey
 from nodes.base.model import TinyBaseConfig, make_tiny_base
 from tests.cluster.grpc_harness import make_world
 from tests.cluster.ray.cluster_harness import KB_SPEC, RayWorld, cluster_yaml, free_port_block
@@ -34,6 +37,15 @@ def ray_world(tiny_base_dir, tmp_path_factory):
     kb = make_random_tree(root / "kb", long_base, KB_SPEC)
     # A tree the registry knows but the cluster does not serve.
     import_tree(world.registry, make_random_tree(root / "zz", tiny_base_dir, RandomTreeSpec(name="zz")).root)
+    # Variants for devices: a root key in the registry and a variant key it delegates, per tree.
+    root_key, variant_key = SigningKey.generate(), SigningKey.generate()
+    register_key(world.registry, root_key, "root")
+    keys = write_key_files(root / "keys" / "variants", variant_key)
+    delegations = []
+    for tree in (world.tree.name, kb.name):
+        envelope = sign_delegation(SignerDelegation(tree, (variant_key.public,)), [root_key])
+        delegations.append(root / "keys" / f"{tree}.dsse")
+        delegations[-1].write_bytes(envelope.to_bytes())
     base = free_port_block()
     temp_dir = Path(tempfile.mkdtemp(prefix="tl-ray-"))  # short: Ray's socket paths must stay under 108 bytes
     config = cluster_yaml(
@@ -52,6 +64,7 @@ def ray_world(tiny_base_dir, tmp_path_factory):
             },
             kb.root: {"replicas": 1, "max_adapters": 3, "resources": {"cpus": 0.5}, "health_check_period_s": 1},
         },
+        ingress={"variant_key": str(keys.private), "variant_delegations": [str(d) for d in delegations]},
     )
     rw = RayWorld(
         world=world,
@@ -61,6 +74,7 @@ def ray_world(tiny_base_dir, tmp_path_factory):
         base=base,
         target=f"127.0.0.1:{base + 20}",
         temp_dir=temp_dir,
+        root_key=root_key.keyid,
     )
     try:
         assert rw.cli("up", str(config), "--timeout", "240") == 0, "treelm cluster up failed (see the output above)"

@@ -117,6 +117,13 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"tls_cert": "/x.crt"}), "ingress.tls_cert", "both tls_cert and tls_key"),
         (lambda d: d.update(ingress={"on_head": False}), "ingress.on_head", "SQLite"),
         (lambda d: d.update(ingress={"updates": "sometimes"}), "ingress.updates", "must be true or false"),
+        (lambda d: d.update(ingress={"variant_key": "/k"}), "ingress.variant_key", "and variant_delegations"),
+        (lambda d: d.update(ingress={"variant_delegations": "x"}), "ingress.variant_delegations", "list of file"),
+        (
+            lambda d: d.update(ingress={"variant_key": "/nope/k", "variant_delegations": ["/nope/d"]}),
+            "ingress.variant_key",
+            "does not exist",
+        ),
         (lambda d: d.pop("registry"), "registry", "is required"),
         (lambda d: d.update(name="Bad Name"), "name", "lowercase"),
         (lambda d: d.update(trunkz=[]), "trunkz", "unknown key"),
