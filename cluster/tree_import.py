@@ -7,10 +7,13 @@ safetensors headers (8-byte length + JSON), architecture facts from the base's
 config.json.
 
 Variants registered per node: ``chain`` (measured: the base's weight files plus
-the chain's adapter files), and ``flat``, ``merged``, ``merged-int8`` — measured
-from ``TREE_DIR/exports/<node path>/<variant>/manifest.json`` when such an
-export exists there, else estimated from the architecture (and marked so).
-The base itself gets ``chain`` (the base as is) and ``merged-int8``.
+the chain's adapter files), and every kind of ``nodes.build.variants`` (``flat``,
+``merged`` in 32 and 16 bits, ``merged-int8`` = GGUF Q8_0, ``gguf-f16``, ``gguf-q4_0``,
+``gguf-lora``) — measured from ``TREE_DIR/exports/<node path>/<variant>/manifest.json``
+or from the variant cache ``TREE_DIR/variants`` (a variant built for the node's current
+chain), else estimated from the architecture (and marked so). A variant's bytes are what
+a device downloads: its own files plus the base a flat adapter or LoRA GGUF files run over.
+The base itself gets ``chain`` (the base as is) and the merged kinds.
 """
 
 from __future__ import annotations
@@ -140,23 +143,76 @@ def _exported(tree: BuiltTree, path: str, kind: str) -> Mapping[str, Any] | None
         raise NodesError(f"{manifest} is corrupt: {exc}") from None
 
 
-def _variants(tree: BuiltTree, base: BaseFacts, path: str, chain_files: int, adapter_params: int) -> tuple:
+def _q_blocks(count: int, block_bytes: int) -> int:
+    return -(-count * block_bytes // 32)  # GGML blocks of 32 weights: Q8_0 34 bytes, Q4_0 18 bytes
+
+
+def _estimates(base: BaseFacts, adapter_params: int) -> dict[str, int]:
+    """Download sizes from the architecture: a variant's own files plus the base it runs over."""
     stored = {"float32": 4, "float16": 2, "bfloat16": 2}.get(base.weight_dtype, 4)
-    # Sizes on disk when nothing was exported: weights in the base's stored dtype, adapters in float32,
-    # int8 linear weights + float32 everything else.
-    estimates = {
+    n, q = base.parameter_count, base.quantizable_parameter_count
+    return {
         "flat": base.weights_bytes + adapter_params * 4,
-        "merged": base.parameter_count * stored,
-        "merged-int8": base.quantizable_parameter_count + (base.parameter_count - base.quantizable_parameter_count) * 4,
+        "merged": n * stored,
+        "merged-fp16": n * 2,
+        "merged-bf16": n * 2,
+        "merged-int8": _q_blocks(n, 34),  # GGUF Q8_0: every 2-D tensor, embeddings too
+        "gguf-f16": n * 2,
+        "gguf-q4_0": _q_blocks(q, 18) + _q_blocks(n - q, 34),
+        "gguf-lora": n * 2 + adapter_params * 4,  # the LoRA files (float32) over the base in F16
     }
+
+
+def _requirement(kind: str, estimates: Mapping[str, int], base: BaseFacts) -> int:
+    """What a device downloads beside a variant's own files: the base of flat and gguf-lora."""
+    return {"flat": base.weights_bytes, "gguf-lora": estimates["gguf-f16"]}.get(kind, 0)
+
+
+def cached_variants(tree: BuiltTree) -> dict[tuple[str, str, tuple[tuple[str, int, str], ...]], tuple[int, str]]:
+    """Variants built in the tree's cache (TREE_DIR/variants): (node, kind, chain) -> (bytes, dir)."""
+    out = {}
+    for file in sorted((tree.root / "variants").glob("*/*/manifest.json")):
+        try:
+            m = json.loads(file.read_text())
+            chain = tuple((str(x["path"]), int(x["version"]), str(x["adapter"])) for x in m["chain"])
+            out[(str(m["node"]), str(m["kind"]), chain)] = (int(m["bytes"]), str(file.parent))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged cache entry is rebuilt on request; the estimate stands in meanwhile
+    return out
+
+
+_BASE_KINDS = ("merged", "merged-fp16", "merged-bf16", "merged-int8", "gguf-f16", "gguf-q4_0")
+_NODE_KINDS = ("flat", *_BASE_KINDS, "gguf-lora")
+
+
+def _variants(
+    tree: BuiltTree,
+    base: BaseFacts,
+    path: str,
+    chain_files: int,
+    adapter_params: int,
+    chain: tuple[tuple[str, int, str], ...] = (),
+    cache: Mapping[tuple[str, str, tuple[tuple[str, int, str], ...]], tuple[int, str]] | None = None,
+) -> tuple:
+    """Every kind a node (``path``; "" for the base) ships as: measured when exported or cached, else estimated."""
+    estimates = _estimates(base, adapter_params)
+    node_id = f"{tree.name}/{path}" if path else tree.name
     out = [VariantFacts("chain", base.weights_bytes + chain_files, False, adapter_params)]
-    kinds = ("merged-int8",) if not path else ("flat", "merged", "merged-int8")
-    for kind in kinds:
+    for kind in _NODE_KINDS if path else _BASE_KINDS:
+        adapters = adapter_params if kind in ("flat", "gguf-lora") else 0
         exported = _exported(tree, path, kind) if path else None
-        adapters = adapter_params if kind == "flat" else 0
+        built = (cache or {}).get((node_id, kind, chain))
         if exported is not None and isinstance(exported.get("bytes"), int):
             uri = str(tree.root / "exports" / path / kind)
-            out.append(VariantFacts(kind, int(exported["bytes"]), False, adapters, uri=uri))
+            out.append(
+                VariantFacts(
+                    kind, int(exported["bytes"]) + _requirement(kind, estimates, base), False, adapters, uri=uri
+                )
+            )
+        elif built is not None:
+            out.append(
+                VariantFacts(kind, built[0] + _requirement(kind, estimates, base), False, adapters, uri=built[1])
+            )
         else:
             out.append(VariantFacts(kind, estimates[kind], True, adapters))
     return tuple(out)
@@ -170,6 +226,7 @@ def tree_import(tree_dir: str | Path) -> TreeImport:
     base = base_facts_from_dir(tree.base_dir, tree.base_digest, tree.base_model)
     own_params: dict[str, int] = {}
     own_bytes: dict[str, int] = {}
+    cache = cached_variants(tree)
     nodes = [
         ImportNode(
             path="",
@@ -177,7 +234,7 @@ def tree_import(tree_dir: str | Path) -> TreeImport:
             manifest_digest=tree.base_digest,
             version=1,
             description=str(tree.raw.get("description") or "") or None,
-            variants=_variants(tree, base, "", 0, 0),
+            variants=_variants(tree, base, "", 0, 0, (), cache),
         )
     ]
     for node in tree.nodes:
@@ -209,7 +266,15 @@ def tree_import(tree_dir: str | Path) -> TreeImport:
                     owner=node.owner,
                     description=str(node.raw.get("description") or "") or None,
                     metrics=dict(node.metrics),
-                    variants=_variants(tree, base, path, chain_bytes, chain_params),
+                    variants=_variants(
+                        tree,
+                        base,
+                        path,
+                        chain_bytes,
+                        chain_params,
+                        tuple((str(n.path), n.version, n.adapter_digest) for n in tree.chain(node.node_id)),
+                        cache,
+                    ),
                 )
             )
         except InvalidInput as exc:

@@ -72,6 +72,10 @@ VARIANT_PREFERENCE = {
 # float16 safetensors on a CPU: torch computes fp16 matmuls slowly there, and the GGUF
 # variants (llama.cpp: CPU, CUDA, Metal) serve CPUs in 16 or fewer bits instead.
 GPU_ONLY_VARIANTS = frozenset({"merged-fp16"})
+# Offered for a node only when none of its other variants fits: 4-bit weights cost a small model
+# far more than 8-bit ones (SmolLM2-135M: eval perplexity x1.6 in Q4_0, x1.007 in Q8_0; see
+# benchmarks/variants_bench.py), and their speed would otherwise rank them first.
+LAST_RESORT_VARIANTS = frozenset({"gguf-q4_0"})
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,8 @@ def match_candidates(rows: list[CandidateRow] | tuple[CandidateRow, ...], reques
             if note not in notes:
                 notes.append(note)
     fitting = [s for s in scored if s.fit is not None]
+    better = {s.row.node_id for s in fitting if s.row.variant and s.row.variant.kind not in LAST_RESORT_VARIANTS}
+    fitting = [s for s in fitting if s.row.node_id not in better or s.row.variant.kind not in LAST_RESORT_VARIANTS]  # type: ignore[union-attr]
     fastest = max((s.tps for s in fitting if s.tps), default=None)
     candidates = sorted(
         (_candidate(s, request, best, fastest, notes, scored) for s in fitting),

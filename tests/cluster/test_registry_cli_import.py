@@ -66,9 +66,22 @@ def test_tree_import_reads_nodes_versions_and_variants(built_tree, tiny_base_dir
         "chain": False,
         "flat": True,
         "merged": True,
+        "merged-fp16": True,
+        "merged-bf16": True,
         "merged-int8": True,
+        "gguf-f16": True,
+        "gguf-q4_0": True,
+        "gguf-lora": True,
     }
-    assert {v.kind for v in nodes[""].variants} == {"chain", "merged-int8"}
+    assert {v.kind for v in nodes[""].variants} == {
+        "chain",
+        "merged",
+        "merged-fp16",
+        "merged-bf16",
+        "merged-int8",
+        "gguf-f16",
+        "gguf-q4_0",
+    }
     oncology = nodes["en/medical/oncology"]
     assert (oncology.visibility, oncology.owner) == ("private", "st-marys")
 
@@ -83,6 +96,19 @@ def test_manifest_digest_pins_the_files(built_tree, tmp_path):
     record_file.write_text(json.dumps(record))
     after = {n.path: n.manifest_digest for n in tree_import(copy).nodes}
     assert [p for p in before if before[p] != after[p]] == ["en/legal"]
+
+
+def test_a_variant_built_in_the_cache_is_registered_as_measured(built_tree, tmp_path):
+    from nodes.build.variants import VariantStore
+
+    copy = shutil.copytree(built_tree, tmp_path / "copy")
+    artifact = VariantStore(copy).build("demo/en/medical", "gguf-lora")
+    node = next(n for n in tree_import(copy).nodes if n.path == "en/medical")
+    lora = next(v for v in node.variants if v.kind == "gguf-lora")
+    assert not lora.bytes_estimated and lora.uri == str(artifact.directory)
+    f16 = next(v for v in node.variants if v.kind == "gguf-f16")  # the base the LoRA files run over, estimated
+    assert lora.bytes == artifact.manifest.size + f16.bytes
+    assert next(v for v in node.variants if v.kind == "merged").bytes_estimated  # not built: estimated
 
 
 def test_an_exported_variant_is_registered_as_measured(built_tree, tmp_path):

@@ -362,3 +362,19 @@ def test_a_path_task_by_attributes_still_uses_the_indexes(demo_reg):
             conn.execute(text("SET enable_seqscan = off"))
             plan = " | ".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
             assert "Seq Scan on nodes" not in plan, plan
+
+
+def test_four_bit_weights_are_offered_only_when_nothing_else_fits(demo_reg):
+    from registry.memory import estimate_memory
+
+    node = "demo/en/medical/radiology"
+    add_variant(demo_reg, node, 1, VariantFacts("gguf-q4_0", 90_000_000, False, 0))
+    roomy = match(demo_reg, request(memory="8GiB", bandwidth=50e9, top=50))
+    assert "gguf-q4_0" not in {c.variant for c in roomy.candidates if c.node_id == node}  # int8 and more fit
+    base = smollm2_base()
+    q4 = estimate_memory(base, "gguf-q4_0", 0, device="cpu", dtype="float32", context=2048, batch=1).total
+    int8 = estimate_memory(base, "merged-int8", 0, device="cpu", dtype="float32", context=2048, batch=1).total
+    memory = math.ceil(q4 * 100 / 98)
+    assert int8 * 100 > memory * 98  # Q8_0 does not fit, Q4_0 just does
+    tight = match(demo_reg, request(hardware=Hardware("cpu", memory), top=50))
+    assert tight.candidates[0].node_id == node and tight.candidates[0].variant == "gguf-q4_0"
