@@ -42,7 +42,7 @@ _FINISH = {
 
 
 def _params(msg: inference_pb2.SamplingParams) -> SamplingParams:
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,8 @@ def prepare_adapter(
 class BankLinear(torch.nn.Module):
     """A base ``nn.Linear`` plus the low-rank terms of the current batch's adapters."""
 
+    _bank: AdapterBank  # set with object.__setattr__ (see __init__)
+
     def __init__(self, name: str, base: torch.nn.Linear, bank: AdapterBank):
         super().__init__()
         self.name = name
@@ -97,7 +100,7 @@ class BankLinear(torch.nn.Module):
         object.__setattr__(self, "_bank", bank)  # not a submodule: avoid a reference cycle in the module tree
 
     @property
-    def weight(self) -> torch.nn.Parameter:  # code that inspects the layer still finds the base weight
+    def weight(self) -> torch.Tensor:  # code that inspects the layer still finds the base weight
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,10 +135,12 @@ def apply_layer(layer: LayerBatch, x: torch.Tensor, y: torch.Tensor) -> None:
             h = torch.bmm(x[s].view(groups, bucket.capacity, -1), w.a)
             y[s].view(groups, bucket.capacity, -1).baddbmm_(h, w.b)
         elif kind is BucketKind.SUBSET:
-            y.index_add_(0, bucket.dst_rows, (src.index_select(0, bucket.src_rows) @ w.a) @ w.b)
+            src_rows, dst_rows = cast(torch.Tensor, bucket.src_rows), cast(torch.Tensor, bucket.dst_rows)
+            y.index_add_(0, dst_rows, (src.index_select(0, src_rows) @ w.a) @ w.b)
         else:
-            xg = src.index_select(0, bucket.src_rows).view(len(bucket.keys), bucket.capacity, -1)
-            y.index_add_(0, bucket.dst_rows, torch.bmm(torch.bmm(xg, w.a), w.b).view(-1, y.shape[1]))
+            src_rows, dst_rows = cast(torch.Tensor, bucket.src_rows), cast(torch.Tensor, bucket.dst_rows)
+            xg = src.index_select(0, src_rows).view(len(bucket.keys), bucket.capacity, -1)
+            y.index_add_(0, dst_rows, torch.bmm(torch.bmm(xg, w.a), w.b).view(-1, y.shape[1]))
 
 
 class AdapterBank:
@@ -220,9 +225,9 @@ class AdapterBank:
     # -- per-forward metadata --------------------------------------------------
     def plan(self, chains: Sequence[Sequence[str]], tokens_per_seq: int) -> BankBatch:
         """Metadata for a forward over ``len(chains)`` sequences of ``tokens_per_seq`` tokens each."""
-        chains = tuple(tuple(c) for c in chains)
+        seqs: tuple[tuple[str, ...], ...] = tuple(tuple(c) for c in chains)
         users: dict[str, list[int]] = {}
-        for seq, chain in enumerate(chains):
+        for seq, chain in enumerate(seqs):
             for key in chain:
                 if key not in self._adapters:
                     raise AdapterError(f"adapter {key!r} is not active in the bank")
@@ -237,7 +242,7 @@ class AdapterBank:
             signature = tuple(sorted((k, f.rank) for k, f in present.items()))
             if signature not in shared:
                 shared[signature] = plan_buckets(
-                    {k: users[k] for k in present}, {k: f.rank for k, f in present.items()}, len(chains), tokens_per_seq
+                    {k: users[k] for k in present}, {k: f.rank for k, f in present.items()}, len(seqs), tokens_per_seq
                 )
             buckets, needs_zero_row = shared[signature]
             weights = []
@@ -249,7 +254,7 @@ class AdapterBank:
                 weights.append(stacked)
             layers[name] = LayerBatch(weights=tuple(weights), needs_zero_row=needs_zero_row)
         self._stacks = stacks
-        return BankBatch(chains=chains, tokens_per_seq=tokens_per_seq, layers=layers)
+        return BankBatch(chains=seqs, tokens_per_seq=tokens_per_seq, layers=layers)
 
     def drop_stacks(self) -> None:
         """Forget the stacked weights kept for the next plan (the engine calls this when idle)."""

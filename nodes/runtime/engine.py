@@ -20,6 +20,16 @@ How a request can end:
   DeadlineExceeded is raised; an adapter that fails its sha256 check raises
   IntegrityError; EngineClosed when the engine shuts down.
 
+Sampling features, per row of the mixed batch (see :mod:`nodes.runtime.requests` for each
+field's limits): ``n`` choices from one prefill, presence/frequency penalties and logit bias,
+logprobs with top alternatives (of the node's effective model, before any of those), ``echo``
+of the prompt with its logprobs (``max_new_tokens=0`` scores a prompt), and structured output
+(``response_format``: JSON object or JSON schema, :mod:`nodes.runtime.grammar`). A schema is
+compiled off the event loop when a request first uses it, and refused there (InvalidRequest
+naming ``response_format.schema``) before anything is queued. The engine itself also refuses
+``n`` above ``max_batch_size``, a ``logit_bias`` token outside the vocabulary, and ``echo`` on a
+model whose output head does more than one linear layer.
+
 Node versions come from node.json; the base itself answers as version 0. A tree dir with a
 snapshot (nodes.store.versions) is served as the snapshot pins it; a newer snapshot on disk is picked
 up by the next request (checked at most once a second), or at once with ``use_tree``/``refresh``.
@@ -33,6 +43,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
@@ -47,7 +58,9 @@ from nodes.errors import (
 )
 from nodes.runtime.bank import AdapterBank
 from nodes.runtime.cache import AdapterCache, CacheStats
+from nodes.runtime.grammar import Grammars, RowGrammar
 from nodes.runtime.kv import check_supported
+from nodes.runtime.logprobs import TokenTable
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 from nodes.runtime.scheduler import Job, Limits, Scheduler
 from nodes.store.tree import BuiltNode, BuiltTree
@@ -58,6 +71,8 @@ __all__ = ["Engine", "EngineConfig", "EngineConfigError", "EngineStats"]
 
 # How often a request may look at the tree dir's snapshot.json for a newer snapshot (one stat).
 _SNAPSHOT_POLL_S = 1.0
+# Config fields of heads that do more than one linear layer (echo's prompt logits would differ).
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,7 @@ class EngineStats:
     tokens_generated: int
     decode_steps: int
     prefill_batches: int
+    grammars_compiled: int  # distinct response formats compiled (the rest were cache hits)
     closed: bool
     cache: CacheStats
 
@@ -150,9 +166,10 @@ class Engine:
             self.base = base
         else:
             self.base = load_base(base, digest=self.tree.base_digest or None)
-        model, tokenizer = self.base.model, self.base.tokenizer
+        model: Any = self.base.model  # a transformers PreTrainedModel
+        tokenizer: Any = self.base.tokenizer
         check_supported(model.config)
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = tokenizer
         positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.context_length = min(self.config.max_context or positions, positions)
         depth = max((len(self.tree.chain(n.node_id)) for n in self.tree.nodes), default=0)
@@ -177,7 +194,11 @@ class Engine:
             max_queue=self.config.max_queue,
             max_prefill_tokens=self.config.max_prefill_tokens,
         )
-        self._scheduler = Scheduler(model, self._bank, self.cache, limits, sorted(eos), pad)
+        head = model.get_output_embeddings()
+        self.vocab_size = int(getattr(head, "out_features", 0) or model.config.vocab_size)  # the logits' width
+        self._grammars = Grammars(tokenizer, self.vocab_size, sorted(eos))
+        self._tokens = TokenTable(tokenizer)
+        self._scheduler = Scheduler(model, self._bank, self.cache, limits, sorted(eos), pad, self.vocab_size)
         self._closed = False
         self._thread = threading.Thread(target=self._scheduler.run, name="treelm-engine", daemon=True)
         self._thread.start()
@@ -195,6 +216,9 @@ class Engine:
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids: the text as is, or messages through the tokenizer's chat template."""
+        return self._prompt(request)[1]
+
+    def _prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequest("messages", "this base has no chat template; send a plain prompt")
@@ -203,8 +227,8 @@ class Engine:
                 add_generation_prompt=True,
                 tokenize=False,
             )
-            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-        return list(self.tokenizer(request.prompt).input_ids)
+            return text, list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return request.prompt or "", list(self.tokenizer(request.prompt).input_ids)
 
     def _job(self, request: GenerationRequest, sink: _QueueSink, streaming: bool) -> Job:
         if not isinstance(request, GenerationRequest):
@@ -216,20 +240,21 @@ class Engine:
                 "max_new_tokens",
                 f"{params.max_new_tokens} is above this engine's limit of {self.config.max_new_tokens_limit}",
             )
-        prompt = self.encode(request)
+        self._check_features(params)
+        prompt_text, prompt = self._prompt(request)
         if not prompt:
             raise InvalidRequest("prompt", "the prompt has no tokens")
-        if len(prompt) >= self.context_length:
+        if len(prompt) > self.context_length or (len(prompt) == self.context_length and params.max_new_tokens):
             field_name = "messages" if request.messages is not None else "prompt"
             raise InvalidRequest(
                 field_name, f"{len(prompt)} tokens leave no room in a context of {self.context_length}; shorten it"
             )
         max_new = min(params.max_new_tokens, self.context_length - len(prompt))
-        if len(prompt) + max_new > self.config.max_tokens_in_flight:
+        if params.n * (len(prompt) + max_new) > self.config.max_tokens_in_flight:
             raise InvalidRequest(
                 "max_new_tokens",
-                f"prompt ({len(prompt)}) + max_new_tokens ({max_new}) exceeds max_tokens_in_flight "
-                f"({self.config.max_tokens_in_flight})",
+                f"n ({params.n}) x (prompt ({len(prompt)}) + max_new_tokens ({max_new})) exceeds "
+                f"max_tokens_in_flight ({self.config.max_tokens_in_flight})",
             )
         if request.deadline is not None and request.deadline <= time.time():
             raise DeadlineExceeded(f"request {request.request_id} arrived after its deadline")
@@ -242,7 +267,36 @@ class Engine:
             sink=sink,
             streaming=streaming,
             tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            prompt_text=prompt_text,
+            grammars=self._row_grammars(request),
+            table=self._tokens,
         )
+
+    def _check_features(self, params) -> None:
+        """What only the engine can check: limits of this batch, vocabulary and model."""
+        if params.n > self.config.max_batch_size:
+            raise InvalidRequest("n", f"{params.n} choices do not fit a batch of {self.config.max_batch_size} rows")
+        outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise InvalidRequest("logit_bias", f"token {outside[0]} is outside the vocabulary ({self.vocab_size})")
+        if params.echo:
+            model: Any = self.base.model
+            extras = [n for n in _HEAD_EXTRAS if getattr(model.config, n, None) not in (None, 1, 1.0)]
+            if extras or model.get_decoder() is None or model.get_output_embeddings() is None:
+                raise InvalidRequest("echo", f"not supported for {type(model).__name__} (its head has {extras})")
+
+    def _row_grammars(self, request: GenerationRequest) -> list[RowGrammar] | None:
+        params = request.params
+        if not params.constrained or params.response_format is None:
+            return None
+        return self._grammars.matchers(params.response_format, params.n)
+
+    async def _compile(self, request: GenerationRequest) -> None:
+        """Compile a new response format off the event loop (milliseconds; the first one builds the tokenizer)."""
+        fmt = request.params.response_format if isinstance(request, GenerationRequest) else None
+        if fmt is not None and fmt.constrained and not self._grammars.ready(fmt):
+            await asyncio.to_thread(self._grammars.compile, fmt)
 
     def _submit(self, request: GenerationRequest, streaming: bool) -> tuple[Job, _QueueSink]:
         if self._closed:
@@ -256,6 +310,7 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` to the end and return its result (see the module docstring for errors)."""
+        await self._compile(request)
         job, sink = self._submit(request, streaming=False)
         try:
             while True:
@@ -274,6 +329,7 @@ class Engine:
         Closing the iterator early (a client disconnect) cancels the request;
         its slot is freed at the next step.
         """
+        await self._compile(request)
         job, sink = self._submit(request, streaming=True)
         try:
             while True:
@@ -375,6 +431,7 @@ class Engine:
             tokens_generated=c["tokens_generated"],
             decode_steps=c["decode_steps"],
             prefill_batches=c["prefill_batches"],
+            grammars_compiled=self._grammars.compiled,
             closed=self._closed,
             cache=self.cache.stats(),
         )

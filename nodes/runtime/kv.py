@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,9 @@ class BatchKV:
     def merge(self, other: BatchKV) -> None:
         """Append ``other``'s rows (left-padding whichever side is shorter)."""
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=False):
+        mine_layers: list[Any] = list(self.cache.layers)  # full-attention layers: .keys/.values [B, H, T, D]
+        their_layers: list[Any] = list(other.cache.layers)
+        for mine, theirs in zip(mine_layers, their_layers, strict=False):
             mine.keys = torch.cat([_pad_seq(mine.keys, width), _pad_seq(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_pad_seq(mine.values, width), _pad_seq(theirs.values, width)], dim=0)
         self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(other.mask, (width - other.width, 0))])
@@ -88,7 +90,8 @@ class BatchKV:
         real = mask.sum(-1)
         drop = int(self.width - real.max()) if len(rows) else self.width
         self.mask = mask[:, drop:]
-        for layer in self.cache.layers:
+        layers: list[Any] = list(self.cache.layers)
+        for layer in layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, drop:]
             layer.values = layer.values.index_select(0, index)[:, :, drop:]
 

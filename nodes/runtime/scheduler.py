@@ -3,8 +3,14 @@
 Each iteration: drop cancelled and expired requests, admit waiting requests
 (bounded by batch size, tokens in flight and free adapter slots), prefill the
 newcomers in one left-padded forward, then run one decode step for every
-running row. Requests join and leave between steps; the bank plan is rebuilt
-only when the batch's composition changes.
+running row. Requests join and leave between steps; the bank plan and the
+sampling batch (which rows use which sampling feature) are rebuilt only when
+the batch's composition changes.
+
+A request with ``n`` choices is prefilled once, in one row; that row's KV is then
+forked into n rows (one per choice). A prefill that holds ``echo`` requests runs the
+decoder and the output head apart, so that those prompts' logprobs come from the same
+forward while the other rows still get only their last position's logits.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,20 +38,14 @@ from nodes.errors import (
 )
 from nodes.runtime.bank import AdapterBank
 from nodes.runtime.cache import AdapterCache
+from nodes.runtime.jobs import Job, Row, Sink
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
-from nodes.runtime.requests import FinishReason, GenerationRequest, GenerationResult, Timings, TokenChunk, Usage
-from nodes.runtime.sampling import choose_tokens, make_generator
-from nodes.runtime.textstream import TextStream
-from nodes.store.tree import BuiltNode
+from nodes.runtime.logprobs import LogprobRecord, prompt_logprobs
+from nodes.runtime.plan import BankBatch
+from nodes.runtime.requests import Echo, FinishReason
+from nodes.runtime.sampling import SamplingBatch, next_tokens
 
 __all__ = ["Job", "Limits", "Scheduler", "Sink"]
-
-
-class Sink(Protocol):
-    """Where a job's events go: TokenChunk (streaming only), then a GenerationResult or an exception."""
-
-    def put(self, item: object) -> bool:  # False: nobody listens any more
-        ...
 
 
 @dataclass(frozen=True)
@@ -56,43 +56,16 @@ class Limits:
     max_prefill_tokens: int
 
 
-@dataclass(eq=False)
-class Job:
-    """One request inside the engine (mutable; owned by the model thread once queued)."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    chain: tuple[BuiltNode, ...]
-    node_version: int
-    max_new: int  # max_new_tokens capped by the context
-    sink: Sink
-    streaming: bool
-    tokenizer: object = field(repr=False)
-    arrived: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False  # set by any thread; honoured at the next step
-    # model-thread state
-    keys: tuple[str, ...] = ()
-    generated: list[int] = field(default_factory=list)
-    scheduled_at: float | None = None
-    first_token_at: float | None = None
-    chunks: int = 0
-    finished: bool = False
-
-    def __post_init__(self) -> None:
-        self.params = self.request.params
-        self.generator = make_generator(self.params)
-        # Text is decoded per token only when someone reads it as it comes (streaming) or stop strings need it.
-        self.text = TextStream(self.tokenizer, self.params.stop, incremental=self.streaming or bool(self.params.stop))
-
-    @property
-    def budget(self) -> int:
-        """KV slots this job may need: prompt plus every token it may generate."""
-        return len(self.prompt_ids) + self.max_new
-
-
 class Scheduler:
     def __init__(
-        self, model, bank: AdapterBank, cache: AdapterCache, limits: Limits, eos_ids: Sequence[int], pad_id: int
+        self,
+        model,
+        bank: AdapterBank,
+        cache: AdapterCache,
+        limits: Limits,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        vocab_size: int,
     ):
         self.model = model
         self.bank = bank
@@ -100,16 +73,18 @@ class Scheduler:
         self.limits = limits
         self.eos_ids = frozenset(eos_ids)
         self.pad_id = pad_id
+        self.vocab_size = vocab_size
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._in_flight: dict[str, Job] = {}  # request id -> job, from submit until finished
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False
-        self.running: list[Job] = []
+        self.running: list[Row] = []
         self._kv: BatchKV | None = None
-        self._plan = None
+        self._plan: BankBatch | None = None  # the bank's plan for the running rows; None when their composition changed
+        self._sampling: SamplingBatch | None = None  # rebuilt with the plan
         self.tokens_in_flight = 0
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
 
     # -- any thread ----------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -164,7 +139,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return sum(1 for job in self.running if not job.finished)
+        return len({id(row.job) for row in self.running if not row.finished})
 
     # -- the model thread ----------------------------------------------------
     def run(self) -> None:
@@ -216,7 +191,7 @@ class Scheduler:
         now = time.time()
         with self._cond:
             for job in list(self._waiting):
-                error = None
+                error: EngineError | None = None
                 if job.cancelled:
                     error = RequestCancelled(f"request {job.request.request_id} was cancelled while queued")
                 elif job.request.deadline is not None and now >= job.request.deadline:
@@ -224,22 +199,24 @@ class Scheduler:
                 if error is not None:
                     self._waiting.remove(job)
                     self._fail(job, error)
-        for job in list(self.running):
+        for row in list(self.running):
+            job = row.job
             if job.cancelled:
-                self._finish(job, FinishReason.CANCELLED)
+                self._finish_row(row, FinishReason.CANCELLED)
             elif job.request.deadline is not None and now >= job.request.deadline:
-                self._finish(job, FinishReason.DEADLINE)
+                self._finish_row(row, FinishReason.DEADLINE)
         self._compact()
 
     def _admit(self) -> list[Job]:
         admitted: list[Job] = []
+        rows = len(self.running)
         width = 0
         while True:
             with self._cond:
                 if not self._waiting:
                     break
                 job = self._waiting[0]
-            if len(self.running) + len(admitted) >= self.limits.max_batch_size:
+            if rows + len(job.rows) > self.limits.max_batch_size:
                 break
             busy = self.running or admitted
             if busy and self.tokens_in_flight + job.budget > self.limits.max_tokens_in_flight:
@@ -263,6 +240,7 @@ class Scheduler:
             job.scheduled_at = time.perf_counter()
             self.tokens_in_flight += job.budget
             admitted.append(job)
+            rows += len(job.rows)
             width = new_width
         return admitted
 
@@ -271,72 +249,113 @@ class Scheduler:
         ids, mask = left_pad_batch([j.prompt_ids for j in jobs], self.pad_id)
         kv = BatchKV(cache=_new_cache(self.model), mask=mask)
         plan = self.bank.plan([j.keys for j in jobs], ids.shape[1])
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
         with self.bank.use(plan):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions(mask),
-                past_key_values=kv.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            if any(j.params.echo for j in jobs):
+                last = self._prefill_with_echo(jobs, inputs, kv)
+            else:
+                out = self.model(**inputs, past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+                last = out.logits[:, -1, :]
         self.counts["prefill_batches"] += 1
         self.counts["prompt_tokens"] += sum(len(j.prompt_ids) for j in jobs)
-        self._accept(jobs, out.logits[:, -1, :])
-        keep = [i for i, j in enumerate(jobs) if not j.finished]
+        rows: list[Row] = []
+        source: list[int] = []  # per row: its job's row in the prefill batch (its KV row to fork)
+        for i, job in enumerate(jobs):
+            if job.max_new == 0:  # echo only: scored, nothing to generate
+                job.first_token_at = time.perf_counter()
+                for row in job.rows:
+                    self._finish_row(row, FinishReason.LENGTH)
+                continue
+            rows += job.rows
+            source += [i] * len(job.rows)
+        if not rows:
+            return
+        forked = len(source) != len(jobs)
+        logits = last.index_select(0, torch.tensor(source)) if forked else last
+        self._accept(rows, logits, SamplingBatch.build([r.sampler for r in rows], self.vocab_size))
+        keep = [source[k] for k, row in enumerate(rows) if not row.finished]
         if not keep:
             return
-        kv.keep(keep)
+        kv.keep(keep)  # repeated indices fork a prompt's KV into its choices' rows
         if self._kv is None or not self.running:
             self._kv = kv
         else:
             self._kv.merge(kv)
-        self.running += [jobs[i] for i in keep]
+        self.running += [row for row in rows if not row.finished]
         self._plan = None
 
+    def _prefill_with_echo(self, jobs: list[Job], inputs: dict[str, torch.Tensor], kv: BatchKV) -> torch.Tensor:
+        """Decoder, then the head on every row's last position and on every position of echo rows only."""
+        hidden = self.model.get_decoder()(**inputs, past_key_values=kv.cache, use_cache=True).last_hidden_state
+        head = self.model.get_output_embeddings()
+        width = hidden.shape[1]
+        for i, job in enumerate(jobs):
+            if not job.params.echo:
+                continue
+            prompt = job.prompt_ids
+            records = None
+            if job.params.logprobs:
+                top = job.params.top_logprobs
+                records = prompt_logprobs(head, hidden[i, width - len(prompt) : width - 1], prompt, top)
+            logprobs = job.table.logprobs(records) if records is not None and job.table is not None else None
+            job.echo = Echo(text=job.prompt_text, token_ids=tuple(prompt), logprobs=logprobs)
+            if job.streaming:
+                self._emit(job, None, "", (), echo=job.echo)
+        return head(hidden[:, -1, :])
+
     def _decode(self) -> None:
-        if self._plan is None:
+        kv = self._running_kv()
+        if self._plan is None or self._sampling is None:
             self._sort_running()
-            self._plan = self.bank.plan([j.keys for j in self.running], 1)
-        ids = torch.tensor([[j.generated[-1]] for j in self.running], dtype=torch.long)
-        step_mask, pos = self._kv.step_inputs()
+            self._plan = self.bank.plan([r.keys for r in self.running], 1)
+            self._sampling = SamplingBatch.build([r.sampler for r in self.running], self.vocab_size)
+        ids = torch.tensor([[r.generated[-1]] for r in self.running], dtype=torch.long)
+        step_mask, pos = kv.step_inputs()
         with self.bank.use(self._plan):
             out = self.model(
                 input_ids=ids,
                 attention_mask=step_mask,
                 position_ids=pos,
-                past_key_values=self._kv.cache,
+                past_key_values=kv.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self._kv.after_step(step_mask)
+        kv.after_step(step_mask)
         self.counts["decode_steps"] += 1
-        self._accept(self.running, out.logits[:, -1, :])
+        self._accept(self.running, out.logits[:, -1, :], self._sampling)
         self._compact()
 
-    def _accept(self, jobs: Sequence[Job], logits: torch.Tensor) -> None:
-        """Sample one token per job and deliver it; finished jobs are marked (removed by _compact)."""
-        tokens = choose_tokens(logits, [j.params for j in jobs], [j.generator for j in jobs])
+    def _accept(self, rows: Sequence[Row], logits: torch.Tensor, sampling: SamplingBatch) -> None:
+        """Choose one token per row and deliver it; finished rows are marked (removed by _compact)."""
+        tokens, records = next_tokens(logits, sampling)
         now = time.perf_counter()
-        for job, token in zip(jobs, tokens, strict=False):
+        for k, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            job = row.job
             if job.first_token_at is None:
                 job.first_token_at = now
-            if token in self.eos_ids and not job.params.ignore_eos:
-                self._finish(job, FinishReason.STOP)
+            grammar = row.sampler.grammar
+            if token in self.eos_ids and (not job.params.ignore_eos or grammar is not None):
+                self._finish_row(row, FinishReason.STOP)
                 continue
-            job.generated.append(token)
+            if grammar is not None and grammar.error is not None:
+                self._fail(job, EngineError(f"structured output failed: {grammar.error}"))
+                continue
+            row.generated.append(token)
+            record = records[k] if records is not None else None
+            if record is not None and row.logprobs is not None:
+                row.logprobs.append(record)
             self.counts["tokens_generated"] += 1
-            text = job.text.push(token)
-            if job.text.stopped:
-                self._finish(job, FinishReason.STOP, last_token=token, last_text=text)
-            elif len(job.generated) >= job.max_new:
-                self._finish(job, FinishReason.LENGTH, last_token=token, last_text=text)
+            text = row.text.push(token)
+            if row.text.stopped or (grammar is not None and grammar.done):
+                self._finish_row(row, FinishReason.STOP, token, text, record)
+            elif len(row.generated) >= job.max_new:
+                self._finish_row(row, FinishReason.LENGTH, token, text, record)
             elif job.streaming:
-                self._emit(job, text, (token,))
+                self._emit(job, row, text, (token,), (record,) if record is not None else ())
 
     def _compact(self) -> None:
         """Drop finished rows from the running batch and its KV cache."""
-        keep = [i for i, j in enumerate(self.running) if not j.finished]
+        keep = [i for i, row in enumerate(self.running) if not row.finished]
         if len(keep) == len(self.running):
             return
         self.running = [self.running[i] for i in keep]
@@ -345,66 +364,69 @@ class Scheduler:
             self._kv = None
             self.bank.drop_stacks()  # idle: hold no stacked copies of adapters
         else:
-            self._kv.keep(keep)
+            self._running_kv().keep(keep)
 
     def _sort_running(self) -> None:
         """Order rows by chain so that every adapter's rows form one contiguous range."""
         order = sorted(range(len(self.running)), key=lambda i: self.running[i].keys)
         if order != list(range(len(self.running))):
-            self._kv.keep(order)
+            self._running_kv().keep(order)
             self.running = [self.running[i] for i in order]
+
+    def _running_kv(self) -> BatchKV:
+        if self._kv is None:  # never while rows run: _prefill sets it, _compact clears it with the last row
+            raise EngineError("the running batch has no KV cache")
+        return self._kv
 
     # -- delivering ----------------------------------------------------------
     def _emit(
-        self, job: Job, text: str, token_ids: tuple[int, ...], finish: FinishReason | None = None, **extra
+        self,
+        job: Job,
+        row: Row | None,
+        text: str,
+        token_ids: tuple[int, ...],
+        records: Sequence[LogprobRecord] = (),
+        **extra,
     ) -> None:
-        chunk = TokenChunk(
-            request_id=job.request.request_id,
-            text=text,
-            token_ids=token_ids,
-            index=job.chunks,
-            finish_reason=finish,
-            node_version=job.node_version,
-            **extra,
-        )
-        job.chunks += 1
-        if not job.sink.put(chunk):
+        if not job.sink.put(job.chunk(row, text, token_ids, records, **extra)):
             job.cancelled = True  # the listener is gone (client disconnected)
 
-    def _finish(self, job: Job, reason: FinishReason, last_token: int | None = None, last_text: str = "") -> None:
-        if job.finished:
+    def _finish_row(
+        self,
+        row: Row,
+        reason: FinishReason,
+        last_token: int | None = None,
+        last_text: str = "",
+        record: LogprobRecord | None = None,
+    ) -> None:
+        """End one choice; the job ends with its last open row (result, usage, freed slots)."""
+        if row.finished:
             return
-        job.finished = True
+        row.finished = True
+        row.finish_reason = reason
+        job = row.job
+        tail = last_text + row.text.flush()
+        done = job.open_rows == 0
         now = time.perf_counter()
-        usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=len(job.generated))
-        timings = Timings(
-            queue_s=(job.scheduled_at or now) - job.arrived,
-            ttft_s=(job.first_token_at or now) - job.arrived,
-            total_s=now - job.arrived,
-        )
-        tail = last_text + job.text.flush()
-        result = GenerationResult(
-            request_id=job.request.request_id,
-            node=job.request.node,
-            node_version=job.node_version,
-            text=job.text.text,
-            token_ids=tuple(job.generated),
-            finish_reason=reason,
-            usage=usage,
-            timings=timings,
-        )
-        # Book-keeping first, so that a caller who sees the end also sees the freed slot in stats().
-        self._release(job)
-        self.counts["completed" if reason in (FinishReason.STOP, FinishReason.LENGTH) else reason.value] += 1
+        if done:
+            # Book-keeping first, so that a caller who sees the end also sees the freed slot in stats().
+            job.finished = True
+            self._release(job)
+            self.counts["completed" if reason in (FinishReason.STOP, FinishReason.LENGTH) else reason.value] += 1
         if job.streaming:
             ids = (last_token,) if last_token is not None else ()
-            self._emit(job, tail, ids, reason, usage=usage, timings=timings)
-        job.sink.put(result)
+            extra = {"usage": job.usage(), "timings": job.timings(now)} if done else {}
+            records = (record,) if record is not None else ()
+            self._emit(job, row, tail, ids, records, finish_reason=reason, **extra)
+        if done:
+            job.sink.put(job.result(now))
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.finished:
             return
         job.finished = True
+        for row in job.rows:
+            row.finished = True
         self._release(job)
         self.counts["failed"] += 1
         job.sink.put(error)
@@ -418,9 +440,9 @@ class Scheduler:
             job.keys = ()
 
     def _fail_running(self, error: BaseException) -> None:
-        for job in self.running:
-            self._fail(job, error)
-        self.running, self._kv, self._plan = [], None, None
+        for row in self.running:
+            self._fail(row.job, error)
+        self.running, self._kv, self._plan, self._sampling = [], None, None, None
 
     def _drain(self, error: BaseException) -> None:
         with self._cond:

@@ -9,6 +9,7 @@ chains up to depth 3, a private node, node.json with sha256 of every file.
     tree = make_random_tree(out, base_dir, balanced_spec(2, 4, 16))       # 128 leaves of depth 3
     ref = MergedReference(tiny_base_dir, tree)                             # greedy tokens of merged models
     ref.tokens("rt/en/medical", prompt_ids, max_new=8)
+    ref.log_softmax("rt/en/medical", prompt_ids + completion_ids)          # what logprobs must equal
 """
 
 from __future__ import annotations
@@ -215,3 +216,14 @@ class MergedReference:
             self._runs[key] = run
         body = [t for t in run if t != -1]
         return body[:max_new]
+
+    def log_softmax(self, node: str, ids: Sequence[int]) -> torch.Tensor:
+        """[len(ids), V]: row t is the merged model's log-distribution of the token after ``ids[: t + 1]``."""
+        with torch.no_grad():
+            logits = self.model(node)(input_ids=torch.tensor([list(ids)])).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    def logits(self, node: str, ids: Sequence[int]) -> torch.Tensor:
+        """[V]: the merged model's raw logits for the token after ``ids``."""
+        with torch.no_grad():
+            return self.model(node)(input_ids=torch.tensor([list(ids)])).logits[0, -1].double()
