@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from nodes.errors import InvalidRequest
@@ -31,7 +32,6 @@ __all__ = ["Grammars", "RowGrammar", "apply_bitmask", "bitmask_words"]
 _ANY_OBJECT = '{"type":"object"}'  # json_object: any JSON object, as OpenAI's JSON mode
 # Compact JSON (no free whitespace): a model cannot stall in endless spaces, and output is canonical.
 _JSON_OPTIONS: Any = {"whitespace_flexible": False}
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -64,9 +64,14 @@ class RowGrammar:
 def apply_bitmask(scores: torch.Tensor, positions: Sequence[int], bitmask: torch.Tensor) -> None:
     """Set to -inf every token that ``bitmask[g]`` forbids in row ``positions[g]`` of ``scores`` [P, V]."""
     vocab = scores.shape[1]
-    bits = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).reshape(bitmask.shape[0], -1)[:, :vocab]
+    # Token 32 * w + b is bit b of word w: the words' little-endian bytes, unpacked least significant bit first.
+    words = bitmask.numpy().astype("<i4", copy=False).view(np.uint8)
+    forbidden = torch.from_numpy(np.unpackbits(words, axis=1, bitorder="little")[:, :vocab]) == 0
+    if list(positions) == list(range(scores.shape[0])):
+        scores.masked_fill_(forbidden, float("-inf"))
+        return
     index = torch.tensor(list(positions), dtype=torch.long)
-    scores.index_copy_(0, index, scores.index_select(0, index).masked_fill(bits == 0, float("-inf")))
+    scores.index_copy_(0, index, scores.index_select(0, index).masked_fill(forbidden, float("-inf")))
 
 
 class Grammars:

@@ -91,13 +91,13 @@ class TokenTable:
 
 
 def step_logprobs(
-    logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, tops: Sequence[int]
+    logits: torch.Tensor, rows: torch.Tensor | None, tokens: torch.Tensor, tops: Sequence[int]
 ) -> list[LogprobRecord]:
-    """One record per row in ``rows`` ([L] int64 into ``logits`` [B, V]) for its chosen token.
+    """One record per row in ``rows`` ([L] int64 into ``logits`` [B, V]; None: every row) for its chosen token.
 
     ``tokens`` [L] are the chosen tokens of those rows; ``tops`` how many alternatives each row wants.
     """
-    lp = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
+    lp = torch.log_softmax((logits if rows is None else logits.index_select(0, rows)).float(), dim=-1)
     chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
     k = max(tops)
     values: list[list[float]] = []
@@ -124,5 +124,5 @@ def prompt_logprobs(
     for start in range(0, len(targets), _PROMPT_CHUNK):
         stop = min(start + _PROMPT_CHUNK, len(targets))
         logits = head(hidden[start:stop])
-        records += step_logprobs(logits, torch.arange(stop - start), targets[start:stop], [top] * (stop - start))
+        records += step_logprobs(logits, None, targets[start:stop], [top] * (stop - start))
     return records

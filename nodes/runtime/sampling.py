@@ -8,9 +8,12 @@ was before these features existed, and every feature touches only the rows that 
 
 - logits that change (bias, penalties, grammar) or are sampled are copied out for those rows only;
 - penalties: ``logit[j] -= count[j] * frequency + (count[j] > 0) * presence`` over the row's own
-  generated tokens, the counts of all penalised rows one [Q, V] tensor updated by one index_put;
+  generated tokens; the term of every penalised row is one [Q, V] tensor, computed when the batch
+  changes and then updated at the one token each row picks, so a step subtracts it in one pass;
 - grammar rows: one bitmask fill per row (llguidance), one masked fill for all of them;
 - logprobs: one ``log_softmax`` + ``topk`` over the raw logits of the rows that asked.
+
+When every row is processed the logits are worked on in place (no copy, no second argmax).
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class Penalties:
     counts: torch.Tensor  # [Q, V] generated-token counts; each row's `counts` is a view of its line
     frequency: torch.Tensor  # [Q, 1]
     presence: torch.Tensor  # [Q, 1]
+    # [Q, V] what to subtract: penalised_scores' term, built once, then updated at the one token a row picks
+    penalty: torch.Tensor
+    lines: torch.Tensor  # [Q] int64 arange, for the per-step updates
 
 
 @dataclass
@@ -106,6 +112,7 @@ class SamplingBatch:
     plain: bool  # every row is greedy without any feature: one argmax
     processed: torch.Tensor | None = None  # [P] rows whose logits change or are sampled
     processed_rows: tuple[RowSampler, ...] = ()  # [P] their samplers
+    everything: bool = False  # every row is processed (no copy-out, no argmax of the raw logits)
     sampled_pos: tuple[int, ...] = ()  # positions in `processed` that sample (the others take the argmax)
     bias: torch.Tensor | None = None  # [P, V] additive logit bias (zero lines for rows without)
     penalties: Penalties | None = None
@@ -124,6 +131,7 @@ class SamplingBatch:
             subset = tuple(rows[i] for i in proc)
             batch.processed = _index(proc)
             batch.processed_rows = subset
+            batch.everything = len(proc) == len(rows)
             batch.sampled_pos = tuple(p for p, r in enumerate(subset) if not r.params.greedy)
             if any(r.params.logit_bias for r in subset):
                 batch.bias = torch.zeros(len(subset), vocab_size)
@@ -152,12 +160,26 @@ def _penalties(subset: Sequence[RowSampler]) -> Penalties | None:
     counts = torch.stack([c for _, _, c in lines])
     for q, (_, row, _) in enumerate(lines):
         row.counts = counts[q]  # the row keeps its counts across batches through this view
+    frequency = torch.tensor([[r.params.frequency_penalty] for _, r, _ in lines])
+    presence = torch.tensor([[r.params.presence_penalty] for _, r, _ in lines])
     return Penalties(
         positions=_index([p for p, _, _ in lines]),
         counts=counts,
-        frequency=torch.tensor([[r.params.frequency_penalty] for _, r, _ in lines]),
-        presence=torch.tensor([[r.params.presence_penalty] for _, r, _ in lines]),
+        frequency=frequency,
+        presence=presence,
+        penalty=counts * frequency + (counts > 0).to(counts.dtype) * presence,
+        lines=torch.arange(len(lines)),
     )
+
+
+def _count(pen: Penalties, chosen: torch.Tensor) -> None:
+    """Count each penalised row's new token and update its penalty at that token only.
+
+    ``count * frequency + presence`` for a count > 0 is, bit for bit, penalised_scores' term.
+    """
+    pen.counts.index_put_((pen.lines, chosen), torch.ones(len(chosen)), accumulate=True)
+    counts = pen.counts[pen.lines, chosen]
+    pen.penalty[pen.lines, chosen] = counts * pen.frequency[:, 0] + pen.presence[:, 0]
 
 
 def _filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -177,13 +199,17 @@ def _filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
 
 def _processed_tokens(logits: torch.Tensor, batch: SamplingBatch, processed: torch.Tensor) -> torch.Tensor:
     """The chosen tokens [P] of the processed rows: bias, penalties, grammar, then argmax or a sample."""
-    scores = logits.index_select(0, processed).float()  # a copy: the raw logits stay for logprobs
+    if batch.everything:  # every row: work on the logits themselves, unless logprobs still need them raw
+        scores = logits.float()
+        if batch.logprob_rows is not None and scores.data_ptr() == logits.data_ptr():
+            scores = scores.clone()
+    else:
+        scores = logits.index_select(0, processed).float()  # a copy: the raw logits stay for logprobs
     if batch.bias is not None:
         scores += batch.bias
     pen = batch.penalties
-    if pen is not None:
-        adjusted = penalised_scores(scores.index_select(0, pen.positions), pen.counts, pen.frequency, pen.presence)
-        scores.index_copy_(0, pen.positions, adjusted)
+    if pen is not None:  # scores - penalty, in place (penalised_scores' formula, kept up to date per row)
+        scores.index_add_(0, pen.positions, pen.penalty, alpha=-1.0)
     con = batch.constraints
     if con is not None:
         for g, grammar in enumerate(con.grammars):
@@ -200,24 +226,33 @@ def _processed_tokens(logits: torch.Tensor, batch: SamplingBatch, processed: tor
 
 
 def next_tokens(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[LogprobRecord | None] | None]:
-    """Every row's next token (``logits`` [B, V], raw), and logprob records for the rows that asked."""
+    """Every row's next token (``logits`` [B, V], raw), and logprob records for the rows that asked.
+
+    ``logits`` may be changed in place when every row is processed and none wants logprobs.
+    """
     if batch.plain:
         return logits.argmax(dim=-1).tolist(), None
-    tokens = logits.argmax(dim=-1)
-    if batch.processed is not None:
+    if batch.processed is None:
+        tokens = logits.argmax(dim=-1)
+    else:
         picks = _processed_tokens(logits, batch, batch.processed)
-        tokens.index_copy_(0, batch.processed, picks)
+        if batch.everything:
+            tokens = picks
+        else:
+            tokens = logits.argmax(dim=-1)
+            tokens.index_copy_(0, batch.processed, picks)
         if batch.penalties is not None:
-            counts = batch.penalties.counts
-            chosen = picks.index_select(0, batch.penalties.positions)
-            counts.index_put_((torch.arange(len(chosen)), chosen), torch.ones(len(chosen)), accumulate=True)
+            _count(batch.penalties, picks.index_select(0, batch.penalties.positions))
         if batch.constraints is not None:
             picked = picks.tolist()
             for p, grammar in zip(batch.constraints.positions, batch.constraints.grammars, strict=True):
                 grammar.consume(picked[p])
     records: list[LogprobRecord | None] | None = None
     if batch.logprob_rows is not None:
-        found = step_logprobs(logits, batch.logprob_rows, tokens.index_select(0, batch.logprob_rows), batch.tops)
+        every = len(batch.tops) == len(batch.rows)
+        rows = None if every else batch.logprob_rows
+        chosen = tokens if every else tokens.index_select(0, batch.logprob_rows)
+        found = step_logprobs(logits, rows, chosen, batch.tops)
         records = [None] * len(batch.rows)
         for i, record in zip(batch.logprob_rows.tolist(), found, strict=True):
             records[i] = record

@@ -137,7 +137,16 @@ async def test_penalties_and_bias_steer_greedy_decoding_exactly(engine, referenc
         frequency_penalty=frequency,
         logit_bias=bias or {},
     )
-    result = await engine.generate(request)
+    # Neighbours that leave and join mid-way: the batch (and its penalty counts) is rebuilt several times.
+    async def late(delay, n):
+        await asyncio.sleep(delay)
+        return await engine.generate(req(f"{tree.name}/fr", PROMPTS[2], max_new_tokens=n, presence_penalty=0.5))
+
+    result, *_ = await asyncio.gather(
+        engine.generate(request),
+        *(engine.generate(req(f"{tree.name}/en/legal", PROMPTS[1], max_new_tokens=n)) for n in (2, 5, 9)),
+        late(0.01, 4),
+    )
     expected = penalised_greedy(reference, node, ids, 14, presence, frequency, bias, eos=engine._scheduler.eos_ids)
     assert list(result.token_ids) == expected
     assert expected != free  # the settings changed the output, so the comparison means something
