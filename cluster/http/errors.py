@@ -68,7 +68,9 @@ def validation_error(exc: ValidationError) -> Exception:
     for error in errors:
         if error["type"] == "json_invalid":
             return MalformedRequest(f"the body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}")
-    first = max(errors, key=lambda e: len(e["loc"]))  # the deepest: inside a union, the branch that got furthest
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]  # the likeliest cause of the rest
+    # Else the deepest: inside a union, the branch that got furthest.
+    first = unknown[0] if unknown else max(errors, key=lambda e: len(e["loc"]))
     param = _param(first["loc"])
     if not param:
         return MalformedRequest("the body must be a JSON object")

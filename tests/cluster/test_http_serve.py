@@ -1,0 +1,54 @@
+"""`treelm serve --http-port` in a real process: the official openai client against it, and the
+same greedy answers over gRPC from the same process."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+
+import treelm
+from tests.cluster.grpc_harness import PRIVATE
+from tests.cluster.http_harness import call, openai_client
+from tests.cluster.test_server_lifecycle import _serve_process, world  # noqa: F401 (the module's world)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def test_treelm_serve_answers_the_openai_client_and_grpc_alike(world):  # noqa: F811
+    proc = _serve_process(world, "--http-port", "0", "--grace", "5")
+    try:
+        lines, target, base_url = [], None, None
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"serving rt on (127\.0\.0\.1:\d+).*OpenAI API at (http://127\.0\.0\.1:\d+/v1)", line)
+            if found:
+                target, base_url = found.groups()
+                break
+        assert base_url, "".join(lines) + proc.stderr.read()
+        client = openai_client(base_url, world.tokens["acme"])
+        assert PRIVATE in [m.id for m in client.models.list()]
+        messages = [{"role": "user", "content": "Hello"}]
+        reply = client.chat.completions.create(model="rt/en/medical", messages=messages, max_tokens=8, temperature=0)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="rt/en/medical", messages=messages, max_tokens=8, temperature=0, stream=True
+            )
+        )
+        scored = client.completions.create(model="rt/en", prompt="The cat sat", max_tokens=0, echo=True, logprobs=1)
+        with treelm.Client(target, token=world.tokens["acme"]) as sdk:
+            twin = sdk.generate("rt/en/medical", messages=messages, max_new_tokens=8)
+            echo = sdk.generate("rt/en", "The cat sat", max_new_tokens=0, echo=True, logprobs=True).echo
+        assert reply.choices[0].message.content == streamed == twin.text
+        assert scored.choices[0].logprobs.token_logprobs == pytest.approx([t.logprob for t in echo.logprobs], abs=1e-6)
+        anonymous = call(base_url, "GET", "/models")
+        assert anonymous.status == 401
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err
