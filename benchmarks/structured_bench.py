@@ -238,7 +238,7 @@ def print_table(model: str, summary: dict, measured: dict, tokens: int, rounds: 
         title=f"structured_bench [{model}]: {CONCURRENCY} requests in flight over {LEAVES} chains, {tokens} new "
         f"tokens each, greedy fp32, 1 thread; {rounds} interleaved rounds: tok/s of the median run, 'vs plain' the "
         "median of each round's ratio (wall clock, CPU time); +ms per step and per featured row from wall clock; "
-        "choice ms/step: the token-choice step alone (next_tokens on random logits, thread CPU time)"
+        "choose ms: the token-choice step alone per decode step (next_tokens on random logits, thread CPU time)"
     )
     columns = (
         "variant",
@@ -250,6 +250,7 @@ def print_table(model: str, summary: dict, measured: dict, tokens: int, rounds: 
         "ms/step",
         "+ms/step",
         "+ms/row-step",
+        "choose ms",
     )
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")

@@ -137,6 +137,7 @@ async def test_penalties_and_bias_steer_greedy_decoding_exactly(engine, referenc
         frequency_penalty=frequency,
         logit_bias=bias or {},
     )
+
     # Neighbours that leave and join mid-way: the batch (and its penalty counts) is rebuilt several times.
     async def late(delay, n):
         await asyncio.sleep(delay)
@@ -177,3 +178,17 @@ async def test_rows_without_features_are_unchanged_by_rows_with_them(engine, ref
     assert by_id[others[4].request_id].finish_reason == FinishReason.STOP
     stats = engine.stats()
     assert stats.active_requests == 0 and stats.tokens_in_flight == 0 and stats.cache.pinned == 0
+
+
+async def test_cancelling_a_request_ends_all_its_choices_and_frees_their_rows(engine, tree):
+    before = engine.stats()
+    request = req(f"{tree.name}/en", PROMPTS[0], max_new_tokens=400, n=3, ignore_eos=True, temperature=1.0, seed=2)
+    stream = engine.stream(request)
+    got = [await stream.__anext__() for _ in range(4)]
+    await stream.aclose()  # the client went away
+    follow = await engine.generate(req(f"{tree.name}/fr", PROMPTS[1], max_new_tokens=3))
+    assert follow.usage.completion_tokens > 0 and len(got) == 4
+    after = engine.stats()
+    assert after.cancelled == before.cancelled + 1 and after.active_requests == 0
+    assert after.tokens_in_flight == 0 and after.cache.pinned == 0
+    assert after.tokens_generated - before.tokens_generated < 3 * 400
