@@ -146,7 +146,10 @@ class HttpApi:
                 return json_response(answer)
             streaming = True
             return _SSEResponse(_StreamCall(self, answer, method, getattr(body, "model", ""), started, fields))
-        except (ClientDisconnect, asyncio.CancelledError):
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            code = grpc.StatusCode.CANCELLED
+            return Response(status_code=499)
+        except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
@@ -307,6 +310,10 @@ class HttpServer:
                 error = self._task.exception()
                 raise ServeError(f"the HTTP server did not start on port {self.port}: {error!r}")
             await asyncio.sleep(0.01)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def stop(self, grace: float) -> None:
         """503 for new requests, in-flight ones (streams included) get ``grace`` seconds, then close."""

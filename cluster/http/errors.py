@@ -68,9 +68,10 @@ def validation_error(exc: ValidationError) -> Exception:
     for error in errors:
         if error["type"] == "json_invalid":
             return MalformedRequest(f"the body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}")
-    unknown = [e for e in errors if e["type"] == "extra_forbidden"]  # the likeliest cause of the rest
-    # Else the deepest: inside a union, the branch that got furthest.
-    first = unknown[0] if unknown else max(errors, key=lambda e: len(e["loc"]))
+    # The likeliest cause first: a value outside a fixed set (a part's "type", a message's "role"),
+    # then a field the API does not have, else the deepest error (in a union: the branch that got furthest).
+    ranked = [e for e in errors if e["type"] == "literal_error"] + [e for e in errors if e["type"] == "extra_forbidden"]
+    first = ranked[0] if ranked else max(errors, key=lambda e: len(e["loc"]))
     param = _param(first["loc"])
     if not param:
         return MalformedRequest("the body must be a JSON object")

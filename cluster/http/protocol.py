@@ -101,7 +101,7 @@ class _Sampling(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> [-100, 100]
-    user: str | None = None  # accepted (logged at debug level only)
+    user: str | None = None  # accepted; TreeLM keeps no per-end-user records
     max_tokens: int | None = None
 
 

@@ -108,6 +108,8 @@ class TreeIngress:
         """Serve replaces this replica when its server thread or listener is gone."""
         if not self._thread.is_alive() or self.server.health.draining:
             raise RuntimeError("the ingress server is not running")
+        if not self.server.http_running:
+            raise RuntimeError("the ingress HTTP server (OpenAI API) is not running")
 
     def __del__(self) -> None:
         """Graceful stop (scale down, redeploy, `treelm cluster down`): drain, then close."""

@@ -167,7 +167,9 @@ class TreeServer:
             limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
             observe_call=self.metrics.observe_call,
         )
-        cert, key = (str(c.tls_cert), str(c.tls_key)) if c.tls else (None, None)
+        cert, key = (
+            (str(c.tls_cert), str(c.tls_key)) if c.tls_cert is not None and c.tls_key is not None else (None, None)
+        )
         return HttpServer(api, c.host, c.http_port or 0, tls_cert=cert, tls_key=key)
 
     def _build(self) -> grpc.aio.Server:
@@ -204,7 +206,7 @@ class TreeServer:
         c = self.config
         address = f"{c.host}:{c.port}"
         try:
-            if c.tls:
+            if c.tls_cert is not None and c.tls_key is not None:
                 creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
                 port = server.add_secure_port(address, creds)
             else:
@@ -251,6 +253,11 @@ class TreeServer:
     @property
     def target(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_running(self) -> bool:
+        """False when HTTP was asked for and its server is gone (a health check's question)."""
+        return self.config.http_port is None or (self._http is not None and self._http.running)
 
     @property
     def http_url(self) -> str | None:

@@ -317,6 +317,25 @@ def test_streams_answer_with_the_engine_s_request_id_and_free_rows_when_the_clie
     wait_until(lambda: world.engine.stats().tokens_in_flight == 0, what="the engine to drop the abandoned stream")
 
 
+def test_a_unary_call_whose_client_leaves_is_cancelled_in_the_engine(world, url):
+    import socket
+    import urllib.parse
+
+    from tests.cluster.test_server import wait_until
+
+    before = world.engine.stats().cancelled
+    body = json.dumps({"model": "rt/en/medical", "prompt": "long", "max_tokens": 8000, "temperature": 0}).encode()
+    u = urllib.parse.urlparse(url)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {world.tokens['acme']}\r\n"
+        sock.sendall(
+            head.encode() + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        wait_until(lambda: world.engine.stats().tokens_in_flight > 0, what="the request to start")
+    wait_until(lambda: world.engine.stats().cancelled == before + 1, what="the engine to cancel the abandoned call")
+    assert world.engine.stats().tokens_in_flight == 0
+
+
 def test_http_calls_are_counted_in_the_metrics(server, url, acme):
     acme.models.list()
     metrics = call(f"http://127.0.0.1:{server.server.metrics_port}", "GET", "/metrics").body.decode()

@@ -3,19 +3,40 @@ same greedy answers over gRPC from the same process."""
 
 from __future__ import annotations
 
+import http.client
 import re
 import signal
+import ssl
+import urllib.parse
 
 import pytest
 
 import treelm
-from tests.cluster.grpc_harness import PRIVATE
+from tests.cluster.grpc_harness import PRIVATE, serve
 from tests.cluster.http_harness import call, openai_client
-from tests.cluster.test_server_lifecycle import _serve_process, world  # noqa: F401 (the module's world)
+from tests.cluster.test_server_lifecycle import _serve_process, self_signed, world  # noqa: F401 (the module's world)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 
+def test_with_tls_the_http_api_speaks_https_only(world, tmp_path):  # noqa: F811
+    cert, key = self_signed(tmp_path)
+    server = serve(world, tls_cert=cert, tls_key=key, http_port=0)
+    try:
+        url = urllib.parse.urlparse(server.server.http_url)
+        assert url.scheme == "https"
+        context = ssl.create_default_context(cafile=str(cert))
+        secure = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=30)
+        secure.request("GET", "/v1/models", headers={"Authorization": f"Bearer {world.tokens['acme']}"})
+        assert secure.getresponse().status == 200
+        secure.close()
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            call(f"http://{url.hostname}:{url.port}/v1", "GET", "/models", token=world.tokens["acme"], timeout=10)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
 def test_treelm_serve_answers_the_openai_client_and_grpc_alike(world):  # noqa: F811
     proc = _serve_process(world, "--http-port", "0", "--grace", "5")
     try:
