@@ -153,8 +153,11 @@ class HttpApi:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code = wire_status(exc).code
-            return error_response(exc, fields)
+            status = wire_status(exc)
+            code = status.code
+            if code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback already
+                log.info("%s failed: %s %s", method, status.http_status, status.details)
+            return error_response(exc, fields, status)
         finally:
             if not streaming:
                 self.in_flight -= 1
@@ -217,8 +220,9 @@ class _StreamCall:
                 yield b"data: " + event.model_dump_json().encode() + b"\n\n"
             self._code = grpc.StatusCode.OK
         except Exception as exc:
-            self._code = wire_status(exc).code
-            _status, body = error_body(exc, self._fields)
+            status = wire_status(exc)
+            self._code = status.code
+            _http, body = error_body(exc, self._fields, status)
             yield b"data: " + body.model_dump_json().encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from cluster.errors import BadArgument, MalformedRequest, UnknownParameter
 from cluster.http.protocol import UNSUPPORTED, ErrorInfo, ErrorResponse
-from cluster.service.status import wire_status
+from cluster.service.status import WireStatus, wire_status
 
 __all__ = ["RETRY_AFTER_S", "error_response", "json_response", "validation_error"]
 
@@ -31,9 +31,14 @@ def json_response(model: object, status: int = 200, headers: Mapping[str, str] |
     return Response(body, status_code=status, headers=dict(headers or {}), media_type="application/json")
 
 
-def error_body(exc: BaseException, fields: Mapping[str, str] | None = None) -> tuple[int, ErrorResponse]:
-    """The HTTP status and OpenAI error body of ``exc`` (``fields``: engine field -> parameter)."""
-    status = wire_status(exc)
+def error_body(
+    exc: BaseException, fields: Mapping[str, str] | None = None, status: WireStatus | None = None
+) -> tuple[int, ErrorResponse]:
+    """The HTTP status and OpenAI error body of ``exc`` (``fields``: engine field -> parameter).
+
+    ``status``: ``wire_status(exc)`` when the caller has it already (an internal error is logged,
+    with its incident id, once per call of wire_status)."""
+    status = status or wire_status(exc)
     param = status.field
     message = status.details
     if param is not None and fields:
@@ -46,8 +51,10 @@ def error_body(exc: BaseException, fields: Mapping[str, str] | None = None) -> t
     return status.http_status, ErrorResponse(error=info)
 
 
-def error_response(exc: BaseException, fields: Mapping[str, str] | None = None) -> Response:
-    http_status, body = error_body(exc, fields)
+def error_response(
+    exc: BaseException, fields: Mapping[str, str] | None = None, status: WireStatus | None = None
+) -> Response:
+    http_status, body = error_body(exc, fields, status)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if http_status in (429, 503) else {}
     return json_response(body, http_status, headers)
 
