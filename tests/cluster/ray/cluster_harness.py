@@ -115,7 +115,7 @@ def cluster_yaml(path: Path, *, base: int, registry_url: str, temp_dir: Path, tr
         "name": "test",
         "registry": registry_url,
         "ray": {"num_cpus": 4, "temp_dir": str(temp_dir), "auth": "token", "ports": ports},
-        "ingress": {"port": base + 20, "metrics_port": base + 21, "grace_s": 2},
+        "ingress": {"port": base + 20, "metrics_port": base + 21, "http_port": base + 22, "grace_s": 2},
         "trunks": [{"tree": str(tree_dir), **options} for tree_dir, options in trees.items()],
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -133,6 +133,7 @@ class RayWorld:
     base: int
     target: str  # the ingress, host:port
     temp_dir: Path
+    http_url: str = ""  # the ingress's OpenAI-compatible API (base_url of the openai client)
     extra_nodes: list[RayProcess] = field(default_factory=list)
 
     def cli(self, *args: str) -> int:

@@ -61,6 +61,7 @@ def ray_world(tiny_base_dir, tmp_path_factory):
         base=base,
         target=f"127.0.0.1:{base + 20}",
         temp_dir=temp_dir,
+        http_url=f"http://127.0.0.1:{base + 22}/v1",
     )
     try:
         assert rw.cli("up", str(config), "--timeout", "240") == 0, "treelm cluster up failed (see the output above)"
