@@ -9,7 +9,12 @@
     │   ├── Unauthenticated     no bearer token, or one the registry does not know
     │   ├── PermissionDenied    a valid token that may not do this
     │   ├── NodeNotVisible      no such node for this caller (unknown, or another tenant's private node)
+    │   ├── UnknownVersion      a pinned version (``node@3``) the node never had
+    │   ├── VersionNotServed    a pinned version that exists but is not the one served now
     │   ├── BadArgument         a request field is wrong; ``field`` names it
+    │   │   └── UnknownParameter  a request field the API does not have (HTTP)
+    │   ├── MalformedRequest    an HTTP body that is not UTF-8 JSON (an object)
+    │   ├── RequestTooLarge     an HTTP body over the server's size limit
     │   ├── ShuttingDown        the server is draining and takes no new work
     │   └── ReplicaUnavailable  the Ray replica or actor serving the call died or is unreachable (retry it)
     └── CoordinatorError        the update desk's own refusals (the protocol's are hierarchy's UpdateError)
@@ -35,6 +40,7 @@ __all__ = [
     "ClusterError",
     "CoordinatorError",
     "DeployError",
+    "MalformedRequest",
     "NodeNotVisible",
     "NotAwaitingApproval",
     "PackageError",
@@ -42,10 +48,14 @@ __all__ = [
     "PolicyError",
     "RayStartError",
     "ReplicaUnavailable",
+    "RequestTooLarge",
     "ServeError",
     "ShuttingDown",
     "Unauthenticated",
+    "UnknownParameter",
+    "UnknownVersion",
     "UpdateStateError",
+    "VersionNotServed",
 ]
 
 
@@ -74,7 +84,34 @@ class NodeNotVisible(CallError):
 
     def __init__(self, node: str):
         self.node = node
-        super().__init__(f"unknown node {node!r}: Client.nodes() or `treelm registry ls` lists the nodes you can use")
+        super().__init__(
+            f"unknown node {node!r}: Client.nodes(), GET /v1/models or `treelm registry ls` list the nodes you can use"
+        )
+
+
+class UnknownVersion(CallError):
+    """A pinned node version (``demo/en/medical@7``) that the node never had."""
+
+    def __init__(self, node: str, version: int):
+        self.node = node
+        self.version = version
+        super().__init__(f"{node!r} has no version {version}")
+
+
+class VersionNotServed(CallError):
+    """A pinned version that exists but is not the one this server serves now.
+
+    Only the served snapshot's version can answer: the engine serves one chain per node.
+    """
+
+    def __init__(self, node: str, version: int, served: int):
+        self.node = node
+        self.version = version
+        self.served = served
+        super().__init__(
+            f"{node}@{version} is not served here: {node!r} is served at version {served} "
+            f"(pin {node}@{served}, or leave the version out)"
+        )
 
 
 class BadArgument(CallError, ValueError):
@@ -83,6 +120,22 @@ class BadArgument(CallError, ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class UnknownParameter(BadArgument):
+    """A request field the API does not have (a typo, or an OpenAI feature TreeLM does not offer)."""
+
+
+class MalformedRequest(CallError, ValueError):
+    """An HTTP request body that is not UTF-8, not JSON, or not a JSON object."""
+
+
+class RequestTooLarge(CallError):
+    """An HTTP request body over the server's limit (``limit`` bytes)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"the request body is larger than this server's limit of {limit} bytes")
 
 
 class ShuttingDown(CallError):

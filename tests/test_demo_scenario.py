@@ -33,6 +33,9 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     chain = tables["chain"].rows
     assert [r[0] for r in chain] == [TREE, f"{TREE}/en", f"{TREE}/en/medical", f"{TREE}/en/medical/cardiology"]
     assert [r[1] for r in chain] == [0, 1, 1, 1] and all(r[2] > 0 and r[3] > 0 for r in chain)
+    # (2b) the openai client over HTTP gets the cardiology node's greedy answer of the gRPC stream
+    (openai_row,) = tables["openai"].rows
+    assert openai_row[2] == f"{TREE}/en/medical/cardiology@1" and openai_row[3] == chain[-1][5]
     # (3) the owner uses its private node; the other tenant neither sees it nor may call it
     rows = tables["tenants"].rows
     assert [(r[0], r[1]) for r in rows[::2]] == [

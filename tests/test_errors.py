@@ -111,4 +111,7 @@ def test_every_server_side_error_has_a_precise_status_and_its_http_twin(module, 
     ):
         return  # abstract bases
     assert status.code is not grpc.StatusCode.INTERNAL, f"{cls.__name__} would be answered INTERNAL"
-    assert status.http_status == HTTP_STATUS[status.code] and status.http_status >= 400
+    # An HTTP body over the limit is the one kind whose HTTP status is not its gRPC code's (413, not 429).
+    twin = 413 if status.kind == "request-too-large" else HTTP_STATUS[status.code]
+    assert status.http_status == twin and status.http_status >= 400
+    assert status.openai_type and status.openai_code

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 import grpc.aio
@@ -50,7 +50,17 @@ from treelm._convert import (
 )
 from treelm._errors import TreeLMError, from_rpc_error
 from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
-from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, RollbackResult, ServerStatus, UpdateStatus
+from treelm._types import (
+    Chunk,
+    MatchResult,
+    Node,
+    NodeVersion,
+    Result,
+    RollbackResult,
+    SamplingOptions,
+    ServerStatus,
+    UpdateStatus,
+)
 from treelm._updates import (
     approval_signature,
     load_signing_key,
@@ -190,7 +200,7 @@ class AsyncClient:
         messages: Iterable[MessageLike] | None = None,
         timeout: float | None = _UNSET,
         request_id: str | None = None,
-        **params: Any,
+        **params: Unpack[SamplingOptions],
     ) -> Result:
         """Generate with ``node``; see :meth:`treelm.Client.generate`."""
         request = generate_request(node, prompt, messages, params, request_id)
@@ -204,7 +214,7 @@ class AsyncClient:
         messages: Iterable[MessageLike] | None = None,
         timeout: float | None = _UNSET,
         request_id: str | None = None,
-        **params: Any,
+        **params: Unpack[SamplingOptions],
     ) -> AsyncStream:
         """Stream chunks (``async for chunk in client.stream(...)``); see :meth:`treelm.Client.stream`."""
         request = generate_request(node, prompt, messages, params, request_id)

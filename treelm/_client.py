@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
@@ -47,7 +47,17 @@ from treelm._convert import (
 from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
 from treelm._pulltypes import Offer, PullResult, TrustBundle, offer_from_proto, trust_from_proto
 from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
-from treelm._types import Chunk, MatchResult, Node, NodeVersion, Result, RollbackResult, ServerStatus, UpdateStatus
+from treelm._types import (
+    Chunk,
+    MatchResult,
+    Node,
+    NodeVersion,
+    Result,
+    RollbackResult,
+    SamplingOptions,
+    ServerStatus,
+    UpdateStatus,
+)
 from treelm._updates import (
     approval_signature,
     load_signing_key,
@@ -216,14 +226,20 @@ class Client:
         messages: Iterable[MessageLike] | None = None,
         timeout: float | None = _UNSET,
         request_id: str | None = None,
-        **params: Any,
+        **params: Unpack[SamplingOptions],
     ) -> Result:
-        """Generate with ``node``; ``params``: max_new_tokens, temperature, top_p, top_k, seed, stop.
+        """Generate with ``node`` (``"demo/en"``, or pinned: ``"demo/en@2"``); ``params``: see
+        :class:`SamplingOptions` (max_new_tokens, temperature, top_p, top_k, seed, stop, n, penalties,
+        logit_bias, logprobs, top_logprobs, echo, response_format).
 
         Example::
 
             r = client.generate("demo/en", prompt="Hello", max_new_tokens=8, temperature=0)
             r.text, r.usage.completion_tokens, r.node_version
+            r = client.generate("demo/en", prompt="Hello", n=3, temperature=0.8, logprobs=True, top_logprobs=2)
+            [c.text for c in r.choices], r.logprobs[0].logprob, r.logprobs[0].top
+            score = client.generate("demo/en", prompt="The cat sat", max_new_tokens=0, echo=True, logprobs=True)
+            sum(t.logprob for t in score.echo.logprobs[1:])   # the prompt's log-likelihood
         """
         request = generate_request(node, prompt, messages, params, request_id)
         return result_from_proto(self._unary(self._inference.Generate, request, timeout))
@@ -236,7 +252,7 @@ class Client:
         messages: Iterable[MessageLike] | None = None,
         timeout: float | None = _UNSET,
         request_id: str | None = None,
-        **params: Any,
+        **params: Unpack[SamplingOptions],
     ) -> Stream:
         """Like :meth:`generate`, but yields :class:`Chunk` s as tokens are produced.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,9 @@ from treelm._errors import InvalidRequest
 from treelm._types import (
     AdapterCacheCounters,
     ChatMessage,
+    Choice,
     Chunk,
+    Echo,
     FinishReason,
     MatchCandidate,
     MatchResult,
@@ -22,6 +25,7 @@ from treelm._types import (
     Result,
     ServerStatus,
     Timings,
+    TokenLogprob,
     TrunkStatus,
     Usage,
 )
@@ -89,6 +93,16 @@ def generate_request(
             if name == "stop":
                 stops = [value] if isinstance(value, str) else list(value)
                 req.params.stop.extend(stops)
+            elif name == "logit_bias":
+                req.params.logit_bias.update(_logit_bias(value))
+            elif name == "response_format":
+                kind, schema = _response_format(value)
+                req.params.response_format.type = kind
+                req.params.response_format.json_schema = schema
+            elif name in _FLAGS:
+                if not isinstance(value, bool):
+                    raise TypeError(f"must be True or False, got {value!r}")
+                setattr(req.params, name, value)
             else:
                 if isinstance(value, bool):
                     raise TypeError("booleans are not numbers here")
@@ -98,7 +112,79 @@ def generate_request(
     return req
 
 
-_PARAM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_FLAGS = ("logprobs", "echo")
+_PARAM_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "response_format",
+)
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    if not isinstance(value, Mapping):
+        raise TypeError("must map token ids to biases, e.g. {50256: -100}")
+    out: dict[int, float] = {}
+    for token, bias in value.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise TypeError(f"token ids must be integers >= 0, got {token!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise TypeError(f"biases must be numbers, got {bias!r} for token {token}")
+        out[token] = float(bias)
+    return out
+
+
+def _response_format(value: Any) -> tuple[str, str]:
+    """``"text"`` / ``"json_object"``, a JSON schema as a dict, or OpenAI's own shapes
+    (``{"type": "json_schema", "json_schema": {"schema": {...}}}``) -> (type, schema JSON text)."""
+    if isinstance(value, str):
+        return value, ""
+    if not isinstance(value, Mapping):
+        raise TypeError("give 'json_object', a JSON schema (dict), or {'type': ..., 'json_schema': ...}")
+    if "type" not in value or not isinstance(value["type"], str) or value["type"] not in _FORMAT_TYPES:
+        return "json_schema", json.dumps(dict(value))  # a bare schema
+    kind = value["type"]
+    schema = value.get("json_schema")
+    if isinstance(schema, Mapping) and "schema" in schema:
+        schema = schema["schema"]  # OpenAI's {"name": ..., "schema": {...}}
+    if schema is None:
+        return kind, ""
+    return kind, schema if isinstance(schema, str) else json.dumps(schema)
+
+
+_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def _token_logprob(msg: inference_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=msg.token_id,
+        token=msg.token,
+        token_bytes=msg.token_bytes,
+        logprob=msg.logprob if msg.HasField("logprob") else None,
+        top=tuple(_token_logprob(t) for t in msg.top),
+    )
+
+
+def _logprobs(msg: Any, field: str = "logprobs") -> tuple[TokenLogprob, ...] | None:
+    if not msg.HasField(field):
+        return None
+    return tuple(_token_logprob(t) for t in getattr(msg, field).tokens)
+
+
+def _echo(msg: Any) -> Echo | None:
+    if not msg.HasField("echo"):
+        return None
+    return Echo(text=msg.echo.text, token_ids=tuple(msg.echo.token_ids), logprobs=_logprobs(msg.echo))
 
 
 def _usage(msg: inference_pb2.Usage) -> Usage:
@@ -119,6 +205,18 @@ def result_from_proto(msg: inference_pb2.GenerateResponse) -> Result:
         finish_reason=_FINISH.get(msg.finish_reason, FinishReason.STOP),
         usage=_usage(msg.usage),
         timings=_timings(msg.timings),
+        logprobs=_logprobs(msg),
+        choices=tuple(
+            Choice(
+                index=c.index,
+                text=c.text,
+                token_ids=tuple(c.token_ids),
+                finish_reason=_FINISH.get(c.finish_reason, FinishReason.STOP),
+                logprobs=_logprobs(c),
+            )
+            for c in msg.choices
+        ),
+        echo=_echo(msg),
     )
 
 
@@ -133,6 +231,9 @@ def chunk_from_proto(msg: inference_pb2.GenerateChunk) -> Chunk:
         finish_reason=_FINISH.get(msg.finish_reason),
         usage=_usage(msg.usage) if msg.HasField("usage") else None,
         timings=_timings(msg.timings) if msg.HasField("timings") else None,
+        choice=msg.choice,
+        logprobs=_logprobs(msg),
+        echo=_echo(msg),
     )
 
 

@@ -6,12 +6,14 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 __all__ = [
     "AdapterCacheCounters",
     "ChatMessage",
+    "Choice",
     "Chunk",
+    "Echo",
     "FinishReason",
     "MatchCandidate",
     "MatchResult",
@@ -20,8 +22,10 @@ __all__ = [
     "NodeVersion",
     "Result",
     "RollbackResult",
+    "SamplingOptions",
     "ServerStatus",
     "Timings",
+    "TokenLogprob",
     "TrunkStatus",
     "UpdateStatus",
     "Usage",
@@ -43,6 +47,33 @@ class ChatMessage:
 
     role: str
     content: str
+
+
+class SamplingOptions(TypedDict, total=False):
+    """Keyword arguments of ``generate`` and ``stream`` (limits: the server's engine checks them).
+
+    ``n`` completions (1..16) from one prefill; ``presence_penalty`` / ``frequency_penalty`` in
+    [-2, 2]; ``logit_bias`` token id -> bias in [-100, 100]; ``logprobs`` (each token's
+    log-probability) with ``top_logprobs`` (0..20) alternatives; ``echo`` returns the prompt's
+    tokens (and logprobs; ``max_new_tokens=0`` then scores a prompt); ``response_format``:
+    ``"json_object"``, a JSON schema (a dict), or OpenAI's ``{"type": "json_schema", "json_schema":
+    {"schema": {...}}}``. ``temperature`` 0 (the default) is greedy.
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: str | list[str] | tuple[str, ...]
+    n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Mapping[int, float]
+    logprobs: bool
+    top_logprobs: int
+    echo: bool
+    response_format: str | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -67,8 +98,48 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token and its log-probability under the node's effective model (base + chain).
+
+    ``logprob`` is None only for a prompt's first token (``echo``: nothing precedes it);
+    ``top`` holds the ``top_logprobs`` most likely tokens at that position, best first;
+    ``token_bytes`` are the token's exact bytes (``token`` shows U+FFFD for part of a character).
+    """
+
+    token_id: int
+    token: str
+    token_bytes: bytes
+    logprob: float | None
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Echo:
+    """The prompt as the server's tokenizer saw it (``echo=True``), with logprobs when asked."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the ``n`` completions of a request."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when logprobs=True
+
+
+@dataclass(frozen=True)
 class Result:
-    """A finished generation: ``client.generate(...)``."""
+    """A finished generation: ``client.generate(...)``.
+
+    ``text``, ``token_ids``, ``finish_reason`` and ``logprobs`` are choice 0's; ``choices`` has
+    every choice (``n``); ``usage`` counts the prompt once and every choice's tokens.
+    """
 
     request_id: str
     node: str
@@ -78,11 +149,15 @@ class Result:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    choices: tuple[Choice, ...] = ()
+    echo: Echo | None = None
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of a stream; the last one has ``finish_reason``, ``usage`` and ``timings`` set."""
+    """A piece of a stream. Each choice's last chunk has ``finish_reason``; the stream's very last
+    chunk also has ``usage`` and ``timings`` (``last``). With echo, the first chunk has ``echo``."""
 
     request_id: str
     node: str
@@ -93,10 +168,14 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    choice: int = 0  # which of the n completions
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    echo: Echo | None = None
 
     @property
     def last(self) -> bool:
-        return self.finish_reason is not None
+        """The stream's last chunk (with n > 1, other choices' last chunks have finish_reason only)."""
+        return self.usage is not None
 
 
 @dataclass(frozen=True)

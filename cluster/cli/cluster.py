@@ -75,7 +75,7 @@ def up_command(
     state_dir: StateDir = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait until every deployment is healthy")] = 300.0,
 ) -> None:
-    """Start (or join) Ray on explicit ports, deploy every trunk and the gRPC ingress, wait until healthy."""
+    """Start (or join) Ray on explicit ports, deploy every trunk and the ingress (gRPC + OpenAI HTTP), wait until healthy."""
     from cluster.ray.app import deploy
     from cluster.ray.board import ensure_board
     from cluster.ray.config import load_cluster_config
@@ -112,8 +112,10 @@ def up_command(
     state = state.with_(endpoints=where)
     save_state(state_dir, state)
     record_deployments(config, where, "active", _warner(console))
+    http = config.ingress.http_port
+    openai = f", OpenAI HTTP API on port {http} (/v1)" if http else ""
     console.print(
-        f"[green]cluster {escape(config.name)} is up[/green]: gRPC ingress on {', '.join(where)} "
+        f"[green]cluster {escape(config.name)} is up[/green]: gRPC ingress on {', '.join(where)}{openai} "
         f"(auth {'on' if config.ingress.auth else 'OFF'}); trunks: "
         f"{', '.join(t.tree for t in config.trunks)}"
     )

@@ -1,7 +1,8 @@
-"""`treelm serve TREE_DIR`: one process serving a built tree over gRPC.
+"""`treelm serve TREE_DIR`: one process serving a built tree over gRPC (and, with --http-port,
+the OpenAI-compatible HTTP API on the same engine and tokens).
 
     treelm registry init --db sqlite:///registry.db
-    treelm serve build/demo --db sqlite:///registry.db --port 50051 --metrics-port 9100
+    treelm serve build/demo --db sqlite:///registry.db --port 50051 --http-port 8080 --metrics-port 9100
 
 The tree is imported into the registry first (idempotent). SIGTERM or Ctrl-C
 drains: health turns NOT_SERVING, new calls are refused, in-flight calls get
@@ -33,6 +34,10 @@ def serve_command(
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option("--http-port", help="also serve the OpenAI-compatible HTTP API (/v1/...) on this port"),
+    ] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="accept calls without a token (local development only)")
     ] = False,
@@ -60,7 +65,8 @@ def serve_command(
         typer.Option("--variant-delegation", help="root's delegation of that key (`treelm keys delegate-variants`)"),
     ] = None,
 ) -> None:
-    """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection)."""
+    """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection) and,
+    with --http-port, the OpenAI-compatible HTTP API."""
     from cluster.service.server import ServerConfig
     from cluster.service.standalone import StandaloneOptions, serve_standalone
 
@@ -75,6 +81,7 @@ def serve_command(
             tls_cert=tls_cert,
             tls_key=tls_key,
             metrics_port=metrics_port,
+            http_port=http_port,
             auth=not insecure_no_auth,
             grace_s=grace,
         ),

@@ -1,4 +1,4 @@
-"""The Serve applications of a TreeLM cluster: one per trunk, one for the gRPC ingress.
+"""The Serve applications of a TreeLM cluster: one per trunk, one for the ingress (gRPC and HTTP).
 
     deploy(config, overrides)          # serve.start (proxies off, ports explicit) + every application
     wait_healthy(config, timeout_s)    # until every application is RUNNING (raises with Serve's message)
@@ -169,6 +169,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         namespace=config.ray.namespace,
         host=ing.host,
         port=ing.port,
+        http_port=ing.http_port,
         auth=ing.auth,
         tls_cert=str(ing.tls_cert) if ing.tls_cert else None,
         tls_key=str(ing.tls_key) if ing.tls_key else None,

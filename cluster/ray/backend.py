@@ -102,8 +102,16 @@ class RayTrunk:
     def tree(self) -> str:
         return self.info.tree
 
+    @property
+    def base_digest(self) -> str:
+        return self.info.base_digest
+
     def serves(self, node: str) -> bool:
         return node in self._nodes
+
+    def served_version(self, node: str) -> int | None:
+        """Unknown here: each replica serves its tree dir's snapshot; the answer names its version."""
+        return None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         response = self._handle.options(multiplexed_model_id=request.node).generate.remote(request)

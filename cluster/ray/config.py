@@ -98,10 +98,12 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class IngressConfig:
-    """The gRPC front door: the same servicers, auth and health as `treelm serve`, in a Serve deployment."""
+    """The front door: the same gRPC servicers, OpenAI HTTP API, auth and health as `treelm serve`,
+    in a Serve deployment."""
 
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = 50080  # the OpenAI-compatible HTTP API (null: off); away from Serve's 8000
     replicas: int = 1  # at most one per Ray node (each binds host:port on its node)
     on_head: bool = True  # keep it beside a SQLite registry file; false with PostgreSQL
     cpus: float = 0.25
@@ -208,7 +210,8 @@ class _Reader:
         return float(value)
 
     def port(self, key: str, default: _Int) -> int | _Int:
-        value = self.integer(key, default, low=0 if key in ("port", "metrics_port") else 1, high=65535)
+        low = 0 if key in ("port", "metrics_port", "http_port") else 1
+        value = self.integer(key, default, low=low, high=65535)
         if value in _RAY_DEFAULT_PORTS:
             raise self.error(key, f"{value} is {_RAY_DEFAULT_PORTS[value]}; choose another port explicitly")
         return value
@@ -310,9 +313,16 @@ def _paths(r: _Reader, key: str) -> tuple[Path, ...]:
 
 
 def _ingress(r: _Reader) -> IngressConfig:
+    http_port: int | None = IngressConfig.http_port
+    if "http_port" in r.data and r.data["http_port"] is None:
+        r.raw("http_port")  # an explicit null turns the HTTP API off
+        http_port = None
+    else:
+        http_port = r.port("http_port", IngressConfig.http_port)
     config = IngressConfig(
         host=r.text("host", "127.0.0.1"),
         port=r.port("port", 50051),
+        http_port=http_port,
         replicas=r.integer("replicas", 1, low=1),
         on_head=r.flag("on_head", True),
         cpus=r.number("cpus", 0.25),
@@ -333,6 +343,11 @@ def _ingress(r: _Reader) -> IngressConfig:
             raise r.error(
                 "variant_key" if path == config.variant_key else "variant_delegations", f"{path} does not exist"
             )
+    listeners = [(n, getattr(config, n)) for n in ("port", "http_port", "metrics_port") if getattr(config, n)]
+    for i, (name, value) in enumerate(listeners):
+        for other, taken in listeners[:i]:
+            if value == taken:
+                raise r.error(name, f"port {value} is also ingress.{other}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")
     for name in ("tls_cert", "tls_key"):
@@ -461,8 +476,19 @@ def parse_cluster_config(data: Any, file: str = "cluster.yaml", base: Path | Non
             )
     ray_config = _ray(r.child("ray"))
     ingress = _ingress(r.child("ingress"))
-    if ingress.port and ingress.port in (*ray_config.ports.node_ports().values(), ray_config.ports.gcs):
-        raise ClusterConfigError(file, "ingress.port", f"port {ingress.port} is also a Ray port")
+    p = ray_config.ports
+    ray_ports = {
+        *p.node_ports().values(),
+        p.gcs,
+        p.client_server,
+        p.dashboard,
+        p.serve_http,
+        p.serve_grpc,
+    }
+    for name in ("port", "http_port", "metrics_port"):
+        value = getattr(ingress, name)
+        if value and (value in ray_ports or p.workers[0] <= value <= p.workers[1]):
+            raise ClusterConfigError(file, f"ingress.{name}", f"port {value} is also a Ray port")
     if url.startswith("sqlite") and not ingress.on_head:
         raise ClusterConfigError(
             file,

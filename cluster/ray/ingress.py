@@ -1,9 +1,10 @@
-"""The gRPC ingress of a Ray cluster: a Serve deployment that runs the single-process server's code.
+"""The ingress of a Ray cluster: a Serve deployment that runs the single-process server's code.
 
 Each ingress replica starts a :class:`cluster.service.server.TreeServer` on an event loop
 of its own (a thread), with :class:`cluster.ray.backend.RayTrunk` trunks in place
 of in-process engines. So the public contract is literally the same code: the
-four ``treelm.v1`` services, bearer-token auth and tenants, private nodes,
+four ``treelm.v1`` services, the OpenAI-compatible HTTP API (``ingress.http_port``, uvicorn on
+the same event loop: :mod:`cluster.http`), bearer-token auth and tenants, private nodes,
 status codes, gRPC health and reflection, Prometheus metrics, and the Updates
 service, whose calls go to the one update desk actor on the head
 (cluster/ray/desk.py). The registry is
@@ -13,9 +14,12 @@ are resolved before it reaches a replica.
 Why not Serve's own gRPC proxy: it routes by an ``application`` metadata key,
 offers no server interceptors for our auth and status mapping, and answers
 health and reflection its own way, so stock tools and the SDK would see a
-different server. Serve keeps the ingress replica alive (health checks,
-restarts), and ``max_replicas_per_node=1`` lets several ingresses bind the same
-port on different machines.
+different server. Why not Serve's HTTP proxy with its FastAPI integration for the OpenAI API:
+it would be a second code path beside ``treelm serve``'s (another process hop, Serve's own
+error pages and routing), where running :class:`~cluster.service.server.TreeServer` here gives
+both transports the same admission, engine requests and error table by construction. Serve
+keeps the ingress replica alive (health checks, restarts), and ``max_replicas_per_node=1``
+lets several ingresses bind the same ports on different machines.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class TreeIngress:
         config = ServerConfig(
             host=spec.host,
             port=spec.port,
+            http_port=spec.http_port,
             auth=spec.auth,
             metrics_port=spec.metrics_port,
             grace_s=spec.grace_s,
@@ -116,10 +121,15 @@ class TreeIngress:
     def metrics_port(self) -> int | None:
         return self.server.metrics_port
 
+    def http_port(self) -> int | None:
+        return self.server.http_port
+
     def check_health(self) -> None:
         """Serve replaces this replica when its server thread or listener is gone."""
         if not self._thread.is_alive() or self.server.health.draining:
-            raise RuntimeError("the ingress gRPC server is not running")
+            raise RuntimeError("the ingress server is not running")
+        if not self.server.http_running:
+            raise RuntimeError("the ingress HTTP server (OpenAI API) is not running")
 
     def __del__(self) -> None:
         """Graceful stop (scale down, redeploy, `treelm cluster down`): drain, then close."""

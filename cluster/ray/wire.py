@@ -60,6 +60,7 @@ class IngressSpec:
     namespace: str
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None  # the OpenAI-compatible HTTP API beside gRPC (None: off)
     auth: bool = True
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -55,7 +55,7 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         scheme, _, token = text.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+            raise Unauthenticated("the authorization header (gRPC metadata) must be 'Bearer <token>'")
         return token.strip()
     return None
 
@@ -82,7 +82,7 @@ class Authenticator:
         if token is None:
             if self.required:
                 raise Unauthenticated(
-                    "this server needs a bearer token: Client(..., token=...) or metadata "
+                    "this server needs a bearer token: Client(..., token=...), the openai client's api_key, or "
                     "'authorization: Bearer <token>' (issue one with `treelm registry token issue TENANT`)"
                 )
             return ANONYMOUS

@@ -11,12 +11,16 @@ from google.protobuf import struct_pb2
 from cluster.service.trunk import TrunkSnapshot
 from nodes.runtime.requests import (
     ChatMessage,
+    Choice,
+    Echo,
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    ResponseFormat,
     SamplingParams,
     Timings,
     TokenChunk,
+    TokenLogprob,
     Usage,
 )
 from protos.treelm.v1 import admin_pb2, inference_pb2, registry_pb2
@@ -41,20 +45,38 @@ _FINISH = {
 }
 
 
+_OPTIONAL_PARAMS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+)
+
+
 def _params(msg: inference_pb2.SamplingParams) -> SamplingParams:
-    unset = SamplingParams()  # a field the message leaves unset keeps the engine's default
-    return SamplingParams(  # raises InvalidRequest naming the field
-        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else unset.max_new_tokens,
-        temperature=msg.temperature if msg.HasField("temperature") else unset.temperature,
-        top_p=msg.top_p if msg.HasField("top_p") else unset.top_p,
-        top_k=msg.top_k if msg.HasField("top_k") else unset.top_k,
-        seed=msg.seed if msg.HasField("seed") else unset.seed,
-        stop=tuple(msg.stop),
-    )
+    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
+    kwargs["stop"] = tuple(msg.stop)
+    kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("response_format"):
+        fmt = msg.response_format
+        kwargs["response_format"] = ResponseFormat(kind=fmt.type or "text", schema=fmt.json_schema or None)
+    return SamplingParams(**kwargs)  # raises InvalidRequest naming the field
 
 
-def engine_request(msg: inference_pb2.GenerateRequest, time_remaining: float | None) -> GenerationRequest:
-    """The engine request for a wire request; the call's gRPC deadline becomes its deadline."""
+def engine_request(
+    msg: inference_pb2.GenerateRequest, time_remaining: float | None, node: str | None = None
+) -> GenerationRequest:
+    """The engine request for a wire request; the call's gRPC deadline becomes its deadline.
+
+    ``node``: the node id to ask the engine for (the request's, without a pinned version).
+    """
     messages = None
     if msg.messages:
         messages = tuple(ChatMessage(role=m.role, content=m.content) for m in msg.messages)
@@ -62,7 +84,12 @@ def engine_request(msg: inference_pb2.GenerateRequest, time_remaining: float | N
     deadline = None if time_remaining is None else time.time() + time_remaining
     extra = {"request_id": msg.request_id} if msg.request_id else {}
     return GenerationRequest(
-        node=msg.node, prompt=prompt, messages=messages, params=_params(msg.params), deadline=deadline, **extra
+        node=node or msg.node,
+        prompt=prompt,
+        messages=messages,
+        params=_params(msg.params),
+        deadline=deadline,
+        **extra,
     )
 
 
@@ -78,8 +105,40 @@ def _timings(timings: Timings) -> inference_pb2.Timings:
     return inference_pb2.Timings(queue_s=timings.queue_s, ttft_s=timings.ttft_s, total_s=timings.total_s)
 
 
+def _token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:
+    msg = inference_pb2.TokenLogprob(
+        token_id=entry.token_id,
+        token=entry.token,
+        token_bytes=entry.token_bytes,
+        top=[_token_logprob(alt) for alt in entry.top],
+    )
+    if entry.logprob is not None:
+        msg.logprob = entry.logprob
+    return msg
+
+
+def _logprobs(entries: tuple[TokenLogprob, ...]) -> inference_pb2.Logprobs:
+    return inference_pb2.Logprobs(tokens=[_token_logprob(e) for e in entries])
+
+
+def _echo(echo: Echo) -> inference_pb2.Echo:
+    msg = inference_pb2.Echo(text=echo.text, token_ids=echo.token_ids)
+    if echo.logprobs is not None:
+        msg.logprobs.CopyFrom(_logprobs(echo.logprobs))
+    return msg
+
+
+def _choice(choice: Choice) -> inference_pb2.Choice:
+    msg = inference_pb2.Choice(
+        index=choice.index, text=choice.text, token_ids=choice.token_ids, finish_reason=_FINISH[choice.finish_reason]
+    )
+    if choice.logprobs is not None:
+        msg.logprobs.CopyFrom(_logprobs(choice.logprobs))
+    return msg
+
+
 def result_to_proto(result: GenerationResult) -> inference_pb2.GenerateResponse:
-    return inference_pb2.GenerateResponse(
+    msg = inference_pb2.GenerateResponse(
         request_id=result.request_id,
         node=result.node,
         node_version=result.node_version,
@@ -88,7 +147,13 @@ def result_to_proto(result: GenerationResult) -> inference_pb2.GenerateResponse:
         finish_reason=_FINISH[result.finish_reason],
         usage=_usage(result.usage),
         timings=_timings(result.timings),
+        choices=[_choice(c) for c in result.choices],
     )
+    if result.logprobs is not None:
+        msg.logprobs.CopyFrom(_logprobs(result.logprobs))
+    if result.echo is not None:
+        msg.echo.CopyFrom(_echo(result.echo))
+    return msg
 
 
 def chunk_to_proto(chunk: TokenChunk, node: str) -> inference_pb2.GenerateChunk:
@@ -99,6 +164,7 @@ def chunk_to_proto(chunk: TokenChunk, node: str) -> inference_pb2.GenerateChunk:
         index=chunk.index,
         text=chunk.text,
         token_ids=chunk.token_ids,
+        choice=chunk.choice,
     )
     if chunk.finish_reason is not None:
         msg.finish_reason = _FINISH[chunk.finish_reason]
@@ -106,6 +172,10 @@ def chunk_to_proto(chunk: TokenChunk, node: str) -> inference_pb2.GenerateChunk:
         msg.usage.CopyFrom(_usage(chunk.usage))
     if chunk.timings is not None:
         msg.timings.CopyFrom(_timings(chunk.timings))
+    if chunk.logprobs is not None:
+        msg.logprobs.CopyFrom(_logprobs(chunk.logprobs))
+    if chunk.echo is not None:
+        msg.echo.CopyFrom(_echo(chunk.echo))
     return msg
 
 

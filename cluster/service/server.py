@@ -1,18 +1,22 @@
-"""The single-process gRPC server: the engine(s) and the registry behind ``treelm.v1``.
+"""The single-process server: the engine(s) and the registry behind ``treelm.v1`` (gRPC) and,
+with ``http_port``, the OpenAI-compatible HTTP API (:mod:`cluster.http`) on the same event loop.
 
-    server = TreeServer([EngineTrunk(engine)], Catalog(registry), ServerConfig(port=0))
-    await server.start()          # binds; server.port is the real port
+    server = TreeServer([EngineTrunk(engine)], Catalog(registry), ServerConfig(port=0, http_port=0))
+    await server.start()          # binds; server.port / server.http_port are the real ports
     ...
     await server.stop()           # stop accepting, finish in-flight calls up to the grace period
 
 Besides the five TreeLM services it registers the standard gRPC health service
 (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING once draining) and
 server reflection, so stock tools (grpcurl, grpc_health_probe) work. Message
-sizes are bounded explicitly on both directions.
+sizes are bounded explicitly on both directions (an HTTP body by the same bound as a gRPC
+request). Both transports share one admission (tokens, private nodes, version pins), one
+error table and one set of metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 from collections.abc import Sequence
@@ -25,14 +29,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.errors import ServeError
+from cluster.http.api_server import HttpApi, HttpLimits, HttpServer
+from cluster.http.common import ApiContext
 from cluster.service.access import NodeAccess
+from cluster.service.admission import Admission, TrunkRouter
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import DistributionServicer, Distributor
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
-from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer, TrunkRouter
+from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
 from cluster.updates.coordinator import Coordinator
@@ -79,6 +86,7 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
     auth: bool = True  # False only for local development (--insecure-no-auth)
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
     max_receive_message_bytes: int = 4 * _MIB  # a request (or one Updates.Submit chunk)
@@ -88,7 +96,7 @@ class ServerConfig:
     node_cache_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535):
                 raise ServeError(f"{name} must be a port number 0..65535, got {value!r}")
@@ -103,6 +111,11 @@ class ServerConfig:
                 raise ServeError(f"{name} must be an integer >= 1024")
         if not self.grace_s >= 0:
             raise ServeError(f"grace must be >= 0 seconds, got {self.grace_s!r}")
+        ports = [(n, getattr(self, n)) for n in ("port", "metrics_port", "http_port") if getattr(self, n)]
+        for i, (name, value) in enumerate(ports):
+            for other, taken in ports[:i]:
+                if value == taken:
+                    raise ServeError(f"{name} {value} is also the {other}; give each listener its own port")
 
     @property
     def tls(self) -> bool:
@@ -129,18 +142,41 @@ class TreeServer:
         self.updates = updates  # the update coordinator; None: Updates answers UNIMPLEMENTED
         self.distribution = distribution  # variants for devices; None: Distribution answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
-        self.metrics = ServerMetrics(known_node=lambda node: any(t.serves(node) for t in self.router.trunks.values()))
+        self.admission = Admission(
+            self.router, self.access, lambda node, tenant: [v.version for v in catalog.versions(node, tenant)]
+        )
+        self.metrics = ServerMetrics(known_node=self.router.serves)
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
-        self.metrics.in_flight.set_function(lambda: self.status_interceptor.in_flight)
+        self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
             catalog.tenant_of, required=config.auth, cache_ttl_s=config.token_cache_ttl_s
         )
         self.health = DrainingHealth()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
         self._stopping = False
+
+    def _in_flight(self) -> int:
+        return self.status_interceptor.in_flight + (self._http.api.in_flight if self._http is not None else 0)
+
+    def _http_server(self) -> HttpServer:
+        c = self.config
+        ctx = ApiContext(self.admission, SERVER_VERSION, observe=self.metrics.observe_generation)
+        api = HttpApi(
+            ctx,
+            self.authenticator,
+            self.catalog,
+            limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
+            observe_call=self.metrics.observe_call,
+        )
+        cert, key = (
+            (str(c.tls_cert), str(c.tls_key)) if c.tls_cert is not None and c.tls_key is not None else (None, None)
+        )
+        return HttpServer(api, c.host, c.http_port or 0, tls_cert=cert, tls_key=key)
 
     def _build(self) -> grpc.aio.Server:
         c = self.config
@@ -154,7 +190,7 @@ class TreeServer:
             maximum_concurrent_rpcs=c.max_concurrent_rpcs,
         )
         observe = self.metrics.observe_generation
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.router, self.access, observe), server)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.admission, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
         updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
         distribution_pb2_grpc.add_DistributionServicer_to_server(
@@ -197,6 +233,14 @@ class TreeServer:
         self.port = self._bind(server)
         await server.start()
         self._server = server
+        if self.config.http_port is not None:
+            http = self._http_server()
+            try:
+                await http.start()
+            except ServeError:
+                await self.stop(grace=0)
+                raise
+            self._http, self.http_port = http, http.port
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port is not None:
@@ -206,25 +250,41 @@ class TreeServer:
                 await self.stop(grace=0)
                 raise ServeError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
         log.info(
-            "serving %s on %s:%s (tls=%s, auth=%s)",
+            "serving %s on %s:%s (tls=%s, auth=%s, http=%s)",
             ", ".join(self.router.trunks),
             self.config.host,
             self.port,
             self.config.tls,
             self.config.auth,
+            self.http_port,
         )
 
     @property
     def target(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def http_running(self) -> bool:
+        """False when HTTP was asked for and its server is gone (a health check's question)."""
+        return self.config.http_port is None or (self._http is not None and self._http.running)
+
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI API's base URL (``base_url`` of the openai client), when HTTP is on."""
+        if self.http_port is None:
+            return None
+        return f"{'https' if self.config.tls else 'http'}://{self.config.host}:{self.http_port}/v1"
+
     async def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, new calls are refused (UNAVAILABLE), in-flight calls get ``grace`` s."""
         if self._server is None or self._stopping:
             return
         self._stopping = True
+        grace = self.config.grace_s if grace is None else grace
         await self.health.drain()
-        await self._server.stop(self.config.grace_s if grace is None else grace)
+        if self._http is not None:
+            self._http.api.draining = True  # HTTP answers 503 from now on, like gRPC's UNAVAILABLE
+        await asyncio.gather(self._server.stop(grace), *([self._http.stop(grace)] if self._http is not None else []))
         if self._close_trunks:
             for trunk in self.router.trunks.values():
                 await trunk.close()

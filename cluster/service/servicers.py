@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 
 import grpc.aio
 
 from cluster.service.access import NodeAccess
+from cluster.service.admission import Admission, NodeRef, TrunkRouter
 from cluster.service.auth import current_caller
 from cluster.service.catalog import Catalog, MatchQuery
 from cluster.service.convert import (
@@ -24,9 +25,6 @@ from cluster.service.convert import (
     snapshot_to_proto,
     version_to_proto,
 )
-from cluster.service.trunk import Trunk
-from hierarchy.ids import NodeId
-from nodes.errors import UnknownNode
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -42,22 +40,6 @@ __all__ = ["AdminServicer", "InferenceServicer", "RegistryServicer", "TrunkRoute
 GenerationObserver = Callable[[str, str, int, int, float], None]
 
 
-class TrunkRouter:
-    """Finds the trunk serving a node (one per tree in this process)."""
-
-    def __init__(self, trunks: Mapping[str, Trunk]):
-        self.trunks = dict(trunks)
-
-    def for_node(self, node: str) -> Trunk:
-        """Call after the access check: the caller may know of the node, so saying more leaks nothing."""
-        tree = NodeId.parse(node).tree  # raises InvalidNodePath -> INVALID_ARGUMENT
-        trunk = self.trunks.get(tree)
-        if trunk is None or not trunk.serves(node):
-            served = ", ".join(sorted(self.trunks)) or "none"
-            raise UnknownNode(f"node {node!r} is registered but not served here (this server serves trees: {served})")
-        return trunk
-
-
 def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     # grpc reports a huge number when the client set no deadline.
@@ -65,33 +47,37 @@ def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: TrunkRouter, access: NodeAccess, observe: GenerationObserver | None = None):
-        self._router = router
-        self._access = access
+    """``node`` may pin a version (``demo/en/medical@2``): see cluster/service/admission.py."""
+
+    def __init__(self, admission: Admission, observe: GenerationObserver | None = None):
+        self._admission = admission
         self._observe = observe
 
     async def _admit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        await self._access.check(request.node, current_caller())  # before anything reveals the node
-        trunk = self._router.for_node(request.node)
-        return trunk, engine_request(request, _time_remaining(context))
+        ref = NodeRef.parse(request.node, "node")
+        trunk = await self._admission.admit(ref, current_caller())
+        return ref, trunk, engine_request(request, _time_remaining(context), node=ref.node)
 
     async def Generate(self, request, context):
-        trunk, engine_req = await self._admit(request, context)
+        ref, trunk, engine_req = await self._admit(request, context)
         result = await trunk.generate(engine_req)
+        await self._admission.check_answer(ref, result.node_version, current_caller())
         if self._observe is not None:
             u = result.usage
-            self._observe("Generate", request.node, u.prompt_tokens, u.completion_tokens, result.timings.ttft_s)
+            self._observe("Generate", ref.node, u.prompt_tokens, u.completion_tokens, result.timings.ttft_s)
         return result_to_proto(result)
 
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        trunk, engine_req = await self._admit(request, context)
+        ref, trunk, engine_req = await self._admit(request, context)
         chunks = trunk.stream(engine_req)
         try:
             async for chunk in chunks:
+                if chunk.index == 0:  # every chunk names the version; the first decides
+                    await self._admission.check_answer(ref, chunk.node_version, current_caller())
                 if chunk.usage is not None and self._observe is not None:
                     u, ttft = chunk.usage, chunk.timings.ttft_s if chunk.timings else 0.0
-                    self._observe("GenerateStream", request.node, u.prompt_tokens, u.completion_tokens, ttft)
-                yield chunk_to_proto(chunk, request.node)
+                    self._observe("GenerateStream", ref.node, u.prompt_tokens, u.completion_tokens, ttft)
+                yield chunk_to_proto(chunk, ref.node)
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:

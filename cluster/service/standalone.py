@@ -1,5 +1,6 @@
-"""One process serving one built tree: the engine, the update coordinator and the gRPC server,
-run until SIGTERM or Ctrl-C (what `treelm serve` does; cluster/cli/serve.py parses its options).
+"""One process serving one built tree: the engine, the update coordinator and the server (gRPC,
+and the OpenAI-compatible HTTP API with ``ServerConfig.http_port``), run until SIGTERM or Ctrl-C
+(what `treelm serve` does; cluster/cli/serve.py parses its options).
 
 The tree is imported into the registry first (idempotent). SIGTERM or Ctrl-C drains: health
 turns NOT_SERVING, new calls are refused, in-flight calls get ``grace_s`` seconds, then the
@@ -131,9 +132,10 @@ async def _run(
     endpoint = f"{config.host}:{server.port}"
     await asyncio.to_thread(_record, registry, engine, endpoint, "active")
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    http = f", OpenAI API at {server.http_url}" if server.http_url is not None else ""
     say(
         f"serving {engine.tree.name} on {endpoint} "
-        f"(tls {'on' if config.tls else 'off'}, auth {'on' if config.auth else 'OFF'}{metrics}); Ctrl-C to stop"
+        f"(tls {'on' if config.tls else 'off'}, auth {'on' if config.auth else 'OFF'}{metrics}{http}); Ctrl-C to stop"
     )
     ticker = None
     if coordinator is not None and coordinator.policy.window_s:  # time-window aggregation needs a clock

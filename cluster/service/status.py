@@ -1,17 +1,19 @@
-"""The one table from the project's typed errors to wire statuses: a gRPC code, an HTTP status
-and a finer ``kind``. The gRPC interceptors and the HTTP API both answer from here.
+"""The one table from the project's typed errors to wire statuses: a gRPC code, an HTTP status,
+a finer ``kind``, and OpenAI's error ``type`` and ``code``. The gRPC interceptors and the HTTP
+API (cluster/http/) both answer from here.
 
 | error | gRPC | HTTP |
 |---|---|---|
 | unknown node; another tenant's private node (same message); unknown update, version, tenant | NOT_FOUND | 404 |
-| a bad parameter (the message and ``treelm-error-field`` name the field); malformed envelope, manifest, package, key; payload files that differ from the manifest; another base; shapes | INVALID_ARGUMENT | 400 |
+| a bad parameter (the message and ``treelm-error-field`` name the field); malformed envelope, manifest, package, key; payload files that differ from the manifest; another base; shapes; an HTTP body that is not UTF-8 JSON | INVALID_ARGUMENT | 400 |
+| an HTTP body over the size limit | RESOURCE_EXHAUSTED | 413 |
 | no bearer token, or an unknown / revoked one | UNAUTHENTICATED | 401 |
 | a valid token that may not do this; unknown key, revoked key, too few valid signatures; an approval that may not count | PERMISSION_DENIED | 403 |
 | the same update version again | ALREADY_EXISTS | 409 |
 | the engine's queue is full | RESOURCE_EXHAUSTED | 429 |
 | the request's deadline passed | DEADLINE_EXCEEDED | 504 |
 | the engine or server is shutting down; a Ray replica or the update desk died; the database is unreachable | UNAVAILABLE | 503 |
-| stored state that forbids the call (an alias to a revoked version, an outdated schema); an update that is expired, older, skipped, over a stale parent, refused by screening or the gate, not awaiting approval | FAILED_PRECONDITION | 409 |
+| stored state that forbids the call (an alias to a revoked version, an outdated schema); a pinned node version that is not the served one; an update that is expired, older, skipped, over a stale parent, refused by screening or the gate, not awaiting approval | FAILED_PRECONDITION | 409 |
 | an adapter file changed on disk | DATA_LOSS | 500 |
 | a call the server does not offer (Updates without an update desk) | UNIMPLEMENTED | 501 |
 | anything else: a server bug, logged with its traceback and an incident id | INTERNAL | 500 |
@@ -22,6 +24,13 @@ the message of a node that does not exist. PERMISSION_DENIED would confirm that 
 
 The update protocol's refusals carry a kind derived from the error's class (``threshold``,
 ``stale-parent``, ``screening-too-large``, ...), which the SDK turns back into a typed error.
+
+OpenAI's error body (``{"error": {"message", "type", "param", "code"}}``): ``type`` follows the
+gRPC code (``invalid_request_error``, ``authentication_error``, ``permission_error``,
+``rate_limit_error``, ``timeout_error``, ``server_error``); ``code`` is the kind in snake case
+where there is one (``model_not_found`` for an unknown node or version, ``version_not_served``,
+``shutting_down``, ``unknown_parameter``, ...), else a default per gRPC code (``invalid_value``,
+``invalid_api_key``, ``rate_limit_exceeded``, ...); ``param`` is the field.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from hierarchy import errors as he
 from nodes import errors as ne
 from registry import errors as re_
 
-__all__ = ["ERROR_FIELD_KEY", "ERROR_KIND_KEY", "HTTP_STATUS", "WireStatus", "wire_status"]
+__all__ = ["ERROR_FIELD_KEY", "ERROR_KIND_KEY", "HTTP_STATUS", "OPENAI_ERRORS", "WireStatus", "wire_status"]
 
 # Trailing-metadata keys; the SDK (treelm/_errors.py) reads the same names.
 ERROR_FIELD_KEY = "treelm-error-field"
@@ -70,6 +79,26 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     _S.UNKNOWN: 500,
 }
 
+# OpenAI's error ``type`` and default ``code`` per gRPC code (the HTTP API's error body).
+OPENAI_ERRORS: dict[grpc.StatusCode, tuple[str, str]] = {
+    _S.CANCELLED: ("invalid_request_error", "cancelled"),
+    _S.INVALID_ARGUMENT: ("invalid_request_error", "invalid_value"),
+    _S.OUT_OF_RANGE: ("invalid_request_error", "invalid_value"),
+    _S.NOT_FOUND: ("invalid_request_error", "not_found"),
+    _S.ALREADY_EXISTS: ("invalid_request_error", "conflict"),
+    _S.FAILED_PRECONDITION: ("invalid_request_error", "conflict"),
+    _S.ABORTED: ("invalid_request_error", "conflict"),
+    _S.UNAUTHENTICATED: ("authentication_error", "invalid_api_key"),
+    _S.PERMISSION_DENIED: ("permission_error", "permission_denied"),
+    _S.RESOURCE_EXHAUSTED: ("rate_limit_error", "rate_limit_exceeded"),
+    _S.DEADLINE_EXCEEDED: ("timeout_error", "deadline_exceeded"),
+    _S.UNAVAILABLE: ("server_error", "service_unavailable"),
+    _S.UNIMPLEMENTED: ("server_error", "not_implemented"),
+}
+_OPENAI_CODE_OF_KIND = {"node-not-found": "model_not_found", "version-not-found": "model_not_found"}
+# Kinds whose HTTP status (and OpenAI type) differ from their gRPC code's.
+_HTTP_OF_KIND = {"request-too-large": (413, "invalid_request_error")}
+
 _DERIVED = "derived"  # the kind is the error class's name in kebab case (update protocol refusals)
 
 # (error type, code, kind); the first match wins, so subclasses come before their bases.
@@ -99,12 +128,17 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     # -- serving, the registry, the servers
     (ce.NodeNotVisible, _S.NOT_FOUND, "node-not-found"),
     (ne.UnknownNode, _S.NOT_FOUND, "node-not-found"),
+    (ce.UnknownVersion, _S.NOT_FOUND, "version-not-found"),
+    (ce.VersionNotServed, _S.FAILED_PRECONDITION, "version-not-served"),
+    (ce.UnknownParameter, _S.INVALID_ARGUMENT, "unknown-parameter"),
     (re_.NodeNotFound, _S.NOT_FOUND, "node-not-found"),
     (re_.NotFound, _S.NOT_FOUND, None),
     (ce.BadArgument, _S.INVALID_ARGUMENT, None),
     (ne.InvalidRequest, _S.INVALID_ARGUMENT, None),
     (re_.InvalidInput, _S.INVALID_ARGUMENT, None),
     (he.InvalidNodePath, _S.INVALID_ARGUMENT, None),
+    (ce.MalformedRequest, _S.INVALID_ARGUMENT, "malformed-request"),
+    (ce.RequestTooLarge, _S.RESOURCE_EXHAUSTED, "request-too-large"),
     (ce.Unauthenticated, _S.UNAUTHENTICATED, None),
     (re_.InvalidToken, _S.UNAUTHENTICATED, None),
     (ce.PermissionDenied, _S.PERMISSION_DENIED, None),
@@ -139,7 +173,21 @@ class WireStatus:
 
     @property
     def http_status(self) -> int:
+        if self.kind in _HTTP_OF_KIND:
+            return _HTTP_OF_KIND[self.kind][0]
         return HTTP_STATUS.get(self.code, 500)
+
+    @property
+    def openai_type(self) -> str:
+        if self.kind in _HTTP_OF_KIND:
+            return _HTTP_OF_KIND[self.kind][1]
+        return OPENAI_ERRORS.get(self.code, ("server_error", "internal_error"))[0]
+
+    @property
+    def openai_code(self) -> str:
+        if self.kind:
+            return _OPENAI_CODE_OF_KIND.get(self.kind, self.kind.replace("-", "_"))
+        return OPENAI_ERRORS.get(self.code, ("server_error", "internal_error"))[1]
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         meta = []

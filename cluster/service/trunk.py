@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from nodes.errors import NodesError
 from nodes.runtime.engine import Engine
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 
@@ -46,7 +47,14 @@ class Trunk(Protocol):
     @property
     def tree(self) -> str: ...
 
+    @property
+    def base_digest(self) -> str: ...
+
     def serves(self, node: str) -> bool: ...
+
+    def served_version(self, node: str) -> int | None:
+        """The version of ``node`` served now (0: the base); None when this trunk cannot tell cheaply."""
+        ...
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
@@ -68,8 +76,20 @@ class EngineTrunk:
     def tree(self) -> str:
         return self.engine.tree.name
 
+    @property
+    def base_digest(self) -> str:
+        return self.engine.tree.base_digest
+
     def serves(self, node: str) -> bool:
         return node == self.tree or node in self._ids
+
+    def served_version(self, node: str) -> int | None:
+        self.engine.refresh()  # one stat: a snapshot another process wrote counts from now
+        try:
+            chain = self.engine.tree.chain(node)
+        except NodesError:  # not in the snapshot served now: the request itself will say so
+            return None
+        return chain[-1].version if chain else 0
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return await self.engine.generate(request)

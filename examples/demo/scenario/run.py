@@ -64,14 +64,14 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             cluster = RayCluster(state, config.cluster)
             console.print(f"treelm cluster up {cluster.config}")
             cluster.up()
-            address = cluster.address
-            console.print(f"serving through the Ray cluster: gRPC ingress on {address}")
+            address, http_url = cluster.address, cluster.http_url
+            console.print(f"serving through the Ray cluster: gRPC ingress on {address}, OpenAI API at {http_url}")
             clock.lap("treelm cluster up (Ray head, update desk, replica, ingress)")
         else:  # one process: `treelm serve`
             server = ServeProcess(state)
             server.wait_ready(state.tokens[HOSPITAL])
-            address = server.address
-            console.print(f"treelm serve {state.tree} on {address}")
+            address, http_url = server.address, server.http_url
+            console.print(f"treelm serve {state.tree} on {address} (OpenAI API at {http_url})")
             clock.lap("treelm serve (loading the base)")
         from treelm import Client
 
@@ -89,6 +89,12 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             tables.append(table)
             report.show(console, table)
             clock.lap("2. the question down the chain")
+            if http_url is not None:
+                tables.append(
+                    steps.openai_answer(http_url, state.tokens[HOSPITAL], state.tree_name, echo, config.max_new_tokens)
+                )
+                report.show(console, tables[-1])
+                clock.lap("2b. the same question through the openai client")
             tables.append(steps.tenants(address, state, config.max_new_tokens))
             report.show(console, tables[-1])
             clock.lap("3. tenants")

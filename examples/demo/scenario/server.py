@@ -35,9 +35,12 @@ class ServeProcess:
     def __init__(self, state: DemoState, port: int | None = None, log: Path | None = None):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{http_port}/v1"  # the OpenAI-compatible API
         self._log = open(log or state.dir / "serve.log", "wb")  # noqa: SIM115 (the server's stdout while it runs)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        args = ["serve", str(state.tree), "--db", state.url, "--port", str(self.port), "--threads", "1", "--grace", "2"]
+        args = ["serve", str(state.tree), "--db", state.url, "--port", str(self.port), "--http-port", str(http_port)]
+        args += ["--threads", "1", "--grace", "2"]
         self._proc = subprocess.Popen(
             [*_treelm(), *args],
             stdout=self._log,
@@ -83,7 +86,10 @@ class RayCluster:
         self.config = state.dir / "cluster.yaml"
         self.config.write_text(yaml.safe_dump(body, sort_keys=False))
         self.state_dir = state.dir / "cluster"
-        self.address = f"127.0.0.1:{body.get('ingress', {}).get('port', 50051)}"
+        ingress = body.get("ingress", {})
+        self.address = f"127.0.0.1:{ingress.get('port', 50051)}"
+        http_port = ingress.get("http_port", 50080)  # cluster.yaml's default; null turns the API off
+        self.http_url = f"http://127.0.0.1:{http_port}/v1" if http_port else None
         self.started = False
 
     def up(self) -> None:

@@ -138,6 +138,29 @@ class _Prepend:
         yield from self._stream
 
 
+def openai_answer(base_url: str, token: str, tree: str, echo: Callable[..., None], max_new_tokens: int) -> Table:
+    """(2b) The cardiology answer again, through the OpenAI-compatible HTTP API and the official
+    openai client: the same engine, so the same greedy text as the gRPC stream above."""
+    import openai
+
+    node = f"{tree}/en/medical/cardiology"
+    client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=600)
+    params = dict(model=node, max_tokens=max_new_tokens, temperature=0)
+    try:
+        reply = client.chat.completions.create(messages=[{"role": "user", "content": QUESTION}], **params)
+        call, answer = "chat.completions.create", reply.choices[0].message.content or ""
+    except openai.BadRequestError:  # a base without a chat template: the plain prompt, as step 2 did
+        reply = client.completions.create(prompt=f"Question: {QUESTION}\nAnswer:", **params)
+        call, answer = "completions.create", reply.choices[0].text
+    echo(f"openai client -> {base_url} {call}(model={node!r}): {answer.strip()}")
+    table = Table(
+        "openai", "2b. The same question through the OpenAI API (openai client)", ["client", "call", "model", "answer"]
+    )
+    table.rows.append([f"openai.OpenAI(base_url={base_url!r})", call, reply.model, answer.strip()])
+    table.notes.append(f"response id {reply.id} (the engine's request id); model names the node version that answered")
+    return table
+
+
 def tenants(address: str, state: DemoState, max_new_tokens: int) -> Table:
     """(3) St Mary's uses its private oncology node; another tenant cannot even see it."""
     node = f"{state.tree_name}/en/medical/oncology"

@@ -24,29 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/treelm/v1/inference.proto\x12\ttreelm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xa8\x01\n\x0fGenerateRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.treelm.v1.ChatMessage\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.treelm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\t\n\x07_prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\";\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xe1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x14\n\x0cnode_version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.treelm.v1.FinishReason\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.treelm.v1.Usage\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.treelm.v1.Timings\"\xed\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x14\n\x0cnode_version\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.treelm.v1.FinishReason\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.treelm.v1.Usage\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.treelm.v1.Timings*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x32\x9a\x01\n\tInference\x12\x43\n\x08Generate\x12\x1a.treelm.v1.GenerateRequest\x1a\x1b.treelm.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.treelm.v1.GenerateRequest\x1a\x18.treelm.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/treelm/v1/inference.proto\x12\ttreelm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\xe0\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x07\x88\x01\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.treelm.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x11\n\x04\x65\x63ho\x18\r \x01(\x08H\n\x88\x01\x01\x12\x32\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x19.treelm.v1.ResponseFormat\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x0f\n\r_top_logprobsB\x07\n\x05_echo\"\xa8\x01\n\x0fGenerateRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.treelm.v1.ChatMessage\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.treelm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\t\n\x07_prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\";\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\x8c\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x14\n\x07logprob\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12$\n\x03top\x18\x05 \x03(\x0b\x32\x17.treelm.v1.TokenLogprobB\n\n\x08_logprob\"3\n\x08Logprobs\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.treelm.v1.TokenLogprob\"N\n\x04\x45\x63ho\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12%\n\x08logprobs\x18\x03 \x01(\x0b\x32\x13.treelm.v1.Logprobs\"\x8f\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.treelm.v1.FinishReason\x12%\n\x08logprobs\x18\x05 \x01(\x0b\x32\x13.treelm.v1.Logprobs\"\xcb\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x14\n\x0cnode_version\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.treelm.v1.FinishReason\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.treelm.v1.Usage\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.treelm.v1.Timings\x12%\n\x08logprobs\x18\t \x01(\x0b\x32\x13.treelm.v1.Logprobs\x12\"\n\x07\x63hoices\x18\n \x03(\x0b\x32\x11.treelm.v1.Choice\x12\x1d\n\x04\x65\x63ho\x18\x0b \x01(\x0b\x32\x0f.treelm.v1.Echo\"\xc3\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x14\n\x0cnode_version\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.treelm.v1.FinishReason\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.treelm.v1.Usage\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.treelm.v1.Timings\x12\x0e\n\x06\x63hoice\x18\n \x01(\r\x12%\n\x08logprobs\x18\x0b \x01(\x0b\x32\x13.treelm.v1.Logprobs\x12\x1d\n\x04\x65\x63ho\x18\x0c \x01(\x0b\x32\x0f.treelm.v1.Echo*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x32\x9a\x01\n\tInference\x12\x43\n\x08Generate\x12\x1a.treelm.v1.GenerateRequest\x1a\x1b.treelm.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.treelm.v1.GenerateRequest\x1a\x18.treelm.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.treelm.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1086
-  _globals['_FINISHREASON']._serialized_end=1238
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2153
+  _globals['_FINISHREASON']._serialized_end=2305
   _globals['_CHATMESSAGE']._serialized_start=47
   _globals['_CHATMESSAGE']._serialized_end=91
-  _globals['_SAMPLINGPARAMS']._serialized_start=94
-  _globals['_SAMPLINGPARAMS']._serialized_end=302
-  _globals['_GENERATEREQUEST']._serialized_start=305
-  _globals['_GENERATEREQUEST']._serialized_end=473
-  _globals['_USAGE']._serialized_start=475
-  _globals['_USAGE']._serialized_end=554
-  _globals['_TIMINGS']._serialized_start=556
-  _globals['_TIMINGS']._serialized_end=615
-  _globals['_GENERATERESPONSE']._serialized_start=618
-  _globals['_GENERATERESPONSE']._serialized_end=843
-  _globals['_GENERATECHUNK']._serialized_start=846
-  _globals['_GENERATECHUNK']._serialized_end=1083
-  _globals['_INFERENCE']._serialized_start=1241
-  _globals['_INFERENCE']._serialized_end=1395
+  _globals['_RESPONSEFORMAT']._serialized_start=93
+  _globals['_RESPONSEFORMAT']._serialized_end=144
+  _globals['_SAMPLINGPARAMS']._serialized_start=147
+  _globals['_SAMPLINGPARAMS']._serialized_end=755
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=555
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=603
+  _globals['_GENERATEREQUEST']._serialized_start=758
+  _globals['_GENERATEREQUEST']._serialized_end=926
+  _globals['_USAGE']._serialized_start=928
+  _globals['_USAGE']._serialized_end=1007
+  _globals['_TIMINGS']._serialized_start=1009
+  _globals['_TIMINGS']._serialized_end=1068
+  _globals['_TOKENLOGPROB']._serialized_start=1071
+  _globals['_TOKENLOGPROB']._serialized_end=1211
+  _globals['_LOGPROBS']._serialized_start=1213
+  _globals['_LOGPROBS']._serialized_end=1264
+  _globals['_ECHO']._serialized_start=1266
+  _globals['_ECHO']._serialized_end=1344
+  _globals['_CHOICE']._serialized_start=1347
+  _globals['_CHOICE']._serialized_end=1490
+  _globals['_GENERATERESPONSE']._serialized_start=1493
+  _globals['_GENERATERESPONSE']._serialized_end=1824
+  _globals['_GENERATECHUNK']._serialized_start=1827
+  _globals['_GENERATECHUNK']._serialized_end=2150
+  _globals['_INFERENCE']._serialized_start=2308
+  _globals['_INFERENCE']._serialized_end=2462
 # @@protoc_insertion_point(module_scope)

@@ -117,7 +117,13 @@ def cluster_yaml(
         "name": "test",
         "registry": registry_url,
         "ray": {"num_cpus": 4, "temp_dir": str(temp_dir), "auth": "token", "ports": ports},
-        "ingress": {"port": base + 20, "metrics_port": base + 21, "grace_s": 2, **(ingress or {})},
+        "ingress": {
+            "port": base + 20,
+            "metrics_port": base + 21,
+            "http_port": base + 22,
+            "grace_s": 2,
+            **(ingress or {}),
+        },
         "trunks": [{"tree": str(tree_dir), **options} for tree_dir, options in trees.items()],
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -135,6 +141,7 @@ class RayWorld:
     base: int
     target: str  # the ingress, host:port
     temp_dir: Path
+    http_url: str = ""  # the ingress's OpenAI-compatible API (base_url of the openai client)
     extra_nodes: list[RayProcess] = field(default_factory=list)
     root_key: str = ""  # fingerprint of the registry's root key (devices trust it to pull variants)
 

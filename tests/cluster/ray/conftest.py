@@ -74,6 +74,7 @@ def ray_world(tiny_base_dir, tmp_path_factory):
         base=base,
         target=f"127.0.0.1:{base + 20}",
         temp_dir=temp_dir,
+        http_url=f"http://127.0.0.1:{base + 22}/v1",
         root_key=root_key.keyid,
     )
     try:

@@ -55,6 +55,9 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert config.ray.auth == "token" and config.ingress.auth and config.ingress.on_head
     assert config.ingress.updates  # the Updates service is on unless the file turns it off
     assert not parse({**doc, "ingress": {"updates": False}}, tmp_path).ingress.updates
+    assert config.ingress.http_port == 50080 and config.ingress.http_port not in used  # the OpenAI API, on by default
+    assert parse({**doc, "ingress": {"http_port": None}}, tmp_path).ingress.http_port is None  # null: off
+    assert parse({**doc, "ingress": {"http_port": 9001}}, tmp_path).ingress.http_port == 9001
 
 
 def test_the_examples_are_valid(tree_dir, monkeypatch):
@@ -114,6 +117,12 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ray={"auth": "maybe"}), "ray.auth", "token, disabled"),
         (lambda d: d.update(ray={"address": "no-port"}), "ray.address", "HOST:PORT"),
         (lambda d: d.update(ingress={"port": 46379}), "ingress.port", "also a Ray port"),
+        (lambda d: d.update(ingress={"http_port": 8000}), "ingress.http_port", "Serve's default HTTP port"),
+        (lambda d: d.update(ingress={"http_port": 46388}), "ingress.http_port", "also a Ray port"),  # serve_http
+        (lambda d: d.update(ingress={"http_port": 46420}), "ingress.http_port", "also a Ray port"),  # a worker's
+        (lambda d: d.update(ingress={"http_port": 50051}), "ingress.http_port", "also ingress.port"),
+        (lambda d: d.update(ingress={"metrics_port": 50080}), "ingress.metrics_port", "also ingress.http_port"),
+        (lambda d: d.update(ingress={"http_port": "8080"}), "ingress.http_port", "an integer"),
         (lambda d: d.update(ingress={"tls_cert": "/x.crt"}), "ingress.tls_cert", "both tls_cert and tls_key"),
         (lambda d: d.update(ingress={"on_head": False}), "ingress.on_head", "SQLite"),
         (lambda d: d.update(ingress={"updates": "sometimes"}), "ingress.updates", "must be true or false"),

@@ -41,6 +41,8 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
         tables = run(config, console)
         chain = tables["chain"].rows
         assert [r[1] for r in chain] == [0, 1, 1, 1] and all(r[2] > 0 for r in chain)
+        (openai_row,) = tables["openai"].rows  # the openai client through the cluster's HTTP ingress
+        assert openai_row[2] == f"{TREE}/en/medical/cardiology@1" and openai_row[3] == chain[-1][5]
         tenants = tables["tenants"].rows
         assert tenants[1][2].startswith("v1:") and tenants[3][2].startswith("NodeNotFound: NOT_FOUND")
         update = {r[0]: r[2] for r in tables["update"].rows}

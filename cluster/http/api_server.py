@@ -1,0 +1,337 @@
+"""The OpenAI-compatible HTTP API: routes wired to the serving classes, and the uvicorn server
+that runs them on the gRPC server's event loop (:class:`cluster.service.server.TreeServer`
+starts it when ``ServerConfig.http_port`` is set, in ``treelm serve`` and in each Ray ingress
+replica alike).
+
+    GET  /v1/models                    the nodes this token may use here
+    GET  /v1/models/{id}               one of them (ids contain slashes)
+    POST /v1/chat/completions          messages -> the node's chat template -> a completion / SSE
+    POST /v1/completions               prompt(s) -> completions; echo + logprobs score text
+
+Every request: 503 while the server drains, then the bearer token (401), then the body: read
+up to ``max_body_bytes`` (413 beyond, from Content-Length before reading when it is given),
+UTF-8 JSON (400), the schema (400 naming the parameter), then the node (404: unknown and other
+tenants' private nodes alike), then the engine's checks (400, 429). The body is parsed here,
+not by FastAPI, so that size, encoding and JSON errors get the same error shape as the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from cluster.errors import MalformedRequest, RequestTooLarge, ServeError, ShuttingDown
+from cluster.http.common import ApiContext, EventSource
+from cluster.http.errors import error_body, error_response, json_response, validation_error
+from cluster.http.protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse
+from cluster.http.serving_chat import ChatServing
+from cluster.http.serving_completion import CompletionServing
+from cluster.http.serving_models import ModelServing
+from cluster.service.auth import Authenticator, Caller
+from cluster.service.catalog import Catalog
+from cluster.service.status import wire_status
+
+__all__ = ["HttpApi", "HttpLimits", "HttpServer"]
+
+log = logging.getLogger("treelm.http")
+
+B = TypeVar("B", bound=BaseModel)
+
+# Hook for metrics: (method, node, code name, seconds), the gRPC interceptor's shape.
+CallObserver = Callable[[str, str, str, float], None]
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_body_bytes: int = 4 << 20  # the same bound as a gRPC request (ServerConfig.max_receive_message_bytes)
+
+
+class HttpApi:
+    """The FastAPI application over one server's admission, auth and catalog."""
+
+    def __init__(
+        self,
+        ctx: ApiContext,
+        authenticator: Authenticator,
+        catalog: Catalog,
+        *,
+        limits: HttpLimits = HttpLimits(),
+        observe_call: CallObserver | None = None,
+    ):
+        self._auth = authenticator
+        self._limits = limits
+        self._observe_call = observe_call
+        self.chat = ChatServing(ctx)
+        self.completions = CompletionServing(ctx)
+        self.models = ModelServing(ctx, catalog)
+        self.draining = False
+        self.in_flight = 0  # requests and open streams (one event loop: no lock)
+        self.app = self._build()
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="TreeLM (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, exc: HTTPException) -> Response:  # unknown route, wrong method
+            code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+            info = ErrorInfo(
+                message=f"{request.method} {request.url.path}: {exc.detail}",
+                type="invalid_request_error",
+                param=None,
+                code=code,
+            )
+            return json_response(ErrorResponse(error=info), exc.status_code, exc.headers)
+
+        @app.get("/v1/models")
+        async def list_models(request: Request) -> Response:
+            return await self._call(request, "GET /v1/models", None, lambda caller, _: self.models.list(caller))
+
+        @app.get("/v1/models/{model_id:path}")
+        async def get_model(request: Request, model_id: str) -> Response:
+            return await self._call(
+                request, "GET /v1/models/{id}", None, lambda caller, _: self.models.retrieve(model_id, caller)
+            )
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self._call(request, "POST /v1/chat/completions", ChatCompletionRequest, self._chat(request))
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._call(request, "POST /v1/completions", CompletionRequest, self._completions(request))
+
+        return app
+
+    def _chat(self, request: Request):
+        return lambda caller, body: self.chat.create(body, caller, request)
+
+    def _completions(self, request: Request):
+        return lambda caller, body: self.completions.create(body, caller, request)
+
+    # -- one call -------------------------------------------------------------------------------
+    async def _call(self, request: Request, method: str, schema: type[B] | None, run: Callable[..., Any]) -> Response:
+        started = time.perf_counter()
+        self.in_flight += 1
+        body: Any = None
+        streaming = False
+        code = grpc.StatusCode.OK
+        fields = self._fields(schema, None)
+        try:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            caller = await self._caller(request)
+            if schema is not None:
+                body = await self._body(request, schema)
+                fields = self._fields(schema, body)
+            answer = await run(caller, body)
+            if answer is None:  # the client went away
+                code = grpc.StatusCode.CANCELLED
+                return Response(status_code=499)
+            if isinstance(answer, BaseModel):
+                return json_response(answer)
+            streaming = True
+            return _SSEResponse(_StreamCall(self, answer, method, getattr(body, "model", ""), started, fields))
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            code = grpc.StatusCode.CANCELLED
+            return Response(status_code=499)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            status = wire_status(exc)
+            code = status.code
+            if code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback already
+                log.info("%s failed: %s %s", method, status.http_status, status.details)
+            return error_response(exc, fields, status)
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+                self._observe(method, getattr(body, "model", ""), code, started)
+
+    @staticmethod
+    def _fields(schema: type[BaseModel] | None, body: Any) -> dict[str, str]:
+        if schema is ChatCompletionRequest:
+            return ChatServing.fields(body)
+        if schema is CompletionRequest:
+            return CompletionServing.fields(body)
+        return {"node": "model"}
+
+    def _observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
+        if self._observe_call is not None:
+            node = model.partition("@")[0] if isinstance(model, str) else ""
+            self._observe_call(method, node, code.name, time.perf_counter() - started)
+
+    async def _caller(self, request: Request) -> Caller:
+        header = request.headers.get("authorization")
+        return await self._auth.authenticate([("authorization", header)] if header is not None else [])
+
+    async def _body(self, request: Request, schema: type[B]) -> B:
+        limit = self._limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(limit)
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise RequestTooLarge(limit)
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedRequest(f"the body is not UTF-8 (byte {exc.start}); send UTF-8 JSON") from None
+        try:
+            return schema.model_validate_json(text)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+
+class _StreamCall:
+    """One streamed answer as server-sent events: one ``data:`` line per chunk, ``data: [DONE]``
+    last; an error after the response started is sent as an OpenAI error event (the openai client
+    raises it). ``finish`` (idempotent) stops the engine streams and books the call, whether the
+    events were read to the end, cut short, or never started."""
+
+    def __init__(
+        self, api: HttpApi, source: EventSource, method: str, model: str, started: float, fields: dict[str, str]
+    ):
+        self._api, self._source, self._method, self._model = api, source, method, model
+        self._started, self._fields = started, fields
+        self._code = grpc.StatusCode.CANCELLED  # until the events end on their own
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for event in self._source.events:
+                yield b"data: " + event.model_dump_json().encode() + b"\n\n"
+            self._code = grpc.StatusCode.OK
+        except Exception as exc:
+            status = wire_status(exc)
+            self._code = status.code
+            _http, body = error_body(exc, self._fields, status)
+            yield b"data: " + body.model_dump_json().encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            await self._source.close()
+        finally:
+            self._api.in_flight -= 1
+            self._api._observe(self._method, self._model, self._code, self._started)
+
+
+class _SSEResponse(StreamingResponse):
+    """A streaming response that always finishes its call (see :class:`_StreamCall`)."""
+
+    def __init__(self, call: _StreamCall):
+        self.call = call
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(call.__aiter__(), media_type="text/event-stream", headers=headers)
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self.call.finish()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: the process that runs the server owns the signals."""
+
+    def capture_signals(self):
+        return nullcontext()
+
+
+class HttpServer:
+    """Serves an :class:`HttpApi` with uvicorn on the running event loop, on a socket bound first
+    (port 0 = any free port; a port in use is a ServeError at once)."""
+
+    def __init__(self, api: HttpApi, host: str, port: int, *, tls_cert: str | None = None, tls_key: str | None = None):
+        self.api = api
+        self._host, self._requested = host, port
+        self._tls = (tls_cert, tls_key)
+        self.port: int | None = None
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _socket(self) -> socket.socket:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                self._host, self._requested, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {self._host}:{self._requested} (HTTP): {exc}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise ServeError(
+                f"cannot listen on {self._host}:{self._requested} (HTTP): {exc} (is the port in use? try --http-port)"
+            ) from None
+        return sock
+
+    async def start(self) -> None:
+        sock = self._socket()
+        self.port = int(sock.getsockname()[1])
+        cert, key = self._tls
+        config = uvicorn.Config(
+            self.api.app,
+            lifespan="off",
+            log_config=None,  # the process's logging stays as its owner configured it
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
+        )
+        self._server = _Uvicorn(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                error = self._task.exception()
+                raise ServeError(f"the HTTP server did not start on port {self.port}: {error!r}")
+            await asyncio.sleep(0.01)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self, grace: float) -> None:
+        """503 for new requests, in-flight ones (streams included) get ``grace`` seconds, then close."""
+        if self._server is None or self._task is None:
+            return
+        self.api.draining = True
+        end = time.monotonic() + grace
+        while self.api.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
+        except TimeoutError:
+            self._server.force_exit = True
+            await asyncio.wait_for(self._task, timeout=5.0)
+        except Exception:  # a failure while closing must not hide the gRPC side's
+            log.warning("the HTTP server did not stop cleanly", exc_info=True)
