@@ -49,7 +49,8 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: install lint
+# The test run includes the llama.cpp checks of the GGUF variants (a cached wheel installs in seconds).
+test: install llama lint
 	$(BIN)/python -m pytest
 
 demo: install
