@@ -7,6 +7,8 @@ code 2 (never a traceback) for users.
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -23,7 +25,6 @@ from nodes.cli import base_app, export_command, tree_app
 from nodes.errors import NodesError
 from registry.cli import registry_app
 from registry.errors import RegistryError
-from treelm._errors import TreeLMError
 
 __all__ = ["app", "main"]
 
@@ -67,7 +68,14 @@ _SERVER_PACKAGES = frozenset(
 )
 
 # Error types that are the user's to fix: printed plainly, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError, TreeLMError)
+USER_ERRORS: tuple[type[BaseException], ...] = (HierarchyError, NodesError, RegistryError, ClusterError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # The SDK's errors join only once a command has imported the SDK: importing it here would
+    # pull grpc into every `--help` (tests/cluster/test_cli_help.py).
+    sdk = sys.modules.get("treelm._errors")
+    return USER_ERRORS if sdk is None else (*USER_ERRORS, sdk.TreeLMError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]")
         return 130
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         err.print("[bold red]error:[/bold red]", escape(str(exc)), highlight=False)
         return 2
     except ModuleNotFoundError as exc:
