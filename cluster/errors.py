@@ -15,6 +15,7 @@
     │   │   └── UnknownParameter  a request field the API does not have (HTTP)
     │   ├── MalformedRequest    an HTTP body that is not UTF-8 JSON (an object)
     │   ├── RequestTooLarge     an HTTP body over the server's size limit
+    │   ├── RangeNotSatisfiable an HTTP ``Range`` a variant file cannot satisfy (416)
     │   ├── ShuttingDown        the server is draining and takes no new work
     │   └── ReplicaUnavailable  the Ray replica or actor serving the call died or is unreachable (retry it)
     └── CoordinatorError        the update desk's own refusals (the protocol's are hierarchy's UpdateError)
@@ -46,6 +47,7 @@ __all__ = [
     "PackageError",
     "PermissionDenied",
     "PolicyError",
+    "RangeNotSatisfiable",
     "RayStartError",
     "ReplicaUnavailable",
     "RequestTooLarge",
@@ -136,6 +138,18 @@ class RequestTooLarge(CallError):
     def __init__(self, limit: int):
         self.limit = limit
         super().__init__(f"the request body is larger than this server's limit of {limit} bytes")
+
+
+class RangeNotSatisfiable(CallError):
+    """An HTTP ``Range`` that a file of ``length`` bytes cannot satisfy: past its end, or not one
+    ``bytes=`` range."""
+
+    def __init__(self, header: str, length: int):
+        self.header, self.length = header, length
+        super().__init__(
+            f"Range {header!r} cannot be satisfied by this file of {length} bytes: "
+            f"send one range, bytes=START- or bytes=START-END, with START below {length}"
+        )
 
 
 class ShuttingDown(CallError):

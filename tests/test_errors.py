@@ -111,7 +111,8 @@ def test_every_server_side_error_has_a_precise_status_and_its_http_twin(module, 
     ):
         return  # abstract bases
     assert status.code is not grpc.StatusCode.INTERNAL, f"{cls.__name__} would be answered INTERNAL"
-    # An HTTP body over the limit is the one kind whose HTTP status is not its gRPC code's (413, not 429).
-    twin = 413 if status.kind == "request-too-large" else HTTP_STATUS[status.code]
+    # Two kinds have an HTTP status other than their gRPC code's: a body over the limit (413, not
+    # 429) and an unsatisfiable Range (416, not 400).
+    twin = {"request-too-large": 413, "range-not-satisfiable": 416}.get(status.kind or "", HTTP_STATUS[status.code])
     assert status.http_status == twin and status.http_status >= 400
     assert status.openai_type and status.openai_code

@@ -7,6 +7,7 @@ replica alike).
     GET  /v1/models/{id}               one of them (ids contain slashes)
     POST /v1/chat/completions          messages -> the node's chat template -> a completion / SSE
     POST /v1/completions               prompt(s) -> completions; echo + logprobs score text
+    GET  /v1/distribution/...          TreeLM's own: variants for end devices (serving_distribution)
 
 Every request: 503 while the server drains, then the bearer token (401), then the body: read
 up to ``max_body_bytes`` (413 beyond, from Content-Length before reading when it is given),
@@ -40,9 +41,11 @@ from cluster.http.errors import error_body, error_response, json_response, valid
 from cluster.http.protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse
 from cluster.http.serving_chat import ChatServing
 from cluster.http.serving_completion import CompletionServing
+from cluster.http.serving_distribution import PREFIX, DistributionServing, FileSlice
 from cluster.http.serving_models import ModelServing
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
+from cluster.service.distribution import DistributionCalls
 from cluster.service.status import wire_status
 
 __all__ = ["HttpApi", "HttpLimits", "HttpServer"]
@@ -68,6 +71,7 @@ class HttpApi:
         ctx: ApiContext,
         authenticator: Authenticator,
         catalog: Catalog,
+        distribution: DistributionCalls,
         *,
         limits: HttpLimits = HttpLimits(),
         observe_call: CallObserver | None = None,
@@ -78,6 +82,7 @@ class HttpApi:
         self.chat = ChatServing(ctx)
         self.completions = CompletionServing(ctx)
         self.models = ModelServing(ctx, catalog)
+        self.distribution = DistributionServing(distribution)
         self.draining = False
         self.in_flight = 0  # requests and open streams (one event loop: no lock)
         self.app = self._build()
@@ -115,6 +120,33 @@ class HttpApi:
         async def completions(request: Request) -> Response:
             return await self._call(request, "POST /v1/completions", CompletionRequest, self._completions(request))
 
+        @app.get(PREFIX + "/trust/{tree}")
+        async def trust(request: Request, tree: str) -> Response:
+            return await self._call(
+                request, "GET /v1/distribution/trust", None, lambda _caller, _: self.distribution.trust(tree), {}
+            )
+
+        @app.get(PREFIX + "/offer")
+        async def offer(request: Request, node: str | None = None, variant: str | None = None) -> Response:
+            return await self._call(
+                request,
+                "GET /v1/distribution/offer",
+                None,
+                lambda caller, _: self.distribution.offer(node, variant, caller),
+                {},
+            )
+
+        @app.get(PREFIX + "/files/{key}/{name:path}")
+        async def download(request: Request, key: str, name: str, node: str | None = None) -> Response:
+            wanted = request.headers.get("range")
+            return await self._call(
+                request,
+                "GET /v1/distribution/files",
+                None,
+                lambda caller, _: self.distribution.file(node, key, name, wanted, caller),
+                {},
+            )
+
         return app
 
     def _chat(self, request: Request):
@@ -124,20 +156,28 @@ class HttpApi:
         return lambda caller, body: self.completions.create(body, caller, request)
 
     # -- one call -------------------------------------------------------------------------------
-    async def _call(self, request: Request, method: str, schema: type[B] | None, run: Callable[..., Any]) -> Response:
+    async def _call(
+        self,
+        request: Request,
+        method: str,
+        schema: type[B] | None,
+        run: Callable[..., Any],
+        fields: dict[str, str] | None = None,  # error field -> parameter (default: the schema's)
+    ) -> Response:
         started = time.perf_counter()
         self.in_flight += 1
         body: Any = None
         streaming = False
         code = grpc.StatusCode.OK
-        fields = self._fields(schema, None)
+        fixed = fields is not None
+        fields = fields if fields is not None else self._fields(schema, None)
         try:
             if self.draining:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             caller = await self._caller(request)
             if schema is not None:
                 body = await self._body(request, schema)
-                fields = self._fields(schema, body)
+                fields = fields if fixed else self._fields(schema, body)
             answer = await run(caller, body)
             if answer is None:  # the client went away
                 code = grpc.StatusCode.CANCELLED
@@ -145,6 +185,8 @@ class HttpApi:
             if isinstance(answer, BaseModel):
                 return json_response(answer)
             streaming = True
+            if isinstance(answer, FileSlice):
+                return _FileResponse(answer, lambda code: self._finished(method, started, code))
             return _SSEResponse(_StreamCall(self, answer, method, getattr(body, "model", ""), started, fields))
         except ClientDisconnect:  # the client left while sending its body: nobody to answer
             code = grpc.StatusCode.CANCELLED
@@ -170,6 +212,11 @@ class HttpApi:
         if schema is CompletionRequest:
             return CompletionServing.fields(body)
         return {"node": "model"}
+
+    def _finished(self, method: str, started: float, code: grpc.StatusCode) -> None:
+        """A streamed file answer ended (sent, or cut short by the client)."""
+        self.in_flight -= 1
+        self._observe(method, "", code, started)
 
     def _observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
         if self._observe_call is not None:
@@ -253,6 +300,28 @@ class _SSEResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()
             await self.call.finish()
+
+
+class _FileResponse(StreamingResponse):
+    """A variant file (all of it, or one range) that books its call when the last byte is sent or
+    the client leaves."""
+
+    def __init__(self, part: FileSlice, finished: Callable[[grpc.StatusCode], None]):
+        self._finished = finished
+        super().__init__(
+            part.chunks, status_code=part.status, headers=part.headers, media_type="application/octet-stream"
+        )
+
+    async def stream_response(self, send: Any) -> None:
+        code = grpc.StatusCode.CANCELLED
+        try:
+            await super().stream_response(send)
+            code = grpc.StatusCode.OK
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self._finished(code)
 
 
 class _Uvicorn(uvicorn.Server):

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
 
 from cluster.errors import BadArgument, NodeNotVisible, ServeError
 from cluster.service.access import NodeAccess
-from cluster.service.auth import current_caller
+from cluster.service.auth import Caller, current_caller
 from cluster.service.catalog import Catalog
 from cluster.updates.keys import load_trust
 from hierarchy.errors import HierarchyError
@@ -44,7 +44,7 @@ from nodes.store.versions import ChainLink
 from protos.treelm.v1 import distribution_pb2, distribution_pb2_grpc
 from registry.updates import current_pins, list_updates
 
-__all__ = ["CHUNK_BYTES", "DistributionServicer", "Distributor", "VariantSigning"]
+__all__ = ["CHUNK_BYTES", "DistributionCalls", "DistributionServicer", "Distributor", "VariantSigning"]
 
 CHUNK_BYTES = 1 << 20  # one FileChunk: well under the 16 MiB send limit
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -177,8 +177,8 @@ class Distributor:
         return offer
 
     # -- files ---------------------------------------------------------------------------------
-    def file(self, node: str, key: str, name: str) -> tuple[Path, int]:
-        """Where a listed file of variant ``key`` of ``node`` lives, and its length."""
+    def file(self, node: str, key: str, name: str) -> tuple[Path, FileEntry]:
+        """Where a listed file of variant ``key`` of ``node`` lives, and its manifest entry."""
         node_id = str(NodeId.parse(node))
         if not _KEY.match(key):
             raise BadArgument("key", "must be a variant's 64-character content key")
@@ -192,7 +192,7 @@ class Distributor:
         entry = manifest.file(name)
         if entry is None:
             raise BadArgument("file", f"variant {key[:12]}... has no file {name!r}")
-        return found[0].parent / entry.name, entry.length
+        return found[0].parent / entry.name, entry
 
     def trust(self, tree: str) -> distribution_pb2.TrustBundle:
         if tree not in self.trees:
@@ -221,40 +221,63 @@ def sign_variant_manifest_probe(tree: str, key: SigningKey) -> Envelope:
     return sign_variant_manifest(probe, [key])
 
 
-class DistributionServicer(distribution_pb2_grpc.DistributionServicer):
-    """Translation only: access checks, then the Distributor in a thread."""
+class DistributionCalls:
+    """What gRPC (:class:`DistributionServicer`) and HTTP (``cluster.http.serving_distribution``) both
+    answer: the node's access check first (so a foreign private node is an unknown one), then the
+    Distributor in a thread."""
 
     def __init__(self, distributor: Distributor | None, access: NodeAccess):
         self._distributor = distributor
         self._access = access
 
-    def _ready(self) -> Distributor:
+    def ready(self) -> Distributor:
         if self._distributor is None:
             raise NotImplementedError("this server has no variant signing key (treelm serve --variant-key ...)")
         return self._distributor
 
-    async def Offer(self, request, context):
-        distributor = self._ready()
-        caller = current_caller()
-        await self._access.check(request.node, caller)  # before anything reveals the node
-        return await asyncio.to_thread(distributor.offer, request.node, request.version, request.variant, caller.tenant)
+    async def offer(self, node: str, version: int, variant: str, caller: Caller) -> distribution_pb2.VariantOffer:
+        distributor = self.ready()
+        await self._access.check(node, caller)  # before anything reveals the node
+        return await asyncio.to_thread(distributor.offer, node, version, variant, caller.tenant)
 
-    async def Download(self, request, context) -> AsyncIterator[distribution_pb2.FileChunk]:
-        distributor = self._ready()
-        await self._access.check(request.node, current_caller())
-        path, length = await asyncio.to_thread(distributor.file, request.node, request.key, request.file)
-        if request.offset > length:
-            raise BadArgument("offset", f"{request.offset} is past the end of {request.file} ({length} bytes)")
-        end = length if not request.length else min(length, request.offset + request.length)
+    async def file(self, node: str, key: str, name: str, caller: Caller) -> tuple[Path, FileEntry]:
+        distributor = self.ready()
+        await self._access.check(node, caller)
+        return await asyncio.to_thread(distributor.file, node, key, name)
+
+    async def chunks(self, path: Path, start: int, end: int) -> AsyncGenerator[tuple[int, bytes]]:
+        """``(offset, data)`` of ``path``'s bytes ``[start, end)``, a chunk at a time."""
+        size = self.ready().chunk_bytes
         with open(path, "rb") as fh:
-            offset = request.offset
-            fh.seek(offset)
+            fh.seek(start)
+            offset = start
             while offset < end:
-                data = await asyncio.to_thread(fh.read, min(distributor.chunk_bytes, end - offset))
+                data = await asyncio.to_thread(fh.read, min(size, end - offset))
                 if not data:
                     break
-                yield distribution_pb2.FileChunk(offset=offset, data=data)
+                yield offset, data
                 offset += len(data)
 
+    async def trust(self, tree: str) -> distribution_pb2.TrustBundle:
+        return await asyncio.to_thread(self.ready().trust, tree)
+
+
+class DistributionServicer(distribution_pb2_grpc.DistributionServicer):
+    """Translation only (see :class:`DistributionCalls`)."""
+
+    def __init__(self, calls: DistributionCalls):
+        self._calls = calls
+
+    async def Offer(self, request, context):
+        return await self._calls.offer(request.node, request.version, request.variant, current_caller())
+
+    async def Download(self, request, context) -> AsyncIterator[distribution_pb2.FileChunk]:
+        path, entry = await self._calls.file(request.node, request.key, request.file, current_caller())
+        if request.offset > entry.length:
+            raise BadArgument("offset", f"{request.offset} is past the end of {request.file} ({entry.length} bytes)")
+        end = entry.length if not request.length else min(entry.length, request.offset + request.length)
+        async for offset, data in self._calls.chunks(path, request.offset, end):
+            yield distribution_pb2.FileChunk(offset=offset, data=data)
+
     async def Trust(self, request, context):
-        return await asyncio.to_thread(self._ready().trust, request.tree)
+        return await self._calls.trust(request.tree)

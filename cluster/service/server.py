@@ -35,7 +35,7 @@ from cluster.service.access import NodeAccess
 from cluster.service.admission import Admission, TrunkRouter
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
-from cluster.service.distribution import DistributionServicer, Distributor
+from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
@@ -142,6 +142,7 @@ class TreeServer:
         self.updates = updates  # the update coordinator; None: Updates answers UNIMPLEMENTED
         self.distribution = distribution  # variants for devices; None: Distribution answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
+        self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
         self.admission = Admission(
             self.router, self.access, lambda node, tenant: [v.version for v in catalog.versions(node, tenant)]
         )
@@ -170,6 +171,7 @@ class TreeServer:
             ctx,
             self.authenticator,
             self.catalog,
+            self.distribution_calls,
             limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
             observe_call=self.metrics.observe_call,
         )
@@ -193,9 +195,7 @@ class TreeServer:
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.admission, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
         updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
-        distribution_pb2_grpc.add_DistributionServicer_to_server(
-            DistributionServicer(self.distribution, self.access), server
-        )
+        distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
         admin = AdminServicer(
             self.router,
             self.access,

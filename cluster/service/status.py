@@ -7,6 +7,7 @@ API (cluster/http/) both answer from here.
 | unknown node; another tenant's private node (same message); unknown update, version, tenant | NOT_FOUND | 404 |
 | a bad parameter (the message and ``treelm-error-field`` name the field); malformed envelope, manifest, package, key; payload files that differ from the manifest; another base; shapes; an HTTP body that is not UTF-8 JSON | INVALID_ARGUMENT | 400 |
 | an HTTP body over the size limit | RESOURCE_EXHAUSTED | 413 |
+| an HTTP ``Range`` a variant file cannot satisfy (HTTP only) | OUT_OF_RANGE | 416 |
 | no bearer token, or an unknown / revoked one | UNAUTHENTICATED | 401 |
 | a valid token that may not do this; unknown key, revoked key, too few valid signatures; an approval that may not count | PERMISSION_DENIED | 403 |
 | the same update version again | ALREADY_EXISTS | 409 |
@@ -97,7 +98,10 @@ OPENAI_ERRORS: dict[grpc.StatusCode, tuple[str, str]] = {
 }
 _OPENAI_CODE_OF_KIND = {"node-not-found": "model_not_found", "version-not-found": "model_not_found"}
 # Kinds whose HTTP status (and OpenAI type) differ from their gRPC code's.
-_HTTP_OF_KIND = {"request-too-large": (413, "invalid_request_error")}
+_HTTP_OF_KIND = {
+    "request-too-large": (413, "invalid_request_error"),
+    "range-not-satisfiable": (416, "invalid_request_error"),
+}
 
 _DERIVED = "derived"  # the kind is the error class's name in kebab case (update protocol refusals)
 
@@ -139,6 +143,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (he.InvalidNodePath, _S.INVALID_ARGUMENT, None),
     (ce.MalformedRequest, _S.INVALID_ARGUMENT, "malformed-request"),
     (ce.RequestTooLarge, _S.RESOURCE_EXHAUSTED, "request-too-large"),
+    (ce.RangeNotSatisfiable, _S.OUT_OF_RANGE, "range-not-satisfiable"),
     (ce.Unauthenticated, _S.UNAUTHENTICATED, None),
     (re_.InvalidToken, _S.UNAUTHENTICATED, None),
     (ce.PermissionDenied, _S.PERMISSION_DENIED, None),
