@@ -64,6 +64,13 @@ def serve_command(
         Path | None,
         typer.Option("--variant-delegation", help="root's delegation of that key (`treelm keys delegate-variants`)"),
     ] = None,
+    variant_cache: Annotated[
+        str,
+        typer.Option(
+            "--variant-cache",
+            help="bound on the built variants kept in TREE_DIR/variants (least recently used are evicted)",
+        ),
+    ] = "20GiB",
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection) and,
     with --http-port, the OpenAI-compatible HTTP API."""
@@ -92,6 +99,7 @@ def serve_command(
         update_policy=update_policy,
         variant_key=variant_key,
         variant_delegation=variant_delegation,
+        variant_cache=variant_cache,
     )
     if insecure_no_auth:
         err.print(

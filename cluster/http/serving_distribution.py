@@ -19,7 +19,6 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,7 +26,7 @@ from pydantic import BaseModel
 from cluster.errors import BadArgument, RangeNotSatisfiable
 from cluster.service.admission import NodeRef
 from cluster.service.auth import Caller
-from cluster.service.distribution import DistributionCalls
+from cluster.service.distribution import DistributionCalls, ServedFile
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import PublicKey
 from hierarchy.updates.variants import parse_variant_manifest
@@ -155,7 +154,8 @@ class DistributionServing:
         ref = NodeRef.parse(node, "node")
         if ref.version is not None:
             raise BadArgument("node", "a file is named by the variant's key: give the node without @version")
-        path, entry = await self._calls.file(ref.node, key, name, caller)
+        file = await self._calls.file(ref.node, key, name, caller)
+        entry = file.entry
         wanted = byte_range(range_header, entry.length)
         start, end = wanted or (0, entry.length)
         headers = {
@@ -165,9 +165,9 @@ class DistributionServing:
         }
         if wanted is not None:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.length}"
-        return FileSlice(206 if wanted else 200, headers, self._bytes(path, start, end))
+        return FileSlice(206 if wanted else 200, headers, self._bytes(file, start, end))
 
-    async def _bytes(self, path: Path, start: int, end: int) -> AsyncIterator[bytes]:
-        async with aclosing(self._calls.chunks(path, start, end)) as chunks:  # the file closes with the response
+    async def _bytes(self, file: ServedFile, start: int, end: int) -> AsyncIterator[bytes]:
+        async with aclosing(self._calls.chunks(file, start, end)) as chunks:  # the file closes with the response
             async for _offset, data in chunks:
                 yield data

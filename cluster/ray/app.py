@@ -178,6 +178,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         updates=ing.updates,
         variant_key=str(ing.variant_key) if ing.variant_key else None,
         variant_delegations=tuple(str(p) for p in ing.variant_delegations),
+        variant_cache_bytes=ing.variant_cache_bytes,
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

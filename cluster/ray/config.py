@@ -116,6 +116,7 @@ class IngressConfig:
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
     variant_delegations: tuple[Path, ...] = ()  # root's delegations of that key, one file per tree
+    variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants (`variant_cache: 20GiB`)
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         update_threads=r.integer("update_threads", 1, low=1),
         variant_key=r.path("variant_key", None),
         variant_delegations=_paths(r, "variant_delegations"),
+        variant_cache_bytes=_memory(r, "variant_cache") or IngressConfig.variant_cache_bytes,
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")

@@ -96,7 +96,7 @@ class TreeIngress:
             delegations[parse_delegation(envelope.payload).tree] = envelope
         signing = VariantSigning(load_signing_key(spec.variant_key), delegations)
         trees = {info.tree: Path(info.tree_dir) for info in spec.trunks}
-        return Distributor(trees, Catalog(self._registry), signing)
+        return Distributor(trees, Catalog(self._registry), signing, cache_bytes=spec.variant_cache_bytes)
 
     async def _start(
         self,

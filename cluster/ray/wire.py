@@ -69,6 +69,7 @@ class IngressSpec:
     updates: bool = True  # serve Updates through the desk actor (cluster/ray/desk.py)
     variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered
     variant_delegations: tuple[str, ...] = ()  # root's delegation files, one per tree
+    variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants
 
 
 def tree_content_digest(tree_dir: Path) -> str:

@@ -12,6 +12,11 @@
 * **Trust** gives the registry's root public keys and the tree's delegation, for a device to
   confirm by fingerprint once.
 
+The cache of built variants is bounded (``cache_bytes``, default :data:`CACHE_BYTES`, per tree
+dir): after each build the least recently offered or downloaded variants are evicted, never the
+one just offered nor one being downloaded (``VariantStore.evict``); asked for again, an evicted
+variant is rebuilt with the same key and files.
+
 Private nodes: the node of every call is checked first, so another tenant's private node (and
 every variant key of it) answers NOT_FOUND exactly as an unknown node does.
 """
@@ -44,9 +49,18 @@ from nodes.store.versions import ChainLink
 from protos.treelm.v1 import distribution_pb2, distribution_pb2_grpc
 from registry.updates import current_pins, list_updates
 
-__all__ = ["CHUNK_BYTES", "DistributionCalls", "DistributionServicer", "Distributor", "VariantSigning"]
+__all__ = [
+    "CACHE_BYTES",
+    "CHUNK_BYTES",
+    "DistributionCalls",
+    "DistributionServicer",
+    "Distributor",
+    "ServedFile",
+    "VariantSigning",
+]
 
 CHUNK_BYTES = 1 << 20  # one FileChunk: well under the 16 MiB send limit
+CACHE_BYTES = 20 << 30  # built variants kept per tree dir: a few nodes' merged, int8 and GGUF forms of a ~1B base
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -64,14 +78,33 @@ class VariantSigning:
         return envelope
 
 
+@dataclass(frozen=True)
+class ServedFile:
+    """One listed file of a built variant, as a download reads it."""
+
+    path: Path
+    entry: FileEntry
+    store: VariantStore
+    key: str  # the variant's content key
+
+
 class Distributor:
     """The domain side of Distribution (synchronous; the servicer runs it in threads)."""
 
     def __init__(
-        self, trees: Mapping[str, Path], catalog: Catalog, signing: VariantSigning, *, chunk_bytes: int = CHUNK_BYTES
+        self,
+        trees: Mapping[str, Path],
+        catalog: Catalog,
+        signing: VariantSigning,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        cache_bytes: int = CACHE_BYTES,
     ):
+        if cache_bytes <= 0:
+            raise ServeError(f"the variant cache bound must be more than 0 bytes, got {cache_bytes}")
         self.trees = {name: Path(path) for name, path in trees.items()}
         self.chunk_bytes = chunk_bytes
+        self.cache_bytes = cache_bytes
         self.catalog = catalog
         self.signing = signing
         self._signed: dict[str, bytes] = {}  # variant key -> signed manifest envelope (JSON bytes)
@@ -168,16 +201,29 @@ class Distributor:
             delegation=self.signing.delegation(tree).to_bytes(),
             stable_note=self.stable_note(str(artifact.manifest.node), artifact.manifest.version),
         )
+        used = [artifact]
         need = artifact.manifest.requires
         if need is not None:
             base = self.store(need.node).build(need.node, need.kind)
+            used.append(base)
             offer.requires.CopyFrom(
                 distribution_pb2.VariantOffer(manifest=self.signed(base), delegation=offer.delegation)
             )
+        store = self.store(str(artifact.manifest.node))
+        for x in used:
+            store.touch(x)
+        if any(x.built for x in used):
+            self.evict(store, keep={x.key for x in used})
         return offer
 
+    def evict(self, store: VariantStore, keep: set[str]) -> None:
+        """Bring ``store`` under the cache bound (least recently used first; never ``keep``)."""
+        for gone in store.evict(self.cache_bytes, keep):
+            with self._lock:
+                self._signed.pop(gone.key, None)
+
     # -- files ---------------------------------------------------------------------------------
-    def file(self, node: str, key: str, name: str) -> tuple[Path, FileEntry]:
+    def file(self, node: str, key: str, name: str) -> ServedFile:
         """Where a listed file of variant ``key`` of ``node`` lives, and its manifest entry."""
         node_id = str(NodeId.parse(node))
         if not _KEY.match(key):
@@ -192,7 +238,9 @@ class Distributor:
         entry = manifest.file(name)
         if entry is None:
             raise BadArgument("file", f"variant {key[:12]}... has no file {name!r}")
-        return found[0].parent / entry.name, entry
+        kind = canonical_kind(found[0].parent.parent.name)
+        store.touch(VariantArtifact(kind, found[0].parent, manifest))
+        return ServedFile(found[0].parent / entry.name, entry, store, key)
 
     def trust(self, tree: str) -> distribution_pb2.TrustBundle:
         if tree not in self.trees:
@@ -240,15 +288,15 @@ class DistributionCalls:
         await self._access.check(node, caller)  # before anything reveals the node
         return await asyncio.to_thread(distributor.offer, node, version, variant, caller.tenant)
 
-    async def file(self, node: str, key: str, name: str, caller: Caller) -> tuple[Path, FileEntry]:
+    async def file(self, node: str, key: str, name: str, caller: Caller) -> ServedFile:
         distributor = self.ready()
         await self._access.check(node, caller)
         return await asyncio.to_thread(distributor.file, node, key, name)
 
-    async def chunks(self, path: Path, start: int, end: int) -> AsyncGenerator[tuple[int, bytes]]:
-        """``(offset, data)`` of ``path``'s bytes ``[start, end)``, a chunk at a time."""
+    async def chunks(self, file: ServedFile, start: int, end: int) -> AsyncGenerator[tuple[int, bytes]]:
+        """``(offset, data)`` of the file's bytes ``[start, end)``, a chunk at a time (not evicted meanwhile)."""
         size = self.ready().chunk_bytes
-        with open(path, "rb") as fh:
+        with file.store.reading(file.key), open(file.path, "rb") as fh:
             fh.seek(start)
             offset = start
             while offset < end:
@@ -272,11 +320,12 @@ class DistributionServicer(distribution_pb2_grpc.DistributionServicer):
         return await self._calls.offer(request.node, request.version, request.variant, current_caller())
 
     async def Download(self, request, context) -> AsyncIterator[distribution_pb2.FileChunk]:
-        path, entry = await self._calls.file(request.node, request.key, request.file, current_caller())
-        if request.offset > entry.length:
-            raise BadArgument("offset", f"{request.offset} is past the end of {request.file} ({entry.length} bytes)")
-        end = entry.length if not request.length else min(entry.length, request.offset + request.length)
-        async for offset, data in self._calls.chunks(path, request.offset, end):
+        file = await self._calls.file(request.node, request.key, request.file, current_caller())
+        length = file.entry.length
+        if request.offset > length:
+            raise BadArgument("offset", f"{request.offset} is past the end of {request.file} ({length} bytes)")
+        end = length if not request.length else min(length, request.offset + request.length)
+        async for offset, data in self._calls.chunks(file, request.offset, end):
             yield distribution_pb2.FileChunk(offset=offset, data=data)
 
     async def Trust(self, request, context):

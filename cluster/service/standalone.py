@@ -33,7 +33,8 @@ from nodes.runtime.engine import Engine, EngineConfig
 from nodes.store.tree import open_tree
 from registry.access import record_deployment
 from registry.db import Registry, open_registry
-from registry.errors import RegistryError
+from registry.errors import InvalidMemorySize, RegistryError
+from registry.memory import parse_memory_size
 
 __all__ = ["StandaloneOptions", "serve_standalone"]
 
@@ -56,12 +57,17 @@ class StandaloneOptions:
     update_policy: Path | None = None  # default: TREE_DIR/update-policy.yaml
     variant_key: Path | None = None  # the online key that signs variant manifests (Distribution)
     variant_delegation: Path | None = None  # root's delegation of that key (treelm keys delegate-variants)
+    variant_cache: str = "20GiB"  # bound on TREE_DIR/variants (Distributor's LRU eviction)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ServeError(f"--threads must be >= 1, got {self.threads}")
         if (self.variant_key is None) != (self.variant_delegation is None):
             raise ServeError("serving variants needs both --variant-key and --variant-delegation")
+        try:
+            parse_memory_size(self.variant_cache, field="--variant-cache")
+        except InvalidMemorySize as exc:
+            raise ServeError(str(exc)) from None
 
 
 def serve_standalone(options: StandaloneOptions, say: Say) -> None:
@@ -101,7 +107,8 @@ def _distributor(options: StandaloneOptions, tree: str, root: Path, registry: Re
     except OSError as exc:
         raise ServeError(f"cannot read --variant-delegation {options.variant_delegation}: {exc}") from None
     signing = VariantSigning(load_signing_key(options.variant_key), {tree: delegation})
-    return Distributor({tree: root}, Catalog(registry), signing)
+    cache = parse_memory_size(options.variant_cache, field="--variant-cache")
+    return Distributor({tree: root}, Catalog(registry), signing, cache_bytes=cache)
 
 
 async def _run(

@@ -91,7 +91,7 @@ def serve(world: World, distribution: Any = None, **config: Any) -> ServerThread
     )
 
 
-def distribution_for(world: World, chunk_bytes: int = 1 << 20) -> tuple[Any, str]:
+def distribution_for(world: World, chunk_bytes: int = 1 << 20, cache_bytes: int = 20 << 30) -> tuple[Any, str]:
     """A Distributor for the world's tree: a root key registered, a variant key delegated by it.
 
     Returns the distributor and the root key's fingerprint (what a device is told to trust).
@@ -105,5 +105,7 @@ def distribution_for(world: World, chunk_bytes: int = 1 << 20) -> tuple[Any, str
     register_key(world.registry, root_key, "root")
     delegation = sign_delegation(SignerDelegation(world.tree.name, (variant_key.public,)), [root_key])
     signing = VariantSigning(variant_key, {world.tree.name: delegation})
-    distributor = Distributor({world.tree.name: world.tree.root}, world.catalog(), signing, chunk_bytes=chunk_bytes)
+    distributor = Distributor(
+        {world.tree.name: world.tree.root}, world.catalog(), signing, chunk_bytes=chunk_bytes, cache_bytes=cache_bytes
+    )
     return distributor, root_key.keyid

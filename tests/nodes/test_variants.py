@@ -253,3 +253,25 @@ def test_flat_adapter_is_exact_in_stock_peft_after_an_update_too(updated_tree):
     answers = engine_greedy(root, NODE, PROMPTS[:2], NEW)
     runner = stock_runner(flat, store.requirement(flat))
     assert [runner.greedy(ids, NEW) for ids, _ in answers] == [tokens for _, tokens in answers]
+
+
+def test_the_cache_evicts_least_recently_used_variants_but_never_kept_or_read_ones(tiny_base_dir, tmp_path):
+    import os
+
+    root = tmp_path / "tree"
+    make_random_tree(root, tiny_base_dir, RandomTreeSpec(init_scale=0.1))
+    store = VariantStore(root)
+    a, b, c = (store.build(n, "merged-bf16") for n in (NODE, "rt/en/legal", "rt/fr/medical"))
+    for i, x in enumerate((b, a, c)):  # b used longest ago, then a, then c
+        os.utime(x.directory, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    sa, sb, sc = (x.manifest.size for x in (a, b, c))
+    assert store.size() == sa + sb + sc
+    assert store.evict(sa + sb + sc) == []  # under the bound: nothing to do
+    with store.reading(b.key):  # b is being downloaded: a goes instead
+        assert [x.key for x in store.evict(sb + sc)] == [a.key]
+    assert sorted(x.key for x in store.artifacts()) == sorted([b.key, c.key]) and store.size() == sb + sc
+    assert [x.key for x in store.evict(0, keep={c.key})] == [b.key]  # the bound wins over all but kept ones
+    assert [x.key for x in store.artifacts()] == [c.key]
+    assert not [p for p in store.root.glob("*/.*") if p.is_dir()]  # no evicted or temp dirs left
+    rebuilt = store.build(NODE, "merged-bf16")
+    assert rebuilt.built and rebuilt.key == a.key and rebuilt.manifest.files == a.manifest.files

@@ -10,10 +10,17 @@ built once; a new version (or a re-pin over another parent version) is a new key
 writes into a hidden temp dir and renames it into place when complete, so a directory with a
 manifest.json is always whole; a file lock makes concurrent requests for the same key wait
 for the one build rather than repeat it.
+
+The cache can be bounded (:meth:`VariantStore.evict`): least recently used first (a variant's
+directory mtime, which :meth:`VariantStore.touch` sets on every use, so processes sharing the
+tree dir share the order), never a variant that is being built or read (its key's lock is held:
+exclusively by a build, shared by :meth:`VariantStore.reading`). An evicted variant is renamed
+away whole, then deleted; asked for again, it is rebuilt under the same key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -22,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,20 +303,64 @@ class VariantStore:
         return base
 
     @contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
+    def _lock(self, key: str, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
         with open(locks / f"{key}.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fh, mode)  # LOCK_NB in mode: BlockingIOError when another holder has it
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def reading(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Held while a variant's files are read (served to a device): eviction leaves it alone."""
+        return self._lock(key, fcntl.LOCK_SH)
+
+    def touch(self, artifact: VariantArtifact) -> None:
+        """Mark a variant used now (the eviction order is least recently used first)."""
+        try:
+            os.utime(artifact.directory)
+        except FileNotFoundError:
+            pass  # evicted meanwhile: the next request rebuilds it
+
+    def size(self) -> int:
+        """Bytes of every complete variant in the cache (their files as the manifests list them)."""
+        return sum(a.manifest.size for a in self.artifacts())
+
+    def evict(self, limit: int, keep: Collection[str] = ()) -> list[VariantArtifact]:
+        """Remove least recently used variants until the cache holds at most ``limit`` bytes;
+        never those in ``keep`` (content keys) or being built or read. Returns what was removed."""
+        found = []
+        for artifact in self.artifacts():
+            try:
+                found.append((artifact.directory.stat().st_mtime_ns, artifact))
+            except FileNotFoundError:
+                continue  # another process evicted it
+        total = sum(a.manifest.size for _, a in found)
+        removed: list[VariantArtifact] = []
+        for _, artifact in sorted(found, key=lambda x: x[0]):
+            if total <= limit:
+                break
+            if artifact.key in keep:
+                continue
+            try:
+                with self._lock(artifact.key, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    gone = artifact.directory.with_name(f".evicted-{artifact.key}-{os.getpid()}")
+                    os.rename(artifact.directory, gone)  # readers see the whole variant or none of it
+            except (BlockingIOError, FileNotFoundError):
+                continue  # in use, or evicted by another process
+            shutil.rmtree(gone, ignore_errors=True)
+            total -= artifact.manifest.size
+            removed.append(artifact)
+        return removed
+
     def artifacts(self) -> list[VariantArtifact]:
         """Every complete variant in the cache (for listing and cleaning)."""
         out = []
         for file in sorted(self.root.glob(f"*/*/{MANIFEST_FILE}")) if self.root.is_dir() else ():
+            if file.parent.name.startswith("."):
+                continue  # a build's temp dir, or an evicted variant being deleted
             try:
                 kind = canonical_kind(file.parent.parent.name)
                 out.append(VariantArtifact(kind, file.parent, parse_variant_manifest(file.read_bytes())))

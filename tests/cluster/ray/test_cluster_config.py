@@ -58,6 +58,8 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert config.ingress.http_port == 50080 and config.ingress.http_port not in used  # the OpenAI API, on by default
     assert parse({**doc, "ingress": {"http_port": None}}, tmp_path).ingress.http_port is None  # null: off
     assert parse({**doc, "ingress": {"http_port": 9001}}, tmp_path).ingress.http_port == 9001
+    assert config.ingress.variant_cache_bytes == 20 << 30  # built variants kept per tree dir
+    assert parse({**doc, "ingress": {"variant_cache": "3GiB"}}, tmp_path).ingress.variant_cache_bytes == 3 << 30
 
 
 def test_the_examples_are_valid(tree_dir, monkeypatch):
@@ -128,6 +130,7 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"updates": "sometimes"}), "ingress.updates", "must be true or false"),
         (lambda d: d.update(ingress={"variant_key": "/k"}), "ingress.variant_key", "and variant_delegations"),
         (lambda d: d.update(ingress={"variant_delegations": "x"}), "ingress.variant_delegations", "list of file"),
+        (lambda d: d.update(ingress={"variant_cache": "big"}), "ingress.variant_cache", "not a size"),
         (
             lambda d: d.update(ingress={"variant_key": "/nope/k", "variant_delegations": ["/nope/d"]}),
             "ingress.variant_key",
