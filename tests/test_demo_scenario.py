@@ -4,10 +4,11 @@ runs through the SDK against a real `treelm serve`, and the report is written.""
 from __future__ import annotations
 
 import json
+import re
 
 from rich.console import Console
 
-from examples.demo.scenario import DemoConfig, run
+from examples.demo.scenario import DemoConfig, laptop, run
 from tests.cluster.update_world import TREE, built_tree
 
 
@@ -43,6 +44,22 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
         ("globex", "nodes() lists it: False"),
     ]
     assert rows[1][2].startswith("v1:") and rows[3][2].startswith("NodeNotFound: NOT_FOUND")
+    # (3b) the laptop pulled the registry's pick, verified from root's fingerprint, and stock
+    # transformers repeats the server's greedy tokens offline (llama.cpp: only where it is installed)
+    pulled = {r[0]: r[1] for r in tables["pull"].rows}
+    pick = next(v for k, v in pulled.items() if k.startswith("treelm pull (the registry's pick for cpu:2GiB)"))
+    assert pick.startswith(f"{TREE}/en/medical/cardiology v1 ") and "signature verified from root" in pick
+    offline = next(v for k, v in pulled.items() if k.startswith("stock transformers, offline"))
+    assert re.match(r"greedy tokens equal to the server's: (\d+)/\1; prompt tokenized as the server did: True", offline)
+    if laptop.llama_installed():
+        llama = next(v for k, v in pulled.items() if k.startswith("llama.cpp"))
+        assert re.match(r"greedy tokens equal to the server's: \d+/\d+", llama)
+    else:
+        assert any("llama-cpp-python is not installed" in n for n in tables["pull"].notes)
+    # (4e) after the update, --check on the laptop's copy: cardiology was re-pinned, not re-versioned,
+    # and the table says so beside the chain the server now serves
+    assert pulled["after the update: treelm pull --check"].endswith("pulled v1, stable v1: no newer version")
+    assert pulled["the served weights"].startswith("changed at the same version: en@v1 -> en/medical@v2 ->")
     # (4) the update went through and the tampered copy was refused for its signature
     update = tables["update"].rows
     steps = {r[0]: r[2] for r in update}
@@ -59,6 +76,7 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
         "match.json",
         "chain.json",
         "tenants.json",
+        "pull.json",
         "update.json",
         "status.json",
         "tree.png",
@@ -72,3 +90,9 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     again = run(config, Console(record=True, width=160))
     assert {r[0]: r[2] for r in again["update"].rows}["new stable parent"].endswith("= v2")
     assert sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*")) == built_before
+
+
+def test_agreement_counts_the_leading_tokens_that_match():
+    assert laptop.agreement([1, 2, 3], [1, 2, 4]) == "2/3"
+    assert laptop.agreement([1, 2, 3], [1, 2, 3, 9]) == "3/3"
+    assert laptop.agreement([1, 2, 3], [1]) == "1/3" and laptop.agreement([], [5]) == "0/0"

@@ -1,4 +1,4 @@
-"""Run the whole scenario: prepare state, serve, the five steps, the report; stop everything."""
+"""Run the whole scenario: prepare state, serve, the steps, the report; stop everything."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from examples.demo.scenario import report, steps
+from examples.demo.scenario import laptop, report, steps
 from examples.demo.scenario.server import RayCluster, ServeProcess, interrupt_as_keyboard, restore_sigterm
 from examples.demo.scenario.setup import HOSPITAL, prepare
 
@@ -98,9 +98,17 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             tables.append(steps.tenants(address, state, config.max_new_tokens))
             report.show(console, tables[-1])
             clock.lap("3. tenants")
+            console.rule("3b. the clinician's laptop pulls cardiology (treelm pull) and runs it offline")
+            device = laptop.pull_and_run(address, state, state.dir / "laptop", config.max_new_tokens, echo)
+            tables.append(device.table)
+            report.show(console, device.table)
+            clock.lap("3b. pull onto the laptop (build, signed download, verify) + offline runs")
             console.rule("4. update (fine-tune, sign, submit, screen, gate, approve)")
             tables.append(steps.update_story(address, state, local, lap=clock.lap))
             report.show(console, tables[-1])
+            laptop.check_after_update(address, state, device)
+            report.show(console, device.table)
+            clock.lap("4e. treelm pull --check on the laptop")
             versions = {n.id: n.stable_version for n in client.nodes()}
             tables.append(steps.server_status(client, cluster.status() if cluster is not None else None))
             report.show(console, tables[-1])

@@ -41,6 +41,7 @@ class ServeProcess:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         args = ["serve", str(state.tree), "--db", state.url, "--port", str(self.port), "--http-port", str(http_port)]
         args += ["--threads", "1", "--grace", "2"]
+        args += ["--variant-key", str(state.variant_key), "--variant-delegation", str(state.variant_delegation)]
         self._proc = subprocess.Popen(
             [*_treelm(), *args],
             stdout=self._log,
@@ -83,10 +84,12 @@ class RayCluster:
         body["registry"] = state.url
         for trunk in body.get("trunks", []):
             trunk["tree"] = str(state.tree)
+        ingress = body.setdefault("ingress", {})
+        ingress["variant_key"] = str(state.variant_key)  # devices pull from the ingress (step 3b)
+        ingress["variant_delegations"] = [str(state.variant_delegation)]
         self.config = state.dir / "cluster.yaml"
         self.config.write_text(yaml.safe_dump(body, sort_keys=False))
         self.state_dir = state.dir / "cluster"
-        ingress = body.get("ingress", {})
         self.address = f"127.0.0.1:{ingress.get('port', 50051)}"
         http_port = ingress.get("http_port", 50080)  # cluster.yaml's default; null turns the API off
         self.http_url = f"http://127.0.0.1:{http_port}/v1" if http_port else None

@@ -44,6 +44,16 @@ class DemoState:
     tokens: dict[str, str]  # tenant -> bearer token
     tree_name: str
 
+    @property
+    def variant_key(self) -> Path:
+        """The server's online key that signs variant manifests for devices (treelm pull)."""
+        return self.keys / "variants"
+
+    @property
+    def variant_delegation(self) -> Path:
+        """Root's delegation of that key for this tree (made each run, by the run's root key)."""
+        return self.keys / f"{self.tree_name}-variants.dsse"
+
 
 def _copy_tree(src: Path, dst: Path) -> None:
     # Hard links: the base is ~540 MB; updates write new files (temp dir + rename), never in place.
@@ -80,7 +90,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     }
     keys = state_dir / "keys"
     onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
-    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL):
+    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants"):
         if not (keys / key / "private.pem").exists():
             cli("keys", "gen", "--out", keys / key)
     cli("keys", "register", keys / "root", "--role", "root", "--db", url)
@@ -92,4 +102,17 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     ):
         extra = ["--node", node] if node else []
         cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)
-    return DemoState(state_dir, tree, url, keys, tokens, name)
+    state = DemoState(state_dir, tree, url, keys, tokens, name)
+    state.variant_delegation.unlink(missing_ok=True)  # never overwritten by the CLI: made afresh
+    cli(
+        "keys",
+        "delegate-variants",
+        name,
+        "--key",
+        state.variant_key,
+        "--sign-with",
+        keys / "root",
+        "--out",
+        state.variant_delegation,
+    )
+    return state
