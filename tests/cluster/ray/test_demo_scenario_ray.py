@@ -5,6 +5,7 @@ by the replicas, and the cluster is taken down afterwards."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +46,12 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
         assert openai_row[2] == f"{TREE}/en/medical/cardiology@1" and openai_row[3] == chain[-1][5]
         tenants = tables["tenants"].rows
         assert tenants[1][2].startswith("v1:") and tenants[3][2].startswith("NodeNotFound: NOT_FOUND")
+        pulled = {r[0]: r[1] for r in tables["pull"].rows}  # from the cluster's ingress, which builds variants
+        pick = next(v for k, v in pulled.items() if k.startswith("treelm pull (the registry's pick"))
+        assert pick.startswith(f"{TREE}/en/medical/cardiology v1 ")
+        offline = next(v for k, v in pulled.items() if k.startswith("stock transformers, offline"))
+        assert re.match(r"greedy tokens equal to the server's: (\d+)/\1;", offline)
+        assert pulled["the served weights"].startswith("changed at the same version")
         update = {r[0]: r[2] for r in tables["update"].rows}
         assert update["submit: verify, screen, gate, aggregate"].startswith("aggregated")
         assert update["the hospital's node is served at its new version"].endswith("v2")  # by a Ray replica
