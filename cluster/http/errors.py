@@ -3,7 +3,7 @@
 The status, ``type`` and ``code`` come from the one table (cluster/service/status.py), exactly as
 gRPC's status codes do; this module only renames the engine's field names to the endpoint's
 parameters (``max_new_tokens`` -> ``max_tokens``) and turns pydantic's validation errors into
-the project's typed errors. 429 and 503 carry ``Retry-After``.
+the project's typed errors. 429 and 503 carry ``Retry-After``, 416 ``Content-Range: bytes */LENGTH``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from cluster.errors import BadArgument, MalformedRequest, UnknownParameter
+from cluster.errors import BadArgument, MalformedRequest, RangeNotSatisfiable, UnknownParameter
 from cluster.http.protocol import UNSUPPORTED, ErrorInfo, ErrorResponse
 from cluster.service.status import WireStatus, wire_status
 
@@ -56,6 +56,8 @@ def error_response(
 ) -> Response:
     http_status, body = error_body(exc, fields, status)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if http_status in (429, 503) else {}
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{exc.length}"  # RFC 9110: the length a range must fall within
     return json_response(body, http_status, headers)
 
 

@@ -129,6 +129,7 @@ def test_a_range_after_an_interruption_transfers_only_the_rest(world):
         refused = fetch(world, entry["url"], Range=bad)
         assert refused.status == 416, (bad, refused.body)
         assert refused.error["code"] == "range_not_satisfiable" and str(entry["size"]) in refused.error["message"]
+        assert refused.headers["content-range"] == f"bytes */{entry['size']}"
     assert settled(world)  # the cut-off stream was booked as finished too
 
 
