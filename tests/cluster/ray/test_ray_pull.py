@@ -43,3 +43,23 @@ def test_the_second_trunks_tree_has_its_own_delegation(ray_world, tmp_path):
         )
     assert result.base_dir is not None and any(p.suffix == ".gguf" for p in result.base_dir.iterdir())
     assert len([p for p in result.directory.iterdir() if p.name.endswith("LoRA-F32.gguf")]) == 3
+
+
+def test_the_ingress_serves_the_download_api_over_http_too(ray_world):
+    import hashlib
+    import urllib.parse
+
+    from tests.cluster.http_harness import call
+
+    token = ray_world.world.tokens["globex"]
+    query = urllib.parse.urlencode({"node": "rt/en/medical/radiology", "variant": "merged"})
+    offer = call(ray_world.http_url, "GET", f"/distribution/offer?{query}", token=token)
+    assert offer.status == 200, offer.body
+    entry = max(offer.json()["files"], key=lambda f: f["size"])
+    path = entry["url"].removeprefix("/v1")
+    head = call(ray_world.http_url, "GET", path, token=token, headers={"Range": "bytes=0-999"})
+    rest = call(ray_world.http_url, "GET", path, token=token, headers={"Range": "bytes=1000-"})
+    assert (head.status, rest.status) == (206, 206) and len(rest.body) == entry["size"] - 1000
+    assert hashlib.sha256(head.body + rest.body).hexdigest() == entry["sha256"]
+    hidden = call(ray_world.http_url, "GET", f"/distribution/offer?node={PRIVATE}&variant=flat", token=token)
+    assert hidden.status == 404
