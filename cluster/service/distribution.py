@@ -211,7 +211,7 @@ class Distributor:
             )
         store = self.store(str(artifact.manifest.node))
         for x in used:
-            store.touch(x)
+            store.touch(x.directory)
         if any(x.built for x in used):
             self.evict(store, keep={x.key for x in used})
         return offer
@@ -238,8 +238,7 @@ class Distributor:
         entry = manifest.file(name)
         if entry is None:
             raise BadArgument("file", f"variant {key[:12]}... has no file {name!r}")
-        kind = canonical_kind(found[0].parent.parent.name)
-        store.touch(VariantArtifact(kind, found[0].parent, manifest))
+        store.touch(found[0].parent)
         return ServedFile(found[0].parent / entry.name, entry, store, key)
 
     def trust(self, tree: str) -> distribution_pb2.TrustBundle:

@@ -317,10 +317,10 @@ class VariantStore:
         """Held while a variant's files are read (served to a device): eviction leaves it alone."""
         return self._lock(key, fcntl.LOCK_SH)
 
-    def touch(self, artifact: VariantArtifact) -> None:
-        """Mark a variant used now (the eviction order is least recently used first)."""
+    def touch(self, directory: Path) -> None:
+        """Mark the variant in ``directory`` used now (the eviction order is least recently used first)."""
         try:
-            os.utime(artifact.directory)
+            os.utime(directory)
         except FileNotFoundError:
             pass  # evicted meanwhile: the next request rebuilds it
 
