@@ -15,7 +15,7 @@
 The cache of built variants is bounded (``cache_bytes``, default :data:`CACHE_BYTES`, per tree
 dir): after each build the least recently offered or downloaded variants are evicted, never the
 one just offered nor one being downloaded (``VariantStore.evict``); asked for again, an evicted
-variant is rebuilt with the same key and files.
+variant is rebuilt under the same key.
 
 Private nodes: the node of every call is checked first, so another tenant's private node (and
 every variant key of it) answers NOT_FOUND exactly as an unknown node does.
