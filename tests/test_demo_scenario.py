@@ -56,10 +56,16 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
         assert re.match(r"greedy tokens equal to the server's: \d+/\d+", llama)
     else:
         assert any("llama-cpp-python is not installed" in n for n in tables["pull"].notes)
-    # (4e) after the update, --check on the laptop's copy: cardiology was re-pinned, not re-versioned,
-    # and the table says so beside the chain the server now serves
-    assert pulled["after the update: treelm pull --check"].endswith("pulled v1, stable v1: no newer version")
-    assert pulled["the served weights"].startswith("changed at the same version: en@v1 -> en/medical@v2 ->")
+    # (4e) after the update, --check on the laptop's copy: cardiology was re-pinned over the new
+    # parent version (the same version of the node, other weights), and --upgrade fetches that chain
+    checked = pulled["after the update: treelm pull --check"]
+    assert (
+        checked.startswith(f"{TREE}/en/medical/cardiology ")
+        and "pulled v1, stable v1: newer: re-pinned over" in checked
+    )
+    assert "en/medical@v2 -> en/medical/cardiology@v1 (the laptop has" in checked and "en/medical@v1 ->" in checked
+    upgraded = pulled["treelm pull --upgrade (verified, then switched atomically)"]
+    assert upgraded.startswith("the laptop now has en@v1 -> en/medical@v2 -> en/medical/cardiology@v1")
     # (4) the update went through and the tampered copy was refused for its signature
     update = tables["update"].rows
     steps = {r[0]: r[2] for r in update}

@@ -273,6 +273,7 @@ def pull(
         "version": manifest.version,
         "variant": manifest.kind,
         "key": manifest.key,
+        "chain": chain_text(manifest),
         "manifest_sha256": hashlib.sha256(manifest.to_bytes()).hexdigest(),
         "signers": list(signers),
         "root_keys": [k.keyid for k in roots],
@@ -345,8 +346,21 @@ def check(client: Any, directory: str | Path) -> UpdateCheck:
     roots = _roots(client, record["node"].split("/", 1)[0], record["root_keys"])
     manifest, _ = _verify(offer, roots, int(record.get("root_threshold") or len(roots)))
     return UpdateCheck(
-        Path(directory), record["node"], record["variant"], int(record["version"]), manifest.version, offer.stable_note
+        Path(directory),
+        record["node"],
+        record["variant"],
+        int(record["version"]),
+        manifest.version,
+        offer.stable_note,
+        # A record from before chains were recorded compares by version only.
+        current_chain=str(record.get("chain", "")),
+        stable_chain=chain_text(manifest),
     )
+
+
+def chain_text(manifest: VariantManifest) -> str:
+    """``en@v1 -> en/medical@v2 -> en/medical/cardiology@v1``: what a variant was made of."""
+    return " -> ".join(f"{link.path}@v{link.version}" for link in manifest.chain)
 
 
 def upgrade(client: Any, directory: str | Path, *, progress: PullProgress | None = None) -> PullResult | UpdateCheck:

@@ -85,10 +85,19 @@ class UpdateCheck:
     stable: int
     note: str = ""  # why the stable version is what it is (its update, its approvals)
     details: dict[str, Any] = field(default_factory=dict)
+    # The chains ("en@v1 -> en/medical@v2 -> ...") of the pulled copy and of what the server serves:
+    # a re-pin over a new parent version changes the weights without a new version of the node.
+    current_chain: str = ""
+    stable_chain: str = ""
+
+    @property
+    def repinned(self) -> bool:
+        """The same version of the node, served over another chain of ancestors' versions."""
+        return self.stable == self.current and bool(self.current_chain) and self.stable_chain != self.current_chain
 
     @property
     def newer(self) -> bool:
-        return self.stable > self.current
+        return self.stable > self.current or self.repinned
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +107,9 @@ class UpdateCheck:
             "current": self.current,
             "stable": self.stable,
             "newer": self.newer,
+            "repinned": self.repinned,
+            "current_chain": self.current_chain,
+            "stable_chain": self.stable_chain,
             "note": self.note,
         }
 

@@ -147,7 +147,13 @@ def pull_command(
             if as_json:
                 typer.echo(json.dumps(found.to_json(), indent=2))
                 return
-            if found.newer:
+            if found.repinned:
+                console.print(
+                    f"[yellow]newer[/yellow]: {escape(found.node)} v{found.stable} is now served over "
+                    f"{escape(found.stable_chain)} (you have {escape(found.current_chain)}); {escape(found.note)}"
+                )
+                console.print(f"  `treelm pull --upgrade {escape(str(check))}` fetches it")
+            elif found.newer:
                 console.print(
                     f"[yellow]newer[/yellow]: {escape(found.node)} v{found.stable} is stable "
                     f"(you have v{found.current}); {escape(found.note)}"

@@ -297,3 +297,31 @@ def test_the_cli_pulls_with_the_environments_server_and_token(world, tmp_path, m
     err = capsys.readouterr().err
     assert code == 2 and "cannot write" in err and "Traceback" not in err
     shutil.rmtree(out)
+
+
+def test_a_repin_over_a_new_parent_version_is_newer_and_upgrade_fetches_its_weights(world, tmp_path):
+    # An approved parent update re-pins the child over the parent's new version: the child keeps its
+    # version number, but its effective model (and every variant of it) changes.
+    out = tmp_path / "cardio"
+    node = "rt/en/medical/cardiology"
+    with client(world) as c:
+        pull(c, node, variant="merged", out=out, hardware=None, root_keys=[world.root_fp])
+        store = VersionStore(world.tree.root)
+        pulled_chain = check(c, out).current_chain
+        parent_version = _new_stable_version(world, "en/medical", 1.5)
+        nodes = dict(store.read_snapshot().nodes)
+        child = nodes["en/medical/cardiology"]
+        nodes[child.path] = ServedNode(child.path, (*nodes["en/medical"].chain, child.chain[-1]))
+        store.write_snapshot(nodes)
+        found = check(c, out)
+        own = child.chain[-1].version  # the world is shared: an earlier test may have moved it
+        assert (found.current, found.stable, found.repinned, found.newer) == (own, own, True, True)
+        assert found.current_chain == pulled_chain and pulled_chain.endswith(f" -> en/medical/cardiology@v{own}")
+        assert found.stable_chain == f"en@v1 -> en/medical@v{parent_version} -> en/medical/cardiology@v{own}"
+        before = (out / "model.safetensors").read_bytes()
+        result = upgrade(c, out)
+        assert result.version == own and (out / "model.safetensors").read_bytes() != before
+        assert not check(c, out).newer
+        served = c.generate(node, prompt=PROMPTS[0], max_new_tokens=10, temperature=0)
+        ids = world.engine.tokenizer(PROMPTS[0]).input_ids
+        assert greedy(out, ids, len(served.token_ids)) == list(served.token_ids)

@@ -153,34 +153,36 @@ def pull_and_run(
 
 
 def check_after_update(address: str, state: DemoState, laptop: Laptop) -> None:
-    """`treelm pull --check` on the laptop's copy, and the chain the server serves now beside the pulled one."""
-    from hierarchy.updates.envelope import Envelope
-    from hierarchy.updates.variants import parse_variant_manifest
-    from treelm._pull import check, read_record
+    """`treelm pull --check` on the laptop's copy, then `--upgrade` when the server serves newer weights
+    (a new version, or the same version re-pinned over a new parent version)."""
+    from treelm._pull import check, upgrade
 
     if laptop.chosen is None:
         return
     table = laptop.table
     with Client(address, token=state.tokens[HOSPITAL], timeout=600) as client:
         found = check(client, laptop.chosen)
-        verdict = f"newer: v{found.stable} is stable ({found.note})" if found.newer else "no newer version"
+        if found.repinned:
+            verdict = f"newer: re-pinned over {found.stable_chain} (the laptop has {found.current_chain})"
+        elif found.newer:
+            verdict = f"newer: v{found.stable} is stable ({found.note})"
+        else:
+            verdict = "no newer version"
         table.rows.append(
             [
                 "after the update: treelm pull --check",
                 f"{found.node} {found.variant}: pulled v{found.current}, stable v{found.stable}: {verdict}",
             ]
         )
-        record = read_record(laptop.chosen)
-        offer = client.offer(found.node, found.variant)
-    served = parse_variant_manifest(Envelope.from_bytes(offer.manifest).payload)
-    chain = " -> ".join(f"{x.path or 'base'}@v{x.version}" for x in served.chain)
-    if served.key == record["key"]:
-        table.rows.append(["the served weights", f"the laptop's: {chain}"])
-    else:
-        table.rows.append(
-            [
-                "the served weights",
-                f"changed at the same version: {chain} (the laptop has {_chain(laptop.chosen / 'manifest.json')}); "
-                "a re-pin is not a new version, so --check reports none: pull again to get these weights",
-            ]
-        )
+        if not found.newer:
+            return
+        started = time.perf_counter()
+        result = upgrade(client, laptop.chosen)
+    seconds = time.perf_counter() - started
+    moved = getattr(result, "bytes_transferred", 0) / 1e6
+    table.rows.append(
+        [
+            "treelm pull --upgrade (verified, then switched atomically)",
+            f"the laptop now has {_chain(laptop.chosen / 'manifest.json')} ({moved:.1f} MB in {seconds:.1f} s)",
+        ]
+    )

@@ -51,7 +51,9 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
         assert pick.startswith(f"{TREE}/en/medical/cardiology v1 ")
         offline = next(v for k, v in pulled.items() if k.startswith("stock transformers, offline"))
         assert re.match(r"greedy tokens equal to the server's: (\d+)/\1;", offline)
-        assert pulled["the served weights"].startswith("changed at the same version")
+        assert "newer: re-pinned over" in pulled["after the update: treelm pull --check"]
+        upgraded = pulled["treelm pull --upgrade (verified, then switched atomically)"]
+        assert upgraded.startswith("the laptop now has en@v1 -> en/medical@v2 -> en/medical/cardiology@v1")
         update = {r[0]: r[2] for r in tables["update"].rows}
         assert update["submit: verify, screen, gate, aggregate"].startswith("aggregated")
         assert update["the hospital's node is served at its new version"].endswith("v2")  # by a Ray replica
