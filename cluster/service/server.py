@@ -93,6 +93,7 @@ class ServerConfig:
     max_send_message_bytes: int = 16 * _MIB
     max_concurrent_rpcs: int | None = None  # beyond it grpc answers RESOURCE_EXHAUSTED
     token_cache_ttl_s: float = 30.0
+    token_check_interval_s: float = 0.5  # how often the token cache asks the registry about revocations
     node_cache_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -150,7 +151,11 @@ class TreeServer:
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
-            catalog.tenant_of, required=config.auth, cache_ttl_s=config.token_cache_ttl_s
+            catalog.grant,
+            required=config.auth,
+            cache_ttl_s=config.token_cache_ttl_s,
+            generation=catalog.token_generation,
+            check_interval_s=config.token_check_interval_s,
         )
         self.health = DrainingHealth()
         self.port: int | None = None

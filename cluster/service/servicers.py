@@ -14,7 +14,7 @@ import grpc.aio
 
 from cluster.service.access import NodeAccess
 from cluster.service.admission import Admission, NodeRef, TrunkRouter
-from cluster.service.auth import current_caller
+from cluster.service.auth import current_caller, require_operator
 from cluster.service.catalog import Catalog, MatchQuery
 from cluster.service.convert import (
     chunk_to_proto,
@@ -140,14 +140,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def Status(self, request, context):
         caller = current_caller()
+        require_operator(caller, auth_required=self._auth_enabled)  # load and cache counters are operators' data
         trunks = []
         for trunk in self._router.trunks.values():
             refresh = getattr(trunk, "refresh", None)  # remote trunks (cluster.ray.backend) fetch their state
             if refresh is not None:
                 await refresh()
             snap = trunk.snapshot()
-            # Private adapters of other tenants are not named, not even as "loaded".
-            visible = tuple([n for n in snap.loaded_adapters if await self._access.visible(n, caller)])
+            # Operators see every loaded adapter; an anonymous caller (auth off) is not told private ones.
+            visible = tuple(
+                [n for n in snap.loaded_adapters if caller.operator or await self._access.visible(n, caller)]
+            )
             trunks.append(snapshot_to_proto(snap, visible))
         return admin_pb2.StatusResponse(
             version=self._version,
