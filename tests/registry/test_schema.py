@@ -181,11 +181,11 @@ def test_token_roles_migration_keeps_old_tokens_as_tenant_tokens_without_expiry(
         command.downgrade(_alembic_config(conn), "0004_variant_kinds")
     salt, secret = "ab" * 16, "old-secret"
     with engine.begin() as conn:  # a token as the previous schema stored it (no role, no expiry)
-        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (1, 'acme', CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO tenants (name, created_at) VALUES ('acme', CURRENT_TIMESTAMP)"))
         conn.execute(
             text(
                 "INSERT INTO api_tokens (token_id, tenant_id, salt, token_hash, created_at) "
-                "VALUES ('0123456789abcdef', 1, :salt, :hash, CURRENT_TIMESTAMP)"
+                "SELECT '0123456789abcdef', id, :salt, :hash, CURRENT_TIMESTAMP FROM tenants WHERE name = 'acme'"
             ),
             {"salt": salt, "hash": _hash(salt, secret)},
         )
