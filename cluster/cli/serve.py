@@ -34,6 +34,9 @@ def serve_command(
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="address /metrics listens on (it has no token: keep it local)")
+    ] = "127.0.0.1",
     http_port: Annotated[
         int | None,
         typer.Option("--http-port", help="also serve the OpenAI-compatible HTTP API (/v1/...) on this port"),
@@ -81,6 +84,7 @@ def serve_command(
             tls_cert=tls_cert,
             tls_key=tls_key,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             http_port=http_port,
             auth=not insecure_no_auth,
             grace_s=grace,

@@ -62,6 +62,15 @@ class Catalog:
                 return NodeVisibility(record.node_id, record.visibility, record.owner)
         return None
 
+    def hidden_nodes(self, tenant: str | None, node_id: str) -> tuple[str, ...]:
+        """The private nodes of ``node_id``'s tree that ``tenant`` cannot see (their names are redacted)."""
+        tree = NodeId.parse(node_id).tree
+        return tuple(
+            r.node_id
+            for r in list_nodes(self.registry, include_private=True, tree=tree)
+            if r.visibility == "private" and (tenant is None or r.owner != tenant)
+        )
+
     def nodes(self, tenant: str | None, prefix: str = "") -> tuple[NodeRecord, ...]:
         prefix = prefix.strip().strip("/")
         tree = NodeId.parse(prefix).tree if prefix else None

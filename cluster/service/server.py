@@ -86,6 +86,7 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
+    metrics_host: str = "127.0.0.1"  # /metrics has no token: local scrapers only unless widened on purpose
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
     auth: bool = True  # False only for local development (--insecure-no-auth)
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
@@ -146,7 +147,11 @@ class TreeServer:
         self.admission = Admission(
             self.router, self.access, lambda node, tenant: [v.version for v in catalog.versions(node, tenant)]
         )
-        self.metrics = ServerMetrics(known_node=self.router.serves)
+        # Only public nodes served here become labels: a private node (even its owner's calls) and a
+        # made-up id both count as "other", so /metrics tells nobody which private nodes exist.
+        self.metrics = ServerMetrics(
+            known_node=lambda node: self.router.serves(node) and self.access.known_public(node)
+        )
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(self._in_flight)
@@ -197,7 +202,9 @@ class TreeServer:
         observe = self.metrics.observe_generation
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.admission, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
-        updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
+        updates_pb2_grpc.add_UpdatesServicer_to_server(
+            UpdatesServicer(self.updates, self.access, hidden_nodes=self.catalog.hidden_nodes), server
+        )
         distribution_pb2_grpc.add_DistributionServicer_to_server(
             DistributionServicer(self.distribution, self.access), server
         )
@@ -250,7 +257,7 @@ class TreeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port is not None:
             try:
-                self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+                self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
                 await self.stop(grace=0)
                 raise ServeError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None

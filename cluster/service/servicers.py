@@ -25,6 +25,7 @@ from cluster.service.convert import (
     snapshot_to_proto,
     version_to_proto,
 )
+from cluster.service.redact import Redactor
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -100,8 +101,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return node_to_proto(detail.node, aliases)
 
     async def ListVersions(self, request, context):
-        records = await asyncio.to_thread(self._catalog.versions, request.node, current_caller().tenant)
-        return registry_pb2.ListVersionsResponse(versions=[version_to_proto(v) for v in records])
+        tenant = current_caller().tenant
+        records = await asyncio.to_thread(self._catalog.versions, request.node, tenant)
+        # A public parent's versions carry figures about its children: hide the private ones' names.
+        hidden = await asyncio.to_thread(self._catalog.hidden_nodes, tenant, records[0].node_id) if records else ()
+        redactor = Redactor(hidden)
+        return registry_pb2.ListVersionsResponse(versions=[version_to_proto(redactor.version(v)) for v in records])
 
     async def Match(self, request, context):
         query = MatchQuery(
