@@ -33,6 +33,10 @@ def serve_command(
     port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 50051,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)"),
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="address /metrics listens on (it has no token: keep it local)")
@@ -83,6 +87,7 @@ def serve_command(
             port=port,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             http_port=http_port,

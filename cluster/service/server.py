@@ -85,6 +85,7 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (see TreeServer.port)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
     metrics_host: str = "127.0.0.1"  # /metrics has no token: local scrapers only unless widened on purpose
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
@@ -104,7 +105,9 @@ class ServerConfig:
                 raise ServeError(f"{name} must be a port number 0..65535, got {value!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ServeError("TLS needs both --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key"):
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ServeError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ServeError(f"{name.replace('_', '-')} {path} is not a file")
@@ -186,7 +189,8 @@ class TreeServer:
         cert, key = (
             (str(c.tls_cert), str(c.tls_key)) if c.tls_cert is not None and c.tls_key is not None else (None, None)
         )
-        return HttpServer(api, c.host, c.http_port or 0, tls_cert=cert, tls_key=key)
+        client_ca = str(c.tls_client_ca) if c.tls_client_ca is not None else None
+        return HttpServer(api, c.host, c.http_port or 0, tls_cert=cert, tls_key=key, tls_client_ca=client_ca)
 
     def _build(self) -> grpc.aio.Server:
         c = self.config
@@ -228,7 +232,12 @@ class TreeServer:
         address = f"{c.host}:{c.port}"
         try:
             if c.tls_key is not None and c.tls_cert is not None:  # both or neither (ServerConfig checks)
-                creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+                client_ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca is not None else None
+                creds = grpc.ssl_server_credentials(
+                    [(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
                 port = server.add_secure_port(address, creds)
             else:
                 port = server.add_insecure_port(address)
@@ -262,11 +271,12 @@ class TreeServer:
                 await self.stop(grace=0)
                 raise ServeError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
         log.info(
-            "serving %s on %s:%s (tls=%s, auth=%s, http=%s)",
+            "serving %s on %s:%s (tls=%s, client certificates=%s, auth=%s, http=%s)",
             ", ".join(self.router.trunks),
             self.config.host,
             self.port,
             self.config.tls,
+            "required" if self.config.tls_client_ca is not None else "no",
             self.config.auth,
             self.http_port,
         )
