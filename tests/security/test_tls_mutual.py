@@ -79,6 +79,26 @@ def test_grpc_needs_a_client_certificate_signed_by_the_servers_ca(world, pki):
         server.stop()
 
 
+async def test_the_async_client_presents_a_client_certificate(world, pki):
+    server = serve(world, **_mtls(pki))
+    client = pki["client"]
+    try:
+        async with treelm.AsyncClient(
+            server.target, token=world.tokens["acme"], tls=pki["ca"], client_cert=client.cert, client_key=client.key
+        ) as hospital:
+            assert (await hospital.generate("rt/en", "async over mutual TLS", max_new_tokens=2)).node == "rt/en"
+    finally:
+        server.stop()
+
+
+def test_client_certificate_arguments_are_checked(pki):
+    client = pki["client"]
+    with pytest.raises(ValueError, match="both client_cert and client_key"):
+        treelm.Client("127.0.0.1:1", tls=pki["ca"], client_cert=client.cert)
+    with pytest.raises(TypeError, match="client_key"):
+        treelm.Client("127.0.0.1:1", client_cert=client.cert, client_key=42)  # type: ignore[arg-type]
+
+
 def _openai(url: str, token: str, ca, cert=None):
     context = ssl.create_default_context(cafile=str(ca))
     if cert is not None:
