@@ -40,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "InvalidTask": "registry.errors",
     "InvalidToken": "registry.errors",
     "IssuedToken": "registry.records",
+    "TokenGrant": "registry.records",
+    "TokenRecord": "registry.records",
     "MatchRequest": "registry.matchtypes",
     "MatchResult": "registry.matching",
     "MemoryEstimate": "registry.memory",
@@ -87,6 +89,9 @@ _EXPORTS: dict[str, str] = {
     "get_version": "registry.versions",
     "init_registry": "registry.db",
     "issue_token": "registry.access",
+    "list_tokens": "registry.access",
+    "token_generation": "registry.access",
+    "authenticate_token": "registry.access",
     "kv_bytes_per_token": "registry.memory",
     "list_deployments": "registry.access",
     "list_key_groups": "registry.updates",
@@ -160,6 +165,8 @@ __all__ = [
     "TaskQuery",
     "TenantNotFound",
     "TenantRecord",
+    "TokenGrant",
+    "TokenRecord",
     "TreeImport",
     "UnknownTask",
     "UpdateEntry",
@@ -172,6 +179,7 @@ __all__ = [
     "add_variant",
     "add_version",
     "apply_changes",
+    "authenticate_token",
     "classify_fit",
     "create_tenant",
     "current_pins",
@@ -192,6 +200,7 @@ __all__ = [
     "list_nodes",
     "list_signing_keys",
     "list_tenants",
+    "list_tokens",
     "list_update_events",
     "list_updates",
     "list_variants",
@@ -214,6 +223,7 @@ __all__ = [
     "schema_status",
     "set_alias",
     "set_version_status",
+    "token_generation",
     "upgrade_registry",
 ]
 
@@ -222,6 +232,7 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:
     from registry.access import (
         add_signing_key,
+        authenticate_token,
         create_tenant,
         get_signing_key,
         get_tenant,
@@ -229,11 +240,13 @@ if TYPE_CHECKING:
         list_deployments,
         list_signing_keys,
         list_tenants,
+        list_tokens,
         record_deployment,
         remove_deployment,
         resolve_token,
         revoke_signing_key,
         revoke_token,
+        token_generation,
     )
     from registry.candidates import load_candidates, match
     from registry.db import (
@@ -293,6 +306,8 @@ if TYPE_CHECKING:
         NodeRecord,
         SigningKeyRecord,
         TenantRecord,
+        TokenGrant,
+        TokenRecord,
         TreeImport,
         VariantFacts,
         VariantRecord,

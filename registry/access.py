@@ -3,7 +3,9 @@
 Tokens look like ``tlm_<token id>_<secret>``. Only the token id (for lookup),
 a random per-token salt and HMAC-SHA256(salt, secret) are stored; checking a
 token recomputes the HMAC and compares in constant time. The secret is shown
-once, when issued.
+once, when issued. A token has a role (``tenant``, or ``operator``: may also call the
+Admin service) and may expire; revoking or expiry ends it for every server (see
+:func:`token_generation`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from registry._rows import canonical_node_id, find_node, find_version, utc
@@ -24,13 +27,17 @@ from registry.records import (
     IssuedToken,
     SigningKeyRecord,
     TenantRecord,
+    TokenGrant,
+    TokenRecord,
     check_name,
     check_role,
+    check_token_role,
 )
 from registry.vocab import DEPLOYMENT_STATUSES
 
 __all__ = [
     "add_signing_key",
+    "authenticate_token",
     "create_tenant",
     "get_signing_key",
     "get_tenant",
@@ -38,11 +45,13 @@ __all__ = [
     "list_deployments",
     "list_signing_keys",
     "list_tenants",
+    "list_tokens",
     "record_deployment",
     "remove_deployment",
     "resolve_token",
     "revoke_signing_key",
     "revoke_token",
+    "token_generation",
 ]
 
 TOKEN_PREFIX = "tlm"
@@ -86,8 +95,18 @@ def _hash(salt: str, secret: str) -> str:
     return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
 
 
-def issue_token(reg: Registry, tenant: str) -> IssuedToken:
-    """A new bearer token for ``tenant``; the returned ``token`` is the only copy of the secret."""
+def issue_token(
+    reg: Registry, tenant: str, *, role: str = "tenant", expires_in: timedelta | None = None
+) -> IssuedToken:
+    """A new bearer token for ``tenant``; the returned ``token`` is the only copy of the secret.
+
+    ``role`` "operator" may also call the Admin service; ``expires_in`` ends the token by itself.
+    """
+    check_token_role(role)
+    if expires_in is not None and expires_in <= timedelta(0):
+        raise InvalidInput(f"a token's lifetime must be positive, got {expires_in}", field="expires_in")
+    now = utcnow()
+    expires_at = now + expires_in if expires_in is not None else None
     with reg.write() as session:
         owner = _tenant(session, tenant)
         token_id = secrets.token_hex(8)
@@ -95,18 +114,30 @@ def issue_token(reg: Registry, tenant: str) -> IssuedToken:
         salt = secrets.token_hex(16)
         session.add(
             ApiToken(
-                token_id=token_id, tenant_id=owner.id, salt=salt, token_hash=_hash(salt, secret), created_at=utcnow()
+                token_id=token_id,
+                tenant_id=owner.id,
+                salt=salt,
+                token_hash=_hash(salt, secret),
+                created_at=now,
+                role=role,
+                expires_at=expires_at,
             )
         )
-    return IssuedToken(tenant=tenant, token_id=token_id, token=f"{TOKEN_PREFIX}_{token_id}_{secret}")
+    return IssuedToken(
+        tenant=tenant,
+        token_id=token_id,
+        token=f"{TOKEN_PREFIX}_{token_id}_{secret}",
+        role=role,
+        expires_at=expires_at,
+    )
 
 
 # Compared against when the token id is unknown, so unknown and wrong tokens take the same time.
 _DUMMY_SALT, _DUMMY_HASH = "00" * 16, "0" * 64
 
 
-def resolve_token(reg: Registry, token: str | None) -> TenantRecord:
-    """The tenant a bearer token belongs to; InvalidToken (never saying why) otherwise."""
+def authenticate_token(reg: Registry, token: str | None) -> TokenGrant:
+    """What a bearer token grants; InvalidToken (never saying why) when unknown, wrong, revoked or expired."""
     if not token or not isinstance(token, str):
         raise InvalidToken("missing API token")
     prefix, _, rest = token.strip().partition("_")
@@ -115,13 +146,47 @@ def resolve_token(reg: Registry, token: str | None) -> TenantRecord:
         raise InvalidToken("invalid API token")
     with reg.read() as session:
         found = session.execute(
-            select(ApiToken, Tenant).join(Tenant, Tenant.id == ApiToken.tenant_id).where(ApiToken.token_id == token_id)
+            select(ApiToken, Tenant.name)
+            .join(Tenant, Tenant.id == ApiToken.tenant_id)
+            .where(ApiToken.token_id == token_id)
         ).first()
     salt, expected = (found[0].salt, found[0].token_hash) if found else (_DUMMY_SALT, _DUMMY_HASH)
     ok = hmac.compare_digest(_hash(salt, secret), expected)
     if not found or not ok or found[0].revoked_at is not None:
         raise InvalidToken("invalid API token")
-    return TenantRecord(found[1].name, utc(found[1].created_at))
+    row, tenant = found
+    expires_at = utc(row.expires_at) if row.expires_at is not None else None
+    if expires_at is not None and expires_at <= utcnow():
+        raise InvalidToken("invalid API token")
+    return TokenGrant(tenant=tenant, role=row.role, token_id=row.token_id, expires_at=expires_at)
+
+
+def resolve_token(reg: Registry, token: str | None) -> TenantRecord:
+    """The tenant a bearer token belongs to; InvalidToken (never saying why) otherwise."""
+    return get_tenant(reg, authenticate_token(reg, token).tenant)
+
+
+def list_tokens(reg: Registry, tenant: str | None = None) -> tuple[TokenRecord, ...]:
+    """Every issued token (of ``tenant``), oldest first: ids, roles and dates, never secrets or hashes."""
+    query = (
+        select(ApiToken, Tenant.name)
+        .join(Tenant, Tenant.id == ApiToken.tenant_id)
+        .order_by(ApiToken.created_at, ApiToken.id)
+    )
+    with reg.read() as session:
+        if tenant is not None:
+            query = query.where(ApiToken.tenant_id == _tenant(session, tenant).id)
+        return tuple(
+            TokenRecord(
+                token_id=row.token_id,
+                tenant=name,
+                role=row.role,
+                created_at=utc(row.created_at),
+                expires_at=utc(row.expires_at) if row.expires_at is not None else None,
+                revoked_at=utc(row.revoked_at) if row.revoked_at is not None else None,
+            )
+            for row, name in session.execute(query)
+        )
 
 
 def revoke_token(reg: Registry, token_id: str) -> None:
@@ -131,6 +196,19 @@ def revoke_token(reg: Registry, token_id: str) -> None:
             raise NotFound(f"unknown token id {token_id!r}")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
+
+
+def token_generation(reg: Registry) -> int:
+    """A number that grows with every revocation (revocations are never undone).
+
+    Servers cache resolved tokens; they compare this cheap count at most every fraction of a
+    second and drop their cache when it moved, so a revocation reaches every server sharing
+    the database within that time.
+    """
+    with reg.read() as session:
+        return int(
+            session.scalar(select(func.count()).select_from(ApiToken).where(ApiToken.revoked_at.is_not(None))) or 0
+        )
 
 
 def _key_record(row: SigningKey, node_id: str | None) -> SigningKeyRecord:

@@ -9,6 +9,7 @@ The database is ``--db URL`` (before or after the sub-command), else
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from registry.matching import MatchResult
     from registry.records import NodeRecord
 
-__all__ = ["DbOption", "db_url", "registry_app"]
+__all__ = ["DbOption", "db_url", "parse_duration", "registry_app"]
 
 registry_app = typer.Typer(
     help="The model registry: nodes, versions, aliases, matching a task and a device to a node.",
@@ -386,20 +387,86 @@ def tenant_ls(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = Fal
         Console().print(escape(t.name))
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``45m``, ``90s``, ``2w`` -> a timedelta; InvalidInput otherwise."""
+    from registry.errors import InvalidInput
+
+    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if unit not in _DURATION_UNITS or not value.isdigit() or int(value) <= 0:
+        raise InvalidInput(
+            f"duration {text!r} must be a positive whole number with a unit s, m, h, d or w (e.g. 30d)",
+            field="expires_in",
+        )
+    return timedelta(seconds=int(value) * _DURATION_UNITS[unit])
+
+
 @token_app.command("issue")
 def token_issue(
-    ctx: typer.Context, tenant: Annotated[str, typer.Argument(help="tenant the token acts for")], db: DbOption = None
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="tenant the token acts for")],
+    role: Annotated[
+        str, typer.Option("--role", help="tenant (its nodes) or operator (also the Admin service)")
+    ] = "tenant",
+    expires_in: Annotated[
+        str | None, typer.Option("--expires-in", help="lifetime, e.g. 30d, 12h, 45m (default: no expiry)")
+    ] = None,
+    db: DbOption = None,
 ) -> None:
     """Issue an API token for a tenant. It is printed once and stored only hashed."""
     from registry.access import issue_token
     from registry.db import open_registry
 
+    lifetime = parse_duration(expires_in) if expires_in is not None else None
     with open_registry(db_url(ctx, db)) as reg:
-        issued = issue_token(reg, tenant)
+        issued = issue_token(reg, tenant, role=role, expires_in=lifetime)
     typer.echo(issued.token)
+    until = f", expires {issued.expires_at:%Y-%m-%d %H:%M} UTC" if issued.expires_at else ""
     Console(stderr=True).print(
-        f"[yellow]token {issued.token_id} for tenant {escape(tenant)}: store it now, it cannot be shown again[/yellow]"
+        f"[yellow]{issued.role} token {issued.token_id} for tenant {escape(tenant)}{until}: "
+        "store it now, it cannot be shown again[/yellow]"
     )
+
+
+@token_app.command("ls")
+def token_ls(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="only this tenant's tokens")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List tokens: id, tenant, role, state, dates. Secrets are never stored, so never shown."""
+    from registry.access import list_tokens
+    from registry.db import open_registry
+
+    with open_registry(db_url(ctx, db)) as reg:
+        tokens = list_tokens(reg, tenant)
+    now = datetime.now(UTC)
+    if as_json:
+        _echo_json({"tokens": [t.to_json(now) for t in tokens]})
+        return
+    table = Table()
+    for col in ("token id", "tenant", "role", "state", "created", "expires", "revoked"):
+        table.add_column(col)
+
+    def when(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
+
+    for t in tokens:
+        state = t.state(now)
+        style = {"active": "green", "expired": "yellow", "revoked": "red"}[state]
+        table.add_row(
+            t.token_id,
+            escape(t.tenant),
+            t.role,
+            f"[{style}]{state}[/{style}]",
+            when(t.created_at),
+            when(t.expires_at),
+            when(t.revoked_at),
+        )
+    Console().print(table)
 
 
 @token_app.command("revoke")
@@ -408,7 +475,7 @@ def token_revoke(
     token_id: Annotated[str, typer.Argument(help="the token's id (the part after tlm_)")],
     db: DbOption = None,
 ) -> None:
-    """Revoke an API token by its id."""
+    """Revoke an API token by its id; running servers refuse it within about half a second."""
     from registry.access import revoke_token
     from registry.db import open_registry
 

@@ -35,6 +35,7 @@ from registry.vocab import (
     KEY_STATUSES,
     LEVELS,
     PIN_STATUSES,
+    TOKEN_ROLES,
     UPDATE_KINDS,
     UPDATE_STATES,
     VARIANT_KINDS,
@@ -226,6 +227,7 @@ class ApiToken(Model):
     """A tenant's bearer token, stored as HMAC-SHA256(salt, secret); the secret is never stored."""
 
     __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_in("role", TOKEN_ROLES), name="role"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token_id: Mapped[str] = mapped_column(String(32), unique=True)  # public part, for lookup
@@ -234,6 +236,8 @@ class ApiToken(Model):
     token_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+    role: Mapped[str] = mapped_column(String(16), default="tenant", server_default="tenant")
+    expires_at: Mapped[datetime | None] = mapped_column()  # None: never expires
 
 
 class SigningKey(Model):

@@ -16,7 +16,7 @@ from typing import Any
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodePath
 from registry.errors import InvalidInput
-from registry.vocab import KEY_ROLES, LEVELS, VARIANT_KINDS, VERSION_STATUSES, VISIBILITIES
+from registry.vocab import KEY_ROLES, LEVELS, TOKEN_ROLES, VARIANT_KINDS, VERSION_STATUSES, VISIBILITIES
 
 __all__ = [
     "AliasRecord",
@@ -29,6 +29,8 @@ __all__ = [
     "NodeRecord",
     "SigningKeyRecord",
     "TenantRecord",
+    "TokenGrant",
+    "TokenRecord",
     "TreeImport",
     "VariantFacts",
     "VariantRecord",
@@ -407,6 +409,51 @@ class IssuedToken:
     tenant: str
     token_id: str
     token: str = field(repr=False)
+    role: str = "tenant"
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a valid bearer token grants: its tenant and role, until ``expires_at`` (None: no expiry)."""
+
+    tenant: str
+    role: str  # one of TOKEN_ROLES
+    token_id: str
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An issued token as `token ls` shows it: never its secret nor its hash."""
+
+    token_id: str
+    tenant: str
+    role: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "token_id": self.token_id,
+            "tenant": self.tenant,
+            "role": self.role,
+            "state": self.state(now),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+        }
 
 
 @dataclass(frozen=True)
@@ -424,6 +471,12 @@ class SigningKeyRecord:
 def check_status(value: str) -> str:
     if value not in VERSION_STATUSES:
         raise InvalidInput(f"status {value!r} is not one of {', '.join(VERSION_STATUSES)}", field="status")
+    return value
+
+
+def check_token_role(value: str) -> str:
+    if value not in TOKEN_ROLES:
+        raise InvalidInput(f"token role {value!r} is not one of {', '.join(TOKEN_ROLES)}", field="role")
     return value
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "KEY_STATUSES",
     "LEVELS",
     "PIN_STATUSES",
+    "TOKEN_ROLES",
     "UPDATE_KINDS",
     "UPDATE_STATES",
     "VARIANT_KINDS",
@@ -38,6 +39,8 @@ VARIANT_KINDS = (
 )
 KEY_ROLES = ("node", "evaluator", "operator", "root")
 KEY_STATUSES = ("active", "revoked")
+# Bearer tokens: a tenant uses its nodes; an operator may also call the Admin service.
+TOKEN_ROLES = ("tenant", "operator")
 DEPLOYMENT_STATUSES = ("active", "draining", "stopped")
 # The signed update protocol (cluster.updates): what an update record is and where it stands.
 UPDATE_KINDS = ("package", "candidate", "contribution")

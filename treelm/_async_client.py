@@ -49,7 +49,7 @@ from treelm._convert import (
     version_from_proto,
 )
 from treelm._errors import TreeLMError, from_rpc_error
-from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
+from treelm._transport import CHANNEL_OPTIONS, PEM, TLS, RetryPolicy, auth_metadata, channel_credentials
 from treelm._types import (
     Chunk,
     MatchResult,
@@ -156,6 +156,8 @@ class AsyncClient:
         *,
         token: str | None = None,
         tls: TLS = None,
+        client_cert: PEM | None = None,
+        client_key: PEM | None = None,
         timeout: float | None = 60.0,
         retries: int | RetryPolicy = 3,
         channel: grpc.aio.Channel | None = None,
@@ -168,7 +170,7 @@ class AsyncClient:
         self._policy = RetryPolicy.of(retries)
         self._owns_channel = channel is None
         if channel is None:
-            creds = channel_credentials(tls)
+            creds = channel_credentials(tls, client_cert, client_key)
             opts = list(CHANNEL_OPTIONS) + list(options)
             channel = grpc.aio.secure_channel(target, creds, opts) if creds else grpc.aio.insecure_channel(target, opts)
         self._channel = channel

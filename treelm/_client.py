@@ -46,7 +46,7 @@ from treelm._convert import (
 )
 from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
 from treelm._pulltypes import Offer, PullResult, TrustBundle, offer_from_proto, trust_from_proto
-from treelm._transport import CHANNEL_OPTIONS, TLS, RetryPolicy, auth_metadata, channel_credentials
+from treelm._transport import CHANNEL_OPTIONS, PEM, TLS, RetryPolicy, auth_metadata, channel_credentials
 from treelm._types import (
     Chunk,
     MatchResult,
@@ -160,6 +160,8 @@ class Client:
         target: ``host:port`` of a ``treelm serve`` server (ignored when ``channel`` is given).
         token: the bearer token from ``treelm registry token issue TENANT``.
         tls: None (plaintext), True (system roots), PEM bytes or a CA file, or ChannelCredentials.
+        client_cert, client_key: a client certificate and its key (PEM bytes or files) for servers
+            that require one (``treelm serve --tls-client-ca``); they imply TLS.
         timeout: default seconds per call (streams: for the whole stream); None waits forever.
         retries: retries of idempotent calls on UNAVAILABLE / RESOURCE_EXHAUSTED (or a RetryPolicy).
         channel: a ready ``grpc.Channel`` to use instead (tests, custom interceptors); not closed by us.
@@ -177,6 +179,8 @@ class Client:
         *,
         token: str | None = None,
         tls: TLS = None,
+        client_cert: PEM | None = None,
+        client_key: PEM | None = None,
         timeout: float | None = 60.0,
         retries: int | RetryPolicy = 3,
         channel: grpc.Channel | None = None,
@@ -189,7 +193,7 @@ class Client:
         self._policy = RetryPolicy.of(retries)
         self._owns_channel = channel is None
         if channel is None:
-            creds = channel_credentials(tls)
+            creds = channel_credentials(tls, client_cert, client_key)
             opts = list(CHANNEL_OPTIONS) + list(options)
             channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
         self._channel = channel

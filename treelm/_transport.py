@@ -13,6 +13,7 @@ from treelm._errors import TreeLMError
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "PEM",
     "TLS",
     "RetryPolicy",
     "auth_metadata",
@@ -66,19 +67,45 @@ class RetryPolicy:
         return remaining is None or pause < remaining
 
 
-def channel_credentials(tls: TLS) -> grpc.ChannelCredentials | None:
-    """Credentials for ``tls`` (see :data:`TLS`); None means a plaintext channel."""
-    if tls is None or tls is False:
-        return None
-    if tls is True:
-        return grpc.ssl_channel_credentials()
+PEM: TypeAlias = bytes | str | Path  # PEM bytes, or the path of a PEM file
+
+
+def _pem(value: PEM, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (str, Path)):
+        return Path(value).read_bytes()
+    raise TypeError(f"{what}: expected PEM bytes or a file path, got {value!r}")
+
+
+def channel_credentials(
+    tls: TLS, client_cert: PEM | None = None, client_key: PEM | None = None
+) -> grpc.ChannelCredentials | None:
+    """Credentials for ``tls`` (see :data:`TLS`); None means a plaintext channel.
+
+    ``client_cert`` and ``client_key`` (PEM bytes or files, both or neither) present a client
+    certificate for servers that require one (mutual TLS); they imply TLS (system roots when
+    ``tls`` names no CA).
+    """
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("a client certificate needs both client_cert and client_key")
+    chain = (_pem(client_cert, "client_cert"), _pem(client_key, "client_key")) if client_cert and client_key else None
     if isinstance(tls, grpc.ChannelCredentials):
+        if chain is not None:
+            raise ValueError("pass the client certificate inside the grpc.ChannelCredentials given as tls")
         return tls
-    if isinstance(tls, bytes):
-        return grpc.ssl_channel_credentials(root_certificates=tls)
-    if isinstance(tls, (str, Path)):
-        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
-    raise TypeError(f"tls: expected None, True, PEM bytes, a CA file path or grpc.ChannelCredentials, got {tls!r}")
+    if (tls is None or tls is False) and chain is None:
+        return None
+    if tls is None or isinstance(tls, bool):
+        roots = None
+    elif isinstance(tls, (bytes, str, Path)):
+        roots = _pem(tls, "tls")
+    else:
+        raise TypeError(f"tls: expected None, True, PEM bytes, a CA file path or grpc.ChannelCredentials, got {tls!r}")
+    private_key, certificate_chain = (chain[1], chain[0]) if chain is not None else (None, None)
+    return grpc.ssl_channel_credentials(
+        root_certificates=roots, private_key=private_key, certificate_chain=certificate_chain
+    )
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -5,7 +5,9 @@
     treelm pull --check cardiology                                           # a newer stable version?
     treelm pull --upgrade cardiology                                         # fetch it, switch atomically
 
-``--server`` and ``--token`` default to ``$TREELM_SERVER`` and ``$TREELM_TOKEN``. Root keys are
+``--server`` defaults to ``$TREELM_SERVER``; the token comes from ``--token-file``, ``--token`` or
+``$TREELM_TOKEN``; ``--tls``, ``--ca`` and ``--client-cert``/``--client-key`` reach TLS and
+mutual-TLS servers (cluster/cli/connect.py). Root keys are
 trusted by fingerprint: ``--root-key`` (repeatable), else the server's are shown once for the user
 to confirm (``--yes`` accepts them) and remembered in ``~/.treelm/roots.json`` per server and tree.
 """
@@ -20,6 +22,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from cluster.cli.connect import (
+    CaOption,
+    ClientCertOption,
+    ClientKeyOption,
+    Connection,
+    TlsOption,
+    TokenFileOption,
+    TokenOption,
+)
 
 if TYPE_CHECKING:
     from hierarchy.updates.keys import PublicKey
@@ -107,7 +119,12 @@ def pull_command(
         str | None, typer.Argument(help="a node id (demo/en/medical) or a task (en/medical/cardiology)")
     ] = None,
     server: Annotated[str | None, typer.Option("--server", envvar="TREELM_SERVER", help="HOST:PORT")] = None,
-    token: Annotated[str | None, typer.Option("--token", envvar="TREELM_TOKEN", help="bearer token")] = None,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     hardware: Annotated[str, typer.Option(help="auto, or DEVICE:MEMORY such as cpu:2GiB or cuda:24GiB")] = "auto",
     variant: Annotated[
         str | None, typer.Option(help="merged, flat, merged-int8, gguf-lora, ... (default: best fit)")
@@ -128,7 +145,6 @@ def pull_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Pull a node onto this device: match, signed download (resumable), verify, switch atomically."""
-    from treelm import Client
     from treelm._pull import check as check_dir
     from treelm._pull import pull, read_record
     from treelm._pull import upgrade as upgrade_dir
@@ -141,7 +157,10 @@ def pull_command(
         server = read_record(directory).get("server") or None
     if not server:
         raise typer.BadParameter("no server: pass --server HOST:PORT or set TREELM_SERVER")
-    with Client(server, token=token, timeout=None) as client:
+    remote = Connection.of(
+        server, token=token, token_file=token_file, tls=tls, ca=ca, client_cert=client_cert, client_key=client_key
+    )
+    with remote.client(timeout=None, retries=3) as client:
         if check is not None:
             found = check_dir(client, check)
             if as_json:

@@ -33,7 +33,14 @@ def serve_command(
     port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 50051,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)"),
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="address /metrics listens on (it has no token: keep it local)")
+    ] = "127.0.0.1",
     http_port: Annotated[
         int | None,
         typer.Option("--http-port", help="also serve the OpenAI-compatible HTTP API (/v1/...) on this port"),
@@ -87,7 +94,9 @@ def serve_command(
             port=port,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             http_port=http_port,
             auth=not insecure_no_auth,
             grace_s=grace,

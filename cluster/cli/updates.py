@@ -3,7 +3,9 @@
 Keys talk to the registry (``--db``, else $TREELM_REGISTRY_URL). Update commands run either
 *locally* against a tree directory and its registry (``--tree DIR [--db URL]``: the operator's
 machine, where the tree lives) or *remotely* through a server's Updates service
-(``--server HOST:PORT --token TOKEN``: a hospital submitting from its own site). ``update make``
+(``--server HOST:PORT``, the token from ``--token-file`` or ``$TREELM_TOKEN``, and ``--tls``,
+``--ca``, ``--client-cert``/``--client-key`` for TLS and mutual-TLS servers: a hospital
+submitting from its own site). ``update make``
 and ``update verify`` never change anything.
 """
 
@@ -22,6 +24,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cluster.cli.connect import (
+    CaOption,
+    ClientCertOption,
+    ClientKeyOption,
+    Connection,
+    TlsOption,
+    TokenFileOption,
+    TokenOption,
+)
 from hierarchy.errors import UpdateError
 from hierarchy.updates.envelope import Envelope, sign_payload
 from hierarchy.updates.statements import REPIN_PAYLOAD_TYPE, ROLLBACK_PAYLOAD_TYPE
@@ -46,7 +57,6 @@ SignWith = Annotated[
 ]
 TreeOption = Annotated[Path | None, typer.Option("--tree", help="the tree dir (local mode, with --db)")]
 ServerOption = Annotated[str | None, typer.Option("--server", help="HOST:PORT of a server (remote mode)")]
-TokenOption = Annotated[str | None, typer.Option("--token", help="bearer token (default: $TREELM_TOKEN)")]
 PolicyOption = Annotated[
     Path | None, typer.Option("--policy", help="update policy YAML (default: TREE_DIR/update-policy.yaml)")
 ]
@@ -218,10 +228,11 @@ def _local(tree: Path | None, db: str | None, policy: Path | None) -> Iterator[C
         yield Coordinator.open(reg, tree, UpdatePolicy.for_tree(tree, policy))
 
 
-def _client(server: str, token: str | None):
-    import treelm
-
-    return treelm.Client(server, token=token or os.environ.get("TREELM_TOKEN"), timeout=600, retries=0)
+def _connect(server: str, token, token_file, tls, ca, client_cert, client_key):
+    """A client for --server with the command's TLS and token options (cluster/cli/connect.py)."""
+    return Connection.of(
+        server, token=token, token_file=token_file, tls=tls, ca=ca, client_cert=client_cert, client_key=client_key
+    ).client()
 
 
 def _remote(call):
@@ -410,13 +421,18 @@ def update_submit(
     policy: PolicyOption = None,
     server: ServerOption = None,
     token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a package: verified, screened and gated; then stored, served, and aggregated upward."""
     from cluster.updates.package import read_package
 
     if server:
-        with _client(server, token) as client:
+        with _connect(server, token, token_file, tls, ca, client_cert, client_key) as client:
             status = _remote(lambda: client.submit_update(package))
     else:
         with _local(tree, db, policy) as coordinator, Console(stderr=True).status("verifying, screening, gating ..."):
@@ -431,13 +447,18 @@ def update_status(
     db: DbOption = None,
     server: ServerOption = None,
     token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show one update, or list the tree's updates."""
     if server:
         if not update_id:
             raise typer.BadParameter("remote mode shows one update: give its id")
-        with _client(server, token) as client:
+        with _connect(server, token, token_file, tls, ca, client_cert, client_key) as client:
             _print_status(_remote(lambda: client.update_status(update_id)), as_json)
         return
     with _local(tree, db, None) as coordinator:
@@ -473,6 +494,11 @@ def update_approve(
     policy: PolicyOption = None,
     server: ServerOption = None,
     token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     password_env: PasswordEnv = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -481,7 +507,7 @@ def update_approve(
 
     signer = load_signing_key(key, _password(password_env))
     if server:
-        with _client(server, token) as client:
+        with _connect(server, token, token_file, tls, ca, client_cert, client_key) as client:
             status = _remote(lambda: client.approve(update_id, signer))
     else:
         with _local(tree, db, policy) as coordinator:
@@ -501,6 +527,11 @@ def update_rollback(
     policy: PolicyOption = None,
     server: ServerOption = None,
     token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     password_env: PasswordEnv = None,
 ) -> None:
     """Move `stable` back to an accepted version (nothing is re-signed); its subtree is re-pinned."""
@@ -509,7 +540,7 @@ def update_rollback(
     password = _password(password_env)
     signers = [load_signing_key(k, password) for k in key]
     if server:
-        with _client(server, token) as client:
+        with _connect(server, token, token_file, tls, ca, client_cert, client_key) as client:
             result = _remote(lambda: client.rollback(node_id, to, signers))
     else:
         with _local(tree, db, policy) as coordinator:

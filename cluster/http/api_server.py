@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
@@ -335,10 +336,20 @@ class HttpServer:
     """Serves an :class:`HttpApi` with uvicorn on the running event loop, on a socket bound first
     (port 0 = any free port; a port in use is a ServeError at once)."""
 
-    def __init__(self, api: HttpApi, host: str, port: int, *, tls_cert: str | None = None, tls_key: str | None = None):
+    def __init__(
+        self,
+        api: HttpApi,
+        host: str,
+        port: int,
+        *,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_client_ca: str | None = None,
+    ):
         self.api = api
         self._host, self._requested = host, port
         self._tls = (tls_cert, tls_key)
+        self._client_ca = tls_client_ca  # set: a client certificate signed by this CA is required
         self.port: int | None = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -374,6 +385,8 @@ class HttpServer:
             timeout_graceful_shutdown=1,
             ssl_certfile=cert,
             ssl_keyfile=key,
+            ssl_ca_certs=self._client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if self._client_ca else ssl.CERT_NONE,
         )
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))

@@ -108,9 +108,11 @@ class IngressConfig:
     on_head: bool = True  # keep it beside a SQLite registry file; false with PostgreSQL
     cpus: float = 0.25
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # /metrics has no token: local scrapers only unless widened on purpose
     auth: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # clients must present a certificate this CA signed (mutual TLS)
     grace_s: float = 10.0
     updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
@@ -328,9 +330,11 @@ def _ingress(r: _Reader) -> IngressConfig:
         on_head=r.flag("on_head", True),
         cpus=r.number("cpus", 0.25),
         metrics_port=r.port("metrics_port", None),
+        metrics_host=r.text("metrics_host", "127.0.0.1"),
         auth=r.flag("auth", True),
         tls_cert=r.path("tls_cert", None),
         tls_key=r.path("tls_key", None),
+        tls_client_ca=r.path("tls_client_ca", None),
         grace_s=r.number("grace_s", 10.0),
         updates=r.flag("updates", True),
         update_threads=r.integer("update_threads", 1, low=1),
@@ -352,7 +356,9 @@ def _ingress(r: _Reader) -> IngressConfig:
                 raise r.error(name, f"port {value} is also ingress.{other}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")
-    for name in ("tls_cert", "tls_key"):
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise r.error("tls_client_ca", "client certificates need TLS: set tls_cert and tls_key too")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
         value = getattr(config, name)
         if value is not None and not value.is_file():
             raise r.error(name, f"{value} is not a file")

@@ -68,9 +68,11 @@ class TreeIngress:
             http_port=spec.http_port,
             auth=spec.auth,
             metrics_port=spec.metrics_port,
+            metrics_host=spec.metrics_host,
             grace_s=spec.grace_s,
             tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
+            tls_client_ca=Path(spec.tls_client_ca) if spec.tls_client_ca else None,
         )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.

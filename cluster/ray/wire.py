@@ -64,7 +64,9 @@ class IngressSpec:
     auth: bool = True
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     grace_s: float = 10.0
     updates: bool = True  # serve Updates through the desk actor (cluster/ray/desk.py)
     variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered

@@ -66,3 +66,8 @@ class NodeAccess:
 
     def forget(self) -> None:
         self._cache.clear()
+
+    def known_public(self, node: str) -> bool:
+        """True when the last answer for ``node`` said public (no lookup: for labels, on the event loop)."""
+        hit = self._cache.get(node)
+        return hit is not None and hit[0] is not None and hit[0].visibility == "public"

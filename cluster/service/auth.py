@@ -7,8 +7,14 @@ without a valid token fails with UNAUTHENTICATED. ``treelm serve
 are then anonymous and see only public nodes; a token that is sent is still
 checked, so a tenant can use its private nodes.
 
-Resolved tokens are cached for ``cache_ttl_s`` seconds (keyed by the token's
-sha256, never the token itself), so a revoked token stops working within that time.
+Resolved tokens are cached (keyed by the token's sha256, never the token itself) for at most
+``cache_ttl_s`` seconds and never past the token's expiry. Revocation needs no waiting for the
+TTL: at most every ``check_interval_s`` seconds the authenticator reads the registry's token
+generation (a count that grows with every revocation) and drops its whole cache when it moved.
+Every server that shares the registry database (the ingresses of a Ray cluster) does the same,
+so a revoked token is refused everywhere within about that interval.
+
+A token's role is ``tenant`` or ``operator``; :func:`require_operator` gates the Admin service.
 """
 
 from __future__ import annotations
@@ -19,25 +25,40 @@ import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from cluster.errors import Unauthenticated
+from cluster.errors import PermissionDenied, Unauthenticated
 from registry.errors import InvalidToken
+from registry.records import TokenGrant
 
-__all__ = ["ANONYMOUS", "CALLER", "Authenticator", "Caller", "bearer_token", "current_caller"]
+__all__ = [
+    "ANONYMOUS",
+    "CALLER",
+    "Authenticator",
+    "Caller",
+    "bearer_token",
+    "current_caller",
+    "require_operator",
+]
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: a tenant's name, or nobody (anonymous, only with auth off)."""
+    """Who is calling: a tenant's name and its token's role, or nobody (anonymous, only with auth off)."""
 
     tenant: str | None
+    role: str | None = "tenant"  # tenant | operator; None for anonymous callers
 
     @property
     def anonymous(self) -> bool:
         return self.tenant is None
 
+    @property
+    def operator(self) -> bool:
+        return self.role == "operator"
 
-ANONYMOUS = Caller(tenant=None)
+
+ANONYMOUS = Caller(tenant=None, role=None)
 
 # Set by AuthInterceptor for the duration of one call; read by the servicers.
 CALLER: ContextVar[Caller] = ContextVar("treelm_caller", default=ANONYMOUS)
@@ -45,6 +66,17 @@ CALLER: ContextVar[Caller] = ContextVar("treelm_caller", default=ANONYMOUS)
 
 def current_caller() -> Caller:
     return CALLER.get()
+
+
+def require_operator(caller: Caller, *, auth_required: bool) -> None:
+    """PermissionDenied unless ``caller`` holds an operator token.
+
+    With auth off (local development) an anonymous caller is let through: the operator chose an
+    open server; a tenant token that was sent still counts as a tenant.
+    """
+    if caller.operator or (caller.anonymous and not auth_required):
+        return
+    raise PermissionDenied("this call needs an operator token (`treelm registry token issue TENANT --role operator`)")
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -60,22 +92,39 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+@dataclass(frozen=True)
+class _Cached:
+    caller: Caller
+    until: float  # monotonic clock
+    expires_at: datetime | None  # the token's own expiry (wall clock)
+
+
 class Authenticator:
-    """Resolves tokens with ``resolve(token) -> tenant name`` (raising InvalidToken), with a TTL cache."""
+    """Resolves tokens with ``resolve(token) -> TokenGrant`` (raising InvalidToken), with a cache
+    invalidated by ``generation()`` (see the module docstring)."""
 
     def __init__(
         self,
-        resolve: Callable[[str], str],
+        resolve: Callable[[str], TokenGrant],
         *,
         required: bool = True,
         cache_ttl_s: float = 30.0,
+        generation: Callable[[], int] | None = None,
+        check_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         self._resolve = resolve
         self.required = required
         self._ttl = cache_ttl_s
+        self._generation = generation
+        self._interval = check_interval_s
         self._clock = clock
-        self._cache: dict[str, tuple[str, float]] = {}
+        self._wall = wall_clock
+        self._cache: dict[str, _Cached] = {}
+        self._seen_generation: int | None = None
+        self._checked_at = float("-inf")
+        self._check_lock = asyncio.Lock()
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Caller:
         token = bearer_token(metadata)
@@ -86,21 +135,36 @@ class Authenticator:
                     "'authorization: Bearer <token>' (issue one with `treelm registry token issue TENANT`)"
                 )
             return ANONYMOUS
-        return Caller(tenant=await self._tenant(token))
+        return await self._caller(token)
 
-    async def _tenant(self, token: str) -> str:
+    async def _revalidate(self) -> None:
+        """Drop the cache when the registry's token generation moved (checked at most every interval)."""
+        if self._generation is None or self._clock() - self._checked_at < self._interval:
+            return
+        async with self._check_lock:
+            if self._clock() - self._checked_at < self._interval:  # another call checked while we waited
+                return
+            generation = await asyncio.to_thread(self._generation)
+            if generation != self._seen_generation:
+                self._cache.clear()
+                self._seen_generation = generation
+            self._checked_at = self._clock()
+
+    async def _caller(self, token: str) -> Caller:
+        await self._revalidate()
         key = hashlib.sha256(token.encode("utf-8")).hexdigest()
         now = self._clock()
         hit = self._cache.get(key)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        if hit is not None and hit.until > now and (hit.expires_at is None or hit.expires_at > self._wall()):
+            return hit.caller
         try:
             # The registry is synchronous (SQLAlchemy); keep the event loop free while it looks.
-            tenant = await asyncio.to_thread(self._resolve, token)
+            grant = await asyncio.to_thread(self._resolve, token)
         except InvalidToken:
             self._cache.pop(key, None)
-            raise Unauthenticated("the bearer token is not valid (unknown, malformed or revoked)") from None
+            raise Unauthenticated("the bearer token is not valid (unknown, malformed, expired or revoked)") from None
         if len(self._cache) > 10_000:  # bound memory under token spraying
             self._cache.clear()
-        self._cache[key] = (tenant, now + self._ttl)
-        return tenant
+        caller = Caller(tenant=grant.tenant, role=grant.role)
+        self._cache[key] = _Cached(caller, now + self._ttl, grant.expires_at)
+        return caller

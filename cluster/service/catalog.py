@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 from cluster.service.access import NodeVisibility
 from hierarchy.ids import NodeId
-from registry.access import resolve_token
+from registry.access import authenticate_token, token_generation
 from registry.candidates import match as registry_match
 from registry.db import Registry
 from registry.matching import MatchResult
 from registry.matchtypes import Hardware, MatchRequest, TaskQuery
 from registry.memory import parse_bandwidth, parse_compute, parse_memory_size
-from registry.records import NodeDetail, NodeRecord, VersionRecord
+from registry.records import NodeDetail, NodeRecord, TokenGrant, VersionRecord
 from registry.trees import get_node, list_nodes
 from registry.versions import list_versions
 
@@ -46,9 +46,13 @@ class Catalog:
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    def tenant_of(self, token: str) -> str:
-        """The tenant of a bearer token; registry.errors.InvalidToken otherwise."""
-        return resolve_token(self.registry, token).name
+    def grant(self, token: str) -> TokenGrant:
+        """The tenant and role of a bearer token; registry.errors.InvalidToken otherwise."""
+        return authenticate_token(self.registry, token)
+
+    def token_generation(self) -> int:
+        """Grows with every token revocation (servers drop their token caches when it moves)."""
+        return token_generation(self.registry)
 
     def node_visibility(self, node_id: str) -> NodeVisibility | None:
         """Who may see ``node_id`` (None when the registry has no such node)."""
@@ -57,6 +61,15 @@ class Catalog:
             if record.node_id == str(key):
                 return NodeVisibility(record.node_id, record.visibility, record.owner)
         return None
+
+    def hidden_nodes(self, tenant: str | None, node_id: str) -> tuple[str, ...]:
+        """The private nodes of ``node_id``'s tree that ``tenant`` cannot see (their names are redacted)."""
+        tree = NodeId.parse(node_id).tree
+        return tuple(
+            r.node_id
+            for r in list_nodes(self.registry, include_private=True, tree=tree)
+            if r.visibility == "private" and (tenant is None or r.owner != tenant)
+        )
 
     def nodes(self, tenant: str | None, prefix: str = "") -> tuple[NodeRecord, ...]:
         prefix = prefix.strip().strip("/")

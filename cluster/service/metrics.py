@@ -9,8 +9,10 @@
     treelm_adapter_cache_{hits,misses,loads,evictions}_total{tree}, treelm_adapters_resident{tree,tier}
 
 Each server owns its CollectorRegistry (several servers can live in one test
-process). Node labels are limited to nodes the server serves: other ids a caller
-makes up count as ``node="other"`` so they cannot blow up the label space.
+process). Node labels are limited to public nodes the server serves: private nodes
+and ids a caller makes up all count as ``node="other"``, so they cannot blow up the label
+space and the unauthenticated endpoint names no private node (nor tells whether one exists).
+The endpoint listens on 127.0.0.1 unless ``--metrics-host`` says otherwise.
 """
 
 from __future__ import annotations

@@ -85,7 +85,9 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (see TreeServer.port)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
+    metrics_host: str = "127.0.0.1"  # /metrics has no token: local scrapers only unless widened on purpose
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
     auth: bool = True  # False only for local development (--insecure-no-auth)
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
@@ -93,6 +95,7 @@ class ServerConfig:
     max_send_message_bytes: int = 16 * _MIB
     max_concurrent_rpcs: int | None = None  # beyond it grpc answers RESOURCE_EXHAUSTED
     token_cache_ttl_s: float = 30.0
+    token_check_interval_s: float = 0.5  # how often the token cache asks the registry about revocations
     node_cache_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -102,7 +105,9 @@ class ServerConfig:
                 raise ServeError(f"{name} must be a port number 0..65535, got {value!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ServeError("TLS needs both --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key"):
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ServeError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ServeError(f"{name.replace('_', '-')} {path} is not a file")
@@ -146,12 +151,20 @@ class TreeServer:
         self.admission = Admission(
             self.router, self.access, lambda node, tenant: [v.version for v in catalog.versions(node, tenant)]
         )
-        self.metrics = ServerMetrics(known_node=self.router.serves)
+        # Only public nodes served here become labels: a private node (even its owner's calls) and a
+        # made-up id both count as "other", so /metrics tells nobody which private nodes exist.
+        self.metrics = ServerMetrics(
+            known_node=lambda node: self.router.serves(node) and self.access.known_public(node)
+        )
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
-            catalog.tenant_of, required=config.auth, cache_ttl_s=config.token_cache_ttl_s
+            catalog.grant,
+            required=config.auth,
+            cache_ttl_s=config.token_cache_ttl_s,
+            generation=catalog.token_generation,
+            check_interval_s=config.token_check_interval_s,
         )
         self.health = DrainingHealth()
         self.port: int | None = None
@@ -178,7 +191,8 @@ class TreeServer:
         cert, key = (
             (str(c.tls_cert), str(c.tls_key)) if c.tls_cert is not None and c.tls_key is not None else (None, None)
         )
-        return HttpServer(api, c.host, c.http_port or 0, tls_cert=cert, tls_key=key)
+        client_ca = str(c.tls_client_ca) if c.tls_client_ca is not None else None
+        return HttpServer(api, c.host, c.http_port or 0, tls_cert=cert, tls_key=key, tls_client_ca=client_ca)
 
     def _build(self) -> grpc.aio.Server:
         c = self.config
@@ -194,8 +208,17 @@ class TreeServer:
         observe = self.metrics.observe_generation
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.admission, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
+<<<<<<< HEAD
         updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
         distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
+=======
+        updates_pb2_grpc.add_UpdatesServicer_to_server(
+            UpdatesServicer(self.updates, self.access, hidden_nodes=self.catalog.hidden_nodes), server
+        )
+        distribution_pb2_grpc.add_DistributionServicer_to_server(
+            DistributionServicer(self.distribution, self.access), server
+        )
+>>>>>>> sec-auth
         admin = AdminServicer(
             self.router,
             self.access,
@@ -216,7 +239,12 @@ class TreeServer:
         address = f"{c.host}:{c.port}"
         try:
             if c.tls_key is not None and c.tls_cert is not None:  # both or neither (ServerConfig checks)
-                creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+                client_ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca is not None else None
+                creds = grpc.ssl_server_credentials(
+                    [(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
                 port = server.add_secure_port(address, creds)
             else:
                 port = server.add_insecure_port(address)
@@ -245,16 +273,17 @@ class TreeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port is not None:
             try:
-                self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+                self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
                 await self.stop(grace=0)
                 raise ServeError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}") from None
         log.info(
-            "serving %s on %s:%s (tls=%s, auth=%s, http=%s)",
+            "serving %s on %s:%s (tls=%s, client certificates=%s, auth=%s, http=%s)",
             ", ".join(self.router.trunks),
             self.config.host,
             self.port,
             self.config.tls,
+            "required" if self.config.tls_client_ca is not None else "no",
             self.config.auth,
             self.http_port,
         )

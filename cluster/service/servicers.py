@@ -14,7 +14,7 @@ import grpc.aio
 
 from cluster.service.access import NodeAccess
 from cluster.service.admission import Admission, NodeRef, TrunkRouter
-from cluster.service.auth import current_caller
+from cluster.service.auth import current_caller, require_operator
 from cluster.service.catalog import Catalog, MatchQuery
 from cluster.service.convert import (
     chunk_to_proto,
@@ -25,6 +25,7 @@ from cluster.service.convert import (
     snapshot_to_proto,
     version_to_proto,
 )
+from cluster.service.redact import Redactor
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -100,8 +101,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return node_to_proto(detail.node, aliases)
 
     async def ListVersions(self, request, context):
-        records = await asyncio.to_thread(self._catalog.versions, request.node, current_caller().tenant)
-        return registry_pb2.ListVersionsResponse(versions=[version_to_proto(v) for v in records])
+        tenant = current_caller().tenant
+        records = await asyncio.to_thread(self._catalog.versions, request.node, tenant)
+        # A public parent's versions carry figures about its children: hide the private ones' names.
+        hidden = await asyncio.to_thread(self._catalog.hidden_nodes, tenant, records[0].node_id) if records else ()
+        redactor = Redactor(hidden)
+        return registry_pb2.ListVersionsResponse(versions=[version_to_proto(redactor.version(v)) for v in records])
 
     async def Match(self, request, context):
         query = MatchQuery(
@@ -140,14 +145,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def Status(self, request, context):
         caller = current_caller()
+        require_operator(caller, auth_required=self._auth_enabled)  # load and cache counters are operators' data
         trunks = []
         for trunk in self._router.trunks.values():
             refresh = getattr(trunk, "refresh", None)  # remote trunks (cluster.ray.backend) fetch their state
             if refresh is not None:
                 await refresh()
             snap = trunk.snapshot()
-            # Private adapters of other tenants are not named, not even as "loaded".
-            visible = tuple([n for n in snap.loaded_adapters if await self._access.visible(n, caller)])
+            # Operators see every loaded adapter; an anonymous caller (auth off) is not told private ones.
+            visible = tuple(
+                [n for n in snap.loaded_adapters if caller.operator or await self._access.visible(n, caller)]
+            )
             trunks.append(snapshot_to_proto(snap, visible))
         return admin_pb2.StatusResponse(
             version=self._version,

@@ -138,7 +138,9 @@ async def _run(
         loop.add_signal_handler(sig, stop.set)
     endpoint = f"{config.host}:{server.port}"
     await asyncio.to_thread(_record, registry, engine, endpoint, "active")
-    metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    metrics = (
+        f", metrics on {config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    )
     http = f", OpenAI API at {server.http_url}" if server.http_url is not None else ""
     say(
         f"serving {engine.tree.name} on {endpoint} "

@@ -2,19 +2,21 @@
 
 The caller's tenant must be able to see the node (a private node exists only for its owner:
 everyone else gets NOT_FOUND, as for a node that does not exist); what an update may do is
-decided by its signatures, not by the token. Errors become status codes in
+decided by its signatures, not by the token. Statuses leave without the names of private
+nodes the caller cannot see (cluster/service/redact.py). Errors become status codes in
 cluster/service/interceptors.py (update errors: cluster/updates/wire.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from cluster.errors import BadArgument, NodeNotVisible
 from cluster.service.access import NodeAccess
 from cluster.service.auth import current_caller
+from cluster.service.redact import Redactor
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.package import PackageAssembler
 from cluster.updates.status import UpdateStatus
@@ -75,9 +77,24 @@ class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
     """The Updates service over a local coordinator or the Ray desk; with neither, every call
     answers UNIMPLEMENTED (a server started without the update protocol)."""
 
-    def __init__(self, coordinator: Coordinator | UpdateBackend | None, access: NodeAccess):
+    def __init__(
+        self,
+        coordinator: Coordinator | UpdateBackend | None,
+        access: NodeAccess,
+        *,
+        hidden_nodes: Callable[[str | None, str], Sequence[str]] | None = None,
+    ):
         self._backend = coordinator
         self._access = access
+        # (tenant, node id) -> the private nodes of that tree the tenant cannot see; None: redact nothing
+        self._hidden_nodes = hidden_nodes
+
+    async def _redacted(self, status: UpdateStatus) -> UpdateStatus:
+        """The status without the names of private nodes the caller cannot see (gate checks name every child)."""
+        if self._hidden_nodes is None:
+            return status
+        hidden = await asyncio.to_thread(self._hidden_nodes, current_caller().tenant, status.node)
+        return Redactor(hidden).update(status)
 
     @property
     def _coordinator(self) -> Coordinator | UpdateBackend:
@@ -112,10 +129,10 @@ class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
         if hint is not None and hint != node:
             raise BadArgument("node", f"the chunks name {node} but the package's manifest names {hint}")
         status = await asyncio.to_thread(self._coordinator.submit, package)
-        return status_to_proto(status)
+        return status_to_proto(await self._redacted(status))
 
     async def GetStatus(self, request, context):
-        return status_to_proto(await self._visible_status(request.update_id))
+        return status_to_proto(await self._redacted(await self._visible_status(request.update_id)))
 
     async def Approve(self, request, context):
         await self._visible_status(request.update_id)
@@ -124,7 +141,7 @@ class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
         status = await asyncio.to_thread(
             self._coordinator.approve, request.update_id, request.key_id, bytes(request.signature)
         )
-        return status_to_proto(status)
+        return status_to_proto(await self._redacted(status))
 
     async def Rollback(self, request, context):
         node = _node_id(request.node)

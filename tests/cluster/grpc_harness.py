@@ -32,6 +32,7 @@ class World:
     registry: Registry
     tokens: dict[str, str]  # tenant -> bearer token
     engine: Engine
+    operator_token: str  # role operator (tenant "ops"): may call the Admin service
 
     def catalog(self) -> Catalog:
         return Catalog(self.registry)
@@ -46,8 +47,10 @@ def make_world(tiny_base_dir: Path, root: Path, engine_config: EngineConfig | No
     assert "acme" in result.tenants_added
     create_tenant(registry, "globex")
     tokens = {tenant: issue_token(registry, tenant).token for tenant in ("acme", "globex")}
+    create_tenant(registry, "ops")
+    operator = issue_token(registry, "ops", role="operator").token
     engine = Engine(tree.base_dir, tree.root, engine_config or EngineConfig(max_batch_size=16))
-    return World(tree, url, registry, tokens, engine)
+    return World(tree, url, registry, tokens, engine, operator)
 
 
 class ServerThread:

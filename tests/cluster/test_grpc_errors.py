@@ -15,6 +15,7 @@ from cluster.service.status import ERROR_FIELD_KEY, ERROR_KIND_KEY, wire_status
 from hierarchy.errors import InvalidNodePath
 from nodes import errors as ne
 from registry import errors as re_
+from registry.records import TokenGrant
 from treelm import _errors as sdk
 
 S = grpc.StatusCode
@@ -108,11 +109,11 @@ class _Tokens:
         self.lookups = 0
         self.valid = {"tlm_good": "acme"}
 
-    def __call__(self, token: str) -> str:
+    def __call__(self, token: str) -> TokenGrant:
         self.lookups += 1
         if token not in self.valid:
             raise re_.InvalidToken("invalid API token")
-        return self.valid[token]
+        return TokenGrant(self.valid[token], "tenant", token)
 
 
 async def test_authenticator_requires_a_valid_token_and_caches_by_hash():

@@ -78,7 +78,7 @@ def test_tls_serves_tls_clients_only(world, tmp_path):
     try:
         with treelm.Client(server.target, token=world.tokens["acme"], tls=cert.read_bytes()) as client:
             assert client.generate("rt/en", "secure", max_new_tokens=3).node == "rt/en"
-        with treelm.Client(server.target, token=world.tokens["acme"], tls=str(cert), retries=0) as client:
+        with treelm.Client(server.target, token=world.operator_token, tls=str(cert), retries=0) as client:
             assert client.status().auth_enabled
         with treelm.Client(server.target, token=world.tokens["acme"], retries=0, timeout=5) as plaintext:
             with pytest.raises(treelm.Unavailable):

@@ -30,7 +30,7 @@ from tests.registry.helpers import demo_tree, snapshot
 
 def test_migrations_create_exactly_the_models_schema(db_url):
     status, created = init_registry(db_url)
-    assert created and status.current == head_revision() == "0004_variant_kinds"
+    assert created and status.current == head_revision() == "0005_token_roles"
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -153,7 +153,7 @@ def test_variant_kinds_migration_keeps_variants_and_the_database_enforces_the_ki
         command.downgrade(_alembic_config(conn), "0003_updates")
     engine.dispose()
     before, after = upgrade_registry(db_url)
-    assert (before.current, after.current) == ("0003_updates", "0004_variant_kinds")
+    assert (before.current, after.current) == ("0003_updates", head_revision())
     with open_registry(db_url) as reg:
         kinds = {v.kind for v in list_variants(reg, "demo/en/medical/radiology", 1)}
         assert kinds == {"chain", "flat", "merged", "merged-int8"}  # the rows survived the table copy
@@ -163,5 +163,42 @@ def test_variant_kinds_migration_keeps_variants_and_the_database_enforces_the_ki
     try:
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text("UPDATE variants SET kind = 'onnx' WHERE kind = 'gguf-lora'"))
+    finally:
+        engine.dispose()
+
+
+def test_token_roles_migration_keeps_old_tokens_as_tenant_tokens_without_expiry(db_url):
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError
+
+    from registry import authenticate_token, create_tenant, issue_token
+    from registry.access import _hash
+    from registry.db import _alembic_config
+
+    init_registry(db_url)
+    engine = create_engine(db_url)
+    with engine.connect() as conn, conn.begin():
+        command.downgrade(_alembic_config(conn), "0004_variant_kinds")
+    salt, secret = "ab" * 16, "old-secret"
+    with engine.begin() as conn:  # a token as the previous schema stored it (no role, no expiry)
+        conn.execute(text("INSERT INTO tenants (name, created_at) VALUES ('acme', CURRENT_TIMESTAMP)"))
+        conn.execute(
+            text(
+                "INSERT INTO api_tokens (token_id, tenant_id, salt, token_hash, created_at) "
+                "SELECT '0123456789abcdef', id, :salt, :hash, CURRENT_TIMESTAMP FROM tenants WHERE name = 'acme'"
+            ),
+            {"salt": salt, "hash": _hash(salt, secret)},
+        )
+    engine.dispose()
+    assert upgrade_registry(db_url)[1].current == "0005_token_roles"
+    with open_registry(db_url) as reg:
+        grant = authenticate_token(reg, f"tlm_0123456789abcdef_{secret}")
+        assert (grant.tenant, grant.role, grant.expires_at) == ("acme", "tenant", None)
+        create_tenant(reg, "ops")
+        assert authenticate_token(reg, issue_token(reg, "ops", role="operator").token).role == "operator"
+    engine = create_engine(db_url)
+    try:
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE api_tokens SET role = 'root'"))  # the database enforces the roles
     finally:
         engine.dispose()

@@ -69,7 +69,7 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             clock.lap("treelm cluster up (Ray head, update desk, replica, ingress)")
         else:  # one process: `treelm serve`
             server = ServeProcess(state)
-            server.wait_ready(state.tokens[HOSPITAL])
+            server.wait_ready(state.operator_token)
             address, http_url = server.address, server.http_url
             console.print(f"treelm serve {state.tree} on {address} (OpenAI API at {http_url})")
             clock.lap("treelm serve (loading the base)")
@@ -110,7 +110,8 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             report.show(console, device.table)
             clock.lap("4e. treelm pull --check on the laptop")
             versions = {n.id: n.stable_version for n in client.nodes()}
-            tables.append(steps.server_status(client, cluster.status() if cluster is not None else None))
+            with Client(address, token=state.operator_token, timeout=60) as operator:
+                tables.append(steps.server_status(operator, cluster.status() if cluster is not None else None))
             report.show(console, tables[-1])
             clock.lap("5. status")
     finally:

@@ -43,6 +43,7 @@ class DemoState:
     keys: Path  # keys/<name>/{private,public}.pem
     tokens: dict[str, str]  # tenant -> bearer token
     tree_name: str
+    operator_token: str  # role operator (tenant "ops"): the server's status
 
     @property
     def variant_key(self) -> Path:
@@ -88,6 +89,8 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     tokens = {
         t: cli("registry", "token", "issue", t, "--db", url).strip().splitlines()[-1].strip() for t in (HOSPITAL, OTHER)
     }
+    cli("registry", "tenant", "add", "ops", "--db", url)
+    operator = cli("registry", "token", "issue", "ops", "--role", "operator", "--db", url).strip().splitlines()[-1]
     keys = state_dir / "keys"
     onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
     for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants"):
@@ -102,6 +105,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     ):
         extra = ["--node", node] if node else []
         cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)
+<<<<<<< HEAD
     state = DemoState(state_dir, tree, url, keys, tokens, name)
     state.variant_delegation.unlink(missing_ok=True)  # never overwritten by the CLI: made afresh
     cli(
@@ -116,3 +120,6 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
         state.variant_delegation,
     )
     return state
+=======
+    return DemoState(state_dir, tree, url, keys, tokens, name, operator.strip())
+>>>>>>> sec-auth

@@ -60,6 +60,8 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert parse({**doc, "ingress": {"http_port": 9001}}, tmp_path).ingress.http_port == 9001
     assert config.ingress.variant_cache_bytes == 20 << 30  # built variants kept per tree dir
     assert parse({**doc, "ingress": {"variant_cache": "3GiB"}}, tmp_path).ingress.variant_cache_bytes == 3 << 30
+    assert config.ingress.metrics_host == "127.0.0.1"  # /metrics has no token: local unless widened
+    assert parse({**doc, "ingress": {"metrics_host": "0.0.0.0"}}, tmp_path).ingress.metrics_host == "0.0.0.0"
 
 
 def test_the_examples_are_valid(tree_dir, monkeypatch):
@@ -126,6 +128,7 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"metrics_port": 50080}), "ingress.metrics_port", "also ingress.http_port"),
         (lambda d: d.update(ingress={"http_port": "8080"}), "ingress.http_port", "an integer"),
         (lambda d: d.update(ingress={"tls_cert": "/x.crt"}), "ingress.tls_cert", "both tls_cert and tls_key"),
+        (lambda d: d.update(ingress={"tls_client_ca": "/ca.crt"}), "ingress.tls_client_ca", "need TLS"),
         (lambda d: d.update(ingress={"on_head": False}), "ingress.on_head", "SQLite"),
         (lambda d: d.update(ingress={"updates": "sometimes"}), "ingress.updates", "must be true or false"),
         (lambda d: d.update(ingress={"variant_key": "/k"}), "ingress.variant_key", "and variant_delegations"),
