@@ -208,17 +208,10 @@ class TreeServer:
         observe = self.metrics.observe_generation
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.admission, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
-<<<<<<< HEAD
-        updates_pb2_grpc.add_UpdatesServicer_to_server(UpdatesServicer(self.updates, self.access), server)
-        distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
-=======
         updates_pb2_grpc.add_UpdatesServicer_to_server(
             UpdatesServicer(self.updates, self.access, hidden_nodes=self.catalog.hidden_nodes), server
         )
-        distribution_pb2_grpc.add_DistributionServicer_to_server(
-            DistributionServicer(self.distribution, self.access), server
-        )
->>>>>>> sec-auth
+        distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
         admin = AdminServicer(
             self.router,
             self.access,

@@ -105,8 +105,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     ):
         extra = ["--node", node] if node else []
         cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)
-<<<<<<< HEAD
-    state = DemoState(state_dir, tree, url, keys, tokens, name)
+    state = DemoState(state_dir, tree, url, keys, tokens, name, operator.strip())
     state.variant_delegation.unlink(missing_ok=True)  # never overwritten by the CLI: made afresh
     cli(
         "keys",
@@ -120,6 +119,3 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
         state.variant_delegation,
     )
     return state
-=======
-    return DemoState(state_dir, tree, url, keys, tokens, name, operator.strip())
->>>>>>> sec-auth
