@@ -17,14 +17,16 @@ import grpc.aio
 
 from cluster.service.auth import CALLER, Authenticator
 from cluster.service.status import WireStatus, wire_status
+from hierarchy.clip import clip
 
-__all__ = ["PROTECTED_PREFIX", "AuthInterceptor", "StatusInterceptor"]
+__all__ = ["LOGGED_DETAIL_CHARS", "PROTECTED_PREFIX", "AuthInterceptor", "StatusInterceptor"]
 
 PROTECTED_PREFIX = "/treelm.v1."
 
 log = logging.getLogger("treelm.server")
 
 _S = grpc.StatusCode
+LOGGED_DETAIL_CHARS = 300  # a refusal's message can quote what a caller sent: the log keeps its start
 
 
 Behavior = Callable[..., Any]
@@ -95,7 +97,7 @@ class StatusInterceptor(_WrappingInterceptor):
     @staticmethod
     async def _fail(status: WireStatus, context: grpc.aio.ServicerContext) -> None:
         if status.code is not _S.INTERNAL:  # INTERNAL was logged with its traceback already
-            log.info("call failed: %s %s", status.code.name, status.details)
+            log.info("call failed: %s %s", status.code.name, clip(status.details, LOGGED_DETAIL_CHARS))
         await context.abort(status.code, status.details, status.trailing_metadata())
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
@@ -104,21 +106,24 @@ class StatusInterceptor(_WrappingInterceptor):
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext):
                 started, code = time.perf_counter(), _S.OK
                 self.in_flight += 1
+                status = None
                 try:
                     async for item in _iterate(behavior, request, context):
                         yield item
                 except grpc.aio.AbortError:
                     code = _S.UNKNOWN
                     raise
-                except BaseException as exc:
+                except Exception as exc:
+                    status = wire_status(exc)
+                    code = status.code
+                except BaseException:
                     code = _S.CANCELLED
-                    if isinstance(exc, Exception):
-                        status = wire_status(exc)
-                        code = status.code
-                        await self._fail(status, context)
                     raise
                 finally:
                     self._record(method, request, code, started)
+                if status is not None:
+                    del request  # see unary_behavior
+                    await self._fail(status, context)
 
             return stream_behavior
 
@@ -130,15 +135,19 @@ class StatusInterceptor(_WrappingInterceptor):
             except grpc.aio.AbortError:
                 code = _S.UNKNOWN
                 raise
-            except BaseException as exc:
+            except Exception as exc:
+                status = wire_status(exc)
+                code = status.code
+            except BaseException:
                 code = _S.CANCELLED
-                if isinstance(exc, Exception):
-                    status = wire_status(exc)
-                    code = status.code
-                    await self._fail(status, context)
                 raise
             finally:
                 self._record(method, request, code, started)
+            # Aborted outside the except block and without the request: grpc keeps the abort's
+            # traceback in a reference cycle, which must not hold the error's frames or a request
+            # of megabytes until the next full garbage collection.
+            del request
+            await self._fail(status, context)
 
         return unary_behavior
 
