@@ -9,12 +9,14 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from cluster.errors import BadArgument
 from cluster.service.auth import CALLER, Authenticator
 from cluster.service.status import WireStatus, wire_status
 from hierarchy.clip import clip
@@ -33,8 +35,46 @@ Behavior = Callable[..., Any]
 Wrap = Callable[[Behavior, bool, str], Behavior]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Wrap, method: str) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped (keeps serializers and streaming kinds)."""
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands for request bytes the method's message type cannot parse (the behaviour refuses it)."""
+
+    method: str  # e.g. Inference.Generate
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns _Undecodable instead of raising: grpc would answer UNKNOWN with
+    the parser's exception name; StatusInterceptor answers INVALID_ARGUMENT instead."""
+    if deserializer is None:
+        return None
+    short = method.removeprefix(PROTECTED_PREFIX).replace("/", ".")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(short)
+
+    return deserialize
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise BadArgument("request", f"the bytes sent are not a valid {request.method} request (protobuf)")
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _refuse_undecodable(request)
+        yield request
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Wrap, method: str, *, tolerant: bool = False
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (keeps serializers and streaming kinds).
+
+    ``tolerant``: undecodable request bytes reach the behaviour as _Undecodable."""
     if handler.unary_unary:
         make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     elif handler.unary_stream:
@@ -43,11 +83,20 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Wrap, method: str) -> gr
         make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
     else:
         make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    deserializer = _tolerant(handler.request_deserializer, method) if tolerant else handler.request_deserializer
     return make(
         wrap(behavior, handler.response_streaming, method),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _checked(request: Any) -> Any:
+    """The request, or (client streaming) its messages, refusing any that did not decode."""
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    _refuse_undecodable(request)
+    return request
 
 
 class _WrappingInterceptor(grpc.aio.ServerInterceptor):
@@ -59,7 +108,9 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(PROTECTED_PREFIX):
             return handler
-        return _wrap_handler(handler, self.wrap, details.method)
+        return _wrap_handler(handler, self.wrap, details.method, tolerant=self.tolerant)
+
+    tolerant = False  # whether this interceptor refuses undecodable requests itself
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:  # pragma: no cover
         raise NotImplementedError
@@ -83,6 +134,8 @@ class StatusInterceptor(_WrappingInterceptor):
 
     ``observe(method, node, code_name, seconds)`` is called once per call when given.
     """
+
+    tolerant = True
 
     def __init__(self, observe: Callable[[str, str, str, float], None] | None = None):
         self._observe = observe
@@ -108,6 +161,7 @@ class StatusInterceptor(_WrappingInterceptor):
                 self.in_flight += 1
                 status = None
                 try:
+                    request = _checked(request)
                     async for item in _iterate(behavior, request, context):
                         yield item
                 except grpc.aio.AbortError:
@@ -131,6 +185,7 @@ class StatusInterceptor(_WrappingInterceptor):
             started, code = time.perf_counter(), _S.OK
             self.in_flight += 1
             try:
+                request = _checked(request)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _S.UNKNOWN
