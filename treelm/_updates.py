@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from hierarchy.secret_files import exposed_secret_file
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
 from protos.treelm.v1 import updates_pb2
@@ -127,6 +128,9 @@ def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None
         return key
     path = Path(key)
     file = path / "private.pem" if path.is_dir() else path
+    exposed = exposed_secret_file(file)
+    if exposed is not None:
+        raise InvalidRequest(exposed, field="key")
     try:
         return SigningKey.from_pem(file.read_bytes(), password)
     except OSError as exc:
