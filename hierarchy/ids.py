@@ -6,9 +6,18 @@ import enum
 import re
 from dataclasses import dataclass
 
+from hierarchy.clip import clip
 from hierarchy.errors import InvalidNodePath
 
-__all__ = ["SEGMENT_PATTERN", "Level", "NodeId", "NodePath"]
+__all__ = [
+    "MAX_NODE_ID_BYTES",
+    "MAX_NODE_ID_SEGMENTS",
+    "SEGMENT_PATTERN",
+    "Level",
+    "NodeId",
+    "NodePath",
+    "check_node_id_size",
+]
 
 # Lower-case ASCII, digits, '-' and '_'; must start with a letter or digit. Kept
 # strict because paths become directory names, URLs and database keys.
@@ -39,6 +48,22 @@ class Level(enum.Enum):
 
 _LEVEL_RANK = {Level.BASE: 0, Level.LANGUAGE: 1, Level.DOMAIN: 2, Level.SUBDOMAIN: 3}
 
+# Bounds of a node id, checked before anything else looks at one (requests carry ids from anyone).
+MAX_NODE_ID_BYTES = 256
+# Levels only go deeper (base, language, domain, subdomain): the tree name plus three path segments.
+MAX_NODE_ID_SEGMENTS = len(_LEVEL_RANK)
+
+
+def check_node_id_size(text: str) -> None:
+    """InvalidNodePath for an id over MAX_NODE_ID_BYTES or MAX_NODE_ID_SEGMENTS (the message quotes only its start)."""
+    # Characters never outnumber UTF-8 bytes: a long string is refused without encoding it.
+    if len(text) > MAX_NODE_ID_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_NODE_ID_BYTES:
+        raise InvalidNodePath(f"node id {clip(text)} is longer than {MAX_NODE_ID_BYTES} bytes")
+    if text.strip("/").count("/") + 1 > MAX_NODE_ID_SEGMENTS:
+        raise InvalidNodePath(
+            f"node id {clip(text)} has more than {MAX_NODE_ID_SEGMENTS} segments (tree/language/domain/subdomain)"
+        )
+
 
 @dataclass(frozen=True, order=True)
 class NodePath:
@@ -52,7 +77,7 @@ class NodePath:
         for segment in self.value.split("/"):
             if not _SEGMENT_RE.match(segment):
                 raise InvalidNodePath(
-                    f"bad path {self.value!r}: segment {segment!r} must match {SEGMENT_PATTERN} "
+                    f"bad path {clip(self.value)}: segment {clip(segment)} must match {SEGMENT_PATTERN} "
                     "(lower-case letters, digits, '-', '_')"
                 )
 
@@ -112,11 +137,13 @@ class NodeId:
 
     def __post_init__(self) -> None:
         if not _SEGMENT_RE.match(self.tree):
-            raise InvalidNodePath(f"bad tree name {self.tree!r}: must match {SEGMENT_PATTERN}")
+            raise InvalidNodePath(f"bad tree name {clip(self.tree)}: must match {SEGMENT_PATTERN}")
 
     @classmethod
     def parse(cls, text: str) -> NodeId:
-        text = str(text).strip().strip("/")
+        text = str(text)
+        check_node_id_size(text)
+        text = text.strip().strip("/")
         if not text:
             raise InvalidNodePath("empty node id")
         tree, _, rest = text.partition("/")

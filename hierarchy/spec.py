@@ -275,8 +275,28 @@ _Settings = TypeVar("_Settings", LoraSettings, TrainSettings, GuardSettings)
 _Problem = Callable[[str | None, str | None, str], None]
 
 
+MAX_SPEC_NESTING = 64  # lists and mappings inside each other; a spec needs a handful
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that reports duplicate mapping keys instead of silently keeping the last."""
+    """SafeLoader that reports duplicate mapping keys instead of silently keeping the last, and
+    refuses nesting deeper than MAX_SPEC_NESTING (PyYAML recurses once per level)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_SPEC_NESTING:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_SPEC_NESTING} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
@@ -306,6 +326,8 @@ def load_spec(path: str | Path, *, check_files: bool = True) -> TreeSpec:
         raise SpecError([SpecProblem(fname, None, None, f"cannot read: {exc}")]) from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:  # a scanner state deeper than the composer's cap (flow collections)
+        raise SpecError([SpecProblem(fname, None, None, "malformed YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -214,10 +214,7 @@ def migrate(url: str | None = None, revision: str = "head") -> SchemaStatus:
     resolved = resolve_url(url)
     file = _sqlite_file(make_url(resolved))
     if file is not None:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseUnavailable(f"cannot create the registry's folder {file.parent}: {exc.strerror}") from None
+        _create_private(file)
     engine = _make_engine(resolved)
     try:
         with engine.connect().execution_options(treelm_write=True) as conn, conn.begin():
@@ -227,6 +224,21 @@ def migrate(url: str | None = None, revision: str = "head") -> SchemaStatus:
         raise _unavailable(resolved, exc) from None
     finally:
         engine.dispose()
+
+
+def _create_private(file: Path) -> None:
+    """The SQLite file (and a folder made for it) private to this user: 0600 and 0700. SQLite gives
+    its journal and WAL files the database file's mode, so they stay private too."""
+    try:
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"cannot create the registry's folder {file.parent}: {exc.strerror}") from None
+    try:
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return  # an existing database keeps the mode its owner chose
+    except OSError as exc:
+        raise DatabaseUnavailable(f"cannot create the registry file {file}: {exc.strerror}") from None
 
 
 def init_registry(url: str | None = None) -> tuple[SchemaStatus, bool]:

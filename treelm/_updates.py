@@ -13,11 +13,16 @@ the canonical rollback statement (hierarchy.updates.statements).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+from hierarchy.secret_files import exposed_secret_file
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
 from protos.treelm.v1 import updates_pb2
@@ -43,7 +48,7 @@ def package_chunks(package: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Itera
     """The Submit stream for a package directory: node + envelope first, then the files in pieces."""
     root = Path(package)
     try:
-        envelope = (root / ENVELOPE_FILE).read_bytes()
+        envelope = _read_regular(root / ENVELOPE_FILE)
     except OSError as exc:
         raise InvalidRequest(f"{root} is not an update package: {exc.strerror or exc}", field="package") from None
     try:
@@ -52,17 +57,69 @@ def package_chunks(package: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Itera
         raise InvalidRequest(
             f"{root / ENVELOPE_FILE} is not a DSSE envelope of a manifest: {exc}", field="envelope"
         ) from None
-    files = sorted(p for p in (root / FILES_DIR).rglob("*") if p.is_file()) if (root / FILES_DIR).is_dir() else []
+    files = _package_files(root)
 
     def chunks() -> Iterator[updates_pb2.SubmitChunk]:
         yield updates_pb2.SubmitChunk(node=str(node), envelope=envelope)
         for file in files:
             name = file.relative_to(root / FILES_DIR).as_posix()
-            with open(file, "rb") as fh:
+            with _open_regular(file) as fh:
                 while piece := fh.read(chunk_bytes):
                     yield updates_pb2.SubmitChunk(file=name, data=piece)
 
     return chunks()
+
+
+def _not_regular(path: Path, mode: int) -> InvalidRequest:
+    what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+    return InvalidRequest(
+        f"{path} is {what}: an update package holds regular files only (nothing is sent)", field="package"
+    )
+
+
+def _package_files(root: Path) -> list[Path]:
+    """The regular files under PKG/files; InvalidRequest for a link or a special file anywhere in it.
+
+    A link would upload whatever it points to (another file of this machine), so none is followed."""
+    top = root / FILES_DIR
+    try:
+        mode = top.lstat().st_mode
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {top}: {exc.strerror or exc}", field="package") from None
+    if not stat.S_ISDIR(mode):
+        raise _not_regular(top, mode)
+    files: list[Path] = []
+    for directory, dirs, names in os.walk(top, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(directory) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISREG(mode):
+                files.append(path)
+            elif not stat.S_ISDIR(mode):  # os.walk lists a link to a directory among dirs: refused here too
+                raise _not_regular(path, mode)
+    return sorted(files)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open without following a link, and check what was opened (it may have changed since the walk)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_regular(path, stat.S_IFLNK) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    return os.fdopen(fd, "rb")
+
+
+def _read_regular(path: Path) -> bytes:
+    with _open_regular(path) as fh:
+        return fh.read()
 
 
 def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None) -> SigningKey:
@@ -71,6 +128,9 @@ def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None
         return key
     path = Path(key)
     file = path / "private.pem" if path.is_dir() else path
+    exposed = exposed_secret_file(file)
+    if exposed is not None:
+        raise InvalidRequest(exposed, field="key")
     try:
         return SigningKey.from_pem(file.read_bytes(), password)
     except OSError as exc:

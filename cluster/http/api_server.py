@@ -47,7 +47,9 @@ from cluster.http.serving_models import ModelServing
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import DistributionCalls
+from cluster.service.interceptors import LOGGED_DETAIL_CHARS
 from cluster.service.status import wire_status
+from hierarchy.clip import clip
 
 __all__ = ["HttpApi", "HttpLimits", "HttpServer"]
 
@@ -199,7 +201,7 @@ class HttpApi:
             status = wire_status(exc)
             code = status.code
             if code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback already
-                log.info("%s failed: %s %s", method, status.http_status, status.details)
+                log.info("%s failed: %s %s", method, status.http_status, clip(status.details, LOGGED_DETAIL_CHARS))
             return error_response(exc, fields, status)
         finally:
             if not streaming:

@@ -518,4 +518,6 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
         raise ClusterConfigError(str(path), "", f"cannot read it: {exc}") from None
     except yaml.YAMLError as exc:
         raise ClusterConfigError(str(path), "", f"not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ClusterConfigError(str(path), "", "not valid YAML: nested too deeply") from None
     return parse_cluster_config(data, file=str(path), base=path.resolve().parent)

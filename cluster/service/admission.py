@@ -28,16 +28,30 @@ from cluster.errors import BadArgument, UnknownVersion, VersionNotServed
 from cluster.service.access import NodeAccess
 from cluster.service.auth import Caller
 from cluster.service.trunk import Trunk
+from hierarchy.clip import clip
 from hierarchy.errors import InvalidNodePath
-from hierarchy.ids import NodeId
+from hierarchy.ids import MAX_NODE_ID_BYTES, NodeId, check_node_id_size
 from nodes.errors import UnknownNode
 
-__all__ = ["Admission", "NodeRef", "TrunkRouter"]
+__all__ = ["Admission", "NodeRef", "TrunkRouter", "bounded_node_id"]
 
 _VERSION = re.compile(r"^[0-9]{1,9}$")
+_MAX_REF_CHARS = MAX_NODE_ID_BYTES + 10  # the id, '@' and a version of at most 9 digits
 
 # (node id, tenant) -> the versions the registry records for that node (as the tenant sees it)
 VersionLookup = Callable[[str, str | None], Sequence[int]]
+
+
+def bounded_node_id(text: str, field: str = "node") -> str:
+    """``text`` unchanged when it is within the node-id bounds; BadArgument naming ``field`` otherwise.
+
+    For calls that take an id (or a prefix of one) to the registry as it is: the bound comes first.
+    """
+    try:
+        check_node_id_size(text)
+    except InvalidNodePath as exc:
+        raise BadArgument(field, str(exc)) from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -52,9 +66,13 @@ class NodeRef:
         """BadArgument naming ``field`` for anything that is not ``tree[/path][@version]``."""
         if not isinstance(text, str) or not text.strip():
             raise BadArgument(field, "must name a node, e.g. 'demo/en/medical' or 'demo/en/medical@2'")
+        if len(text) > _MAX_REF_CHARS:  # before any copy, lookup, cache or log line sees it
+            raise BadArgument(field, f"node id {clip(text)} is longer than {MAX_NODE_ID_BYTES} bytes")
         name, at, version = text.strip().partition("@")
         if at and not _VERSION.match(version):
-            raise BadArgument(field, f"the version after '@' must be a whole number, got {version!r} in {text!r}")
+            raise BadArgument(
+                field, f"the version after '@' must be a whole number, got {clip(version)} in {clip(text)}"
+            )
         try:
             node = str(NodeId.parse(name))
         except InvalidNodePath as exc:

@@ -9,30 +9,72 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from cluster.errors import BadArgument
 from cluster.service.auth import CALLER, Authenticator
 from cluster.service.status import WireStatus, wire_status
+from hierarchy.clip import clip
 
-__all__ = ["PROTECTED_PREFIX", "AuthInterceptor", "StatusInterceptor"]
+__all__ = ["LOGGED_DETAIL_CHARS", "PROTECTED_PREFIX", "AuthInterceptor", "StatusInterceptor"]
 
 PROTECTED_PREFIX = "/treelm.v1."
 
 log = logging.getLogger("treelm.server")
 
 _S = grpc.StatusCode
+LOGGED_DETAIL_CHARS = 300  # a refusal's message can quote what a caller sent: the log keeps its start
 
 
 Behavior = Callable[..., Any]
 Wrap = Callable[[Behavior, bool, str], Behavior]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Wrap, method: str) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped (keeps serializers and streaming kinds)."""
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands for request bytes the method's message type cannot parse (the behaviour refuses it)."""
+
+    method: str  # e.g. Inference.Generate
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns _Undecodable instead of raising: grpc would answer UNKNOWN with
+    the parser's exception name; StatusInterceptor answers INVALID_ARGUMENT instead."""
+    if deserializer is None:
+        return None
+    short = method.removeprefix(PROTECTED_PREFIX).replace("/", ".")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(short)
+
+    return deserialize
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise BadArgument("request", f"the bytes sent are not a valid {request.method} request (protobuf)")
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _refuse_undecodable(request)
+        yield request
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Wrap, method: str, *, tolerant: bool = False
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (keeps serializers and streaming kinds).
+
+    ``tolerant``: undecodable request bytes reach the behaviour as _Undecodable."""
     if handler.unary_unary:
         make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     elif handler.unary_stream:
@@ -41,11 +83,20 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Wrap, method: str) -> gr
         make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
     else:
         make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    deserializer = _tolerant(handler.request_deserializer, method) if tolerant else handler.request_deserializer
     return make(
         wrap(behavior, handler.response_streaming, method),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _checked(request: Any) -> Any:
+    """The request, or (client streaming) its messages, refusing any that did not decode."""
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    _refuse_undecodable(request)
+    return request
 
 
 class _WrappingInterceptor(grpc.aio.ServerInterceptor):
@@ -57,7 +108,9 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(PROTECTED_PREFIX):
             return handler
-        return _wrap_handler(handler, self.wrap, details.method)
+        return _wrap_handler(handler, self.wrap, details.method, tolerant=self.tolerant)
+
+    tolerant = False  # whether this interceptor refuses undecodable requests itself
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:  # pragma: no cover
         raise NotImplementedError
@@ -82,6 +135,8 @@ class StatusInterceptor(_WrappingInterceptor):
     ``observe(method, node, code_name, seconds)`` is called once per call when given.
     """
 
+    tolerant = True
+
     def __init__(self, observe: Callable[[str, str, str, float], None] | None = None):
         self._observe = observe
         self.in_flight = 0  # calls between entry and their last response (one event loop: no lock)
@@ -95,7 +150,7 @@ class StatusInterceptor(_WrappingInterceptor):
     @staticmethod
     async def _fail(status: WireStatus, context: grpc.aio.ServicerContext) -> None:
         if status.code is not _S.INTERNAL:  # INTERNAL was logged with its traceback already
-            log.info("call failed: %s %s", status.code.name, status.details)
+            log.info("call failed: %s %s", status.code.name, clip(status.details, LOGGED_DETAIL_CHARS))
         await context.abort(status.code, status.details, status.trailing_metadata())
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
@@ -104,21 +159,25 @@ class StatusInterceptor(_WrappingInterceptor):
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext):
                 started, code = time.perf_counter(), _S.OK
                 self.in_flight += 1
+                status = None
                 try:
+                    request = _checked(request)
                     async for item in _iterate(behavior, request, context):
                         yield item
                 except grpc.aio.AbortError:
                     code = _S.UNKNOWN
                     raise
-                except BaseException as exc:
+                except Exception as exc:
+                    status = wire_status(exc)
+                    code = status.code
+                except BaseException:
                     code = _S.CANCELLED
-                    if isinstance(exc, Exception):
-                        status = wire_status(exc)
-                        code = status.code
-                        await self._fail(status, context)
                     raise
                 finally:
                     self._record(method, request, code, started)
+                if status is not None:
+                    del request  # see unary_behavior
+                    await self._fail(status, context)
 
             return stream_behavior
 
@@ -126,19 +185,24 @@ class StatusInterceptor(_WrappingInterceptor):
             started, code = time.perf_counter(), _S.OK
             self.in_flight += 1
             try:
+                request = _checked(request)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _S.UNKNOWN
                 raise
-            except BaseException as exc:
+            except Exception as exc:
+                status = wire_status(exc)
+                code = status.code
+            except BaseException:
                 code = _S.CANCELLED
-                if isinstance(exc, Exception):
-                    status = wire_status(exc)
-                    code = status.code
-                    await self._fail(status, context)
                 raise
             finally:
                 self._record(method, request, code, started)
+            # Aborted outside the except block and without the request: grpc keeps the abort's
+            # traceback in a reference cycle, which must not hold the error's frames or a request
+            # of megabytes until the next full garbage collection.
+            del request
+            await self._fail(status, context)
 
         return unary_behavior
 

@@ -43,6 +43,7 @@ from cluster.service.servicers import AdminServicer, InferenceServicer, Registry
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
 from cluster.updates.coordinator import Coordinator
+from hierarchy.secret_files import exposed_secret_file
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -111,6 +112,9 @@ class ServerConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ServeError(f"{name.replace('_', '-')} {path} is not a file")
+        exposed = exposed_secret_file(self.tls_key, "TLS key") if self.tls_key is not None else None
+        if exposed is not None:
+            raise ServeError(exposed)
         for name in ("max_receive_message_bytes", "max_send_message_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1024:
                 raise ServeError(f"{name} must be an integer >= 1024")

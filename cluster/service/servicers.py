@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc.aio
 
 from cluster.service.access import NodeAccess
-from cluster.service.admission import Admission, NodeRef, TrunkRouter
+from cluster.service.admission import Admission, NodeRef, TrunkRouter, bounded_node_id
 from cluster.service.auth import current_caller, require_operator
 from cluster.service.catalog import Catalog, MatchQuery
 from cluster.service.convert import (
@@ -92,17 +92,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._catalog = catalog
 
     async def ListNodes(self, request, context):
-        records = await asyncio.to_thread(self._catalog.nodes, current_caller().tenant, request.prefix)
+        prefix = bounded_node_id(request.prefix, "prefix")
+        records = await asyncio.to_thread(self._catalog.nodes, current_caller().tenant, prefix)
         return registry_pb2.ListNodesResponse(nodes=[node_to_proto(r) for r in records])
 
     async def GetNode(self, request, context):
-        detail = await asyncio.to_thread(self._catalog.node, request.node, current_caller().tenant)
+        detail = await asyncio.to_thread(self._catalog.node, bounded_node_id(request.node), current_caller().tenant)
         aliases = {alias: v.version for v in detail.versions for alias in v.aliases}
         return node_to_proto(detail.node, aliases)
 
     async def ListVersions(self, request, context):
         tenant = current_caller().tenant
-        records = await asyncio.to_thread(self._catalog.versions, request.node, tenant)
+        records = await asyncio.to_thread(self._catalog.versions, bounded_node_id(request.node), tenant)
         # A public parent's versions carry figures about its children: hide the private ones' names.
         hidden = await asyncio.to_thread(self._catalog.hidden_nodes, tenant, records[0].node_id) if records else ()
         redactor = Redactor(hidden)

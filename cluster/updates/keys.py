@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hierarchy.errors import KeyFormatError, RotationError, ThresholdError
 from hierarchy.ids import NodeId
+from hierarchy.secret_files import exposed_secret_file
 from hierarchy.updates.envelope import Signature, pae
 from hierarchy.updates.keys import PublicKey, SigningKey
 from hierarchy.updates.trust import (
@@ -74,7 +75,7 @@ def write_key_files(out: str | Path, key: SigningKey | None = None, password: by
     private, public = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
     if private.exists() or public.exists():
         raise KeyFormatError(f"{out} already holds a key; choose another --out (keys are never overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder is private too
     # Created 0600 from the start: the secret is never readable by others, not even for a moment.
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -87,6 +88,9 @@ def load_signing_key(path: str | Path, password: bytes | None = None) -> Signing
     """A private key from a key directory (its private.pem) or a PEM file."""
     path = Path(path)
     file = path / PRIVATE_KEY_FILE if path.is_dir() else path
+    exposed = exposed_secret_file(file)
+    if exposed is not None:
+        raise KeyFormatError(exposed)
     try:
         data = file.read_bytes()
     except OSError as exc:

@@ -130,8 +130,10 @@ class UpdatePolicy:
         path = Path(path)
         try:
             obj = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise PolicyError(f"cannot read update policy {path}: {exc}") from None
+        except RecursionError:  # PyYAML recurses once per nesting level
+            raise PolicyError(f"cannot read update policy {path}: nested too deeply") from None
         if not isinstance(obj, dict):
             raise PolicyError(f"update policy {path} must be a mapping of fields")
         return cls.from_dict(obj, path.parent)

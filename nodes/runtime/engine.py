@@ -298,20 +298,21 @@ class Engine:
         if fmt is not None and fmt.constrained and not self._grammars.ready(fmt):
             await asyncio.to_thread(self._grammars.compile, fmt)
 
-    def _submit(self, request: GenerationRequest, streaming: bool) -> tuple[Job, _QueueSink]:
+    async def _submit(self, request: GenerationRequest, streaming: bool) -> tuple[Job, _QueueSink]:
         if self._closed:
             raise EngineClosed("the engine is closed")
         if self._root is not None and time.monotonic() - self._snapshot_checked >= _SNAPSHOT_POLL_S:
             self.refresh()
         sink = _QueueSink(asyncio.get_running_loop())
-        job = self._job(request, sink, streaming)
+        # Tokenizing a long prompt takes long: in a thread, so other calls on this loop go on meanwhile.
+        job = await asyncio.to_thread(self._job, request, sink, streaming)
         self._scheduler.submit(job)
         return job, sink
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` to the end and return its result (see the module docstring for errors)."""
         await self._compile(request)
-        job, sink = self._submit(request, streaming=False)
+        job, sink = await self._submit(request, streaming=False)
         try:
             while True:
                 item = await sink.queue.get()
@@ -330,7 +331,7 @@ class Engine:
         its slot is freed at the next step.
         """
         await self._compile(request)
-        job, sink = self._submit(request, streaming=True)
+        job, sink = await self._submit(request, streaming=True)
         try:
             while True:
                 item = await sink.queue.get()

@@ -25,6 +25,11 @@ Sampling parameters and their limits (checked in ``__post_init__``; InvalidReque
 ``response_format``    None / ``text``, ``json_object`` (any JSON object) or ``json_schema``
                        (constrained decoding; the row stops when the JSON value is complete).
 =====================  ==========================================================================
+
+A request's text is bounded before anything tokenizes it: ``prompt``, or the messages' contents
+together, at most MAX_PROMPT_BYTES (1 MiB) of UTF-8 (InvalidRequest naming ``prompt`` /
+``messages``). After tokenizing, the engine refuses a prompt that leaves no room in the base's
+context. The engine tokenizes and detokenizes off the event loop.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from nodes.errors import InvalidRequest
 __all__ = [
     "MAX_CHOICES",
     "MAX_LOGIT_BIAS",
+    "MAX_PROMPT_BYTES",
     "MAX_SCHEMA_BYTES",
     "MAX_TOP_LOGPROBS",
     "ChatMessage",
@@ -62,6 +68,7 @@ MAX_CHOICES = 16  # completions per request (OpenAI's ``n``)
 MAX_TOP_LOGPROBS = 20  # alternatives per position, as OpenAI allows
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema's size as compact JSON text
+MAX_PROMPT_BYTES = 1 << 20  # a prompt's (or all messages' contents') UTF-8 bytes, checked before tokenizing
 _PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2]
 _BIAS = 100.0  # logit_bias values lie in [-100, 100]
 
@@ -260,8 +267,23 @@ class GenerationRequest:
             if not msgs:
                 raise InvalidRequest("messages", "must not be empty")
             object.__setattr__(self, "messages", msgs)
+        self._check_size()
         if not isinstance(self.params, SamplingParams):
             raise InvalidRequest("params", "must be a SamplingParams")
+
+    def _check_size(self) -> None:
+        field_name = "prompt" if self.prompt is not None else "messages"
+        texts = [self.prompt] if self.prompt is not None else [getattr(m, "content", "") for m in self.messages or ()]
+        size = 0
+        for text in texts:
+            if not isinstance(text, str):
+                continue  # ChatMessage refuses it with its own message
+            # Characters never outnumber UTF-8 bytes: a huge text is refused without encoding it.
+            size += len(text) if len(text) > MAX_PROMPT_BYTES else len(text.encode("utf-8", "surrogatepass"))
+            if size > MAX_PROMPT_BYTES:
+                raise InvalidRequest(
+                    field_name, f"more than {MAX_PROMPT_BYTES} bytes of text (the limit per request); shorten it"
+                )
 
 
 class FinishReason(str, enum.Enum):

@@ -161,36 +161,49 @@ def node_dir(root: str | Path, path: NodePath | str) -> Path:
     return Path(root) / "nodes" / str(path)
 
 
+def _read_record(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file``; NodesError naming the file for anything else (never a traceback)."""
+    try:
+        record = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise NodesError(f"{file} is corrupt: {str(exc)[:200]}") from None
+    if not isinstance(record, dict):
+        raise NodesError(f"{file} is corrupt: expected a JSON object, found a JSON {type(record).__name__}")
+    return record
+
+
 def open_tree(root: str | Path) -> BuiltTree:
     """Read tree.json and every node.json; raises NodesError if the dir is not a built tree."""
     root = Path(root)
     record_file = root / TREE_RECORD
     if not record_file.is_file():
         raise NodesError(f"{root} is not a built tree (no {TREE_RECORD}); run `treelm tree build SPEC --out {root}`")
+    record = _read_record(record_file)
+    current = record_file
     try:
-        record = json.loads(record_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise NodesError(f"{record_file} is corrupt: {exc}") from exc
-    base_dir = Path(record["base"]["dir"])
-    if not base_dir.is_absolute():
-        base_dir = root / base_dir
-    nodes = []
-    for path in record.get("nodes", []):
-        directory = node_dir(root, path)
-        node_file = directory / NODE_RECORD
-        if not node_file.is_file():
-            raise NodesError(f"node {record['name']}/{path} is listed in {record_file} but {node_file} is missing")
-        nodes.append(BuiltNode.from_record(directory, json.loads(node_file.read_text())))
-    return BuiltTree(
-        root=root,
-        name=record["name"],
-        base_dir=base_dir,
-        base_digest=record["base"]["digest"],
-        base_model=record["base"].get("model", ""),
-        nodes=tuple(nodes),
-        spec_digest=record.get("spec_digest", ""),
-        raw=record,
-    )
+        base_dir = Path(record["base"]["dir"])
+        if not base_dir.is_absolute():
+            base_dir = root / base_dir
+        nodes = []
+        for path in record.get("nodes", []):
+            directory = node_dir(root, path)
+            current = directory / NODE_RECORD
+            if not current.is_file():
+                raise NodesError(f"node {record['name']}/{path} is listed in {record_file} but {current} is missing")
+            nodes.append(BuiltNode.from_record(directory, _read_record(current)))
+        return BuiltTree(
+            root=root,
+            name=record["name"],
+            base_dir=base_dir,
+            base_digest=record["base"]["digest"],
+            base_model=record["base"].get("model", ""),
+            nodes=tuple(nodes),
+            spec_digest=record.get("spec_digest", ""),
+            raw=record,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong kind
+        what = f"no field {exc}" if isinstance(exc, KeyError) else str(exc)[:200]
+        raise NodesError(f"{current} is corrupt: {what}") from None
 
 
 def verify_node_files(node: BuiltNode) -> None:

@@ -69,6 +69,7 @@ def self_signed(tmp: Path) -> tuple[Path, Path]:
     key_file.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    key_file.chmod(0o600)  # the server refuses a key others may read
     return cert_file, key_file
 
 

@@ -63,6 +63,7 @@ def templates(tmp_path_factory):
     evaluator = a.keys.evaluators["en/medical"]
     a.coordinator.approve(candidate, evaluator.keyid, evaluator.sign(envelope.pae()))
     (root / "operator.pem").write_bytes(a.keys.operator.to_pem())
+    (root / "operator.pem").chmod(0o600)  # a private key others may read is refused
     a.close()
     # Reference outcomes: the same operations, uninterrupted, on copies.
     out = {}

@@ -94,6 +94,7 @@ def test_a_child_failing_revalidation_is_held_until_an_operator_repins_it(tmp_pa
         assert {n.version for n in (served_tree.chain(node)[1], served_tree.chain(f"{TREE}/{MED}")[1])} == {1, 2}
         (tmp_path / "op").mkdir()
         (tmp_path / "op" / "private.pem").write_bytes(w.keys.operator.to_pem())
+        (tmp_path / "op" / "private.pem").chmod(0o600)  # a private key others may read is refused
         code = main(["update", "repin", node, "--key", str(tmp_path / "op"), "--tree", str(w.tree), "--db", w.url])
         assert code == 0 and "en/medical@v2" in capsys.readouterr().out
         pin = current_pins(w.registry, TREE)[node]

@@ -130,7 +130,10 @@ async def test_a_full_queue_rejects_with_queue_full_and_serves_the_rest(tiny_bas
         stream = engine.stream(long)
         await stream.__anext__()  # the long request is running: the batch (of one) is full
         queued = asyncio.ensure_future(engine.generate(request(f"{tree.name}/fr", max_new_tokens=5)))
-        await asyncio.sleep(0)
+        for _ in range(1000):  # the prompt is tokenized in a thread, then queued
+            if engine.stats().queue_depth:
+                break
+            await asyncio.sleep(0.005)
         assert engine.stats().queue_depth == 1
         with pytest.raises(QueueFull):
             await engine.generate(request(f"{tree.name}/en/legal", max_new_tokens=5))

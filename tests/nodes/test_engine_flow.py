@@ -67,7 +67,10 @@ async def test_cancel_by_id_returns_a_partial_result_or_raises_when_queued(one_s
     await stream.__anext__()
     task_running = asyncio.ensure_future(_collect(stream))
     task_queued = asyncio.ensure_future(one_slot.generate(queued))
-    await asyncio.sleep(0)
+    for _ in range(1000):  # the prompt is tokenized in a thread, then queued
+        if one_slot.stats().queue_depth:
+            break
+        await asyncio.sleep(0.005)
     assert one_slot.cancel(queued.request_id) and one_slot.cancel(running.request_id)
     with pytest.raises(RequestCancelled):
         await task_queued
