@@ -105,7 +105,10 @@ class UploadSpool:
         for entry in self.root.iterdir():
             pid = entry.name.split("-", 1)[0]
             if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def entries(self) -> list[Path]:
         """This server's uploads in progress (what a refused or finished upload must not leave)."""

@@ -5,7 +5,9 @@ valid package still goes through the whole update flow from the spool."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -76,6 +78,12 @@ def _junk(file: str = "adapter_model.safetensors", n: int = CHUNKS) -> Iterator[
         yield updates_pb2.SubmitChunk(file=file, data=piece)
 
 
+@pytest.fixture(scope="module")
+def adapter(setup):
+    """One honest oncology adapter (training one takes seconds; every refusal reuses it)."""
+    return honest_adapter(setup[0], ONC)
+
+
 def _meta(tokens, tenant: str = "st-marys"):
     return [("authorization", f"Bearer {tokens[tenant]}")]
 
@@ -94,8 +102,7 @@ def _refused(stub, tokens, stream, tenant: str = "st-marys") -> grpc.RpcError:
     return info.value
 
 
-def _signed(w, files: dict[str, bytes], signers: list[SigningKey] | None = None) -> Envelope:
-    adapter = honest_adapter(w, ONC)
+def _signed(w, adapter, files: dict[str, bytes], signers: list[SigningKey] | None = None) -> Envelope:
     manifest = manifest_for(w, ONC, adapter, files)
     return sign_manifest(manifest, signers if signers is not None else [w.keys.nodes[ONC]])
 
@@ -112,21 +119,21 @@ def test_the_spool_is_private_to_the_server(setup):
     assert stat.S_IMODE(spool.stat().st_mode) == 0o700
 
 
-def test_an_unknown_key_is_refused_on_the_first_chunk_without_taking_the_payload(setup):
+def test_an_unknown_key_is_refused_on_the_first_chunk_without_taking_the_payload(setup, adapter):
     w, _, stub, tokens, spool = setup
     before = stored_state(w)
     stranger = SigningKey.generate()
-    stream = Stream(_first(_signed(w, adapter_files(honest_adapter(w, ONC)), [stranger])), _junk())
+    stream = Stream(_first(_signed(w, adapter, adapter_files(adapter), [stranger])), _junk())
     error = _refused(stub, tokens, stream)
     assert error.code() == S.PERMISSION_DENIED and _kind(error) == "unknown-key"
     assert stream.sent < CHUNKS // 4, f"the server took {stream.sent} MiB of a payload it had refused"
     assert _spool_is_empty(spool) and stored_state(w) == before
 
 
-def test_a_forged_signature_is_refused_on_the_first_chunk(setup):
+def test_a_forged_signature_is_refused_on_the_first_chunk(setup, adapter):
     w, _, stub, tokens, spool = setup
     before = stored_state(w)
-    envelope = _signed(w, adapter_files(honest_adapter(w, ONC)))
+    envelope = _signed(w, adapter, adapter_files(adapter))
     forged = Envelope(envelope.payload_type, envelope.payload, (Signature(envelope.signatures[0].keyid, b"\1" * 64),))
     stream = Stream(_first(forged), _junk())
     error = _refused(stub, tokens, stream)
@@ -135,11 +142,11 @@ def test_a_forged_signature_is_refused_on_the_first_chunk(setup):
     assert _spool_is_empty(spool) and stored_state(w) == before
 
 
-def test_a_package_declaring_more_than_the_file_limit_is_refused_before_its_payload(setup):
+def test_a_package_declaring_more_than_the_file_limit_is_refused_before_its_payload(setup, adapter):
     w, _, stub, tokens, spool = setup
     before = stored_state(w)
-    files = {**adapter_files(honest_adapter(w, ONC)), "padding.bin": b"\0" * (LIMITS.max_file_bytes + 1)}
-    stream = Stream(_first(_signed(w, files)), _junk("padding.bin"))
+    files = {**adapter_files(adapter), "padding.bin": b"\0" * (LIMITS.max_file_bytes + 1)}
+    stream = Stream(_first(_signed(w, adapter, files)), _junk("padding.bin"))
     error = _refused(stub, tokens, stream)
     assert error.code() == S.INVALID_ARGUMENT and _kind(error) == "package"
     assert "padding.bin" in error.details() and f"at most {LIMITS.max_file_bytes}" in error.details()
@@ -147,10 +154,10 @@ def test_a_package_declaring_more_than_the_file_limit_is_refused_before_its_payl
     assert _spool_is_empty(spool) and stored_state(w) == before
 
 
-def test_bytes_past_a_declared_length_or_an_unsigned_file_are_refused_at_once(setup):
+def test_bytes_past_a_declared_length_or_an_unsigned_file_are_refused_at_once(setup, adapter):
     w, _, stub, tokens, spool = setup
     before = stored_state(w)
-    envelope = _signed(w, adapter_files(honest_adapter(w, ONC)))
+    envelope = _signed(w, adapter, adapter_files(adapter))
     longer = Stream(_first(envelope), _junk())  # the manifest signs a few KiB; 64 MiB follow
     error = _refused(stub, tokens, longer)
     assert error.code() == S.INVALID_ARGUMENT and _kind(error) == "length-mismatch"
@@ -179,13 +186,13 @@ def _wait_for(predicate, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
-def test_one_tenant_has_at_most_its_concurrent_uploads_and_another_tenant_is_not_held_up(setup):
+def test_one_tenant_has_at_most_its_concurrent_uploads_and_another_tenant_is_not_held_up(setup, adapter):
     w, _, stub, tokens, spool = setup
+    bad = _signed(w, adapter, adapter_files(adapter), [SigningKey.generate()])  # before the idle clock runs
     release = threading.Event()
     held = [_held(stub, tokens, "st-marys", release) for _ in range(LIMITS.per_tenant)]
     try:
         _wait_for(lambda: len(list(spool.iterdir())) == LIMITS.per_tenant)
-        bad = _signed(w, adapter_files(honest_adapter(w, ONC)), [SigningKey.generate()])
         error = _refused(stub, tokens, Stream(_first(bad), _junk(n=1)))
         assert error.code() == S.RESOURCE_EXHAUSTED and _kind(error) == "upload-refused"
         assert f"{LIMITS.per_tenant} upload(s) of this tenant" in error.details()
@@ -205,11 +212,11 @@ def test_one_tenant_has_at_most_its_concurrent_uploads_and_another_tenant_is_not
     assert _spool_is_empty(spool)
 
 
-def test_a_stream_that_goes_idle_is_aborted_and_its_spool_removed(setup):
+def test_a_stream_that_goes_idle_is_aborted_and_its_spool_removed(setup, adapter):
     w, _, stub, tokens, spool = setup
     before = stored_state(w)
-    files = adapter_files(honest_adapter(w, ONC))
-    envelope = _signed(w, files)
+    files = adapter_files(adapter)
+    envelope = _signed(w, adapter, files)
     name, data = "adapter_model.safetensors", files["adapter_model.safetensors"]
     release = threading.Event()
 
@@ -243,11 +250,10 @@ def test_a_stream_that_never_sends_is_aborted_at_the_idle_deadline(setup):
     assert _spool_is_empty(spool)
 
 
-def test_a_valid_package_goes_through_the_whole_flow_from_the_spool(setup, tmp_path):
+def test_a_valid_package_goes_through_the_whole_flow_from_the_spool(setup, adapter, tmp_path):
     w, _, _, tokens, spool = setup
-    adapter = honest_adapter(w, ONC)
     files = adapter_files(adapter)
-    envelope = _signed(w, files)
+    envelope = _signed(w, adapter, files)
     package = write_package(tmp_path / "onc", envelope, Package(envelope, files).files)
     client = treelm.Client(setup[1].target, token=tokens["st-marys"], retries=0, timeout=300)
     try:
@@ -258,3 +264,17 @@ def test_a_valid_package_goes_through_the_whole_flow_from_the_spool(setup, tmp_p
     finally:
         client.close()
     assert _spool_is_empty(spool)
+
+
+def test_a_crashed_servers_leftovers_are_removed_at_start_and_a_live_ones_kept(tmp_path):
+    from cluster.service.uploads import UploadSpool
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"{dead.pid}-crashed").mkdir()
+    (tmp_path / f"{dead.pid}-crashed" / "adapter_model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / f"{os.getppid()}-live").mkdir()  # another server sharing the directory, still running
+    (tmp_path / "stray.tmp").write_bytes(b"")
+    spool = UploadSpool(tmp_path, LIMITS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{os.getppid()}-live"]
+    assert spool.entries() == []
