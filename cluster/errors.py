@@ -57,6 +57,8 @@ __all__ = [
     "UnknownParameter",
     "UnknownVersion",
     "UpdateStateError",
+    "UploadIdle",
+    "UploadRefused",
     "VersionNotServed",
 ]
 
@@ -138,6 +140,19 @@ class RequestTooLarge(CallError):
     def __init__(self, limit: int):
         self.limit = limit
         super().__init__(f"the request body is larger than this server's limit of {limit} bytes")
+
+
+class UploadRefused(CallError):
+    """An update upload over the server's concurrency or spool limits (the tenant's uploads in
+    progress, the bytes all uploads in progress declare); a retry later may be taken."""
+
+
+class UploadIdle(CallError):
+    """An update upload that sent nothing for ``idle_s`` seconds (aborted, its spool removed)."""
+
+    def __init__(self, idle_s: float):
+        self.idle_s = idle_s
+        super().__init__(f"the upload sent nothing for {idle_s:g} s; it was aborted (send the package again)")
 
 
 class RangeNotSatisfiable(CallError):

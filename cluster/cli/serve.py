@@ -71,6 +71,18 @@ def serve_command(
         Path | None,
         typer.Option("--variant-delegation", help="root's delegation of that key (`treelm keys delegate-variants`)"),
     ] = None,
+    upload_max_file: Annotated[
+        str, typer.Option("--upload-max-file", help="largest payload file an update upload may declare")
+    ] = "256MiB",
+    upload_spool: Annotated[
+        str, typer.Option("--upload-spool", help="bytes all update uploads in progress may declare together")
+    ] = "1GiB",
+    upload_per_tenant: Annotated[
+        int, typer.Option("--upload-per-tenant", help="concurrent update uploads per tenant (then RESOURCE_EXHAUSTED)")
+    ] = 2,
+    upload_idle: Annotated[
+        float, typer.Option("--upload-idle", help="seconds an update upload may send nothing before it is aborted")
+    ] = 30.0,
     variant_cache: Annotated[
         str,
         typer.Option(
@@ -83,6 +95,7 @@ def serve_command(
     with --http-port, the OpenAI-compatible HTTP API."""
     from cluster.service.server import ServerConfig
     from cluster.service.standalone import StandaloneOptions, serve_standalone
+    from cluster.service.uploads import upload_limits
 
     console, err = Console(), Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,6 +113,7 @@ def serve_command(
             http_port=http_port,
             auth=not insecure_no_auth,
             grace_s=grace,
+            uploads=upload_limits(upload_max_file, upload_spool, upload_per_tenant, upload_idle),
         ),
         max_batch=max_batch,
         max_queue=max_queue,

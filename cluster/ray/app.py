@@ -181,6 +181,10 @@ def ingress_application(config: ClusterConfig) -> Application:
         variant_key=str(ing.variant_key) if ing.variant_key else None,
         variant_delegations=tuple(str(p) for p in ing.variant_delegations),
         variant_cache_bytes=ing.variant_cache_bytes,
+        upload_max_file_bytes=ing.upload_max_file_bytes,
+        upload_spool_bytes=ing.upload_spool_bytes,
+        upload_per_tenant=ing.upload_per_tenant,
+        upload_idle_s=ing.upload_idle_s,
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

@@ -119,6 +119,11 @@ class IngressConfig:
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
     variant_delegations: tuple[Path, ...] = ()  # root's delegations of that key, one file per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants (`variant_cache: 20GiB`)
+    # update uploads (cluster/service/uploads.py): `upload_max_file: 256MiB`, `upload_spool: 1GiB`, ...
+    upload_max_file_bytes: int = 256 << 20  # one payload file, as its signed manifest declares it
+    upload_spool_bytes: int = 1 << 30  # what all uploads in progress on one ingress replica declare together
+    upload_per_tenant: int = 2  # concurrent uploads of one tenant on one ingress replica
+    upload_idle_s: float = 30.0  # a stream that sends nothing for this long is aborted
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,10 @@ def _ingress(r: _Reader) -> IngressConfig:
         variant_key=r.path("variant_key", None),
         variant_delegations=_paths(r, "variant_delegations"),
         variant_cache_bytes=_memory(r, "variant_cache") or IngressConfig.variant_cache_bytes,
+        upload_max_file_bytes=_memory(r, "upload_max_file") or IngressConfig.upload_max_file_bytes,
+        upload_spool_bytes=_memory(r, "upload_spool") or IngressConfig.upload_spool_bytes,
+        upload_per_tenant=r.integer("upload_per_tenant", IngressConfig.upload_per_tenant, low=1),
+        upload_idle_s=r.number("upload_idle_s", IngressConfig.upload_idle_s, strict=True),
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")

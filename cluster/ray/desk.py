@@ -38,7 +38,8 @@ from cluster.updates.policy import UpdatePolicy
 from cluster.updates.status import RollbackResult, UpdateStatus
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
-from hierarchy.updates.envelope import Signature
+from hierarchy.updates.envelope import Envelope, Signature
+from hierarchy.updates.manifest import UpdateManifest
 
 __all__ = ["DESK_NAME", "DeskSpec", "RemoteCoordinator", "UpdateDesk", "ensure_desk", "kill_desk"]
 
@@ -135,6 +136,14 @@ class UpdateDesk:
         if not self._coordinators:
             raise UpdateStateError("this cluster serves no tree")
         return next(iter(self._coordinators.values())).submit(package)  # it refuses the malformed manifest
+
+    def check_envelope(self, envelope: Envelope) -> UpdateManifest:
+        hint = Package(envelope, {}).node_hint()
+        if hint:
+            return self._of_node(hint).check_envelope(envelope)
+        if not self._coordinators:
+            raise UpdateStateError("this cluster serves no tree")
+        return next(iter(self._coordinators.values())).check_envelope(envelope)  # it says what is wrong
 
     def status(self, update_id: str) -> UpdateStatus:
         coordinator, full = self._of_update(update_id)
@@ -246,6 +255,9 @@ class RemoteCoordinator:
 
     def submit(self, package: Package) -> UpdateStatus:
         return self._call_desk(lambda d: d.submit.remote(package))
+
+    def check_envelope(self, envelope: Envelope) -> UpdateManifest:
+        return self._call_desk(lambda d: d.check_envelope.remote(envelope))
 
     def status(self, update_id: str) -> UpdateStatus:
         return self._call_desk(lambda d: d.status.remote(update_id))

@@ -38,6 +38,7 @@ from cluster.ray.wire import IngressSpec
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import Distributor, VariantSigning
 from cluster.service.server import ServerConfig, TreeServer
+from cluster.service.uploads import UploadLimits
 from cluster.updates.keys import load_signing_key
 from hierarchy.updates.distribution import parse_delegation
 from hierarchy.updates.envelope import Envelope
@@ -73,6 +74,13 @@ class TreeIngress:
             tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
             tls_client_ca=Path(spec.tls_client_ca) if spec.tls_client_ca else None,
+            uploads=UploadLimits(
+                max_file_bytes=spec.upload_max_file_bytes,
+                max_spool_bytes=spec.upload_spool_bytes,
+                per_tenant=spec.upload_per_tenant,
+                idle_s=spec.upload_idle_s,
+            ),
+            spool_dir=_spool_dir(spec),
         )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.
@@ -145,3 +153,12 @@ class TreeIngress:
             log.warning("the ingress did not stop cleanly", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)
         self._registry.close()
+
+
+def _spool_dir(spec: IngressSpec) -> Path | None:
+    """Update uploads spool beside the first tree, as with `treelm serve`, where that tree dir is on
+    this node; else (an ingress on another machine) in a private temp dir."""
+    for info in spec.trunks:
+        if info.tree_dir and Path(info.tree_dir).is_dir():
+            return Path(info.tree_dir) / "spool"
+    return None

@@ -72,6 +72,10 @@ class IngressSpec:
     variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered
     variant_delegations: tuple[str, ...] = ()  # root's delegation files, one per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants
+    upload_max_file_bytes: int = 256 << 20  # update uploads: see cluster.ray.config.IngressConfig
+    upload_spool_bytes: int = 1 << 30
+    upload_per_tenant: int = 2
+    upload_idle_s: float = 30.0
 
 
 def tree_content_digest(tree_dir: Path) -> str:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -42,6 +44,7 @@ from cluster.service.metrics import ServerMetrics
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
+from cluster.service.uploads import UploadLimits, UploadSpool
 from cluster.updates.coordinator import Coordinator
 from hierarchy.secret_files import exposed_secret_file
 from protos.treelm.v1 import (
@@ -98,6 +101,10 @@ class ServerConfig:
     token_cache_ttl_s: float = 30.0
     token_check_interval_s: float = 0.5  # how often the token cache asks the registry about revocations
     node_cache_ttl_s: float = 5.0
+    uploads: UploadLimits = field(
+        default_factory=UploadLimits
+    )  # update uploads (Updates.Submit): sizes, per tenant, idle deadline
+    spool_dir: Path | None = None  # where uploads are spooled (0700); None: a private temp dir, removed at stop
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -171,6 +178,7 @@ class TreeServer:
             check_interval_s=config.token_check_interval_s,
         )
         self.health = DrainingHealth()
+        self.spool: UploadSpool | None = None  # made by start(): the directory Submit spools uploads to
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -210,10 +218,12 @@ class TreeServer:
             maximum_concurrent_rpcs=c.max_concurrent_rpcs,
         )
         observe = self.metrics.observe_generation
+        spool_dir = c.spool_dir if c.spool_dir is not None else Path(tempfile.mkdtemp(prefix="treelm-spool-"))
+        self.spool = UploadSpool(spool_dir, c.uploads)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.admission, observe), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.catalog), server)
         updates_pb2_grpc.add_UpdatesServicer_to_server(
-            UpdatesServicer(self.updates, self.access, hidden_nodes=self.catalog.hidden_nodes), server
+            UpdatesServicer(self.updates, self.access, self.spool, hidden_nodes=self.catalog.hidden_nodes), server
         )
         distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
         admin = AdminServicer(
@@ -315,6 +325,8 @@ class TreeServer:
             for trunk in self.router.trunks.values():
                 await trunk.close()
         self.metrics.close()
+        if self.spool is not None and self.config.spool_dir is None:
+            shutil.rmtree(self.spool.root, ignore_errors=True)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -14,7 +14,7 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,7 +94,10 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
         if coordinator is not None:
             coordinator.on_snapshot(engine.use_tree)
         distribution = _distributor(options, tree.name, tree.root, registry)
-        asyncio.run(_run(engine, registry, options.server, say, coordinator, distribution))
+        server_config = options.server
+        if server_config.spool_dir is None:  # uploads are spooled beside the tree they update
+            server_config = replace(server_config, spool_dir=tree.root / "spool")
+        asyncio.run(_run(engine, registry, server_config, say, coordinator, distribution))
     finally:
         registry.close()
 

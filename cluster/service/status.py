@@ -12,6 +12,8 @@ API (cluster/http/) both answer from here.
 | a valid token that may not do this; unknown key, revoked key, too few valid signatures; an approval that may not count | PERMISSION_DENIED | 403 |
 | the same update version again | ALREADY_EXISTS | 409 |
 | the engine's queue is full | RESOURCE_EXHAUSTED | 429 |
+| an update upload beyond its tenant's concurrent uploads or the spool's bytes | RESOURCE_EXHAUSTED | 429 |
+| an update upload idle past its deadline | DEADLINE_EXCEEDED | 504 |
 | the request's deadline passed | DEADLINE_EXCEEDED | 504 |
 | the engine or server is shutting down; a Ray replica or the update desk died; the database is unreachable | UNAVAILABLE | 503 |
 | stored state that forbids the call (an alias to a revoked version, an outdated schema); a pinned node version that is not the served one; an update that is expired, older, skipped, over a stale parent, refused by screening or the gate, not awaiting approval | FAILED_PRECONDITION | 409 |
@@ -144,6 +146,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ce.MalformedRequest, _S.INVALID_ARGUMENT, "malformed-request"),
     (ce.RequestTooLarge, _S.RESOURCE_EXHAUSTED, "request-too-large"),
     (ce.RangeNotSatisfiable, _S.OUT_OF_RANGE, "range-not-satisfiable"),
+    (ce.UploadRefused, _S.RESOURCE_EXHAUSTED, "upload-refused"),
+    (ce.UploadIdle, _S.DEADLINE_EXCEEDED, "upload-idle"),
     (ce.Unauthenticated, _S.UNAUTHENTICATED, None),
     (re_.InvalidToken, _S.UNAUTHENTICATED, None),
     (ce.PermissionDenied, _S.PERMISSION_DENIED, None),

@@ -3,26 +3,30 @@
 The caller's tenant must be able to see the node (a private node exists only for its owner:
 everyone else gets NOT_FOUND, as for a node that does not exist); what an update may do is
 decided by its signatures, not by the token. Statuses leave without the names of private
-nodes the caller cannot see (cluster/service/redact.py). Errors become status codes in
+nodes the caller cannot see (cluster/service/redact.py). Submit checks the envelope (keys,
+signatures, manifest, expiry, version, declared sizes) on the first chunk and spools the payload
+to disk within limits (cluster/service/uploads.py); a refused upload leaves nothing. Errors become status codes in
 cluster/service/interceptors.py (update errors: cluster/updates/wire.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
-from cluster.errors import BadArgument, NodeNotVisible
+from cluster.errors import BadArgument, NodeNotVisible, PackageError, UploadIdle
 from cluster.service.access import NodeAccess
 from cluster.service.auth import current_caller
 from cluster.service.redact import Redactor
+from cluster.service.uploads import UploadSpool
 from cluster.updates.coordinator import Coordinator
-from cluster.updates.package import PackageAssembler
+from cluster.updates.package import MAX_ENVELOPE_BYTES, Package
 from cluster.updates.status import UpdateStatus
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
-from hierarchy.updates.envelope import Signature
+from hierarchy.updates.envelope import Envelope, Signature
+from hierarchy.updates.manifest import UpdateManifest
 from protos.treelm.v1 import updates_pb2, updates_pb2_grpc
 from registry.errors import UpdateNotFound
 
@@ -34,6 +38,8 @@ class UpdateBackend(Protocol):
     (cluster.ray.desk.RemoteCoordinator). Blocking calls; the servicer runs them in a thread."""
 
     policy: Any  # .max_package_bytes bounds a streamed package
+
+    def check_envelope(self, envelope: Envelope) -> UpdateManifest: ...
 
     def submit(self, package: Any) -> UpdateStatus: ...
 
@@ -70,6 +76,16 @@ def _node_id(value: str, field: str = "node") -> str:
         raise BadArgument(field, str(exc)) from None
 
 
+async def _next_chunk(chunks: AsyncIterator[Any], idle_s: float) -> Any:
+    """The next chunk, None at the end; UploadIdle when the client sends nothing for ``idle_s``."""
+    try:
+        return await asyncio.wait_for(anext(chunks), idle_s)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise UploadIdle(idle_s) from None
+
+
 _NO_DESK = "the signed update protocol is not served by this server (it runs no update coordinator)"
 
 
@@ -81,11 +97,13 @@ class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
         self,
         coordinator: Coordinator | UpdateBackend | None,
         access: NodeAccess,
+        spool: UploadSpool,
         *,
         hidden_nodes: Callable[[str | None, str], Sequence[str]] | None = None,
     ):
         self._backend = coordinator
         self._access = access
+        self._spool = spool  # Submit's payload files go here, bounded (cluster/service/uploads.py)
         # (tenant, node id) -> the private nodes of that tree the tenant cannot see; None: redact nothing
         self._hidden_nodes = hidden_nodes
 
@@ -113,22 +131,42 @@ class UpdatesServicer(updates_pb2_grpc.UpdatesServicer):
         return status
 
     async def Submit(self, request_iterator, context):
-        assembler = PackageAssembler(self._coordinator.policy.max_package_bytes)
-        node = ""
-        async for chunk in request_iterator:
-            if not node:  # the first chunk names the node: check access before taking any payload
-                if not chunk.node:
-                    raise BadArgument("node", "the first chunk must name the node the package updates")
-                node = _node_id(chunk.node)
-                await self._access.check(node, current_caller())
-            assembler.add(node=chunk.node, envelope=chunk.envelope, file=chunk.file, data=chunk.data)
-        if not node:
-            raise BadArgument("node", "the stream was empty: send the envelope, then the payload files")
-        package = assembler.package()
-        hint = package.node_hint()
-        if hint is not None and hint != node:
-            raise BadArgument("node", f"the chunks name {node} but the package's manifest names {hint}")
-        status = await asyncio.to_thread(self._coordinator.submit, package)
+        # Bounded before any payload is taken: the tenant's concurrent uploads (an idle stream holds
+        # its slot only until the idle deadline), the envelope's signatures and declared sizes.
+        coordinator, limits = self._coordinator, self._spool.limits
+        caller = current_caller()
+        with self._spool.open(caller.tenant) as upload:
+            chunks = aiter(request_iterator)
+            first = await _next_chunk(chunks, limits.idle_s)
+            if first is None:
+                raise BadArgument("node", "the stream was empty: send the envelope, then the payload files")
+            if not first.node:
+                raise BadArgument("node", "the first chunk must name the node the package updates")
+            node = _node_id(first.node)
+            await self._access.check(node, caller)
+            if not first.envelope:
+                raise PackageError("no envelope was sent (the first chunk carries it)", field="envelope")
+            if len(first.envelope) > MAX_ENVELOPE_BYTES:
+                raise PackageError(f"the envelope is larger than {MAX_ENVELOPE_BYTES} bytes", field="envelope")
+            envelope = Envelope.from_bytes(bytes(first.envelope))
+            hint = Package(envelope, {}).node_hint()
+            if hint is not None and hint != node:
+                raise BadArgument("node", f"the chunks name {node} but the package's manifest names {hint}")
+            manifest = await asyncio.to_thread(coordinator.check_envelope, envelope)
+            upload.expect(manifest, coordinator.policy.max_package_bytes)
+            chunk: Any = first
+            while chunk is not None:
+                if chunk is not first:
+                    if chunk.node and chunk.node != first.node:
+                        raise PackageError(f"chunks name two nodes: {first.node!r} and {chunk.node!r}", field="node")
+                    if chunk.envelope:
+                        raise PackageError("the envelope was sent twice", field="envelope")
+                if chunk.data or chunk.file:
+                    if not chunk.file:
+                        raise PackageError("a data chunk must name its file", field="file")
+                    upload.write(chunk.file, bytes(chunk.data))
+                chunk = await _next_chunk(chunks, limits.idle_s)
+            status = await asyncio.to_thread(upload.finish, coordinator.submit, envelope)
         return status_to_proto(await self._redacted(status))
 
     async def GetStatus(self, request, context):

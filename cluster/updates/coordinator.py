@@ -67,7 +67,14 @@ from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.manifest import UpdateManifest, parse_manifest
 from hierarchy.updates.screening import ScreenResult, delta_norm, scale_delta, screen_update
 from hierarchy.updates.trust import NodeVersion, TrustState
-from hierarchy.updates.verify import Expectations, LayerShape, VerifiedUpdate, check_approvals, verify_update
+from hierarchy.updates.verify import (
+    Expectations,
+    LayerShape,
+    VerifiedUpdate,
+    check_approvals,
+    verify_envelope,
+    verify_update,
+)
 from nodes.build.finetune import increment
 from nodes.errors import AdapterError
 from nodes.store.adapters import AdapterWeights, read_adapter
@@ -261,6 +268,14 @@ class Coordinator(OperatorActions):
         return verify_update(
             self._trust_for(view, path), package.envelope, package.files, self.clock(), self._expectations(view, path)
         )
+
+    def check_envelope(self, envelope: Envelope) -> UpdateManifest:
+        """The checks a streamed upload runs on its first chunk (keys, threshold, manifest, expiry,
+        version: no payload bytes needed); the manifest whose file lengths bound the rest of the stream."""
+        view = self._view()
+        path = self._locate(view, Package(envelope, {}))
+        manifest, _, _ = verify_envelope(self._trust_for(view, path), envelope, self.clock())
+        return manifest
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, package: Package) -> UpdateStatus:

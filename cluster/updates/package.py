@@ -28,8 +28,8 @@ __all__ = [
     "ENVELOPE_FILE",
     "FILES_DIR",
     "MANIFEST_FILE",
+    "MAX_ENVELOPE_BYTES",
     "Package",
-    "PackageAssembler",
     "read_package",
     "write_package",
 ]
@@ -37,7 +37,7 @@ __all__ = [
 ENVELOPE_FILE = "envelope.json"
 MANIFEST_FILE = "manifest.json"
 FILES_DIR = "files"
-_MAX_ENVELOPE = 1 << 20
+MAX_ENVELOPE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def read_package(path: str | Path, max_bytes: int = 256 << 20) -> Package:
     env_file = path / ENVELOPE_FILE
     if not env_file.is_file():
         raise PackageError(f"{path} is not an update package (no {ENVELOPE_FILE}); make one with `treelm update make`")
-    if env_file.stat().st_size > _MAX_ENVELOPE:
-        raise PackageError(f"{env_file} is larger than {_MAX_ENVELOPE} bytes", field="envelope")
+    if env_file.stat().st_size > MAX_ENVELOPE_BYTES:
+        raise PackageError(f"{env_file} is larger than {MAX_ENVELOPE_BYTES} bytes", field="envelope")
     envelope = Envelope.from_bytes(env_file.read_bytes())
     manifest_file = path / MANIFEST_FILE
     if manifest_file.is_file() and manifest_file.read_bytes() != envelope.payload:
@@ -111,40 +111,3 @@ def read_package(path: str | Path, max_bytes: int = 256 << 20) -> Package:
                 raise PackageError(f"package is larger than {max_bytes} bytes", field="files")
             files[file.relative_to(root).as_posix()] = file.read_bytes()
     return Package(envelope, files)
-
-
-class PackageAssembler:
-    """Collects a streamed package (Updates.Submit): the envelope, then pieces of files in order."""
-
-    def __init__(self, max_bytes: int = 256 << 20):
-        self.max_bytes = max_bytes
-        self.node = ""
-        self._envelope: bytes | None = None
-        self._files: dict[str, bytearray] = {}
-        self._total = 0
-
-    def add(self, *, node: str = "", envelope: bytes = b"", file: str = "", data: bytes = b"") -> None:
-        if node:
-            if self.node and node != self.node:
-                raise PackageError(f"chunks name two nodes: {self.node!r} and {node!r}", field="node")
-            self.node = node
-        if envelope:
-            if self._envelope is not None:
-                raise PackageError("the envelope was sent twice", field="envelope")
-            if len(envelope) > _MAX_ENVELOPE:
-                raise PackageError(f"the envelope is larger than {_MAX_ENVELOPE} bytes", field="envelope")
-            self._envelope = bytes(envelope)
-        if data or file:
-            if not file:
-                raise PackageError("a data chunk must name its file", field="file")
-            FileEntry.of(file, b"")
-            self._total += len(data)
-            if self._total > self.max_bytes:
-                raise PackageError(f"package is larger than {self.max_bytes} bytes", field="data")
-            self._files.setdefault(file, bytearray()).extend(data)
-
-    def package(self) -> Package:
-        if self._envelope is None:
-            raise PackageError("no envelope was sent (the first chunk carries it)", field="envelope")
-        envelope = Envelope.from_bytes(self._envelope)
-        return Package(envelope, {name: bytes(data) for name, data in self._files.items()})

@@ -88,6 +88,7 @@ from hierarchy.updates.verify import (
     VerifiedUpdate,
     apply_to_trust,
     check_approvals,
+    verify_envelope,
     verify_update,
 )
 
@@ -166,6 +167,7 @@ __all__ = [
     "sign_revocation",
     "sign_rotation",
     "sign_variant_manifest",
+    "verify_envelope",
     "verify_update",
     "verify_variant",
 ]

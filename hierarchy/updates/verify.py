@@ -69,6 +69,7 @@ __all__ = [
     "check_approvals",
     "check_parent",
     "check_version",
+    "verify_envelope",
     "verify_update",
 ]
 
@@ -315,6 +316,19 @@ def _check_shapes(manifest: UpdateManifest, files: Mapping[str, FileInput], expe
     return checked
 
 
+def verify_envelope(
+    trust: TrustState, envelope: Envelope, now: datetime | int | float, signer_role: Role = Role.NODE
+) -> tuple[UpdateManifest, tuple[str, ...], int]:
+    """The checks that need no payload bytes (keys, threshold, manifest, expiry, version), in
+    verify_update's order: a streamed upload runs them on its first chunk, before taking any payload.
+    Returns the manifest, the signers that counted and the node's current version."""
+    when = _utc(now)
+    _check_keys(trust, envelope)
+    manifest, signers = _check_threshold(trust, envelope, signer_role)
+    _check_expiry(manifest, when)
+    return manifest, signers, check_version(trust, manifest)
+
+
 def verify_update(
     trust: TrustState,
     envelope: Envelope,
@@ -323,11 +337,7 @@ def verify_update(
     expectations: Expectations,
 ) -> VerifiedUpdate:
     """Run every check in order (see the module docstring); raise the first failure's own error."""
-    when = _utc(now)
-    _check_keys(trust, envelope)
-    manifest, signers = _check_threshold(trust, envelope, expectations.signer_role)
-    _check_expiry(manifest, when)
-    previous = check_version(trust, manifest)
+    manifest, signers, previous = verify_envelope(trust, envelope, now, expectations.signer_role)
     _check_files(manifest, files)
     check_parent(trust, manifest)
     _check_base(manifest, expectations)

@@ -7,6 +7,8 @@ serving the new versions, a tampered copy refused) is test_demo_scenario_ray.py.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
@@ -14,8 +16,11 @@ import treelm
 from cluster import errors as cluster_errors
 from cluster.ray.desk import DESK_NAME
 from cluster.service.status import wire_status
+from cluster.updates.package import write_package
 from hierarchy import errors as hierarchy_errors
+from hierarchy.updates.envelope import sign_envelope
 from hierarchy.updates.keys import SigningKey
+from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE
 from nodes import errors as nodes_errors
 from registry import errors as registry_errors
 from tests.cluster.test_server_errors import NO_RETRY
@@ -25,7 +30,7 @@ S = grpc.StatusCode
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_the_ingress_answers_updates_through_the_desk_with_precise_codes(ray_world):
+def test_the_ingress_answers_updates_through_the_desk_with_precise_codes(ray_world, tmp_path):
     import ray
 
     from cluster.ray.config import load_cluster_config
@@ -47,6 +52,12 @@ def test_the_ingress_answers_updates_through_the_desk_with_precise_codes(ray_wor
             acme.rollback(node, 1, [SigningKey.generate()])
         assert denied.value.code == S.PERMISSION_DENIED
         assert acme.node(node).stable_version == before
+        # Submit's first chunk is checked by the desk (check_envelope) before the payload is taken.
+        envelope = sign_envelope(UPDATE_PAYLOAD_TYPE, json.dumps({"node": node}).encode(), [SigningKey.generate()])
+        package = write_package(tmp_path / "pkg", envelope, {"adapter_model.safetensors": b"\0" * 4096})
+        with pytest.raises(treelm.PermissionDenied) as unknown:
+            acme.submit_update(package)
+        assert unknown.value.code == S.PERMISSION_DENIED and unknown.value.kind == "unknown-key"
 
 
 @pytest.mark.ray
