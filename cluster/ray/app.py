@@ -181,6 +181,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         variant_key=str(ing.variant_key) if ing.variant_key else None,
         variant_delegations=tuple(str(p) for p in ing.variant_delegations),
         variant_cache_bytes=ing.variant_cache_bytes,
+        quotas=ing.quotas,
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cluster.errors import ClusterConfigError
+from cluster.errors import ClusterConfigError, ServeError
+from cluster.service.quota import QuotaPolicy, TenantQuota
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
 from registry.errors import InvalidMemorySize
@@ -119,6 +120,7 @@ class IngressConfig:
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
     variant_delegations: tuple[Path, ...] = ()  # root's delegations of that key, one file per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants (`variant_cache: 20GiB`)
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # `tenant_limits:` (cluster/service/quota.py)
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,22 @@ def _paths(r: _Reader, key: str) -> tuple[Path, ...]:
     return tuple(p if (p := Path(v).expanduser()).is_absolute() else (r.base / p).resolve() for v in value)
 
 
+def _quotas(r: _Reader) -> QuotaPolicy:
+    """``tenant_limits: {max_running, max_queued, tokens_per_minute, file}``: defaults and a YAML of overrides."""
+    default = TenantQuota()
+    try:
+        quota = TenantQuota(
+            max_running=r.integer("max_running", None, low=1),
+            max_queued=r.integer("max_queued", default.max_queued, low=1),
+            tokens_per_minute=r.integer("tokens_per_minute", None, low=1),
+        )
+        file = r.path("file", None)
+        r.done()
+        return QuotaPolicy.load(file, quota) if file is not None else QuotaPolicy(quota)
+    except ServeError as exc:
+        raise r.error("file", str(exc)) from None
+
+
 def _ingress(r: _Reader) -> IngressConfig:
     http_port: int | None = IngressConfig.http_port
     if "http_port" in r.data and r.data["http_port"] is None:
@@ -341,6 +359,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         variant_key=r.path("variant_key", None),
         variant_delegations=_paths(r, "variant_delegations"),
         variant_cache_bytes=_memory(r, "variant_cache") or IngressConfig.variant_cache_bytes,
+        quotas=_quotas(r.child("tenant_limits")),
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")

@@ -73,6 +73,7 @@ class TreeIngress:
             tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
             tls_client_ca=Path(spec.tls_client_ca) if spec.tls_client_ca else None,
+            quotas=spec.quotas,
         )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.

@@ -9,11 +9,12 @@ cluster/service/status.py then applies exactly as in the single-process server.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray.exceptions
 
+from cluster.service.quota import QuotaPolicy
 from nodes.store.tree import NODE_RECORD, TREE_RECORD
 
 __all__ = ["IngressSpec", "TrunkInfo", "TrunkSpec", "remote_cause", "tree_content_digest"]
@@ -72,6 +73,7 @@ class IngressSpec:
     variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered
     variant_delegations: tuple[str, ...] = ()  # root's delegation files, one per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits, stamped on each request
 
 
 def tree_content_digest(tree_dir: Path) -> str:

@@ -20,7 +20,7 @@ import asyncio
 import importlib.metadata
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -39,6 +39,7 @@ from cluster.service.distribution import DistributionCalls, DistributionServicer
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
+from cluster.service.quota import QuotaPolicy, Quotas
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
@@ -97,6 +98,7 @@ class ServerConfig:
     token_cache_ttl_s: float = 30.0
     token_check_interval_s: float = 0.5  # how often the token cache asks the registry about revocations
     node_cache_ttl_s: float = 5.0
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits (cluster/service/quota.py)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -148,8 +150,12 @@ class TreeServer:
         self.distribution = distribution  # variants for devices; None: Distribution answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
+        self.quotas = Quotas(config.quotas)
         self.admission = Admission(
-            self.router, self.access, lambda node, tenant: [v.version for v in catalog.versions(node, tenant)]
+            self.router,
+            self.access,
+            lambda node, tenant: [v.version for v in catalog.versions(node, tenant)],
+            quotas=self.quotas,
         )
         # Only public nodes served here become labels: a private node (even its owner's calls) and a
         # made-up id both count as "other", so /metrics tells nobody which private nodes exist.

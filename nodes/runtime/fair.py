@@ -5,11 +5,10 @@ per tenant (``GenerationRequest.tenant``; anonymous callers share one queue) and
 takes the next job from :meth:`FairQueue.peek` instead of a single FIFO:
 
 - **Deficit round robin** over the tenants that have waiting jobs. A job costs its token budget
-  (prompt + max new tokens, times n). When no tenant's credit covers its head job, every
-  eligible tenant is credited the same number of ``quantum`` rounds. The first tenant in round
-  order whose credit covers its head is served, one job, then goes to the back of the round, so
-  tenants with credit left take turns job by job and each gets the same tokens per round. A
-  tenant's credit is dropped when its queue empties (no banking while idle).
+  (prompt + max new tokens, times n). A tenant's turn credits it ``QUANTUM_TOKENS``; it is
+  served job after job while its credit covers its head job, then the turn passes to the next
+  tenant. Every tenant earns the same tokens per round, whatever the size or number of its
+  requests. A tenant's credit is dropped when its queue empties (no banking while idle).
 - **Per-tenant limits** (``GenerationRequest.limits``, else the engine's defaults): a tenant with
   ``max_running`` jobs in the batch is skipped (it earns no credit) until one finishes; a tenant
   with ``max_queued`` jobs waiting is refused :class:`~nodes.errors.TenantOverLimit`.
@@ -33,7 +32,10 @@ from nodes.runtime.requests import TenantLimits
 __all__ = ["ANONYMOUS_TENANT", "QUANTUM_TOKENS", "FairQueue"]
 
 ANONYMOUS_TENANT = ""  # the queue of requests without a tenant
-QUANTUM_TOKENS = 1024  # credit per round, in token-budget units (any positive value gives the same shares)
+# Credit per turn, in token-budget units. The shares do not depend on it; a small one keeps turns
+# short (a turn serves about one typical request, so another tenant waits at most that between
+# its turns), a large request just takes its tenant a few turns of credit.
+QUANTUM_TOKENS = 64
 _RETRY_AFTER_S = 1.0  # what a refusal suggests: a slot frees within a few decode steps
 
 
@@ -49,6 +51,7 @@ class FairQueue:
         self.defaults = defaults or TenantLimits()
         self._queues: dict[str, collections.deque[Job]] = {}  # insertion order = round order
         self._credit: dict[str, int] = {}
+        self._turn: str | None = None  # the tenant whose turn it is (credited for it already)
         self._running: collections.Counter[str] = collections.Counter()  # jobs admitted, not yet finished
         self._limits: dict[str, TenantLimits] = {}  # each tenant's limits as its latest request carried them
         self._size = 0
@@ -99,21 +102,17 @@ class FairQueue:
 
     def peek(self) -> Job | None:
         """The job deficit round robin serves next; None when no tenant may run one now."""
-        eligible = [t for t in self._queues if not self._at_running_limit(t)]
-        if not eligible:
-            return None
-        for tenant in eligible:
+        while True:
+            tenant = next((t for t in self._queues if not self._at_running_limit(t)), None)
+            if tenant is None:
+                return None
+            if tenant != self._turn:  # a new turn: one quantum of credit
+                self._turn = tenant
+                self._credit[tenant] += QUANTUM_TOKENS
             head = self._queues[tenant][0]
             if self._credit[tenant] >= head.budget:
                 return head
-        # No credit covers a head: credit every eligible tenant the rounds the nearest one needs.
-        rounds = min(-(-(self._queues[t][0].budget - self._credit[t]) // QUANTUM_TOKENS) for t in eligible)
-        for tenant in eligible:
-            self._credit[tenant] += rounds * QUANTUM_TOKENS
-        for tenant in eligible:
-            if self._credit[tenant] >= self._queues[tenant][0].budget:
-                return self._queues[tenant][0]
-        return None  # unreachable: the nearest tenant was credited enough
+            self._end_turn(tenant)  # its credit does not cover its head: the next tenant's turn
 
     def pop(self, job: Job, *, admitted: bool) -> None:
         """Take ``job`` (the one peek returned, or any waiting job) out of the queue.
@@ -126,9 +125,6 @@ class FairQueue:
         if admitted:
             self._credit[tenant] -= job.budget
             self._running[tenant] += 1
-            # One job per turn, then to the back: tenants with credit left take turns job by job.
-            if queue:
-                self._queues[tenant] = self._queues.pop(tenant)
         if not queue:
             self._dropped(tenant)
 
@@ -145,14 +141,21 @@ class FairQueue:
         jobs = list(self)
         self._queues.clear()
         self._credit.clear()
+        self._turn = None
         self._size = 0
         return jobs
+
+    def _end_turn(self, tenant: str) -> None:
+        self._queues[tenant] = self._queues.pop(tenant)  # to the back of the round
+        self._turn = None
 
     def _dropped(self, tenant: str) -> None:
         queue = self._queues.get(tenant)
         if queue is not None and not queue:
             del self._queues[tenant]
             del self._credit[tenant]  # an idle tenant banks no credit
+            if self._turn == tenant:
+                self._turn = None
             if not self._running[tenant]:
                 self._limits.pop(tenant, None)
 
