@@ -53,8 +53,8 @@ def serve_command(
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 1024,
     threads: Annotated[int | None, typer.Option(help="torch threads for the engine (default: torch's)")] = None,
     tenant_max_running: Annotated[
-        int | None, typer.Option("--tenant-max-running", help="a tenant's requests in the batch (default: the batch)")
-    ] = None,
+        int, typer.Option("--tenant-max-running", help="a tenant's requests in the batch at once; more wait")
+    ] = 16,
     tenant_max_queued: Annotated[
         int, typer.Option("--tenant-max-queued", help="a tenant's waiting requests before RESOURCE_EXHAUSTED / 429")
     ] = 64,

@@ -322,7 +322,7 @@ def _quotas(r: _Reader) -> QuotaPolicy:
     default = TenantQuota()
     try:
         quota = TenantQuota(
-            max_running=r.integer("max_running", None, low=1),
+            max_running=r.integer("max_running", default.max_running, low=1),
             max_queued=r.integer("max_queued", default.max_queued, low=1),
             tokens_per_minute=r.integer("tokens_per_minute", None, low=1),
         )

@@ -41,7 +41,7 @@ __all__ = ["QuotaPolicy", "Quotas", "TenantQuota", "TenantTrunk"]
 class TenantQuota:
     """One tenant's limits; None = unbounded (the engine's batch and queue still bound it)."""
 
-    max_running: int | None = field(default=None, metadata={"help": "requests in an engine's batch at once"})
+    max_running: int | None = field(default=16, metadata={"help": "requests in an engine's batch at once"})
     max_queued: int | None = field(default=64, metadata={"help": "requests waiting in an engine's queue"})
     tokens_per_minute: int | None = field(default=None, metadata={"help": "generated tokens per minute"})
 

@@ -311,6 +311,8 @@ class Engine:
         if self._root is not None and time.monotonic() - self._snapshot_checked >= _SNAPSHOT_POLL_S:
             self.refresh()
         sink = _QueueSink(asyncio.get_running_loop())
+        if isinstance(request, GenerationRequest):
+            self._scheduler.check_room(request.tenant, request.limits)
         job = self._job(request, sink, streaming)
         self._scheduler.submit(job)
         return job, sink

@@ -70,20 +70,25 @@ class FairQueue:
     def running(self, tenant: str) -> int:
         return self._running[tenant]
 
+    def check(self, tenant: str | None, limits: TenantLimits | None) -> None:
+        """TenantOverLimit when the tenant is at its own queue bound: refused before any work on the request."""
+        key = tenant or ANONYMOUS_TENANT
+        bound = (limits or self.defaults).max_queued
+        if bound is not None and self.queued(key) >= bound:
+            raise TenantOverLimit(
+                f"your tenant has {self.queued(key)} requests waiting (its bound is {bound}); retry later",
+                _RETRY_AFTER_S,
+            )
+
     def push(self, job: Job) -> Job | None:
         """Queue ``job``; returns a job of a heavier tenant pushed out to make room (the caller fails it).
 
         Raises TenantOverLimit when the job's tenant is at its own bound or holds the longest queue
         of a full engine, QueueFull when the engine is full of this tenant's equals."""
         tenant = tenant_of(job)
-        limits = job.request.limits or self.defaults
-        self._limits[tenant] = limits
+        self.check(tenant, job.request.limits)
+        self._limits[tenant] = job.request.limits or self.defaults
         mine = self.queued(tenant)
-        if limits.max_queued is not None and mine >= limits.max_queued:
-            raise TenantOverLimit(
-                f"your tenant has {mine} requests waiting (its bound is {limits.max_queued}); retry later",
-                _RETRY_AFTER_S,
-            )
         evicted = None
         if self._size >= self.max_queue:
             heaviest = max(self._queues, key=lambda t: len(self._queues[t]))

@@ -113,6 +113,15 @@ class Scheduler:
                 TenantOverLimit("the queue is full and your tenant holds the most of it; retry later", 1.0),
             )
 
+    def check_room(self, tenant: str | None, limits: TenantLimits | None) -> None:
+        """Refuse a tenant at its own queue bound before its request is tokenized (cheap under a flood)."""
+        with self._cond:
+            try:
+                self._waiting.check(tenant, limits)
+            except TenantOverLimit:
+                self.counts["rejected"] += 1
+                raise
+
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the model thread between two steps (it owns the bank and the cache)."""
         future: Future = Future()

@@ -169,3 +169,32 @@ def test_tokens_per_minute_refuse_only_the_tenant_that_spent_them(world, tmp_pat
         assert answer.error["code"] == "rate_limited"
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tenants: [acme]\n", "expected a mapping"),
+        ("tenants:\n  acme: {max_runing: 3}\n", "tenant 'acme' needs a mapping"),
+        ("tenants:\n  acme: {max_queued: 0}\n", "max_queued must be an integer >= 1"),
+        ("tenants:\n  acme: {tokens_per_minute: true}\n", "tokens_per_minute must be an integer >= 1"),
+        ("defaults: {}\ntenants: {}\n", "one key, 'tenants'"),
+        ("tenants: {acme: {max_queued: 1}\n", "cannot read"),
+    ],
+)
+def test_a_bad_tenant_limits_file_is_refused_naming_the_problem(tmp_path, text, message):
+    from cluster.errors import ServeError
+
+    path = tmp_path / "limits.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ServeError, match=message) as refused:
+        QuotaPolicy.load(path)
+    assert str(path) in str(refused.value)
+
+
+def test_limits_file_overrides_keep_the_other_defaults(tmp_path):
+    path = tmp_path / "limits.yaml"
+    path.write_text("tenants:\n  trial: {tokens_per_minute: 5000}\n", encoding="utf-8")
+    policy = QuotaPolicy.load(path, TenantQuota(max_running=8, max_queued=32))
+    assert policy.for_tenant("trial") == TenantQuota(max_running=8, max_queued=32, tokens_per_minute=5000)
+    assert policy.for_tenant("other") == policy.for_tenant(None) == TenantQuota(max_running=8, max_queued=32)
