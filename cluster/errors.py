@@ -16,6 +16,7 @@
     │   ├── MalformedRequest    an HTTP body that is not UTF-8 JSON (an object)
     │   ├── RequestTooLarge     an HTTP body over the server's size limit
     │   ├── RangeNotSatisfiable an HTTP ``Range`` a variant file cannot satisfy (416)
+    │   ├── RateLimited         the caller's tenant spent its tokens per minute (retry after ``retry_after_s``)
     │   ├── ShuttingDown        the server is draining and takes no new work
     │   └── ReplicaUnavailable  the Ray replica or actor serving the call died or is unreachable (retry it)
     └── CoordinatorError        the update desk's own refusals (the protocol's are hierarchy's UpdateError)
@@ -48,6 +49,7 @@ __all__ = [
     "PermissionDenied",
     "PolicyError",
     "RangeNotSatisfiable",
+    "RateLimited",
     "RayStartError",
     "ReplicaUnavailable",
     "RequestTooLarge",
@@ -153,6 +155,14 @@ class UploadIdle(CallError):
     def __init__(self, idle_s: float):
         self.idle_s = idle_s
         super().__init__(f"the upload sent nothing for {idle_s:g} s; it was aborted (send the package again)")
+
+
+class RateLimited(CallError):
+    """The caller's tenant generated its tokens per minute; more are allowed after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class RangeNotSatisfiable(CallError):

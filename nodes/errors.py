@@ -12,7 +12,8 @@ NodesError (PicklableError: every error survives pickle and a Ray call with its 
 └── EngineError           one request failed; the engine keeps serving others
     ├── UnknownNode       the node id is not in the served tree
     ├── InvalidRequest    a bad parameter; ``field`` names it
-    ├── QueueFull         admission queue over its bound (retry later)
+    ├── QueueFull         admission queue over its bound (retry after ``retry_after_s``)
+    │   └── TenantOverLimit   ... this tenant's own share of it (refused before other tenants are)
     ├── DeadlineExceeded  the request's deadline passed
     ├── RequestCancelled  the caller cancelled (e.g. client disconnect)
     └── EngineClosed      the engine is shutting down or stopped
@@ -38,6 +39,7 @@ __all__ = [
     "NodesError",
     "QueueFull",
     "RequestCancelled",
+    "TenantOverLimit",
     "UnknownNode",
 ]
 
@@ -83,7 +85,15 @@ class InvalidRequest(EngineError, ValueError):
 
 
 class QueueFull(EngineError):
-    """The admission queue is at its bound; the caller should back off and retry."""
+    """The admission queue is at its bound; the caller should back off and retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class TenantOverLimit(QueueFull):
+    """The caller's tenant is over its own limit (queued requests, tokens per minute); others are not."""
 
 
 class DeadlineExceeded(EngineError):

@@ -117,7 +117,7 @@ class AsyncStream(AsyncIterator[Chunk]):
         raise StopAsyncIteration
 
     async def _retry(self, error: TreeLMError) -> bool:
-        pause = self._policy.backoff(self._attempt)
+        pause = self._policy.backoff(self._attempt, error.retry_after)
         if not self._policy.should_retry(error, self._attempt, self._deadline.remaining(), pause):
             return False
         await asyncio.sleep(pause)
@@ -188,7 +188,7 @@ class AsyncClient:
                 return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-                pause = self._policy.backoff(attempt)
+                pause = self._policy.backoff(attempt, error.retry_after)
                 if not (idempotent and self._policy.should_retry(error, attempt, deadline.remaining(), pause)):
                     raise error from exc
                 await asyncio.sleep(pause)

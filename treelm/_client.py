@@ -130,7 +130,7 @@ class Stream(Iterator[Chunk]):
         raise StopIteration
 
     def _retry(self, error: TreeLMError) -> bool:
-        pause = self._policy.backoff(self._attempt)
+        pause = self._policy.backoff(self._attempt, error.retry_after)
         if not self._policy.should_retry(error, self._attempt, self._deadline.remaining(), pause):
             return False
         time.sleep(pause)
@@ -215,7 +215,7 @@ class Client:
                 return method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-                pause = self._policy.backoff(attempt)
+                pause = self._policy.backoff(attempt, error.retry_after)
                 if not (idempotent and self._policy.should_retry(error, attempt, deadline.remaining(), pause)):
                     raise error from exc
                 time.sleep(pause)

@@ -63,6 +63,7 @@ __all__ = [
 # Trailing-metadata keys the server sets next to the status code (the wire contract).
 ERROR_FIELD_KEY = "treelm-error-field"  # the request field an INVALID_ARGUMENT is about
 ERROR_KIND_KEY = "treelm-error-kind"  # a finer kind than the code, e.g. "node-not-found"
+RETRY_AFTER_KEY = "retry-after"  # seconds a refused caller should wait (RESOURCE_EXHAUSTED)
 
 
 class TreeLMError(PicklableError):
@@ -71,6 +72,7 @@ class TreeLMError(PicklableError):
 
     retryable = False  # whether the SDK retries (idempotent calls only)
     kind = ""
+    retry_after: float | None = None  # the server's hint: seconds to wait before trying again
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None):
         self.details = details
@@ -107,7 +109,9 @@ class FailedPrecondition(TreeLMError):
 
 
 class Overloaded(TreeLMError):
-    """The server's queue is full; back off and retry (the SDK does so for idempotent calls)."""
+    """The server's queue is full, or the caller's tenant is over one of its limits (``kind``
+    ``tenant-over-limit`` or ``rate-limited``); back off ``retry_after`` seconds and retry (the SDK
+    does so for idempotent calls)."""
 
     retryable = True
 
@@ -176,6 +180,10 @@ def from_rpc_error(rpc_error: grpc.RpcError) -> TreeLMError:
             cls = NodeNotFound
         error = cls(details, code)
     error.kind = meta.get(ERROR_KIND_KEY, "")
+    try:
+        error.retry_after = float(meta[RETRY_AFTER_KEY]) if RETRY_AFTER_KEY in meta else None
+    except ValueError:  # a malformed hint is no hint
+        error.retry_after = None
     return error
 
 

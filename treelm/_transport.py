@@ -57,9 +57,11 @@ class RetryPolicy:
     def of(cls, value: int | RetryPolicy) -> RetryPolicy:
         return value if isinstance(value, RetryPolicy) else cls(retries=value)
 
-    def backoff(self, attempt: int) -> float:
-        """Seconds to sleep before retry number ``attempt`` (0-based)."""
-        return random.uniform(0.0, min(self.max_backoff, self.initial_backoff * (2**attempt)))
+    def backoff(self, attempt: int, hint: float | None = None) -> float:
+        """Seconds to sleep before retry number ``attempt`` (0-based); never less than the server's
+        ``hint`` (its retry-after), and a call whose deadline comes sooner is not retried."""
+        jitter = random.uniform(0.0, min(self.max_backoff, self.initial_backoff * (2**attempt)))
+        return max(jitter, hint or 0.0)
 
     def should_retry(self, error: TreeLMError, attempt: int, remaining: float | None, pause: float) -> bool:
         if not error.retryable or attempt >= self.retries:

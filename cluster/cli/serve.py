@@ -52,6 +52,19 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 1024,
     threads: Annotated[int | None, typer.Option(help="torch threads for the engine (default: torch's)")] = None,
+    tenant_max_running: Annotated[
+        int, typer.Option("--tenant-max-running", help="a tenant's requests in the batch at once; more wait")
+    ] = 16,
+    tenant_max_queued: Annotated[
+        int, typer.Option("--tenant-max-queued", help="a tenant's waiting requests before RESOURCE_EXHAUSTED / 429")
+    ] = 64,
+    tenant_tokens_per_minute: Annotated[
+        int | None, typer.Option("--tenant-tokens-per-minute", help="a tenant's generated tokens (default: no bound)")
+    ] = None,
+    tenant_limits: Annotated[
+        Path | None,
+        typer.Option("--tenant-limits", help="YAML of per-tenant overrides: tenants: {NAME: {tokens_per_minute: N}}"),
+    ] = None,
     updates: Annotated[
         bool,
         typer.Option(
@@ -93,12 +106,15 @@ def serve_command(
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection) and,
     with --http-port, the OpenAI-compatible HTTP API."""
+    from cluster.service.quota import QuotaPolicy, TenantQuota
     from cluster.service.server import ServerConfig
     from cluster.service.standalone import StandaloneOptions, serve_standalone
     from cluster.service.uploads import upload_limits
 
     console, err = Console(), Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quota = TenantQuota(tenant_max_running, tenant_max_queued, tenant_tokens_per_minute)
+    quotas = QuotaPolicy.load(tenant_limits, quota) if tenant_limits is not None else QuotaPolicy(quota)
     options = StandaloneOptions(
         tree_dir=tree_dir,
         db=db,
@@ -114,6 +130,7 @@ def serve_command(
             auth=not insecure_no_auth,
             grace_s=grace,
             uploads=upload_limits(upload_max_file, upload_spool, upload_per_tenant, upload_idle),
+            quotas=quotas,
         ),
         max_batch=max_batch,
         max_queue=max_queue,

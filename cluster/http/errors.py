@@ -3,7 +3,7 @@
 The status, ``type`` and ``code`` come from the one table (cluster/service/status.py), exactly as
 gRPC's status codes do; this module only renames the engine's field names to the endpoint's
 parameters (``max_new_tokens`` -> ``max_tokens``) and turns pydantic's validation errors into
-the project's typed errors. 429 and 503 carry ``Retry-After``, 416 ``Content-Range: bytes */LENGTH``.
+the project's typed errors. 429 and 503 carry ``Retry-After`` (the error's own hint where it has one), 416 ``Content-Range: bytes */LENGTH``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cluster.service.status import WireStatus, wire_status
 
 __all__ = ["RETRY_AFTER_S", "error_response", "json_response", "validation_error"]
 
-RETRY_AFTER_S = 1  # what 429 (queue full) and 503 (draining, replica restarting) suggest
+RETRY_AFTER_S = 1  # what 429 and 503 (draining, replica restarting) suggest when the error names no wait
 
 # Union branch tags in pydantic's error locations ("str", "list[int]", "TextPart"): not fields.
 _TAG = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|.*[\[\]-].*)$")
@@ -54,8 +54,10 @@ def error_body(
 def error_response(
     exc: BaseException, fields: Mapping[str, str] | None = None, status: WireStatus | None = None
 ) -> Response:
+    status = status or wire_status(exc)
     http_status, body = error_body(exc, fields, status)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if http_status in (429, 503) else {}
+    retry = status.retry_after_s if status.retry_after_s is not None else RETRY_AFTER_S
+    headers = {"Retry-After": str(retry)} if http_status in (429, 503) else {}
     if isinstance(exc, RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{exc.length}"  # RFC 9110: the length a range must fall within
     return json_response(body, http_status, headers)

@@ -185,6 +185,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         upload_spool_bytes=ing.upload_spool_bytes,
         upload_per_tenant=ing.upload_per_tenant,
         upload_idle_s=ing.upload_idle_s,
+        quotas=ing.quotas,
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cluster.errors import ClusterConfigError
+from cluster.errors import ClusterConfigError, ServeError
+from cluster.service.quota import QuotaPolicy, TenantQuota
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
 from registry.errors import InvalidMemorySize
@@ -124,6 +125,7 @@ class IngressConfig:
     upload_spool_bytes: int = 1 << 30  # what all uploads in progress on one ingress replica declare together
     upload_per_tenant: int = 2  # concurrent uploads of one tenant on one ingress replica
     upload_idle_s: float = 30.0  # a stream that sends nothing for this long is aborted
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # `tenant_limits:` (cluster/service/quota.py)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,22 @@ def _paths(r: _Reader, key: str) -> tuple[Path, ...]:
     return tuple(p if (p := Path(v).expanduser()).is_absolute() else (r.base / p).resolve() for v in value)
 
 
+def _quotas(r: _Reader) -> QuotaPolicy:
+    """``tenant_limits: {max_running, max_queued, tokens_per_minute, file}``: defaults and a YAML of overrides."""
+    default = TenantQuota()
+    try:
+        quota = TenantQuota(
+            max_running=r.integer("max_running", default.max_running, low=1),
+            max_queued=r.integer("max_queued", default.max_queued, low=1),
+            tokens_per_minute=r.integer("tokens_per_minute", None, low=1),
+        )
+        file = r.path("file", None)
+        r.done()
+        return QuotaPolicy.load(file, quota) if file is not None else QuotaPolicy(quota)
+    except ServeError as exc:
+        raise r.error("file", str(exc)) from None
+
+
 def _ingress(r: _Reader) -> IngressConfig:
     http_port: int | None = IngressConfig.http_port
     if "http_port" in r.data and r.data["http_port"] is None:
@@ -350,6 +368,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         upload_spool_bytes=_memory(r, "upload_spool") or IngressConfig.upload_spool_bytes,
         upload_per_tenant=r.integer("upload_per_tenant", IngressConfig.upload_per_tenant, low=1),
         upload_idle_s=r.number("upload_idle_s", IngressConfig.upload_idle_s, strict=True),
+        quotas=_quotas(r.child("tenant_limits")),
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")

@@ -81,6 +81,7 @@ class TreeIngress:
                 idle_s=spec.upload_idle_s,
             ),
             spool_dir=_spool_dir(spec),
+            quotas=spec.quotas,
         )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.

@@ -9,11 +9,12 @@ cluster/service/status.py then applies exactly as in the single-process server.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray.exceptions
 
+from cluster.service.quota import QuotaPolicy
 from nodes.store.tree import NODE_RECORD, TREE_RECORD
 
 __all__ = ["IngressSpec", "TrunkInfo", "TrunkSpec", "remote_cause", "tree_content_digest"]
@@ -76,6 +77,7 @@ class IngressSpec:
     upload_spool_bytes: int = 1 << 30
     upload_per_tenant: int = 2
     upload_idle_s: float = 30.0
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits, stamped on each request
 
 
 def tree_content_digest(tree_dir: Path) -> str:

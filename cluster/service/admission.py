@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from cluster.errors import BadArgument, UnknownVersion, VersionNotServed
 from cluster.service.access import NodeAccess
 from cluster.service.auth import Caller
+from cluster.service.quota import Quotas
 from cluster.service.trunk import Trunk
 from hierarchy.clip import clip
 from hierarchy.errors import InvalidNodePath
@@ -106,14 +107,22 @@ class TrunkRouter:
 class Admission:
     """The access check, the trunk and the version pin of one call (see the module docstring)."""
 
-    def __init__(self, router: TrunkRouter, access: NodeAccess, versions: VersionLookup | None = None):
+    def __init__(
+        self,
+        router: TrunkRouter,
+        access: NodeAccess,
+        versions: VersionLookup | None = None,
+        quotas: Quotas | None = None,
+    ):
         self.router = router
         self._access = access
         self._versions = versions
+        self.quotas = quotas or Quotas()
 
     async def admit(self, ref: NodeRef, caller: Caller) -> Trunk:
+        """The trunk as ``caller`` uses it: its requests carry the tenant and its limits (quota.py)."""
         await self._access.check(ref.node, caller)  # before anything reveals the node
-        trunk = self.router.for_node(ref.node)
+        trunk = self.quotas.bind(self.router.for_node(ref.node), caller)
         if ref.version is not None:
             served = trunk.served_version(ref.node)
             if served is not None and served != ref.version:

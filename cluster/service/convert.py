@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -82,15 +83,10 @@ def engine_request(
         messages = tuple(ChatMessage(role=m.role, content=m.content) for m in msg.messages)
     prompt = msg.prompt if msg.HasField("prompt") else None
     deadline = None if time_remaining is None else time.time() + time_remaining
-    extra = {"request_id": msg.request_id} if msg.request_id else {}
-    return GenerationRequest(
-        node=node or msg.node,
-        prompt=prompt,
-        messages=messages,
-        params=_params(msg.params),
-        deadline=deadline,
-        **extra,
+    request = GenerationRequest(
+        node=node or msg.node, prompt=prompt, messages=messages, params=_params(msg.params), deadline=deadline
     )
+    return replace(request, request_id=msg.request_id) if msg.request_id else request
 
 
 def _usage(usage: Usage) -> inference_pb2.Usage:

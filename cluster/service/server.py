@@ -41,6 +41,7 @@ from cluster.service.distribution import DistributionCalls, DistributionServicer
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
+from cluster.service.quota import QuotaPolicy, Quotas
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
@@ -105,6 +106,7 @@ class ServerConfig:
         default_factory=UploadLimits
     )  # update uploads (Updates.Submit): sizes, per tenant, idle deadline
     spool_dir: Path | None = None  # where uploads are spooled (0700); None: a private temp dir, removed at stop
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits (cluster/service/quota.py)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -159,8 +161,12 @@ class TreeServer:
         self.distribution = distribution  # variants for devices; None: Distribution answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
+        self.quotas = Quotas(config.quotas)
         self.admission = Admission(
-            self.router, self.access, lambda node, tenant: [v.version for v in catalog.versions(node, tenant)]
+            self.router,
+            self.access,
+            lambda node, tenant: [v.version for v in catalog.versions(node, tenant)],
+            quotas=self.quotas,
         )
         # Only public nodes served here become labels: a private node (even its owner's calls) and a
         # made-up id both count as "other", so /metrics tells nobody which private nodes exist.

@@ -11,7 +11,7 @@ API (cluster/http/) both answer from here.
 | no bearer token, or an unknown / revoked one | UNAUTHENTICATED | 401 |
 | a valid token that may not do this; unknown key, revoked key, too few valid signatures; an approval that may not count | PERMISSION_DENIED | 403 |
 | the same update version again | ALREADY_EXISTS | 409 |
-| the engine's queue is full | RESOURCE_EXHAUSTED | 429 |
+| the engine's queue is full; the caller's tenant is over its own limit (queued requests: kind ``tenant-over-limit``; tokens per minute: ``rate-limited``); both carry a retry hint, gRPC trailing metadata ``retry-after`` and HTTP ``Retry-After`` (whole seconds) | RESOURCE_EXHAUSTED | 429 |
 | an update upload beyond its tenant's concurrent uploads or the spool's bytes | RESOURCE_EXHAUSTED | 429 |
 | an update upload idle past its deadline | DEADLINE_EXCEEDED | 504 |
 | the request's deadline passed | DEADLINE_EXCEEDED | 504 |
@@ -39,6 +39,7 @@ where there is one (``model_not_found`` for an unknown node or version, ``versio
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -50,11 +51,20 @@ from hierarchy import errors as he
 from nodes import errors as ne
 from registry import errors as re_
 
-__all__ = ["ERROR_FIELD_KEY", "ERROR_KIND_KEY", "HTTP_STATUS", "OPENAI_ERRORS", "WireStatus", "wire_status"]
+__all__ = [
+    "ERROR_FIELD_KEY",
+    "ERROR_KIND_KEY",
+    "HTTP_STATUS",
+    "OPENAI_ERRORS",
+    "RETRY_AFTER_KEY",
+    "WireStatus",
+    "wire_status",
+]
 
 # Trailing-metadata keys; the SDK (treelm/_errors.py) reads the same names.
 ERROR_FIELD_KEY = "treelm-error-field"
 ERROR_KIND_KEY = "treelm-error-kind"
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds to wait
 
 log = logging.getLogger("treelm.server")
 
@@ -151,6 +161,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ce.Unauthenticated, _S.UNAUTHENTICATED, None),
     (re_.InvalidToken, _S.UNAUTHENTICATED, None),
     (ce.PermissionDenied, _S.PERMISSION_DENIED, None),
+    (ne.TenantOverLimit, _S.RESOURCE_EXHAUSTED, "tenant-over-limit"),
+    (ce.RateLimited, _S.RESOURCE_EXHAUSTED, "rate-limited"),
     (ne.QueueFull, _S.RESOURCE_EXHAUSTED, None),
     (ne.DeadlineExceeded, _S.DEADLINE_EXCEEDED, None),
     (ne.EngineClosed, _S.UNAVAILABLE, "shutting-down"),
@@ -179,6 +191,7 @@ class WireStatus:
     details: str
     field: str | None = None  # the request field a bad argument is about
     kind: str | None = None  # a finer kind than the code, e.g. "node-not-found"
+    retry_after_s: int | None = None  # when a refused caller may try again (whole seconds, at least 1)
 
     @property
     def http_status(self) -> int:
@@ -204,6 +217,8 @@ class WireStatus:
             meta.append((ERROR_FIELD_KEY, self.field))
         if self.kind:
             meta.append((ERROR_KIND_KEY, self.kind))
+        if self.retry_after_s is not None:
+            meta.append((RETRY_AFTER_KEY, str(self.retry_after_s)))
         return tuple(meta)
 
 
@@ -239,7 +254,9 @@ def wire_status(exc: BaseException) -> WireStatus:
             details = f"{field}: {details}"  # the message always names the field
         if code is _S.UNIMPLEMENTED and not str(exc):
             details = "not implemented by this server"
-        return WireStatus(code, details, field, _derived_kind(exc) if kind == _DERIVED else kind)
+        retry = getattr(exc, "retry_after_s", None) if code is _S.RESOURCE_EXHAUSTED else None
+        retry_after = max(1, math.ceil(retry)) if isinstance(retry, (int, float)) else None
+        return WireStatus(code, details, field, _derived_kind(exc) if kind == _DERIVED else kind, retry_after)
     if isinstance(exc, _SERVER_FAULTS):
         return WireStatus(_S.INTERNAL, f"the server could not load a model: {exc}")
     incident = uuid.uuid4().hex[:12]

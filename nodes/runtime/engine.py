@@ -61,7 +61,7 @@ from nodes.runtime.cache import AdapterCache, CacheStats
 from nodes.runtime.grammar import Grammars, RowGrammar
 from nodes.runtime.kv import check_supported
 from nodes.runtime.logprobs import TokenTable
-from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
+from nodes.runtime.requests import GenerationRequest, GenerationResult, TenantLimits, TokenChunk
 from nodes.runtime.scheduler import Job, Limits, Scheduler
 from nodes.store.tree import BuiltNode, BuiltTree
 from nodes.store.versions import SNAPSHOT_RECORD, open_served_tree
@@ -91,11 +91,17 @@ class EngineConfig:
     max_prefill_tokens: int = field(default=4096, metadata={"help": "padded tokens in one prefill forward"})
     max_active_adapters: int = field(default=512, metadata={"help": "adapters active in the bank at once"})
     host_cache_bytes: int = field(default=2 << 30, metadata={"help": "bytes of inactive adapters kept in memory"})
+    tenant_max_running: int | None = field(
+        default=None, metadata={"help": "a tenant's requests in the batch, unless its request carries limits"}
+    )
+    tenant_max_queued: int | None = field(
+        default=None, metadata={"help": "a tenant's waiting requests, unless its request carries limits"}
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "max_context":
+            if value is None and f.name in ("max_context", "tenant_max_running", "tenant_max_queued"):
                 continue
             minimum = 0 if f.name == "host_cache_bytes" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -193,6 +199,7 @@ class Engine:
             max_tokens_in_flight=self.config.max_tokens_in_flight,
             max_queue=self.config.max_queue,
             max_prefill_tokens=self.config.max_prefill_tokens,
+            tenant=TenantLimits(self.config.tenant_max_running, self.config.tenant_max_queued),
         )
         head = model.get_output_embeddings()
         self.vocab_size = int(getattr(head, "out_features", 0) or model.config.vocab_size)  # the logits' width
@@ -304,6 +311,8 @@ class Engine:
         if self._root is not None and time.monotonic() - self._snapshot_checked >= _SNAPSHOT_POLL_S:
             self.refresh()
         sink = _QueueSink(asyncio.get_running_loop())
+        if isinstance(request, GenerationRequest):
+            self._scheduler.check_room(request.tenant, request.limits)
         # Tokenizing a long prompt takes long: in a thread, so other calls on this loop go on meanwhile.
         job = await asyncio.to_thread(self._job, request, sink, streaming)
         self._scheduler.submit(job)

@@ -58,6 +58,7 @@ __all__ = [
     "GenerationResult",
     "ResponseFormat",
     "SamplingParams",
+    "TenantLimits",
     "Timings",
     "TokenChunk",
     "TokenLogprob",
@@ -245,6 +246,20 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TenantLimits:
+    """One tenant's share of an engine (see :mod:`nodes.runtime.fair`); None = no bound of its own."""
+
+    max_running: int | None = field(default=None, metadata={"help": "requests of the tenant in the batch at once"})
+    max_queued: int | None = field(default=None, metadata={"help": "requests of the tenant waiting to be admitted"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_queued"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidRequest(f"limits.{name}", f"must be an integer >= 1 or None, got {value!r}")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation request for one node. Exactly one of ``prompt`` / ``messages``."""
 
@@ -254,6 +269,8 @@ class GenerationRequest:
     params: SamplingParams = SamplingParams()
     deadline: float | None = None  # absolute, time.time() seconds; None = no deadline
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tenant: str | None = None  # who asks (the server stamps the authenticated caller's); None = anonymous
+    limits: TenantLimits | None = None  # the tenant's share (the server stamps it); None = the engine's defaults
 
     def __post_init__(self) -> None:
         if not isinstance(self.node, str) or not self.node.strip():

@@ -1,7 +1,8 @@
 """Iteration-level batching on the engine's model thread.
 
 Each iteration: drop cancelled and expired requests, admit waiting requests
-(bounded by batch size, tokens in flight and free adapter slots), prefill the
+(in the fair order of :mod:`nodes.runtime.fair`: deficit round robin over tenants, each within
+its own limits; bounded by batch size, tokens in flight and free adapter slots), prefill the
 newcomers in one left-padded forward, then run one decode step for every
 running row. Requests join and leave between steps; the bank plan and the
 sampling batch (which rows use which sampling feature) are rebuilt only when
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,16 +34,17 @@ from nodes.errors import (
     EngineError,
     InvalidRequest,
     NodesError,
-    QueueFull,
     RequestCancelled,
+    TenantOverLimit,
 )
 from nodes.runtime.bank import AdapterBank
 from nodes.runtime.cache import AdapterCache
+from nodes.runtime.fair import FairQueue
 from nodes.runtime.jobs import Job, Row, Sink
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
 from nodes.runtime.logprobs import LogprobRecord, prompt_logprobs
 from nodes.runtime.plan import BankBatch
-from nodes.runtime.requests import Echo, FinishReason
+from nodes.runtime.requests import Echo, FinishReason, TenantLimits
 from nodes.runtime.sampling import SamplingBatch, next_tokens
 
 __all__ = ["Job", "Limits", "Scheduler", "Sink"]
@@ -54,6 +56,7 @@ class Limits:
     max_tokens_in_flight: int
     max_queue: int
     max_prefill_tokens: int
+    tenant: TenantLimits = field(default_factory=TenantLimits)  # a tenant's share when its request carries no limits
 
 
 class Scheduler:
@@ -75,7 +78,7 @@ class Scheduler:
         self.pad_id = pad_id
         self.vocab_size = vocab_size
         self._cond = threading.Condition()
-        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting = FairQueue(limits.max_queue, limits.tenant)
         self._in_flight: dict[str, Job] = {}  # request id -> job, from submit until finished
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False
@@ -95,15 +98,29 @@ class Scheduler:
                 raise InvalidRequest(
                     "request_id", f"{job.request.request_id!r} is already in flight; ids must be unique"
                 )
-            if len(self._waiting) >= self.limits.max_queue:
+            try:
+                evicted = self._waiting.push(job)
+            except Exception:
                 self.counts["rejected"] += 1
-                raise QueueFull(
-                    f"{len(self._waiting)} requests are waiting (the bound is {self.limits.max_queue}); retry later"
-                )
-            self._waiting.append(job)
+                raise
             self._in_flight[job.request.request_id] = job
             self.counts["submitted"] += 1
             self._cond.notify()
+        if evicted is not None:  # a heavier tenant's newest request made room for this one
+            self.counts["rejected"] += 1
+            self._fail(
+                evicted,
+                TenantOverLimit("the queue is full and your tenant holds the most of it; retry later", 1.0),
+            )
+
+    def check_room(self, tenant: str | None, limits: TenantLimits | None) -> None:
+        """Refuse a tenant at its own queue bound before its request is tokenized (cheap under a flood)."""
+        with self._cond:
+            try:
+                self._waiting.check(tenant, limits)
+            except TenantOverLimit:
+                self.counts["rejected"] += 1
+                raise
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the model thread between two steps (it owns the bank and the cache)."""
@@ -197,7 +214,7 @@ class Scheduler:
                 elif job.request.deadline is not None and now >= job.request.deadline:
                     error = DeadlineExceeded(f"request {job.request.request_id} passed its deadline while queued")
                 if error is not None:
-                    self._waiting.remove(job)
+                    self._waiting.pop(job, admitted=False)
                     self._fail(job, error)
         for row in list(self.running):
             job = row.job
@@ -213,9 +230,10 @@ class Scheduler:
         width = 0
         while True:
             with self._cond:
-                if not self._waiting:
+                head = self._waiting.peek()
+                if head is None:
                     break
-                job = self._waiting[0]
+                job = head
             if rows + len(job.rows) > self.limits.max_batch_size:
                 break
             busy = self.running or admitted
@@ -230,13 +248,13 @@ class Scheduler:
                 break  # wait for a running request to release its adapters
             except Exception as exc:  # e.g. an adapter file changed on disk: this request fails, others go on
                 with self._cond:
-                    self._waiting.popleft()
+                    self._waiting.pop(job, admitted=False)
                 if not isinstance(exc, NodesError):
                     exc = AdapterError(f"cannot load the adapters of {job.request.node}: {type(exc).__name__}: {exc}")
                 self._fail(job, exc)
                 continue
             with self._cond:
-                self._waiting.popleft()
+                self._waiting.pop(job, admitted=True)
             job.scheduled_at = time.perf_counter()
             self.tokens_in_flight += job.budget
             admitted.append(job)
@@ -434,6 +452,8 @@ class Scheduler:
     def _release(self, job: Job) -> None:
         with self._cond:
             self._in_flight.pop(job.request.request_id, None)
+            if job.scheduled_at is not None:
+                self._waiting.finished(job)
         if job.scheduled_at is not None and job.keys is not None:
             self.cache.release(job.keys)
             self.tokens_in_flight -= job.budget
@@ -446,7 +466,7 @@ class Scheduler:
 
     def _drain(self, error: BaseException) -> None:
         with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = self._waiting.drain()
             calls, self._calls = list(self._calls), collections.deque()
         for _, future in calls:
             if future.set_running_or_notify_cancel():

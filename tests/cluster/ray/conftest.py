@@ -18,6 +18,7 @@ from cluster.updates.keys import register_key, write_key_files
 from hierarchy.updates.distribution import SignerDelegation, sign_delegation
 from hierarchy.updates.keys import SigningKey
 from nodes.base.model import TinyBaseConfig, make_tiny_base
+from registry.access import create_tenant
 from tests.cluster.grpc_harness import make_world
 from tests.cluster.ray.cluster_harness import KB_SPEC, RayWorld, cluster_yaml, free_port_block
 from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
@@ -46,6 +47,10 @@ def ray_world(tiny_base_dir, tmp_path_factory):
         envelope = sign_delegation(SignerDelegation(tree, (variant_key.public,)), [root_key])
         delegations.append(root / "keys" / f"{tree}.dsse")
         delegations[-1].write_bytes(envelope.to_bytes())
+    # Tenant "flood" gets tiny limits (test_fair_ray.py): its replica refuses it first.
+    create_tenant(world.registry, "flood")
+    limits = root / "tenant-limits.yaml"
+    limits.write_text("tenants:\n  flood: {max_running: 1, max_queued: 1}\n", encoding="utf-8")
     base = free_port_block()
     temp_dir = Path(tempfile.mkdtemp(prefix="tl-ray-"))  # short: Ray's socket paths must stay under 108 bytes
     config = cluster_yaml(
@@ -64,7 +69,11 @@ def ray_world(tiny_base_dir, tmp_path_factory):
             },
             kb.root: {"replicas": 1, "max_adapters": 3, "resources": {"cpus": 0.5}, "health_check_period_s": 1},
         },
-        ingress={"variant_key": str(keys.private), "variant_delegations": [str(d) for d in delegations]},
+        ingress={
+            "variant_key": str(keys.private),
+            "variant_delegations": [str(d) for d in delegations],
+            "tenant_limits": {"file": str(limits)},
+        },
     )
     rw = RayWorld(
         world=world,

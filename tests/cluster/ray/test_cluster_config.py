@@ -16,6 +16,7 @@ from cluster.ray.board import ReplicaReport
 from cluster.ray.config import RayPorts, load_cluster_config, parse_cluster_config
 from cluster.ray.runtime import ClusterState, RayProcess, load_state, ray_start_command, save_state
 from cluster.ray.wire import TrunkInfo
+from cluster.service.quota import TenantQuota
 from cluster.service.trunk import CacheSnapshot
 from tests.nodes.treefactory import make_random_tree
 
@@ -62,6 +63,12 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert parse({**doc, "ingress": {"variant_cache": "3GiB"}}, tmp_path).ingress.variant_cache_bytes == 3 << 30
     assert config.ingress.metrics_host == "127.0.0.1"  # /metrics has no token: local unless widened
     assert parse({**doc, "ingress": {"metrics_host": "0.0.0.0"}}, tmp_path).ingress.metrics_host == "0.0.0.0"
+    quotas = config.ingress.quotas  # the same per-tenant defaults as `treelm serve`
+    assert quotas.defaults == TenantQuota(max_running=16, max_queued=64, tokens_per_minute=None) and not quotas.tenants
+    (tmp_path / "limits.yaml").write_text("tenants:\n  trial: {tokens_per_minute: 500}\n", encoding="utf-8")
+    limited = parse({**doc, "ingress": {"tenant_limits": {"max_queued": 8, "file": "limits.yaml"}}}, tmp_path)
+    assert limited.ingress.quotas.for_tenant("trial") == TenantQuota(max_queued=8, tokens_per_minute=500)
+    assert limited.ingress.quotas.for_tenant("acme") == TenantQuota(max_queued=8)
 
 
 def test_the_examples_are_valid(tree_dir, monkeypatch):
@@ -138,6 +145,13 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
             lambda d: d.update(ingress={"variant_key": "/nope/k", "variant_delegations": ["/nope/d"]}),
             "ingress.variant_key",
             "does not exist",
+        ),
+        (lambda d: d.update(ingress={"tenant_limits": {"max_queued": 0}}), "ingress.tenant_limits.max_queued", ">= 1"),
+        (lambda d: d.update(ingress={"tenant_limits": {"burst": 3}}), "ingress.tenant_limits.burst", "unknown key"),
+        (
+            lambda d: d.update(ingress={"tenant_limits": {"file": "/nope.yaml"}}),
+            "ingress.tenant_limits.file",
+            "cannot read",
         ),
         (lambda d: d.pop("registry"), "registry", "is required"),
         (lambda d: d.update(name="Bad Name"), "name", "lowercase"),

@@ -1,0 +1,191 @@
+"""Per-tenant quotas: each tenant's share of the engines and its tokens per minute.
+
+    quotas = Quotas(QuotaPolicy.load(Path("tenant-limits.yaml"), defaults))
+    trunk = quotas.bind(trunk, caller)        # what Admission.admit returns
+    await trunk.generate(request)             # stamped with the tenant and its limits; tokens charged
+
+Three limits per tenant, with server-wide defaults and per-tenant overrides (a YAML file, see
+:meth:`QuotaPolicy.load`):
+
+- ``max_running``: its requests in an engine's batch at once; more wait in its own queue.
+- ``max_queued``: its requests waiting in an engine's queue; beyond it RESOURCE_EXHAUSTED / 429.
+- ``tokens_per_minute``: generated tokens, a token bucket of that capacity refilled at that rate
+  per minute; a call while the bucket is empty is refused RESOURCE_EXHAUSTED / 429 with the
+  seconds until it refills. A call in progress is never cut short: its tokens may take the bucket
+  below zero, and the tenant then waits until it is positive again.
+
+The engine enforces the first two (nodes/runtime/fair.py: they travel with each request, so a Ray
+replica applies the limits the ingress read); the ingress process keeps the token buckets. On a
+Ray cluster each trunk replica and each ingress therefore bounds a tenant on its own.
+Anonymous callers (auth off) share the limits of the tenant named ``""`` in the file, else the defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from cluster.errors import RateLimited, ServeError
+from cluster.service.auth import Caller
+from cluster.service.trunk import Trunk, TrunkSnapshot
+from nodes.runtime.requests import GenerationRequest, GenerationResult, TenantLimits, TokenChunk
+
+__all__ = ["QuotaPolicy", "Quotas", "TenantQuota", "TenantTrunk"]
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """One tenant's limits; None = unbounded (the engine's batch and queue still bound it)."""
+
+    max_running: int | None = field(default=16, metadata={"help": "requests in an engine's batch at once"})
+    max_queued: int | None = field(default=64, metadata={"help": "requests waiting in an engine's queue"})
+    tokens_per_minute: int | None = field(default=None, metadata={"help": "generated tokens per minute"})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ServeError(f"tenant limit {f.name} must be an integer >= 1 (or unset), got {value!r}")
+
+    @property
+    def engine_limits(self) -> TenantLimits:
+        return TenantLimits(max_running=self.max_running, max_queued=self.max_queued)
+
+
+@dataclass(frozen=True)
+class QuotaPolicy:
+    """Defaults for every tenant and overrides for some (by tenant name)."""
+
+    defaults: TenantQuota = field(default_factory=TenantQuota)
+    tenants: Mapping[str, TenantQuota] = field(default_factory=dict)
+
+    def for_tenant(self, tenant: str | None) -> TenantQuota:
+        return self.tenants.get(tenant or "", self.defaults)
+
+    @classmethod
+    def load(cls, path: Path, defaults: TenantQuota | None = None) -> QuotaPolicy:
+        """Read overrides from YAML; a tenant's unnamed limits keep the defaults::
+
+        tenants:
+          acme: {max_running: 16, max_queued: 128, tokens_per_minute: 200000}
+          trial: {tokens_per_minute: 5000}
+        """
+        defaults = defaults or TenantQuota()
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ServeError(f"cannot read the tenant limits {path}: {exc}") from None
+        tenants = data.get("tenants") if isinstance(data, dict) else None
+        if not isinstance(tenants, dict) or set(data) - {"tenants"}:
+            raise ServeError(f"{path}: expected a mapping with one key, 'tenants' (tenant name -> limits)")
+        known = {f.name for f in fields(TenantQuota)}
+        out: dict[str, TenantQuota] = {}
+        for name, limits in tenants.items():
+            if not isinstance(name, str) or not isinstance(limits, dict) or set(limits) - known:
+                raise ServeError(f"{path}: tenant {name!r} needs a mapping of {', '.join(sorted(known))}")
+            try:
+                out[name] = replace(defaults, **limits)
+            except ServeError as exc:
+                raise ServeError(f"{path}: tenant {name!r}: {exc}") from None
+        return cls(defaults, out)
+
+
+class _Bucket:
+    """A token bucket over generated tokens (capacity = the per-minute rate)."""
+
+    def __init__(self, per_minute: int, now: float):
+        self.per_minute = per_minute
+        self.level = float(per_minute)
+        self.at = now
+
+    def refill(self, now: float) -> None:
+        self.level = min(float(self.per_minute), self.level + (now - self.at) * self.per_minute / 60.0)
+        self.at = now
+
+
+class Quotas:
+    """The policy and each tenant's token bucket (one event loop: no lock)."""
+
+    def __init__(self, policy: QuotaPolicy | None = None, clock: Callable[[], float] = time.monotonic):
+        self.policy = policy or QuotaPolicy()
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def bind(self, trunk: Trunk, caller: Caller) -> TenantTrunk:
+        return TenantTrunk(trunk, self, caller.tenant)
+
+    def check(self, tenant: str | None) -> None:
+        """RateLimited while the tenant's bucket is empty."""
+        bucket = self._bucket(tenant)
+        if bucket is None or bucket.level >= 1.0:
+            return
+        wait = (1.0 - bucket.level) * 60.0 / bucket.per_minute
+        raise RateLimited(
+            f"your tenant generated its {bucket.per_minute} tokens per minute; retry in {wait:.1f} s", wait
+        )
+
+    def charge(self, tenant: str | None, tokens: int) -> None:
+        bucket = self._bucket(tenant)
+        if bucket is not None:
+            bucket.level -= tokens
+
+    def _bucket(self, tenant: str | None) -> _Bucket | None:
+        rate = self.policy.for_tenant(tenant).tokens_per_minute
+        if rate is None:
+            return None
+        key = tenant or ""
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.per_minute != rate:
+            bucket = self._buckets[key] = _Bucket(rate, now)
+        bucket.refill(now)
+        return bucket
+
+
+class TenantTrunk:
+    """A trunk as one tenant uses it: requests carry the tenant and its limits, tokens are charged."""
+
+    def __init__(self, trunk: Trunk, quotas: Quotas, tenant: str | None):
+        self.trunk = trunk
+        self._quotas = quotas
+        self.tenant = tenant
+
+    @property
+    def tree(self) -> str:
+        return self.trunk.tree
+
+    @property
+    def base_digest(self) -> str:
+        return self.trunk.base_digest
+
+    def serves(self, node: str) -> bool:
+        return self.trunk.serves(node)
+
+    def served_version(self, node: str) -> int | None:
+        return self.trunk.served_version(node)
+
+    def _stamp(self, request: GenerationRequest) -> GenerationRequest:
+        self._quotas.check(self.tenant)
+        limits = self._quotas.policy.for_tenant(self.tenant).engine_limits
+        return replace(request, tenant=self.tenant, limits=limits)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = await self.trunk.generate(self._stamp(request))
+        self._quotas.charge(self.tenant, result.usage.completion_tokens)
+        return result
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        stamped = self._stamp(request)
+        async for chunk in self.trunk.stream(stamped):
+            self._quotas.charge(self.tenant, len(chunk.token_ids))
+            yield chunk
+
+    def snapshot(self) -> TrunkSnapshot:
+        return self.trunk.snapshot()
+
+    async def close(self) -> None:
+        await self.trunk.close()

@@ -1,0 +1,169 @@
+"""The engine's waiting room: one queue per tenant, served by deficit round robin.
+
+A flood from one tenant must not delay or refuse another's requests, so waiting jobs are kept
+per tenant (``GenerationRequest.tenant``; anonymous callers share one queue) and the scheduler
+takes the next job from :meth:`FairQueue.peek` instead of a single FIFO:
+
+- **Deficit round robin** over the tenants that have waiting jobs. A job costs its token budget
+  (prompt + max new tokens, times n). A tenant's turn credits it ``QUANTUM_TOKENS``; it is
+  served job after job while its credit covers its head job, then the turn passes to the next
+  tenant. Every tenant earns the same tokens per round, whatever the size or number of its
+  requests. A tenant's credit is dropped when its queue empties (no banking while idle).
+- **Per-tenant limits** (``GenerationRequest.limits``, else the engine's defaults): a tenant with
+  ``max_running`` jobs in the batch is skipped (it earns no credit) until one finishes; a tenant
+  with ``max_queued`` jobs waiting is refused :class:`~nodes.errors.TenantOverLimit`.
+- **The global bound** (``max_queue``) is shared fairly: when it is reached, the newest job of
+  the tenant with the longest queue is refused (TenantOverLimit) to make room, unless that
+  tenant is the newcomer's own or holds no more than it: a tenant is refused before any tenant
+  with a shorter queue is.
+
+Not thread-safe: the scheduler calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+from nodes.errors import QueueFull, TenantOverLimit
+from nodes.runtime.jobs import Job
+from nodes.runtime.requests import TenantLimits
+
+__all__ = ["ANONYMOUS_TENANT", "QUANTUM_TOKENS", "FairQueue"]
+
+ANONYMOUS_TENANT = ""  # the queue of requests without a tenant
+# Credit per turn, in token-budget units. The shares do not depend on it; a small one keeps turns
+# short (a turn serves about one typical request, so another tenant waits at most that between
+# its turns), a large request just takes its tenant a few turns of credit.
+QUANTUM_TOKENS = 64
+_RETRY_AFTER_S = 1.0  # what a refusal suggests: a slot frees within a few decode steps
+
+
+def tenant_of(job: Job) -> str:
+    return job.request.tenant or ANONYMOUS_TENANT
+
+
+class FairQueue:
+    """Waiting jobs by tenant (see the module docstring)."""
+
+    def __init__(self, max_queue: int, defaults: TenantLimits | None = None):
+        self.max_queue = max_queue
+        self.defaults = defaults or TenantLimits()
+        self._queues: dict[str, collections.deque[Job]] = {}  # insertion order = round order
+        self._credit: dict[str, int] = {}
+        self._turn: str | None = None  # the tenant whose turn it is (credited for it already)
+        self._running: collections.Counter[str] = collections.Counter()  # jobs admitted, not yet finished
+        self._limits: dict[str, TenantLimits] = {}  # each tenant's limits as its latest request carried them
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Job]:
+        for queue in list(self._queues.values()):
+            yield from list(queue)
+
+    def queued(self, tenant: str) -> int:
+        queue = self._queues.get(tenant)
+        return len(queue) if queue is not None else 0
+
+    def running(self, tenant: str) -> int:
+        return self._running[tenant]
+
+    def check(self, tenant: str | None, limits: TenantLimits | None) -> None:
+        """TenantOverLimit when the tenant is at its own queue bound: refused before any work on the request."""
+        key = tenant or ANONYMOUS_TENANT
+        bound = (limits or self.defaults).max_queued
+        if bound is not None and self.queued(key) >= bound:
+            raise TenantOverLimit(
+                f"your tenant has {self.queued(key)} requests waiting (its bound is {bound}); retry later",
+                _RETRY_AFTER_S,
+            )
+
+    def push(self, job: Job) -> Job | None:
+        """Queue ``job``; returns a job of a heavier tenant pushed out to make room (the caller fails it).
+
+        Raises TenantOverLimit when the job's tenant is at its own bound or holds the longest queue
+        of a full engine, QueueFull when the engine is full of this tenant's equals."""
+        tenant = tenant_of(job)
+        self.check(tenant, job.request.limits)
+        self._limits[tenant] = job.request.limits or self.defaults
+        mine = self.queued(tenant)
+        evicted = None
+        if self._size >= self.max_queue:
+            heaviest = max(self._queues, key=lambda t: len(self._queues[t]))
+            if heaviest == tenant or len(self._queues[heaviest]) <= mine + 1:
+                error = TenantOverLimit if heaviest == tenant else QueueFull
+                raise error(
+                    f"{self._size} requests are waiting (the bound is {self.max_queue}); retry later", _RETRY_AFTER_S
+                )
+            evicted = self._queues[heaviest].pop()  # its newest: the oldest keep their place
+            self._size -= 1
+            self._dropped(heaviest)
+        self._queues.setdefault(tenant, collections.deque()).append(job)
+        self._credit.setdefault(tenant, 0)
+        self._size += 1
+        return evicted
+
+    def peek(self) -> Job | None:
+        """The job deficit round robin serves next; None when no tenant may run one now."""
+        while True:
+            tenant = next((t for t in self._queues if not self._at_running_limit(t)), None)
+            if tenant is None:
+                return None
+            if tenant != self._turn:  # a new turn: one quantum of credit
+                self._turn = tenant
+                self._credit[tenant] += QUANTUM_TOKENS
+            head = self._queues[tenant][0]
+            if self._credit[tenant] >= head.budget:
+                return head
+            self._end_turn(tenant)  # its credit does not cover its head: the next tenant's turn
+
+    def pop(self, job: Job, *, admitted: bool) -> None:
+        """Take ``job`` (the one peek returned, or any waiting job) out of the queue.
+
+        ``admitted``: it joins the batch (it spends its credit and counts against max_running)."""
+        tenant = tenant_of(job)
+        queue = self._queues[tenant]
+        queue.remove(job)
+        self._size -= 1
+        if admitted:
+            self._credit[tenant] -= job.budget
+            self._running[tenant] += 1
+        if not queue:
+            self._dropped(tenant)
+
+    def finished(self, job: Job) -> None:
+        """An admitted job left the batch."""
+        tenant = tenant_of(job)
+        self._running[tenant] -= 1
+        if self._running[tenant] <= 0:
+            del self._running[tenant]
+            if tenant not in self._queues:
+                self._limits.pop(tenant, None)
+
+    def drain(self) -> list[Job]:
+        jobs = list(self)
+        self._queues.clear()
+        self._credit.clear()
+        self._turn = None
+        self._size = 0
+        return jobs
+
+    def _end_turn(self, tenant: str) -> None:
+        self._queues[tenant] = self._queues.pop(tenant)  # to the back of the round
+        self._turn = None
+
+    def _dropped(self, tenant: str) -> None:
+        queue = self._queues.get(tenant)
+        if queue is not None and not queue:
+            del self._queues[tenant]
+            del self._credit[tenant]  # an idle tenant banks no credit
+            if self._turn == tenant:
+                self._turn = None
+            if not self._running[tenant]:
+                self._limits.pop(tenant, None)
+
+    def _at_running_limit(self, tenant: str) -> bool:
+        limit = self._limits.get(tenant, self.defaults).max_running
+        return limit is not None and self._running[tenant] >= limit

@@ -1,0 +1,128 @@
+"""The engine's waiting room (nodes.runtime.fair): deficit round robin order and per-tenant bounds."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from nodes.errors import QueueFull, TenantOverLimit
+from nodes.runtime.fair import QUANTUM_TOKENS, FairQueue
+from nodes.runtime.jobs import Job
+from nodes.runtime.requests import GenerationRequest, SamplingParams, TenantLimits
+
+
+class _Sink:
+    def put(self, item: object) -> bool:
+        return True
+
+
+def _job(tenant: str | None, name: str, budget: int = 100, limits: TenantLimits | None = None) -> Job:
+    request = GenerationRequest(
+        node="demo",
+        prompt="x",
+        params=SamplingParams(max_new_tokens=budget - 1),
+        request_id=name,
+        tenant=tenant,
+        limits=limits,
+    )
+    return Job(request, [1], (), 0, budget - 1, _Sink(), False, tokenizer=None)
+
+
+def _serve(queue: FairQueue, count: int) -> list[str]:
+    """Admit ``count`` jobs in the queue's order (each finishes at once)."""
+    order = []
+    for _ in range(count):
+        job = queue.peek()
+        assert job is not None
+        queue.pop(job, admitted=True)
+        queue.finished(job)
+        order.append(job.request.request_id)
+    return order
+
+
+def test_a_flood_does_not_delay_another_tenant() -> None:
+    queue = FairQueue(max_queue=1000)
+    for i in range(200):
+        queue.push(_job("a", f"a{i}"))
+    queue.push(_job("b", "b0"))
+    queue.push(_job("b", "b1"))
+    order = _serve(queue, 6)
+    # 200 of A's requests arrived first; B's two are served turn about with A's, then A goes on.
+    assert order == ["a0", "b0", "a1", "b1", "a2", "a3"]
+
+
+def test_shares_follow_token_budgets_not_request_counts() -> None:
+    queue = FairQueue(max_queue=1000)
+    for i in range(20):
+        queue.push(_job("big", f"big{i}", budget=QUANTUM_TOKENS))  # one quantum each
+        queue.push(_job("small", f"small{i}", budget=QUANTUM_TOKENS // 4))
+    order = _serve(queue, 20)
+    small = sum(1 for name in order if name.startswith("small"))
+    big = len(order) - small
+    assert small == 4 * big  # equal tokens per round: four small requests per big one
+
+
+def test_a_tenant_at_its_running_limit_waits_and_others_go_on() -> None:
+    queue = FairQueue(max_queue=100)
+    limits = TenantLimits(max_running=2)
+    for i in range(5):
+        queue.push(_job("a", f"a{i}", limits=limits))
+    admitted = []
+    for _ in range(2):
+        job = queue.peek()
+        assert job is not None
+        queue.pop(job, admitted=True)
+        admitted.append(job)
+    assert queue.peek() is None  # A holds its two slots; nobody else waits
+    queue.push(_job("b", "b0"))
+    head = queue.peek()
+    assert head is not None and head.request.request_id == "b0"
+    queue.pop(head, admitted=True)
+    queue.finished(admitted[0])  # one of A's leaves the batch: A may run one more
+    head = queue.peek()
+    assert head is not None and head.request.request_id == "a2"
+
+
+def test_own_queue_bound_refuses_only_that_tenant() -> None:
+    queue = FairQueue(max_queue=100)
+    limits = TenantLimits(max_queued=3)
+    for i in range(3):
+        queue.push(_job("a", f"a{i}", limits=limits))
+    with pytest.raises(TenantOverLimit) as refused:
+        queue.push(_job("a", "a3", limits=limits))
+    assert refused.value.retry_after_s > 0
+    assert len(queue) == 3 and queue.queued("a") == 3  # nothing changed
+    queue.push(_job("b", "b0", limits=limits))  # another tenant is unaffected
+    # The error keeps its retry hint across pickling (Ray replicas raise it to the ingress).
+    again = pickle.loads(pickle.dumps(refused.value))
+    assert isinstance(again, TenantOverLimit) and again.retry_after_s == refused.value.retry_after_s
+
+
+def test_a_full_engine_refuses_the_heaviest_tenant_first() -> None:
+    queue = FairQueue(max_queue=4)
+    for i in range(4):
+        queue.push(_job("a", f"a{i}"))
+    with pytest.raises(TenantOverLimit):
+        queue.push(_job("a", "a4"))  # A itself holds the whole queue
+    evicted = queue.push(_job("b", "b0"))  # B gets in: A's newest request makes room
+    assert evicted is not None and evicted.request.request_id == "a3"
+    assert len(queue) == 4 and queue.queued("a") == 3 and queue.queued("b") == 1
+    queue.push(_job("b", "b1"))
+    with pytest.raises(QueueFull) as full:
+        queue.push(_job("b", "b2"))  # now equal shares (2 and 2): B is refused as A would be
+    assert not isinstance(full.value, TenantOverLimit)
+    assert queue.queued("a") == 2 and queue.queued("b") == 2
+
+
+def test_cancelled_jobs_leave_and_idle_tenants_bank_no_credit() -> None:
+    queue = FairQueue(max_queue=100)
+    job = _job("a", "a0")
+    queue.push(job)
+    assert queue.peek() is job  # credits A
+    queue.pop(job, admitted=False)  # cancelled while queued
+    assert len(queue) == 0 and queue.peek() is None
+    queue.push(_job("b", "b0"))
+    queue.push(_job("a", "a1"))
+    head = queue.peek()
+    assert head is not None and head.request.request_id == "b0"  # A's old credit is gone: B is first in order
