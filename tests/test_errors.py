@@ -42,7 +42,14 @@ def _errors_of(module: ModuleType) -> list[type[Exception]]:
 
 ALL_ERRORS = [(module, cls) for module in PACKAGES for cls in _errors_of(module)]
 
-_SAMPLES = {"field": "params.top_p", "file": "cluster.yaml", "node": "demo/en", "update_id": "ab" * 16}
+_SAMPLES = {
+    "field": "params.top_p",
+    "file": "cluster.yaml",
+    "node": "demo/en",
+    "update_id": "ab" * 16,
+    "idle_s": 30.0,  # numbers where a message formats them
+    "retry_after_s": 1.5,
+}
 
 
 def _instance(cls: type[Exception]) -> Exception:
