@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -79,19 +80,14 @@ def cli(*args: str, timeout: float = 600) -> str:
 
 
 def prepare(workdir: Path) -> dict:
+    from grpc_bench import tiny_tree
+
     from cluster.tree_import import import_tree
-    from nodes.base.model import TinyBaseConfig, make_tiny_base
     from registry.access import issue_token
     from registry.db import init_registry, open_registry
     from tests.cluster.ray.cluster_harness import cluster_yaml, free_port_block
-    from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
-    base_dir, tree_dir = workdir / "base", workdir / "tree"
-    make_tiny_base(
-        base_dir,
-        TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=32000, max_position=512),
-    )
-    make_random_tree(tree_dir, base_dir, RandomTreeSpec(name="bench", init_scale=0.05))
+    _, tree_dir = tiny_tree(workdir)
     url = f"sqlite:///{workdir / 'registry.db'}"
     init_registry(url)
     with open_registry(url) as reg:

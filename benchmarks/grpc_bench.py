@@ -151,7 +151,8 @@ class InProc:
 
 
 # ----------------------------------------------------------------------------- setup
-def prepare(workdir: Path) -> dict:
+def tiny_tree(workdir: Path) -> tuple[Path, Path]:
+    """The benchmarks' tiny Llama base and random tree under ``workdir`` (made once, then reused)."""
     from nodes.base.model import TinyBaseConfig, make_tiny_base
     from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
@@ -163,6 +164,11 @@ def prepare(workdir: Path) -> dict:
         )
     if not (tree_dir / "tree.json").is_file():
         make_random_tree(tree_dir, base_dir, RandomTreeSpec(name="bench", init_scale=0.05))
+    return base_dir, tree_dir
+
+
+def prepare(workdir: Path) -> dict:
+    base_dir, tree_dir = tiny_tree(workdir)
     db = workdir / "registry.db"
     db.unlink(missing_ok=True)
     from cluster.tree_import import import_tree

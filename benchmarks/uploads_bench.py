@@ -38,8 +38,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from grpc_bench import tiny_tree  # noqa: E402 (the same tiny base and tree)
 
 RESULTS = REPO / "benchmarks" / "results"
 SCENARIOS = ("unknown-key", "over-limit", "overlong")
@@ -53,19 +56,10 @@ def prepare(workdir: Path) -> dict:
     from cluster.tree_import import import_tree
     from cluster.updates.keys import register_key
     from hierarchy.updates.keys import SigningKey
-    from nodes.base.model import TinyBaseConfig, make_tiny_base
     from registry.access import create_tenant, issue_token
     from registry.db import init_registry, open_registry
-    from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
-    base_dir, tree_dir = workdir / "base", workdir / "tree"
-    if not (base_dir / "config.json").is_file():
-        make_tiny_base(
-            base_dir,
-            TinyBaseConfig(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=32000, max_position=512),
-        )
-    if not (tree_dir / "tree.json").is_file():
-        make_random_tree(tree_dir, base_dir, RandomTreeSpec(name="bench", init_scale=0.05))
+    _, tree_dir = tiny_tree(workdir)
     db = workdir / "registry.db"
     db.unlink(missing_ok=True)
     url = f"sqlite:///{db}"
