@@ -114,10 +114,10 @@ def tiny(
 # --------------------------------------------------------------------------- build and export
 
 
-class _RichBuildProgress:
-    """Rich progress for `tree build`: one bar per node being trained, one line per finished node."""
+class _RichBars:
+    """A transient rich Progress (one bar per task, a status column ``field``) that is its own context."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, field: str):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
@@ -125,7 +125,7 @@ class _RichBuildProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
+            TextColumn(f"{{task.fields[{field}]}}"),
             TimeElapsedColumn(),
             console=console,
             transient=True,
@@ -138,6 +138,13 @@ class _RichBuildProgress:
 
     def __exit__(self, *exc):
         self.progress.__exit__(*exc)
+
+
+class _RichBuildProgress(_RichBars):
+    """Rich progress for `tree build`: one bar per node being trained, one line per finished node."""
+
+    def __init__(self, console: Console):
+        super().__init__(console, "status")
 
     def message(self, text: str) -> None:
         self.console.print(f"[dim]{escape(text)}[/dim]")
@@ -246,30 +253,11 @@ def build(
     report.raise_for_failures()
 
 
-class _RichVariantProgress:
+class _RichVariantProgress(_RichBars):
     """Rich progress for building variants: one bar per variant being built, one line per finished one."""
 
     def __init__(self, console: Console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[what]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.tasks: dict[str, TaskID] = {}
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        super().__init__(console, "what")
 
     def started(self, label: str) -> None:
         self.tasks[label] = self.progress.add_task(label, total=None, what="")
