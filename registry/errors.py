@@ -12,7 +12,8 @@
     │   ├── VersionNotFound
     │   ├── UpdateNotFound        an update id no update has
     │   ├── TenantNotFound
-    │   └── SigningKeyNotFound
+    │   ├── SigningKeyNotFound
+    │   └── ResponseNotFound      a response id the caller never got (or another tenant's)
     ├── InvalidInput              a bad value; ``field`` names the input
     │   ├── InvalidMemorySize     "eight gigs", "-1GiB", ...
     │   ├── InvalidHardware       a device kind that does not exist, a bad bandwidth
@@ -22,7 +23,8 @@
     └── Conflict                  the request contradicts stored records
         ├── ImportConflict        a tree dir that disagrees with what is registered
         ├── AliasError            an alias to a version that is revoked, rejected or not accepted
-        └── StatusTransitionError a version status change that is not allowed
+        ├── StatusTransitionError a version status change that is not allowed
+        └── FeedbackDeleted       feedback on a response whose records its tenant deleted
 
 A private node of another tenant is reported as :class:`NodeNotFound` with the
 same message as a node that does not exist, so its existence never leaks.
@@ -37,6 +39,7 @@ __all__ = [
     "Conflict",
     "DatabaseError",
     "DatabaseUnavailable",
+    "FeedbackDeleted",
     "ImportConflict",
     "InvalidDatabaseUrl",
     "InvalidHardware",
@@ -48,6 +51,7 @@ __all__ = [
     "NotFound",
     "RegistryError",
     "RegistryNotInitialised",
+    "ResponseNotFound",
     "SchemaOutdated",
     "SchemaTooNew",
     "SigningKeyNotFound",
@@ -157,3 +161,19 @@ class UpdateNotFound(NotFound):
     @classmethod
     def for_id(cls, update_id: str) -> UpdateNotFound:
         return cls(f"no update {update_id!r}: `treelm update status` lists them")
+
+
+class ResponseNotFound(NotFound):
+    """No response with this id for the caller (the same message whether it never existed or is another tenant's)."""
+
+    @classmethod
+    def for_id(cls, response_id: str) -> ResponseNotFound:
+        return cls(f"no response {response_id[:80]!r}: feedback takes the id of a response you received")
+
+
+class FeedbackDeleted(Conflict):
+    """Feedback on a response whose records its tenant deleted: deletion is final."""
+
+    @classmethod
+    def for_id(cls, response_id: str) -> FeedbackDeleted:
+        return cls(f"the records of response {response_id[:80]!r} were deleted; it takes no more feedback")

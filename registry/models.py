@@ -48,11 +48,15 @@ __all__ = [
     "ApiToken",
     "BaseModel",
     "Deployment",
+    "FeedbackRetention",
+    "FeedbackRow",
     "KeyGroup",
     "Model",
     "Node",
     "NodeTag",
     "NodeVersion",
+    "PolicyDecision",
+    "ResponseRow",
     "ServingPin",
     "SigningKey",
     "Tenant",
@@ -365,3 +369,75 @@ class ServingPin(Model):
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ResponseRow(Model):
+    """One generation's response id, so feedback can find it: who asked, which node and version.
+
+    ``prompt`` and ``answer`` are kept only where the tenant turned retention on for the node;
+    ``deleted_at`` marks a response whose tenant deleted its records (its texts are gone and no
+    later feedback is taken for it). The tenant is a name ("" when auth is off), not a foreign key,
+    so anonymous callers and later-removed tenants need no row of their own.
+    """
+
+    __tablename__ = "responses"
+    __table_args__ = (UniqueConstraint("tenant", "response_id"), Index(None, "node", "tenant"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    response_id: Mapped[str] = mapped_column(String(128))
+    node: Mapped[str] = mapped_column(String(300))
+    version: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str | None] = mapped_column(Text)  # JSON: {"prompt": ...} or {"messages": [...]}
+    answer: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column()
+
+
+class FeedbackRow(Model):
+    """A rating (+1/-1) of one response, with an optional corrected answer and tags."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        CheckConstraint("rating IN (-1, 1)", name="rating"),
+        Index(None, "node", "tenant"),
+        Index(None, "response_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    response_pk: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    tenant: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str] = mapped_column(String(300))
+    rating: Mapped[int] = mapped_column(Integer)
+    correction: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    used_by: Mapped[str | None] = mapped_column(String(64))  # the update made from it, once used
+
+
+class FeedbackRetention(Model):
+    """Whether a tenant keeps prompt and answer texts of one node's responses (off unless a row says on)."""
+
+    __tablename__ = "feedback_retention"
+    __table_args__ = (UniqueConstraint("tenant", "node"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str] = mapped_column(String(300))
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PolicyDecision(Model):
+    """Append-only: what the update-timing policy decided for a node, and why (`treelm update log`)."""
+
+    __tablename__ = "policy_decisions"
+    __table_args__ = (Index(None, "node"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    node: Mapped[str] = mapped_column(String(300))
+    action: Mapped[str] = mapped_column(String(32))  # make | wait | aggregate | failed
+    reason: Mapped[str] = mapped_column(Text)
+    update_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
