@@ -305,15 +305,28 @@ def _print_status(status: Any, as_json: bool) -> None:
 @update_app.command("make")
 def update_make(
     tree_dir: Annotated[Path, typer.Argument(help="your copy of the tree dir (its snapshot is trained over)")],
-    node_id: Annotated[str, typer.Argument(help="the node to fine-tune, e.g. demo/en/medical/oncology")],
-    train: Annotated[Path, typer.Option("--train", help="local training text (UTF-8; documents split by blank lines)")],
     key: Annotated[Path, typer.Option("--key", help="the node's key dir or private PEM")],
     out: Annotated[Path, typer.Option("--out", help="the package directory to write")],
+    node_id: Annotated[
+        str | None, typer.Argument(help="the node to fine-tune on --train, e.g. demo/en/medical/oncology")
+    ] = None,
+    train: Annotated[
+        Path | None, typer.Option("--train", help="local training text (UTF-8; documents split by blank lines)")
+    ] = None,
+    from_feedback: Annotated[
+        str | None,
+        typer.Option("--from-feedback", help="NODE: train on its waiting feedback instead (from the registry)"),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="whose feedback (--from-feedback; default: anonymous)")
+    ] = None,
+    db: DbOption = None,
+    policy: PolicyOption = None,
     eval_file: Annotated[
         Path | None, typer.Option("--eval", help="local eval text (default: the last 10% of --train, held out)")
     ] = None,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 20,
-    lr: Annotated[float, typer.Option(help="learning rate")] = 3e-3,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default 20; feedback: the policy's)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default 3e-3; feedback: the policy's)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     version: Annotated[int | None, typer.Option(help="the new version (default: current + 1)")] = None,
     expires_days: Annotated[float, typer.Option("--expires-days", help="days until the package expires")] = 7.0,
@@ -321,16 +334,35 @@ def update_make(
     as_json: JsonOption = False,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
 ) -> None:
-    """Fine-tune a node on local data and write a signed package (manifest + DSSE envelope + PEFT files)."""
+    """Fine-tune a node on local data (or its users' feedback) and write a signed package.
+
+    The package is a manifest, a DSSE envelope and PEFT files. With ``--from-feedback NODE`` the
+    training data are the tenant's waiting corrections and positively rated answers whose texts
+    were retained; the newest part is held out, and every later update of the node must improve on it.
+    """
     import torch
 
     from cluster.updates.keys import load_signing_key
     from cluster.updates.make import make_package
 
+    if (node_id is None) == (from_feedback is None) or (node_id is not None and train is None):
+        raise typer.BadParameter("give NODE_ID with --train FILE, or --from-feedback NODE (not both)")
     signer = load_signing_key(key, _password(password_env))
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    if from_feedback is not None:
+        from cluster.cli.learn import make_from_feedback_command
+
+        try:
+            make_from_feedback_command(
+                tree_dir, from_feedback, tenant, db, signer, out, policy, steps, lr, seed, as_json
+            )
+        finally:
+            torch.set_num_threads(previous)
+        return
+    assert node_id is not None and train is not None  # checked above
+    steps, lr = steps or 20, lr or 3e-3
     try:
         with Console(stderr=True).status(f"fine-tuning {escape(node_id)} for {steps} steps ..."):
             made = make_package(
@@ -572,11 +604,27 @@ def update_repin(
 
 
 @update_app.command("tick")
-def update_tick(tree: TreeOption = None, db: DbOption = None, policy: PolicyOption = None) -> None:
-    """Aggregate every parent whose policy window has passed (run it from cron)."""
+def update_tick(
+    tree: TreeOption = None,
+    db: DbOption = None,
+    policy: PolicyOption = None,
+    password_env: PasswordEnv = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Aggregate every parent whose window has passed, and turn waiting feedback into updates where
+    the policy says so (run it from cron; every decision is in `treelm update log`)."""
+    from cluster.cli.learn import decision_rows, feedback_tick, print_decisions
+    from cluster.updates.keys import load_signing_key
+
     with _local(tree, db, policy) as coordinator:
         made = coordinator.tick()
+        decisions = feedback_tick(coordinator, lambda path: load_signing_key(path, _password(password_env)))
+    if as_json:
+        _echo_json({"candidates": made, "decisions": decision_rows(decisions)})
+        return
     Console().print(f"{len(made)} candidate(s) made" + (": " + ", ".join(made) if made else ""))
+    if decisions:
+        print_decisions(decisions, "feedback policy: this tick")
 
 
 @update_app.command("log")
@@ -585,15 +633,20 @@ def update_log(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The registry's record of every update state change (keys, versions, pins, approvals)."""
+    """The registry's record of every update state change (keys, versions, pins, approvals), and
+    the feedback policy's decisions with their reasons."""
+    from cluster.cli.learn import decision_rows, print_decisions
     from registry.db import open_registry
+    from registry.feedback import list_decisions
     from registry.updates import list_update_events
 
     with open_registry(db) as reg:
         events = list_update_events(reg, node=node)
+        decisions = list_decisions(reg, node)
     if as_json:
         _echo_json(
             {
+                "decisions": decision_rows(decisions),
                 "events": [
                     {
                         "at": e.at.isoformat(),
@@ -603,10 +656,12 @@ def update_log(
                         "detail": dict(e.detail),
                     }
                     for e in events
-                ]
+                ],
             }
         )
         return
+    if decisions:
+        print_decisions(decisions)
     table = Table(title="update events")
     for col in ("at", "event", "node", "update"):
         table.add_column(col)

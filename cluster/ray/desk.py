@@ -22,6 +22,7 @@ the status table of cluster/service/status.py applies unchanged.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +34,15 @@ import ray
 from cluster.errors import ClusterError, ReplicaUnavailable, UpdateStateError
 from cluster.ray.wire import remote_cause
 from cluster.updates.coordinator import Coordinator
+from cluster.updates.keys import load_signing_key
+from cluster.updates.learn import FeedbackLearner
 from cluster.updates.package import Package
 from cluster.updates.policy import UpdatePolicy
 from cluster.updates.status import RollbackResult, UpdateStatus
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
 from hierarchy.updates.envelope import Envelope, Signature
+from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import UpdateManifest
 
 __all__ = ["DESK_NAME", "DeskSpec", "RemoteCoordinator", "UpdateDesk", "ensure_desk", "kill_desk"]
@@ -55,6 +59,12 @@ class DeskSpec:
     registry_url: str
     trees: tuple[tuple[str, str], ...]
     threads: int = 1  # torch threads for gating and aggregation (replicas keep theirs)
+
+
+def _load_feedback_key(path: str) -> SigningKey:
+    """The feedback policy's signing key; an encrypted one needs $TREELM_KEY_PASSPHRASE on the head."""
+    passphrase = os.environ.get("TREELM_KEY_PASSPHRASE")
+    return load_signing_key(path, passphrase.encode() if passphrase else None)
 
 
 def _warm(coordinator: Coordinator) -> None:
@@ -84,19 +94,35 @@ class UpdateDesk:
             )
         for coordinator in self._coordinators.values():  # load the gate's base now, not on the first submission
             self._rounds.submit(_warm, coordinator)
-        windows = [c.policy.window_s for c in self._coordinators.values() if c.policy.window_s]
+        # Time-window aggregation and the feedback policy need a clock: this timer is the cluster's
+        # scheduled job for both (`treelm update tick` is the same pass, from cron, elsewhere).
+        periods = [c.policy.window_s / 10 for c in self._coordinators.values() if c.policy.window_s]
+        periods += [c.policy.feedback.every_s for c in self._coordinators.values() if c.policy.feedback.key]
+        self._learners = {
+            name: FeedbackLearner(c, _load_feedback_key)
+            for name, c in self._coordinators.items()
+            if c.policy.feedback.key
+        }
         self._stop = threading.Event()
-        if windows:  # time-window aggregation needs a clock, as in `treelm serve`
-            every = min(60.0, min(windows) / 10)
+        if periods:
+            every = min(60.0, *periods)
             threading.Thread(target=self._tick_loop, args=(every,), name="treelm-desk-tick", daemon=True).start()
 
     def _tick_loop(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
-            for coordinator in self._coordinators.values():
-                try:
-                    coordinator.tick()
-                except Exception:  # one failed round must not stop the desk; the log has it
-                    log.exception("update aggregation tick failed for %s", coordinator.tree.name)
+            self.tick()
+
+    def tick(self) -> int:
+        """One pass: aggregation windows, then the feedback policy; returns the decisions recorded."""
+        decided = 0
+        for name, coordinator in self._coordinators.items():
+            try:
+                coordinator.tick()
+                if name in self._learners:
+                    decided += len(self._learners[name].tick())
+            except Exception:  # one failed round must not stop the desk; the log has it
+                log.exception("update tick failed for %s", coordinator.tree.name)
+        return decided
 
     def trees(self) -> list[str]:
         return sorted(self._coordinators)

@@ -12,6 +12,12 @@ any field, for example::
     approvals: {evaluator: 1, operator: 1}
     probes: {en/medical/oncology: /secure/oncology-probe.txt}
     canary: /data/general.txt
+    feedback:                 # when users' feedback becomes an update (`treelm update tick`)
+      key: keys/feedback      # signs the updates the policy makes (a node key the tree trusts)
+      min_corrections: 50     # make one when this many new corrections wait ...
+      negative_rate_rise: 0.1 # ... or the negative-rating rate rose this much over the last update's
+      max_age_s: 604800       # ... or the oldest waiting record is a week old (with min_trainable)
+      nodes: {en/medical/cardiology: {min_corrections: 20}}   # per-node overrides
 """
 
 from __future__ import annotations
@@ -29,10 +35,84 @@ from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds
 
-__all__ = ["POLICY_FILE", "UpdatePolicy"]
+__all__ = ["POLICY_FILE", "FeedbackPolicy", "UpdatePolicy"]
 
 POLICY_FILE = "update-policy.yaml"
 _DAY = 86400.0
+
+
+def _number(name: str, value: Any, *, integer: bool = False, low: float = 0.0, high: float | None = None) -> None:
+    """Refuse a bad field with its name: ``low <= value`` (``<= high``), an int where ``integer``."""
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds)
+    number = float(value) if ok else math.nan
+    if not (math.isfinite(number) and number >= low) or (high is not None and number > high):
+        span = f">= {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise PolicyError(
+            f"update policy: {name} must be {'an integer' if integer else 'a number'} {span}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class FeedbackPolicy:
+    """When a node's feedback becomes an update (see the module docstring); per tenant and node."""
+
+    key: str | None = field(default=None, metadata={"help": "signing key dir/PEM; None: the policy makes none"})
+    min_corrections: int = field(default=50, metadata={"help": "make an update when this many corrections wait"})
+    negative_rate_rise: float | None = field(
+        default=0.1, metadata={"help": "or when the negative rate rose this much over the last update's"}
+    )
+    min_ratings: int = field(default=20, metadata={"help": "ratings needed before the negative rate counts"})
+    max_age_s: float | None = field(default=7 * _DAY, metadata={"help": "or when the oldest waiting is this old"})
+    min_trainable: int = field(default=8, metadata={"help": "records with a target needed to make any update"})
+    held_out: float = field(default=0.2, metadata={"help": "share of the feedback the gate measures on"})
+    steps: int = field(default=30, metadata={"help": "fine-tuning steps"})
+    lr: float = field(default=3e-3, metadata={"help": "fine-tuning learning rate"})
+    every_s: float = field(default=60.0, metadata={"help": "how often a cluster's desk evaluates it"})
+    nodes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, metadata={"help": "per-node overrides"})
+
+    def __post_init__(self) -> None:
+        for name in ("min_corrections", "min_ratings", "min_trainable", "steps"):
+            _number(f"feedback.{name}", getattr(self, name), integer=True, low=1)
+        if self.negative_rate_rise is not None:
+            _number("feedback.negative_rate_rise", self.negative_rate_rise, low=0, high=1)
+        if self.max_age_s is not None:
+            _number("feedback.max_age_s", self.max_age_s, low=1)
+        _number("feedback.held_out", self.held_out, low=0.01, high=0.9)
+        _number("feedback.lr", self.lr, low=1e-9)
+        _number("feedback.every_s", self.every_s, low=1)
+        known = {f.name for f in fields(self)} - {"nodes", "key"}
+        nodes = {}
+        for path, override in dict(self.nodes).items():
+            if not isinstance(override, Mapping) or set(override) - known:
+                bad = sorted(set(override) - known) if isinstance(override, Mapping) else override
+                raise PolicyError(
+                    f"update policy: feedback.nodes[{path!r}] may set {', '.join(sorted(known))}; got {bad!r}"
+                )
+            nodes[str(path).strip("/")] = dict(override)
+        object.__setattr__(self, "nodes", nodes)
+        for path in nodes:  # each override must itself be valid
+            self.for_node(path)
+
+    def for_node(self, path: str) -> FeedbackPolicy:
+        """The policy for node ``path`` (a tree-relative path such as ``en/medical``)."""
+        override = self.nodes.get(path.strip("/"))
+        return replace(self, nodes={}, **override) if override else self
+
+    @classmethod
+    def from_dict(cls, obj: Any, base_dir: Path | None) -> FeedbackPolicy:
+        if not isinstance(obj, Mapping):
+            raise PolicyError(f"update policy: feedback must be a mapping of fields, got {obj!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise PolicyError(
+                f"update policy: unknown feedback field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        values = dict(obj)
+        if values.get("key") and base_dir is not None:
+            values["key"] = str((base_dir / str(values["key"])).resolve())
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -54,6 +134,7 @@ class UpdatePolicy:
     probes: Mapping[str, str] = field(default_factory=dict, metadata={"help": "node path -> probe text file"})
     canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
     max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
+    feedback: FeedbackPolicy = field(default_factory=FeedbackPolicy)
     gate_max_tokens: int | None = field(
         default=None,
         metadata={"help": "measure each gate text on its first N tokens (bounds the gate's cost; default: all)"},
@@ -118,6 +199,8 @@ class UpdatePolicy:
             values["screen"] = ScreenPolicy(**dict(values["screen"]))
         if "gate" in values:
             values["gate"] = GateBounds(**dict(values["gate"]))
+        if "feedback" in values:
+            values["feedback"] = FeedbackPolicy.from_dict(values["feedback"], base_dir)
         # Text files are relative to the policy file.
         if base_dir is not None:
             values["probes"] = {k: str((base_dir / v).resolve()) for k, v in dict(values.get("probes", {})).items()}

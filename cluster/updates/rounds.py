@@ -173,17 +173,19 @@ def build_candidate(
     if own_check is not None and override is not None:
         path = own_check[0]
         chain = view.chain(path)
+        after, after_key = [*bench.adapters(parent_chain), override[1]], (*parent_chain, ("new", override[2]))
         comparisons.append(
             Comparison(
                 f"update {view.node_id(path)} on its own probe",
                 "probe",
                 bench.probe(path),
                 bench.adapters(chain),
-                [*bench.adapters(parent_chain), override[1]],
+                after,
                 tuple(chain),
-                (*parent_chain, ("new", override[2])),
+                after_key,
             )
         )
+        comparisons.extend(_feedback_check(bench, view, path, after, after_key))
     report = bench.measure(f"candidate {view.node_id(parent)} v{view.latest(parent) + 1}", comparisons)
     return CandidateBuild(
         parent,
@@ -215,8 +217,21 @@ def own_report(bench: Workbench, view: TreeView, path: str, new: AdapterWeights,
                 after_key,
             ),
             Comparison("canary", "canary", bench.canary(), bench.adapters(chain), after, tuple(chain), after_key),
+            *_feedback_check(bench, view, path, after, after_key),
         ],
     )
+
+
+def _feedback_check(
+    bench: Workbench, view: TreeView, path: str, after: Sequence[AdapterWeights], after_key: tuple[Hashable, ...]
+) -> list[Comparison]:
+    """An update of a node with held-out feedback must improve on it (GateBounds.feedback)."""
+    text = bench.feedback(path)
+    if text is None:
+        return []
+    chain = view.chain(path)
+    name = f"update {view.node_id(path)} on its held-out feedback"
+    return [Comparison(name, "feedback", text, bench.adapters(chain), list(after), tuple(chain), after_key)]
 
 
 def store_candidate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from cluster.updates.policy import UpdatePolicy
 from hierarchy.chain import LoraFactors
@@ -22,10 +23,16 @@ from nodes.store.adapters import AdapterWeights
 from nodes.store.tree import BuiltNode
 from nodes.store.versions import ChainLink, VersionStore
 
-__all__ = ["Workbench"]
+__all__ = ["FEEDBACK_EVAL_DIR", "Workbench", "feedback_eval_file"]
 
 Delta = Mapping[str, LoraFactors]
+FEEDBACK_EVAL_DIR = "feedback-eval"  # under the tree dir: one text per node, its held-out feedback
 _MAX_CACHED = 256  # adapters / reference increments kept in memory (each a few MB at most)
+
+
+def feedback_eval_file(tree_dir: str | Path, path: str) -> Path:
+    """Where node ``path``'s held-out feedback lives (``en/medical`` -> ``feedback-eval/en/medical.txt``)."""
+    return Path(tree_dir) / FEEDBACK_EVAL_DIR / f"{path}.txt"
 
 
 class Workbench:
@@ -76,6 +83,15 @@ class Workbench:
                     else node_eval_text(self.store.tree, self._built(path))
                 )
             return self._texts[path]
+
+    def feedback(self, path: str) -> EvalText | None:
+        """Node ``path``'s held-out feedback (written by `update make --from-feedback`), if it has any.
+
+        Read on every gate run, not cached: each feedback update adds its held-out part."""
+        file = feedback_eval_file(self.store.root, path)
+        if not file.is_file():
+            return None
+        return read_eval_text(file, f"held-out feedback of {path}")
 
     def canary(self) -> EvalText:
         with self._lock:

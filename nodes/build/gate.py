@@ -55,15 +55,28 @@ class GateBounds:
     probe: float = field(default=0.02, metadata={"help": "each child's probe text"})
     canary: float = field(default=0.02, metadata={"help": "the general canary text"})
     repin: float = field(default=0.02, metadata={"help": "a child re-validated over a new parent version"})
+    # Not a rise but a required fall: an update made from feedback must lower the perplexity of the
+    # node's held-out feedback by at least this much (0 = any improvement).
+    feedback: float = field(default=0.0, metadata={"help": "least relative improvement on held-out feedback"})
 
     def __post_init__(self) -> None:
-        for name in ("parent", "probe", "canary", "repin"):
+        for name in ("parent", "probe", "canary", "repin", "feedback"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"gate bound {name!r} must be a finite number >= 0, got {value!r}")
 
     def to_dict(self) -> dict[str, float]:
-        return {"parent": self.parent, "probe": self.probe, "canary": self.canary, "repin": self.repin}
+        return {
+            "parent": self.parent,
+            "probe": self.probe,
+            "canary": self.canary,
+            "repin": self.repin,
+            "feedback": self.feedback,
+        }
+
+    def bound(self, kind: str) -> float:
+        """The signed bound on the relative change of a check of ``kind`` (a fall for feedback)."""
+        return -self.feedback if kind == "feedback" else float(getattr(self, kind))
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,7 @@ class Comparison:
     """One gate check to run: a text under the chain served now and under the changed chain."""
 
     name: str  # e.g. "parent held-out", "probe demo/en/medical/cardiology", "canary"
-    kind: str  # parent | probe | canary | repin: which bound applies
+    kind: str  # parent | probe | canary | repin | feedback: which bound applies
     text: EvalText
     before: Sequence[AdapterWeights]  # the chain served now (top ancestor first)
     after: Sequence[AdapterWeights]  # the chain with the change
@@ -153,13 +166,15 @@ class GateCheck:
 
     @property
     def passed(self) -> bool:
-        return math.isfinite(self.after) and self.change <= self.bound
+        if not math.isfinite(self.after) or self.change > self.bound:
+            return False
+        return self.kind != "feedback" or self.change < 0  # feedback must improve, not merely hold
 
     def describe(self) -> str:
-        verdict = "ok" if self.passed else "REGRESSION"
+        verdict = "ok" if self.passed else ("NO IMPROVEMENT" if self.kind == "feedback" else "REGRESSION")
         return (
             f"{self.name}: perplexity {self.before:.3f} -> {self.after:.3f} ({self.change:+.2%}, bound "
-            f"+{self.bound:.2%}) {verdict}"
+            f"{self.bound:+.2%}) {verdict}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,5 +255,5 @@ class Evaluator:
         for c in comparisons:
             before = self.perplexity(c.before, c.text, c.before_key)
             after = self.perplexity(c.after, c.text, c.after_key)
-            checks.append(GateCheck(c.name, c.kind, c.text.label, before, after, float(getattr(bounds, c.kind))))
+            checks.append(GateCheck(c.name, c.kind, c.text.label, before, after, bounds.bound(c.kind)))
         return GateReport(subject, tuple(checks))
