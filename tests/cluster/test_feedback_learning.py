@@ -204,3 +204,40 @@ def test_a_bad_feedback_policy_is_refused_naming_the_field(tmp_path, feedback, n
     with pytest.raises(PolicyError) as err:
         UpdatePolicy.for_tree(tmp_path)
     assert named in str(err.value)
+
+
+def test_the_cli_makes_ticks_and_logs(world, tmp_path, capsys):
+    from cluster.cli import main
+
+    pairs = truth_set(60, seed=2)
+    _clinicians(world.registry, pairs)
+    key = str(world.folder / "card-key")
+    # `update make --from-feedback`: a package from st-marys's records (another tenant has none).
+    args = ["update", "make", str(world.tree), "--from-feedback", NODE, "--key", key, "--db", world.url]
+    assert main([*args, "--tenant", "other", "--out", str(tmp_path / "none")]) == 2
+    assert "0 usable feedback record(s)" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main([*args, "--tenant", "st-marys", "--out", str(tmp_path / "pkg"), "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert (made["trained"], made["held_out"]) == (48, 12) and (tmp_path / "pkg" / "envelope.json").is_file()
+    assert made["metrics"]["eval_ppl"] < made["metrics"]["eval_ppl_before"]
+    assert feedback_stats(world.registry, NODE)[0].trainable_waiting == 0  # spoken for by the package
+    # `update tick`: more corrections, the tree's policy file, a decision with its reason; `update log` shows it.
+    record_responses(
+        world.registry,
+        [ResponseEntry("st-marys", f"x{i}", NODE, 1, _messages(q), "?") for i, (q, _) in enumerate(pairs)],
+    )
+    for i, (_, truth) in enumerate(pairs):
+        add_feedback(world.registry, "st-marys", f"x{i}", -1, truth)
+    (world.tree / "update-policy.yaml").write_text(
+        json.dumps(
+            {"feedback": {"key": key, "min_corrections": 50}, "gate": {"parent": 0.1, "probe": 0.1, "canary": 0.1}}
+        )
+    )
+    assert main(["update", "tick", "--tree", str(world.tree), "--db", world.url, "--json"]) == 0
+    ticked = json.loads(capsys.readouterr().out)["decisions"]
+    assert [d["action"] for d in ticked] == ["make"] and ticked[0]["update_id"]
+    assert main(["update", "log", "--node", NODE, "--db", world.url, "--json"]) == 0
+    log = json.loads(capsys.readouterr().out)["decisions"]
+    assert log[0]["reason"] == "made update for ut/en/medical/cardiology (st-marys) because 60 new corrections >= 50"
+    assert main(["update", "log", "--node", NODE, "--db", world.url]) == 0
+    assert "update policy decisions" in capsys.readouterr().out
