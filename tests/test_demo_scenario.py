@@ -15,6 +15,11 @@ from tests.cluster.update_world import TREE, built_tree
 def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, tmp_path):
     built = built_tree(tmp_path_factory)
     built_before = sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*"))
+    policy = tmp_path / "update-policy.yaml"  # the demo's feedback policy, with the tiny tree's looser gate
+    policy.write_text(
+        "feedback: {key: ../keys/cardiology, min_corrections: 80}\n"
+        "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
+    )
     config = DemoConfig(
         built / "tree",
         tmp_path / "state",
@@ -22,6 +27,8 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
         built / "data" / "en/medical/oncology" / "local.txt",
         max_new_tokens=6,
         update_steps=20,
+        policy=policy,
+        clinic_answers=100,
     )
     console = Console(record=True, width=160)
     tables = run(config, console)
@@ -75,7 +82,19 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     repinned = [r for r in update if r[0] == "re-pinned over the new parent"]
     assert repinned and all("en/medical@v2" in r[2] for r in repinned)
     assert "PermissionDenied [threshold]" in steps["submit a tampered copy"]
-    # (5) the status table and the report
+    # (5) feedback became an update on the policy's decision; it climbed; the answers changed
+    learned = {r[0]: r[2] for r in tables["learning"].rows}
+    assert learned["answers rated -1 and corrected with the clinic's truth"].startswith("100 feedback records")
+    assert (
+        learned["the update policy decides"]
+        == "make: made update for ut/en/medical/cardiology (st-marys) because 100 new corrections >= 80"
+    )
+    assert re.match(r"aggregated; held-out feedback perplexity -\d", learned["the update: screened, gated, served"])
+    assert learned["the node is served at its new version"].endswith("v2")
+    assert learned["it climbs: en/medical's candidate approved"].endswith("stable")
+    changed, total = learned["answers to the corrected questions changed"].split("/")
+    assert total == "100" and int(changed) > 0
+    # (6) the status table and the report
     assert any(r[1] == "loaded adapters" for r in tables["status"].rows)
     names = sorted(p.name for p in config.report.iterdir())
     assert {

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads of the hospital's local fine-tune (it runs beside the cluster's start: one core each)",
     )
+    parser.add_argument(
+        "--clinic-answers",
+        type=int,
+        default=120,
+        help="step 5: cardiology answers the clinicians rate and correct (0 skips the step)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.update_lr,
                 args.policy,
                 args.threads,
+                args.clinic_answers,
             ),
             console,
         )

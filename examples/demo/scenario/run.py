@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from examples.demo.scenario import laptop, report, steps
+from examples.demo.scenario import laptop, learning, report, steps
 from examples.demo.scenario.server import RayCluster, ServeProcess, interrupt_as_keyboard, restore_sigterm
 from examples.demo.scenario.setup import HOSPITAL, prepare
 
@@ -27,6 +27,7 @@ class DemoConfig:
     update_lr: float = 0.003
     policy: Path | None = None  # copied to the served tree as update-policy.yaml
     threads: int = 1  # torch threads of the hospital's local fine-tune (a child process)
+    clinic_answers: int = 0  # step 6: cardiology answers the clinicians rate and correct (0: skip it)
 
 
 class _Clock:
@@ -109,11 +110,24 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
             laptop.check_after_update(address, state, device)
             report.show(console, device.table)
             clock.lap("4e. treelm pull --check on the laptop")
+            if config.clinic_answers:
+                console.rule("5. learning from use (feedback, the update policy, a signed update)")
+                tables.append(
+                    learning.learning_story(
+                        address,
+                        state,
+                        answers=config.clinic_answers,
+                        on_cluster=cluster is not None,
+                        max_new_tokens=config.max_new_tokens,
+                        lap=clock.lap,
+                    )
+                )
+                report.show(console, tables[-1])
             versions = {n.id: n.stable_version for n in client.nodes()}
             with Client(address, token=state.operator_token, timeout=60) as operator:
                 tables.append(steps.server_status(operator, cluster.status() if cluster is not None else None))
             report.show(console, tables[-1])
-            clock.lap("5. status")
+            clock.lap("6. status")
     finally:
         local.stop()
         try:

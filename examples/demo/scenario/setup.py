@@ -93,7 +93,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     operator = cli("registry", "token", "issue", "ops", "--role", "operator", "--db", url).strip().splitlines()[-1]
     keys = state_dir / "keys"
     onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
-    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants"):
+    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants", "cardiology"):
         if not (keys / key / "private.pem").exists():
             cli("keys", "gen", "--out", keys / key)
     cli("keys", "register", keys / "root", "--role", "root", "--db", url)
@@ -102,6 +102,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
         ("medical-eval", "evaluator", med),
         ("en-eval", "evaluator", en),
         (HOSPITAL, "node", onc),
+        ("cardiology", "node", f"{name}/en/medical/cardiology"),  # signs what the feedback policy makes
     ):
         extra = ["--node", node] if node else []
         cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)

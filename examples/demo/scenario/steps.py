@@ -350,7 +350,7 @@ def _pins(state: DemoState, parent: str) -> dict[str, str]:
 
 def server_status(client: Client, cluster: dict | None) -> Table:
     """(5) What the server (or the Ray cluster) is doing."""
-    table = Table("status", "5. Cluster status", ["where", "what", "value"])
+    table = Table("status", "6. Cluster status", ["where", "what", "value"])
     s = client.status()
     table.rows.append(["server", "version / uptime", f"{s.version} / {s.uptime_s:.0f} s"])
     for t in s.trunks:
