@@ -42,6 +42,7 @@ from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
 from cluster.service.quota import QuotaPolicy, Quotas
+from cluster.service.responses import ResponseRecorder, RetentionCache
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
@@ -107,6 +108,7 @@ class ServerConfig:
     )  # update uploads (Updates.Submit): sizes, per tenant, idle deadline
     spool_dir: Path | None = None  # where uploads are spooled (0700); None: a private temp dir, removed at stop
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits (cluster/service/quota.py)
+    feedback: bool = True  # record every response for feedback (cluster/service/responses.py); False: --no-feedback
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -162,11 +164,14 @@ class TreeServer:
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
         self.quotas = Quotas(config.quotas)
+        retention = RetentionCache(catalog.registry)
+        self.recorder = ResponseRecorder(retention) if config.feedback else None
         self.admission = Admission(
             self.router,
             self.access,
             lambda node, tenant: [v.version for v in catalog.versions(node, tenant)],
             quotas=self.quotas,
+            recorder=self.recorder,
         )
         # Only public nodes served here become labels: a private node (even its owner's calls) and a
         # made-up id both count as "other", so /metrics tells nobody which private nodes exist.
@@ -327,6 +332,8 @@ class TreeServer:
         if self._http is not None:
             self._http.api.draining = True  # HTTP answers 503 from now on, like gRPC's UNAVAILABLE
         await asyncio.gather(self._server.stop(grace), *([self._http.stop(grace)] if self._http is not None else []))
+        if self.recorder is not None:
+            await self.recorder.close()
         if self._close_trunks:
             for trunk in self.router.trunks.values():
                 await trunk.close()
