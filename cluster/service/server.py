@@ -6,7 +6,7 @@ with ``http_port``, the OpenAI-compatible HTTP API (:mod:`cluster.http`) on the 
     ...
     await server.stop()           # stop accepting, finish in-flight calls up to the grace period
 
-Besides the five TreeLM services it registers the standard gRPC health service
+Besides the six TreeLM services it registers the standard gRPC health service
 (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING once draining) and
 server reflection, so stock tools (grpcurl, grpc_health_probe) work. Message
 sizes are bounded explicitly on both directions (an HTTP body by the same bound as a gRPC
@@ -38,6 +38,7 @@ from cluster.service.admission import Admission, TrunkRouter
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
+from cluster.service.feedback import FeedbackCalls, FeedbackServicer
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
@@ -54,6 +55,8 @@ from protos.treelm.v1 import (
     admin_pb2_grpc,
     distribution_pb2,
     distribution_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     registry_pb2,
@@ -74,6 +77,7 @@ SERVICE_NAMES = tuple(
         (updates_pb2, "Updates"),
         (admin_pb2, "Admin"),
         (distribution_pb2, "Distribution"),
+        (feedback_pb2, "Feedback"),
     )
 )
 _MIB = 1 << 20
@@ -166,6 +170,7 @@ class TreeServer:
         self.quotas = Quotas(config.quotas)
         retention = RetentionCache(catalog.registry)
         self.recorder = ResponseRecorder(retention) if config.feedback else None
+        self.feedback = FeedbackCalls(retention, self.access)  # answers even with recording off (old records)
         self.admission = Admission(
             self.router,
             self.access,
@@ -208,6 +213,7 @@ class TreeServer:
             self.authenticator,
             self.catalog,
             self.distribution_calls,
+            self.feedback,
             limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
             observe_call=self.metrics.observe_call,
         )
@@ -237,6 +243,7 @@ class TreeServer:
             UpdatesServicer(self.updates, self.access, self.spool, hidden_nodes=self.catalog.hidden_nodes), server
         )
         distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.feedback), server)
         admin = AdminServicer(
             self.router,
             self.access,
