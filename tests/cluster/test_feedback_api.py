@@ -217,3 +217,58 @@ def test_recording_off_records_nothing(world):
         assert answer.status == 404
     finally:
         quiet.stop()
+
+
+def _cli(monkeypatch, capsys, server, token: str, *args: str) -> tuple[int, str, str]:
+    from cluster.cli import main
+
+    monkeypatch.setenv("TREELM_TOKEN", token)
+    monkeypatch.setenv("TREELM_SERVER", server.target)
+    monkeypatch.setenv("COLUMNS", "250")
+    capsys.readouterr()
+    code = main(["feedback", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_lists_exports_deletes_and_switches_retention(world, server, acme, monkeypatch, capsys, tmp_path):
+    token, theirs = world.tokens["acme"], world.tokens["globex"]
+    node = "rt/en/legal"
+    assert _cli(monkeypatch, capsys, server, token, "retention", node, "--on")[0] == 0
+    code, out, _ = _cli(monkeypatch, capsys, server, token, "retention", "--json")
+    assert code == 0 and {"node": node, "enabled": True} in json.loads(out)["retention"]
+    rid = _chat(acme, node)
+    assert (
+        call(
+            server.server.http_url,
+            "POST",
+            "/feedback",
+            {"response_id": rid, "rating": -1, "correction": "No."},
+            token=token,
+        ).status
+        == 200
+    )
+    code, out, _ = _cli(monkeypatch, capsys, server, token, "ls", "--node", node, "--json")
+    assert code == 0 and [r["response_id"] for r in json.loads(out)["feedback"]] == [rid]
+    code, out, _ = _cli(monkeypatch, capsys, server, token, "ls", "--node", node)
+    assert code == 0 and rid in out and "No." in out
+    target = tmp_path / "fb.jsonl"
+    assert _cli(monkeypatch, capsys, server, token, "export", "--node", node, "--out", str(target))[0] == 0
+    (line,) = target.read_text().splitlines()
+    assert json.loads(line)["prompt"] == {"messages": MESSAGES} and json.loads(line)["correction"] == "No."
+    code, out, _ = _cli(monkeypatch, capsys, server, theirs, "export")
+    assert code == 0 and rid not in out
+    code, _, err = _cli(monkeypatch, capsys, server, token, "delete")
+    assert code == 2 and "--all" in err
+    code, out, _ = _cli(monkeypatch, capsys, server, token, "delete", "--response-id", rid, "--json")
+    assert code == 0 and json.loads(out) == {"deleted": 1}
+    assert _cli(monkeypatch, capsys, server, token, "retention", node, "--off")[0] == 0
+
+
+def test_cli_errors_exit_2_with_the_server_s_reason(world, server, monkeypatch, capsys):
+    code, _, err = _cli(monkeypatch, capsys, server, world.tokens["globex"], "retention", PRIVATE, "--on")
+    assert code == 2 and "NOT_FOUND" in err and "Traceback" not in err
+    code, _, err = _cli(monkeypatch, capsys, server, "tlm_not_a_token", "ls")
+    assert code == 2 and "UNAUTHENTICATED" in err
+    code, _, err = _cli(monkeypatch, capsys, server, world.tokens["acme"], "ls", "--node", "rt/en@2")
+    assert code == 2 and "node" in err
