@@ -39,6 +39,7 @@ from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
 from cluster.service.feedback import FeedbackCalls, FeedbackServicer
+from cluster.service.feedback_metrics import FeedbackCollector
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
@@ -184,6 +185,7 @@ class TreeServer:
             known_node=lambda node: self.router.serves(node) and self.access.known_public(node)
         )
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
+        self.metrics.registry.register(FeedbackCollector(catalog.registry, self._feedback_label))
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
@@ -201,6 +203,14 @@ class TreeServer:
         self._server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._stopping = False
+
+    def _feedback_label(self, node: str) -> str:
+        """The metrics' rule (a public node served here, else "other"), asking the registry: the
+        feedback figures are read in the scraping thread, about nodes no call may have named lately."""
+        if not self.router.serves(node):
+            return "other"
+        visibility = self.catalog.node_visibility(node)
+        return node if visibility is not None and visibility.visibility == "public" else "other"
 
     def _in_flight(self) -> int:
         return self.status_interceptor.in_flight + (self._http.api.in_flight if self._http is not None else 0)

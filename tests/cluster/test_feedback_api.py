@@ -272,3 +272,61 @@ def test_cli_errors_exit_2_with_the_server_s_reason(world, server, monkeypatch, 
     assert code == 2 and "UNAUTHENTICATED" in err
     code, _, err = _cli(monkeypatch, capsys, server, world.tokens["acme"], "ls", "--node", "rt/en@2")
     assert code == 2 and "node" in err
+
+
+def _scrape(server) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=30) as answer:
+        return answer.read().decode()
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def test_metrics_count_feedback_per_public_node_and_name_no_private_node(world, server, acme):
+    from registry.feedback import record_decision
+
+    token = world.tokens["acme"]
+    private = acme.chat.completions.create(model=PRIVATE, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert (
+        call(server.server.http_url, "POST", "/feedback", {"response_id": private.id, "rating": -1}, token=token).status
+        == 200
+    )
+    for rating in (1, -1, -1):
+        assert (
+            call(
+                server.server.http_url, "POST", "/feedback", {"response_id": _chat(acme), "rating": rating}, token=token
+            ).status
+            == 200
+        )
+    record_decision(world.registry, NODE, "make", "test: 3 new corrections >= 3", update_id="u1")
+    ((pos, neg),) = _rows(world, "SELECT sum(rating > 0), sum(rating < 0) FROM feedback WHERE node = :n", n=NODE)
+    metrics = _scrape(server)
+    assert _sample(metrics, "treelm_feedback_ratings", node=NODE, rating="positive") == pos
+    assert _sample(metrics, "treelm_feedback_ratings", node=NODE, rating="negative") == neg
+    assert 0 < _sample(metrics, "treelm_feedback_negative_rate", node=NODE) < 1
+    assert _sample(metrics, "treelm_feedback_updates_made_total", node=NODE) == 1
+    assert 0 <= _sample(metrics, "treelm_feedback_last_update_age_seconds", node=NODE) < 60
+    assert _sample(metrics, "treelm_feedback_ratings", node="other", rating="negative") >= 1  # the private node's
+    assert PRIVATE not in metrics and "contracts" not in metrics
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics(server):
+    import re
+
+    from tests.conftest import REPO
+
+    dashboard = json.loads((REPO / "docs" / "grafana" / "treelm-feedback.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\btreelm_[a-z_]+", e)}
+    exported = set(re.findall(r"^(treelm_[a-z_]+)[{ ]", _scrape(server), re.M))
+    assert {"treelm_feedback_ratings", "treelm_feedback_updates_made_total"} <= queried
+    assert queried <= exported, queried - exported
