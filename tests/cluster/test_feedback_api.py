@@ -197,12 +197,32 @@ def test_deletion_is_final(world, url, acme, sdk):
     before = _feedback_count(world)
     again = call(url, "POST", "/feedback", {"response_id": first, "rating": -1}, token=token)
     assert again.status == 409 and again.error["code"] == "feedback_deleted"
-    with pytest.raises(treelm.FeedbackDeleted):
+    with pytest.raises(treelm.FeedbackDeleted) as refused:
         sdk.feedback(first, 1)
+    assert refused.value.code.name == "FAILED_PRECONDITION" and refused.value.kind == "feedback-deleted"
     assert _feedback_count(world) == before
     assert sdk.delete_feedback(node) == 1  # the second; the first is deleted already
     assert [f for f in sdk.list_feedback(node)] == []
     sdk.set_retention(node, False)
+
+
+def test_answers_finishing_together_share_a_transaction(world, server):
+    import asyncio
+
+    recorder = server.server.recorder
+    before = recorder.transactions
+
+    async def many() -> list[str]:
+        async with treelm.AsyncClient(server.target, token=world.tokens["acme"]) as client:
+            results = await asyncio.gather(
+                *(client.generate(NODE, prompt=f"Case {i}", max_new_tokens=3) for i in range(16))
+            )
+            return [r.request_id for r in results]
+
+    ids = asyncio.run(many())
+    assert 1 <= recorder.transactions - before < 16
+    stored = {r for (r,) in _rows(world, "SELECT response_id FROM responses WHERE tenant = 'acme'")}
+    assert set(ids) <= stored
 
 
 def test_recording_off_records_nothing(world):
