@@ -183,7 +183,7 @@ def prepare(workdir: Path) -> dict:
     return {"base_dir": str(base_dir), "tree_dir": str(tree_dir), "db": url, "token": token}
 
 
-def start_server(paths: dict) -> tuple[subprocess.Popen, str]:
+def start_server(paths: dict, feedback: bool = True) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
@@ -200,6 +200,7 @@ def start_server(paths: dict) -> tuple[subprocess.Popen, str]:
             "1",
             "--grace",
             "5",
+            "--feedback" if feedback else "--no-feedback",
         ],
         cwd=REPO,
         env=env,
@@ -331,6 +332,11 @@ def main() -> None:
     parser.add_argument("--latency-tokens", type=int, default=4, help="new tokens per request at concurrency 1")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved runs at concurrency 32")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "treelm-grpc-bench")
+    parser.add_argument(
+        "--no-feedback",
+        action="store_true",
+        help="serve with --no-feedback (no response rows): run with and without to see what recording costs",
+    )
     parser.add_argument("--inproc", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inproc:
@@ -341,7 +347,7 @@ def main() -> None:
     from tests.nodes.treefactory import DEFAULT_NODES
 
     nodes = [f"bench/{n.path}" for n in DEFAULT_NODES if n.visibility == "public"] + ["bench"]
-    server, target = start_server(paths)
+    server, target = start_server(paths, feedback=not args.no_feedback)
     inproc = InProc(paths)
     runs: dict = {str(c): {m: [] for m in MODES} for c in CONCURRENCY}
     grpc = GrpcCaller(target, paths["token"])
@@ -400,6 +406,7 @@ def main() -> None:
             "tokens": args.tokens,
             "latency_tokens": args.latency_tokens,
             "repeats": args.repeats,
+            "feedback": not args.no_feedback,
             "concurrency": list(CONCURRENCY),
             "nodes": nodes,
             "prompts": list(PROMPTS),

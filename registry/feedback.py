@@ -29,11 +29,13 @@ __all__ = [
     "MAX_TAGS",
     "MAX_TAG_CHARS",
     "DecisionRecord",
+    "DecisionSummary",
     "FeedbackRecord",
     "FeedbackStats",
     "ResponseEntry",
     "TrainingExample",
     "add_feedback",
+    "decision_summary",
     "delete_feedback",
     "feedback_stats",
     "list_decisions",
@@ -458,3 +460,24 @@ def list_decisions(reg: Registry, node: str | None = None, *, limit: int = 50) -
             DecisionRecord(utc(r.at), r.node, r.action, r.reason, r.update_id, dict(r.detail or {}))
             for r in session.scalars(query)
         )
+
+
+@dataclass(frozen=True)
+class DecisionSummary:
+    """How often the policy decided ``action`` for a node, and when it last did (for /metrics)."""
+
+    node: str
+    count: int
+    last_at: datetime
+
+
+def decision_summary(reg: Registry, action: str = "make") -> tuple[DecisionSummary, ...]:
+    """Per node: the decisions with ``action`` and the newest one's time (one grouped query)."""
+    query = (
+        select(PolicyDecision.node, func.count(), func.max(PolicyDecision.at))
+        .where(PolicyDecision.action == action)
+        .group_by(PolicyDecision.node)
+        .order_by(PolicyDecision.node)
+    )
+    with reg.read() as session:
+        return tuple(DecisionSummary(n, int(c), utc(at)) for n, c, at in session.execute(query))

@@ -30,6 +30,8 @@ from hierarchy.updates.statements import ROLLBACK_PAYLOAD_TYPE, rollback_stateme
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
     inference_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
@@ -49,13 +51,16 @@ from treelm._convert import (
     version_from_proto,
 )
 from treelm._errors import TreeLMError, from_rpc_error
+from treelm._feedback import delete_request, feedback_from_proto, retention_from_proto, submit_request
 from treelm._transport import CHANNEL_OPTIONS, PEM, TLS, RetryPolicy, auth_metadata, channel_credentials
 from treelm._types import (
     Chunk,
+    Feedback,
     MatchResult,
     Node,
     NodeVersion,
     Result,
+    Retention,
     RollbackResult,
     SamplingOptions,
     ServerStatus,
@@ -179,6 +184,7 @@ class AsyncClient:
         self._registry = registry_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]
         self._admin = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
+        self._feedback = feedback_pb2_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool = True) -> Any:
         deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)
@@ -321,6 +327,47 @@ class AsyncClient:
             signatures=[updates_pb2.Signature(key_id=s.keyid, signature=s.sig) for s in signatures],
         )
         return rollback_from_proto(await self._unary(self._updates.Rollback, request, timeout, idempotent=False))
+
+    async def feedback(
+        self,
+        response_id: str,
+        rating: int,
+        correction: str | None = None,
+        tags: Iterable[str] = (),
+        *,
+        timeout: float | None = _UNSET,
+    ) -> Feedback:
+        """Rate a response you received (see :meth:`treelm.Client.feedback`); never retried."""
+        request = submit_request(response_id, rating, correction, tags)
+        return feedback_from_proto(await self._unary(self._feedback.Submit, request, timeout, idempotent=False))
+
+    async def list_feedback(
+        self, node: str | None = None, *, limit: int = 0, timeout: float | None = _UNSET
+    ) -> list[Feedback]:
+        request = feedback_pb2.ListFeedbackRequest(node=node or "", limit=limit)
+        return [feedback_from_proto(r) for r in (await self._unary(self._feedback.List, request, timeout)).records]
+
+    async def export_feedback(self, node: str | None = None, *, timeout: float | None = _UNSET) -> list[Feedback]:
+        async def export(request: Any, timeout: float | None, metadata: Any) -> list[Any]:
+            return [r async for r in self._feedback.Export(request, timeout=timeout, metadata=metadata)]
+
+        request = feedback_pb2.ExportFeedbackRequest(node=node or "")
+        return [feedback_from_proto(r) for r in await self._unary(export, request, timeout)]
+
+    async def delete_feedback(
+        self, node: str | None = None, response_ids: Iterable[str] | None = None, *, timeout: float | None = _UNSET
+    ) -> int:
+        return int((await self._unary(self._feedback.Delete, delete_request(node, response_ids), timeout)).deleted)
+
+    async def set_retention(self, node: str, enabled: bool, *, timeout: float | None = _UNSET) -> Retention:
+        request = feedback_pb2.RetentionRequest(node=node, enabled=enabled)
+        return retention_from_proto(await self._unary(self._feedback.SetRetention, request, timeout))
+
+    async def retention(self, node: str | None = None, *, timeout: float | None = _UNSET) -> list[Retention]:
+        request = feedback_pb2.GetRetentionRequest(node=node or "")
+        return [
+            retention_from_proto(r) for r in (await self._unary(self._feedback.GetRetention, request, timeout)).nodes
+        ]
 
     async def close(self) -> None:
         if self._owns_channel:

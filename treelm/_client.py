@@ -27,6 +27,8 @@ from protos.treelm.v1 import (
     admin_pb2_grpc,
     distribution_pb2,
     distribution_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
     inference_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
@@ -45,14 +47,17 @@ from treelm._convert import (
     version_from_proto,
 )
 from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
+from treelm._feedback import delete_request, feedback_from_proto, retention_from_proto, submit_request
 from treelm._pulltypes import Offer, PullResult, TrustBundle, offer_from_proto, trust_from_proto
 from treelm._transport import CHANNEL_OPTIONS, PEM, TLS, RetryPolicy, auth_metadata, channel_credentials
 from treelm._types import (
     Chunk,
+    Feedback,
     MatchResult,
     Node,
     NodeVersion,
     Result,
+    Retention,
     RollbackResult,
     SamplingOptions,
     ServerStatus,
@@ -203,6 +208,7 @@ class Client:
         self._admin = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
         self._distribution = distribution_pb2_grpc.DistributionStub(channel)  # type: ignore[no-untyped-call]
+        self._feedback = feedback_pb2_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
 
     # -- plumbing ---------------------------------------------------------------------------
     # Reads and generation are idempotent (they change nothing on the server) and are retried;
@@ -426,6 +432,58 @@ class Client:
         from treelm._pull import pull
 
         return pull(self, target, **options)
+
+    # -- feedback ---------------------------------------------------------------------------
+    def feedback(
+        self,
+        response_id: str,
+        rating: int,
+        correction: str | None = None,
+        tags: Iterable[str] = (),
+        *,
+        timeout: float | None = _UNSET,
+    ) -> Feedback:
+        """Rate a response you received (+1 or -1; ``Result.request_id``, or an HTTP ``chatcmpl-...`` id),
+        optionally with the answer it should have given. Never retried (a retry would rate twice).
+
+        Raises ResponseNotFound (an id your tenant never received), FeedbackDeleted (you deleted its
+        records), InvalidRequest naming ``rating``, ``correction`` or ``tags``.
+        """
+        request = submit_request(response_id, rating, correction, tags)
+        return feedback_from_proto(self._unary(self._feedback.Submit, request, timeout, idempotent=False))
+
+    def list_feedback(
+        self, node: str | None = None, *, limit: int = 0, timeout: float | None = _UNSET
+    ) -> list[Feedback]:
+        """Your tenant's feedback (on ``node``, or all), newest first; ``limit`` 0 = the server's 100."""
+        request = feedback_pb2.ListFeedbackRequest(node=node or "", limit=limit)
+        return [feedback_from_proto(r) for r in self._unary(self._feedback.List, request, timeout).records]
+
+    def export_feedback(self, node: str | None = None, *, timeout: float | None = _UNSET) -> list[Feedback]:
+        """All your tenant's feedback with the retained prompts and answers (None where not retained)."""
+
+        def export(request: Any, timeout: float | None, metadata: Any) -> list[Any]:
+            return list(self._feedback.Export(request, timeout=timeout, metadata=metadata))
+
+        request = feedback_pb2.ExportFeedbackRequest(node=node or "")
+        return [feedback_from_proto(r) for r in self._unary(export, request, timeout)]
+
+    def delete_feedback(
+        self, node: str | None = None, response_ids: Iterable[str] | None = None, *, timeout: float | None = _UNSET
+    ) -> int:
+        """Delete your tenant's records (all, one node's, or some responses'); returns how many responses.
+        Final: their texts and feedback are gone and they take no more feedback."""
+        return int(self._unary(self._feedback.Delete, delete_request(node, response_ids), timeout).deleted)
+
+    def set_retention(self, node: str, enabled: bool, *, timeout: float | None = _UNSET) -> Retention:
+        """Keep (or stop keeping) the prompts and answers of your responses on ``node`` (off by default)."""
+        request = feedback_pb2.RetentionRequest(node=node, enabled=enabled)
+        return retention_from_proto(self._unary(self._feedback.SetRetention, request, timeout))
+
+    def retention(self, node: str | None = None, *, timeout: float | None = _UNSET) -> list[Retention]:
+        """``node``'s retention switch, or every node you turned retention on for."""
+        reply = self._unary(self._feedback.GetRetention, feedback_pb2.GetRetentionRequest(node=node or ""), timeout)
+        return [retention_from_proto(r) for r in reply.nodes]
 
     # -- admin ------------------------------------------------------------------------------
     def status(self, *, timeout: float | None = _UNSET) -> ServerStatus:

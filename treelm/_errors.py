@@ -2,12 +2,14 @@
 
     TreeLMError (PicklableError)    any failed call; ``code`` and ``details`` say what the server said
     ├── NotFound                    NOT_FOUND
-    │   └── NodeNotFound            no such node -- or a private node of another tenant (same answer)
+    │   ├── NodeNotFound            no such node -- or a private node of another tenant (same answer)
+    │   └── ResponseNotFound        feedback on a response id your tenant never received
     ├── InvalidRequest              INVALID_ARGUMENT / OUT_OF_RANGE; ``field`` names the bad parameter
     │                               (also a message over gRPC's size limit: field "message")
     ├── Unauthenticated             UNAUTHENTICATED: no token, or a token the server does not know
     ├── PermissionDenied            PERMISSION_DENIED: the token may not do this
     ├── FailedPrecondition          FAILED_PRECONDITION / ABORTED / ALREADY_EXISTS
+    │   └── FeedbackDeleted         feedback on a response whose records your tenant deleted
     ├── Overloaded                  RESOURCE_EXHAUSTED: the queue is full (retried with backoff)
     ├── Unavailable                 UNAVAILABLE: unreachable or shutting down (retried with backoff)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: the call's timeout passed
@@ -45,12 +47,14 @@ __all__ = [
     "DeadlineExceeded",
     "DiskError",
     "FailedPrecondition",
+    "FeedbackDeleted",
     "InvalidRequest",
     "NodeNotFound",
     "NotFound",
     "Overloaded",
     "PermissionDenied",
     "PullError",
+    "ResponseNotFound",
     "ServerError",
     "TreeLMError",
     "Unauthenticated",
@@ -108,6 +112,14 @@ class FailedPrecondition(TreeLMError):
     """The system is not in the state the call needs (e.g. a version that is not current)."""
 
 
+class ResponseNotFound(NotFound):
+    """No response with this id for your tenant (another tenant's id gives this too)."""
+
+
+class FeedbackDeleted(FailedPrecondition):
+    """Your tenant deleted this response's records: it takes no more feedback (deletion is final)."""
+
+
 class Overloaded(TreeLMError):
     """The server's queue is full, or the caller's tenant is over one of its limits (``kind``
     ``tenant-over-limit`` or ``rate-limited``); back off ``retry_after`` seconds and retry (the SDK
@@ -155,6 +167,14 @@ _BY_CODE: dict[grpc.StatusCode, type[TreeLMError]] = {
 }
 
 
+# Finer classes for some kinds (the server's kind is a subdivision of its code).
+_BY_KIND: dict[str, type[TreeLMError]] = {
+    "node-not-found": NodeNotFound,
+    "response-not-found": ResponseNotFound,
+    "feedback-deleted": FeedbackDeleted,
+}
+
+
 def _metadata(rpc_error: Any) -> dict[str, str]:
     try:
         items = rpc_error.trailing_metadata() or ()
@@ -176,8 +196,7 @@ def from_rpc_error(rpc_error: grpc.RpcError) -> TreeLMError:
         field = meta.get(ERROR_FIELD_KEY) or (details.split(":", 1)[0] if ":" in details else "")
         error: TreeLMError = InvalidRequest(details, code, field=field.strip())
     else:
-        if cls is NotFound and meta.get(ERROR_KIND_KEY) == "node-not-found":
-            cls = NodeNotFound
+        cls = _BY_KIND.get(meta.get(ERROR_KIND_KEY, ""), cls)
         error = cls(details, code)
     error.kind = meta.get(ERROR_KIND_KEY, "")
     try:

@@ -14,6 +14,7 @@ __all__ = [
     "Choice",
     "Chunk",
     "Echo",
+    "Feedback",
     "FinishReason",
     "MatchCandidate",
     "MatchResult",
@@ -21,6 +22,7 @@ __all__ = [
     "Node",
     "NodeVersion",
     "Result",
+    "Retention",
     "RollbackResult",
     "SamplingOptions",
     "ServerStatus",
@@ -334,3 +336,28 @@ class RollbackResult:
     version: int
     previous_version: int
     held: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One rating of a response (``Client.feedback``, ``list_feedback``, ``export_feedback``)."""
+
+    id: int
+    response_id: str
+    node: str
+    version: int  # the node version that answered
+    rating: int  # +1 or -1
+    correction: str | None
+    tags: tuple[str, ...]
+    created_at: datetime
+    used_by: str | None = None  # the update made from it
+    prompt: dict[str, Any] | None = None  # exports only, when retained: {"prompt": ...} or {"messages": [...]}
+    answer: str | None = None  # exports only, when retained
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Whether the caller's prompts and answers on ``node`` are kept (off unless turned on)."""
+
+    node: str
+    enabled: bool

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from cluster.cli.cluster import cluster_app
 from cluster.cli.distribution import delegate_variants_command
+from cluster.cli.feedback import feedback_app
 from cluster.cli.pull import pull_command
 from cluster.cli.registry_import import import_command
 from cluster.cli.serve import serve_command
@@ -47,6 +48,7 @@ keys_app.command("delegate-variants")(delegate_variants_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(update_app, name="update")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(feedback_app, name="feedback")
 
 # Packages of the `server` extra: a command that needs one, run from an SDK-only install.
 _SERVER_PACKAGES = frozenset(

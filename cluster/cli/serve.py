@@ -72,6 +72,13 @@ def serve_command(
             help="serve the Updates service (signed update protocol) over this tree dir and registry",
         ),
     ] = True,
+    feedback: Annotated[
+        bool,
+        typer.Option(
+            "--feedback/--no-feedback",
+            help="record every response (tenant, id, node, version) so callers can rate it; texts only under retention",
+        ),
+    ] = True,
     update_policy: Annotated[
         Path | None,
         typer.Option("--update-policy", help="update policy YAML (default: TREE_DIR/update-policy.yaml)"),
@@ -131,6 +138,7 @@ def serve_command(
             grace_s=grace,
             uploads=upload_limits(upload_max_file, upload_spool, upload_per_tenant, upload_idle),
             quotas=quotas,
+            feedback=feedback,
         ),
         max_batch=max_batch,
         max_queue=max_queue,

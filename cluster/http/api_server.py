@@ -8,6 +8,7 @@ replica alike).
     POST /v1/chat/completions          messages -> the node's chat template -> a completion / SSE
     POST /v1/completions               prompt(s) -> completions; echo + logprobs score text
     GET  /v1/distribution/...          TreeLM's own: variants for end devices (serving_distribution)
+    *    /v1/feedback...               TreeLM's own: ratings, corrections, retention (serving_feedback)
 
 Every request: 503 while the server drains, then the bearer token (401), then the body: read
 up to ``max_body_bytes`` (413 beyond, from Content-Length before reading when it is given),
@@ -43,10 +44,12 @@ from cluster.http.protocol import ChatCompletionRequest, CompletionRequest, Erro
 from cluster.http.serving_chat import ChatServing
 from cluster.http.serving_completion import CompletionServing
 from cluster.http.serving_distribution import PREFIX, DistributionServing, FileSlice
+from cluster.http.serving_feedback import FeedbackRequest, FeedbackServing, RetentionRequest
 from cluster.http.serving_models import ModelServing
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import DistributionCalls
+from cluster.service.feedback import FeedbackCalls
 from cluster.service.interceptors import LOGGED_DETAIL_CHARS
 from cluster.service.status import wire_status
 from hierarchy.clip import clip
@@ -75,6 +78,7 @@ class HttpApi:
         authenticator: Authenticator,
         catalog: Catalog,
         distribution: DistributionCalls,
+        feedback: FeedbackCalls,
         *,
         limits: HttpLimits = HttpLimits(),
         observe_call: CallObserver | None = None,
@@ -86,6 +90,7 @@ class HttpApi:
         self.completions = CompletionServing(ctx)
         self.models = ModelServing(ctx, catalog)
         self.distribution = DistributionServing(distribution)
+        self.feedback = FeedbackServing(feedback)
         self.draining = False
         self.in_flight = 0  # requests and open streams (one event loop: no lock)
         self.app = self._build()
@@ -150,7 +155,38 @@ class HttpApi:
                 {},
             )
 
+        self._feedback_routes(app)
         return app
+
+    def _feedback_routes(self, app: FastAPI) -> None:
+        fb = self.feedback
+
+        @app.post("/v1/feedback")
+        async def submit(request: Request) -> Response:
+            return await self._call(request, "POST /v1/feedback", FeedbackRequest, lambda c, b: fb.submit(b, c), {})
+
+        @app.get("/v1/feedback")
+        async def list_feedback(request: Request, node: str | None = None, limit: str | None = None) -> Response:
+            return await self._call(request, "GET /v1/feedback", None, lambda c, _: fb.list_records(c, node, limit), {})
+
+        @app.get("/v1/feedback/export")
+        async def export(request: Request, node: str | None = None) -> Response:
+            return await self._call(request, "GET /v1/feedback/export", None, lambda c, _: fb.export(c, node), {})
+
+        @app.delete("/v1/feedback")
+        async def delete(request: Request, node: str | None = None) -> Response:
+            ids = request.query_params.getlist("response_id")
+            return await self._call(request, "DELETE /v1/feedback", None, lambda c, _: fb.delete(c, node, ids), {})
+
+        @app.put("/v1/feedback/retention")
+        async def set_retention(request: Request) -> Response:
+            run = lambda c, b: fb.set_retention(b, c)  # noqa: E731
+            return await self._call(request, "PUT /v1/feedback/retention", RetentionRequest, run, {})
+
+        @app.get("/v1/feedback/retention")
+        async def get_retention(request: Request, node: str | None = None) -> Response:
+            run = lambda c, _: fb.get_retention(c, node)  # noqa: E731
+            return await self._call(request, "GET /v1/feedback/retention", None, run, {})
 
     def _chat(self, request: Request):
         return lambda caller, body: self.chat.create(body, caller, request)
@@ -187,6 +223,8 @@ class HttpApi:
                 return Response(status_code=499)
             if isinstance(answer, BaseModel):
                 return json_response(answer)
+            if isinstance(answer, Response):  # a whole answer of another type (a feedback export)
+                return answer
             streaming = True
             if isinstance(answer, FileSlice):
                 return _FileResponse(answer, lambda code: self._finished(method, started, code))

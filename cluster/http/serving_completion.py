@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -33,6 +33,7 @@ from cluster.http.common import (
 from cluster.http.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from cluster.service.admission import NodeRef
 from cluster.service.auth import Caller
+from cluster.service.responses import RecordingTrunk
 from cluster.service.trunk import Trunk
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenLogprob
 from nodes.runtime.requests import Usage as EngineUsage
@@ -129,7 +130,8 @@ class CompletionServing:
         if body.stream:
             streams = MergedStreams([trunk.stream(r) for r in requests])
             await streams.start()
-            return EventSource(self._events(streams, ref, caller, body, common), streams.aclose)
+            events = self._events(streams, ref, caller, body, common, self._whole(trunk, requests))
+            return EventSource(events, streams.aclose)
         results = await until_disconnected(http, self._generate(trunk, requests))
         if results is None:
             return None
@@ -140,7 +142,19 @@ class CompletionServing:
                 self.ctx.observe(
                     "http/completion", result.node, u.prompt_tokens, u.completion_tokens, result.timings.ttft_s
                 )
+        record = self._whole(trunk, requests)
+        if record is not None:
+            await record(results[0].node_version)
         return self._completion(results, common, body.logprobs is not None)
+
+    @staticmethod
+    def _whole(trunk: Trunk, requests: list[GenerationRequest]) -> Callable[[int], Awaitable[None]] | None:
+        """Records a multi-prompt completion's own id (each prompt's part is ``{id}-{i}``, recorded by the
+        trunk with its texts): feedback may name the whole answer or one prompt's part."""
+        if len(requests) < 2 or not isinstance(trunk, RecordingTrunk):
+            return None
+        response_id, node = requests[0].request_id.rpartition("-")[0], requests[0].node
+        return lambda version: trunk.record(response_id, node, version)
 
     @staticmethod
     async def _generate(trunk: Trunk, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -179,7 +193,13 @@ class CompletionServing:
         )
 
     async def _events(
-        self, streams: MergedStreams, ref: NodeRef, caller: Caller, body: CompletionRequest, common: dict[str, Any]
+        self,
+        streams: MergedStreams,
+        ref: NodeRef,
+        caller: Caller,
+        body: CompletionRequest,
+        common: dict[str, Any],
+        record: Callable[[int], Awaitable[None]] | None = None,
     ) -> AsyncIterator[Completion]:
         n = body.n or 1
         logprobs = body.logprobs is not None
@@ -213,6 +233,8 @@ class CompletionServing:
                     if self.ctx.observe is not None:
                         u, ttft = chunk.usage, chunk.timings.ttft_s if chunk.timings else 0.0
                         self.ctx.observe("http/completion-stream", ref.node, u.prompt_tokens, u.completion_tokens, ttft)
+            if record is not None:
+                await record(version)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield _answer(common, ref, version, []).model_copy(update={"usage": usage(totals)})
         finally:

@@ -186,6 +186,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         upload_per_tenant=ing.upload_per_tenant,
         upload_idle_s=ing.upload_idle_s,
         quotas=ing.quotas,
+        feedback=ing.feedback,
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

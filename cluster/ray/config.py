@@ -126,6 +126,7 @@ class IngressConfig:
     upload_per_tenant: int = 2  # concurrent uploads of one tenant on one ingress replica
     upload_idle_s: float = 30.0  # a stream that sends nothing for this long is aborted
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # `tenant_limits:` (cluster/service/quota.py)
+    feedback: bool = True  # record every response for feedback (cluster/service/responses.py)
 
 
 @dataclass(frozen=True)
@@ -369,6 +370,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         upload_per_tenant=r.integer("upload_per_tenant", IngressConfig.upload_per_tenant, low=1),
         upload_idle_s=r.number("upload_idle_s", IngressConfig.upload_idle_s, strict=True),
         quotas=_quotas(r.child("tenant_limits")),
+        feedback=r.flag("feedback", True),
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")

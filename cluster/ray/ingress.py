@@ -82,6 +82,7 @@ class TreeIngress:
             ),
             spool_dir=_spool_dir(spec),
             quotas=spec.quotas,
+            feedback=spec.feedback,
         )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.

@@ -78,6 +78,7 @@ class IngressSpec:
     upload_per_tenant: int = 2
     upload_idle_s: float = 30.0
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits, stamped on each request
+    feedback: bool = True  # record every response for feedback (ServerConfig.feedback)
 
 
 def tree_content_digest(tree_dir: Path) -> str:

@@ -28,6 +28,7 @@ from cluster.errors import BadArgument, UnknownVersion, VersionNotServed
 from cluster.service.access import NodeAccess
 from cluster.service.auth import Caller
 from cluster.service.quota import Quotas
+from cluster.service.responses import RecordingTrunk, ResponseRecorder
 from cluster.service.trunk import Trunk
 from hierarchy.clip import clip
 from hierarchy.errors import InvalidNodePath
@@ -113,16 +114,21 @@ class Admission:
         access: NodeAccess,
         versions: VersionLookup | None = None,
         quotas: Quotas | None = None,
+        recorder: ResponseRecorder | None = None,
     ):
         self.router = router
         self._access = access
         self._versions = versions
         self.quotas = quotas or Quotas()
+        self.recorder = recorder  # None: responses are not recorded (--no-feedback)
 
     async def admit(self, ref: NodeRef, caller: Caller) -> Trunk:
-        """The trunk as ``caller`` uses it: its requests carry the tenant and its limits (quota.py)."""
+        """The trunk as ``caller`` uses it: its requests carry the tenant and its limits (quota.py), and
+        each finished generation is recorded for feedback (responses.py) unless recording is off."""
         await self._access.check(ref.node, caller)  # before anything reveals the node
-        trunk = self.quotas.bind(self.router.for_node(ref.node), caller)
+        trunk: Trunk = self.quotas.bind(self.router.for_node(ref.node), caller)
+        if self.recorder is not None:
+            trunk = RecordingTrunk(trunk, self.recorder, caller.tenant)
         if ref.version is not None:
             served = trunk.served_version(ref.node)
             if served is not None and served != ref.version:

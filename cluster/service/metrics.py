@@ -7,6 +7,8 @@
     treelm_in_flight_requests                       calls being served now
     treelm_queue_depth{tree} / treelm_running_requests{tree}
     treelm_adapter_cache_{hits,misses,loads,evictions}_total{tree}, treelm_adapters_resident{tree,tier}
+    treelm_feedback_*{node}                          ratings, negative rate, corrections waiting, updates
+                                                    made, last update age (cluster/service/feedback_metrics.py)
 
 Each server owns its CollectorRegistry (several servers can live in one test
 process). Node labels are limited to public nodes the server serves: private nodes

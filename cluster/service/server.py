@@ -6,7 +6,7 @@ with ``http_port``, the OpenAI-compatible HTTP API (:mod:`cluster.http`) on the 
     ...
     await server.stop()           # stop accepting, finish in-flight calls up to the grace period
 
-Besides the five TreeLM services it registers the standard gRPC health service
+Besides the six TreeLM services it registers the standard gRPC health service
 (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING once draining) and
 server reflection, so stock tools (grpcurl, grpc_health_probe) work. Message
 sizes are bounded explicitly on both directions (an HTTP body by the same bound as a gRPC
@@ -38,10 +38,13 @@ from cluster.service.admission import Admission, TrunkRouter
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
+from cluster.service.feedback import FeedbackCalls, FeedbackServicer
+from cluster.service.feedback_metrics import FeedbackCollector
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
 from cluster.service.quota import QuotaPolicy, Quotas
+from cluster.service.responses import ResponseRecorder, RetentionCache
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
 from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
@@ -53,6 +56,8 @@ from protos.treelm.v1 import (
     admin_pb2_grpc,
     distribution_pb2,
     distribution_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     registry_pb2,
@@ -73,6 +78,7 @@ SERVICE_NAMES = tuple(
         (updates_pb2, "Updates"),
         (admin_pb2, "Admin"),
         (distribution_pb2, "Distribution"),
+        (feedback_pb2, "Feedback"),
     )
 )
 _MIB = 1 << 20
@@ -107,6 +113,7 @@ class ServerConfig:
     )  # update uploads (Updates.Submit): sizes, per tenant, idle deadline
     spool_dir: Path | None = None  # where uploads are spooled (0700); None: a private temp dir, removed at stop
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits (cluster/service/quota.py)
+    feedback: bool = True  # record every response for feedback (cluster/service/responses.py); False: --no-feedback
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -162,11 +169,15 @@ class TreeServer:
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
         self.quotas = Quotas(config.quotas)
+        retention = RetentionCache(catalog.registry)
+        self.recorder = ResponseRecorder(retention) if config.feedback else None
+        self.feedback = FeedbackCalls(retention, self.access)  # answers even with recording off (old records)
         self.admission = Admission(
             self.router,
             self.access,
             lambda node, tenant: [v.version for v in catalog.versions(node, tenant)],
             quotas=self.quotas,
+            recorder=self.recorder,
         )
         # Only public nodes served here become labels: a private node (even its owner's calls) and a
         # made-up id both count as "other", so /metrics tells nobody which private nodes exist.
@@ -174,6 +185,7 @@ class TreeServer:
             known_node=lambda node: self.router.serves(node) and self.access.known_public(node)
         )
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
+        self.metrics.registry.register(FeedbackCollector(catalog.registry, self._feedback_label))
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
@@ -192,6 +204,14 @@ class TreeServer:
         self._http: HttpServer | None = None
         self._stopping = False
 
+    def _feedback_label(self, node: str) -> str:
+        """The metrics' rule (a public node served here, else "other"), asking the registry: the
+        feedback figures are read in the scraping thread, about nodes no call may have named lately."""
+        if not self.router.serves(node):
+            return "other"
+        visibility = self.catalog.node_visibility(node)
+        return node if visibility is not None and visibility.visibility == "public" else "other"
+
     def _in_flight(self) -> int:
         return self.status_interceptor.in_flight + (self._http.api.in_flight if self._http is not None else 0)
 
@@ -203,6 +223,7 @@ class TreeServer:
             self.authenticator,
             self.catalog,
             self.distribution_calls,
+            self.feedback,
             limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
             observe_call=self.metrics.observe_call,
         )
@@ -232,6 +253,7 @@ class TreeServer:
             UpdatesServicer(self.updates, self.access, self.spool, hidden_nodes=self.catalog.hidden_nodes), server
         )
         distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.feedback), server)
         admin = AdminServicer(
             self.router,
             self.access,
@@ -327,6 +349,8 @@ class TreeServer:
         if self._http is not None:
             self._http.api.draining = True  # HTTP answers 503 from now on, like gRPC's UNAVAILABLE
         await asyncio.gather(self._server.stop(grace), *([self._http.stop(grace)] if self._http is not None else []))
+        if self.recorder is not None:
+            await self.recorder.close()
         if self._close_trunks:
             for trunk in self.router.trunks.values():
                 await trunk.close()

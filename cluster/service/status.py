@@ -4,7 +4,7 @@ API (cluster/http/) both answer from here.
 
 | error | gRPC | HTTP |
 |---|---|---|
-| unknown node; another tenant's private node (same message); unknown update, version, tenant | NOT_FOUND | 404 |
+| unknown node; another tenant's private node (same message); unknown update, version, tenant; a response id unknown to the caller's tenant (kind ``response-not-found``, the same message for another tenant's) | NOT_FOUND | 404 |
 | a bad parameter (the message and ``treelm-error-field`` name the field); malformed envelope, manifest, package, key; payload files that differ from the manifest; another base; shapes; an HTTP body that is not UTF-8 JSON | INVALID_ARGUMENT | 400 |
 | an HTTP body over the size limit | RESOURCE_EXHAUSTED | 413 |
 | an HTTP ``Range`` a variant file cannot satisfy (HTTP only) | OUT_OF_RANGE | 416 |
@@ -16,6 +16,7 @@ API (cluster/http/) both answer from here.
 | an update upload idle past its deadline | DEADLINE_EXCEEDED | 504 |
 | the request's deadline passed | DEADLINE_EXCEEDED | 504 |
 | the engine or server is shutting down; a Ray replica or the update desk died; the database is unreachable | UNAVAILABLE | 503 |
+| feedback on a response whose records its tenant deleted (kind ``feedback-deleted``) | FAILED_PRECONDITION | 409 |
 | stored state that forbids the call (an alias to a revoked version, an outdated schema); a pinned node version that is not the served one; an update that is expired, older, skipped, over a stale parent, refused by screening or the gate, not awaiting approval | FAILED_PRECONDITION | 409 |
 | an adapter file changed on disk | DATA_LOSS | 500 |
 | a call the server does not offer (Updates without an update desk) | UNIMPLEMENTED | 501 |
@@ -148,6 +149,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ce.VersionNotServed, _S.FAILED_PRECONDITION, "version-not-served"),
     (ce.UnknownParameter, _S.INVALID_ARGUMENT, "unknown-parameter"),
     (re_.NodeNotFound, _S.NOT_FOUND, "node-not-found"),
+    (re_.ResponseNotFound, _S.NOT_FOUND, "response-not-found"),
+    (re_.FeedbackDeleted, _S.FAILED_PRECONDITION, "feedback-deleted"),
     (re_.NotFound, _S.NOT_FOUND, None),
     (ce.BadArgument, _S.INVALID_ARGUMENT, None),
     (ne.InvalidRequest, _S.INVALID_ARGUMENT, None),

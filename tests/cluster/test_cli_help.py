@@ -33,6 +33,9 @@ HELP = [
     ["cluster"],
     ["cluster", "up"],
     ["cluster", "drain"],
+    ["feedback"],
+    ["feedback", "ls"],
+    ["feedback", "retention"],
 ]
 
 # One process runs every help in turn; the first one after which a heavy module is loaded is named.
