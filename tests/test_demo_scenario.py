@@ -17,7 +17,7 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     built_before = sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*"))
     policy = tmp_path / "update-policy.yaml"  # the demo's feedback policy, with the tiny tree's looser gate
     policy.write_text(
-        "feedback: {key: ../keys/cardiology, min_corrections: 80}\n"
+        "feedback: {key: ../keys/cardiology, min_corrections: 150}\n"
         "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
     )
     config = DemoConfig(
@@ -28,7 +28,7 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
         max_new_tokens=6,
         update_steps=20,
         policy=policy,
-        clinic_answers=100,
+        clinic_answers=200,
     )
     console = Console(record=True, width=160)
     tables = run(config, console)
@@ -84,16 +84,16 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     assert "PermissionDenied [threshold]" in steps["submit a tampered copy"]
     # (5) feedback became an update on the policy's decision; it climbed; the answers changed
     learned = {r[0]: r[2] for r in tables["learning"].rows}
-    assert learned["answers rated -1 and corrected with the clinic's truth"].startswith("100 feedback records")
+    assert learned["answers rated -1 and corrected with the clinic's truth"].startswith("200 feedback records")
     assert (
         learned["the update policy decides"]
-        == "make: made update for ut/en/medical/cardiology (st-marys) because 100 new corrections >= 80"
+        == "make: made update for ut/en/medical/cardiology (st-marys) because 200 new corrections >= 150"
     )
     assert re.match(r"aggregated; held-out feedback perplexity -\d", learned["the update: screened, gated, served"])
     assert learned["the node is served at its new version"].endswith("v2")
     assert learned["it climbs: en/medical's candidate approved"].endswith("stable")
     changed, total = learned["answers to the corrected questions changed"].split("/")
-    assert total == "100" and int(changed) > 0
+    assert total == "200" and int(changed) > 0
     # (6) the status table and the report
     assert any(r[1] == "loaded adapters" for r in tables["status"].rows)
     names = sorted(p.name for p in config.report.iterdir())

@@ -29,6 +29,11 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
             temp_dir=temp_dir,
             trees={built / "tree": {"replicas": 1, "resources": {"cpus": 0.5}}},
         )
+        policy = tmp_path / "update-policy.yaml"  # the update desk's timer runs the feedback policy every 2 s
+        policy.write_text(
+            "feedback: {key: ../keys/cardiology, min_corrections: 40, every_s: 2}\n"
+            "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
+        )
         config = DemoConfig(
             built / "tree",
             tmp_path / "state",
@@ -37,6 +42,8 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
             cluster=template,
             max_new_tokens=4,
             update_steps=20,
+            policy=policy,
+            clinic_answers=60,
         )
         console = Console(record=True, width=160)
         tables = run(config, console)
@@ -58,6 +65,13 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
         assert update["submit: verify, screen, gate, aggregate"].startswith("aggregated")
         assert update["the hospital's node is served at its new version"].endswith("v2")  # by a Ray replica
         assert update["new stable parent"].endswith("= v2")
+        learned = {r[0]: r[1:] for r in tables["learning"].rows}  # the desk decided on its own timer
+        who, decision = learned["the update policy decides"]
+        assert who == "Ray update desk (its timer)"
+        assert re.fullmatch(
+            r"make: made update for ut/en/medical/cardiology \(st-marys\) because \d+ new corrections >= 40", decision
+        )
+        assert learned["the node is served at its new version"][1].endswith("v2")  # by a Ray replica
         repinned = [r for r in tables["update"].rows if r[0] == "re-pinned over the new parent"]
         assert repinned and all("en/medical@v2" in r[2] for r in repinned)
         assert "PermissionDenied [threshold]" in update["submit a tampered copy"]
