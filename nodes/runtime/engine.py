@@ -61,6 +61,7 @@ from nodes.runtime.cache import AdapterCache, CacheStats
 from nodes.runtime.grammar import Grammars, RowGrammar
 from nodes.runtime.kv import check_supported
 from nodes.runtime.logprobs import TokenTable
+from nodes.runtime.prefix import PrefixCache
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TenantLimits, TokenChunk
 from nodes.runtime.scheduler import Job, Limits, Scheduler
 from nodes.store.tree import BuiltNode, BuiltTree
@@ -91,6 +92,9 @@ class EngineConfig:
     max_prefill_tokens: int = field(default=4096, metadata={"help": "padded tokens in one prefill forward"})
     max_active_adapters: int = field(default=512, metadata={"help": "adapters active in the bank at once"})
     host_cache_bytes: int = field(default=2 << 30, metadata={"help": "bytes of inactive adapters kept in memory"})
+    prefix_cache_bytes: int = field(
+        default=256 << 20, metadata={"help": "bytes of prompt-prefix keys/values kept for reuse (0: off)"}
+    )
     tenant_max_running: int | None = field(
         default=None, metadata={"help": "a tenant's requests in the batch, unless its request carries limits"}
     )
@@ -103,7 +107,7 @@ class EngineConfig:
             value = getattr(self, f.name)
             if value is None and f.name in ("max_context", "tenant_max_running", "tenant_max_queued"):
                 continue
-            minimum = 0 if f.name == "host_cache_bytes" else 1
+            minimum = 0 if f.name in ("host_cache_bytes", "prefix_cache_bytes") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise EngineConfigError(f"EngineConfig.{f.name} must be an integer >= {minimum}, got {value!r}")
 
@@ -131,6 +135,9 @@ class EngineStats:
     grammars_compiled: int  # distinct response formats compiled (the rest were cache hits)
     closed: bool
     cache: CacheStats
+    prefix_hits: int = 0  # prompts that continued from a cached prefix
+    prefix_tokens_reused: int = 0  # prompt tokens not computed again
+    prefix_bytes: int = 0  # keys/values held by the prefix cache
 
     def as_dict(self) -> dict[str, int | bool]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cache"}
@@ -205,7 +212,17 @@ class Engine:
         self.vocab_size = int(getattr(head, "out_features", 0) or model.config.vocab_size)  # the logits' width
         self._grammars = Grammars(tokenizer, self.vocab_size, sorted(eos))
         self._tokens = TokenTable(tokenizer)
-        self._scheduler = Scheduler(model, self._bank, self.cache, limits, sorted(eos), pad, self.vocab_size)
+        self._scheduler = Scheduler(
+            model,
+            self._bank,
+            self.cache,
+            limits,
+            sorted(eos),
+            pad,
+            self.vocab_size,
+            prefix=PrefixCache(self.config.prefix_cache_bytes),
+            base_digest=self.tree.base_digest,
+        )
         self._closed = False
         self._thread = threading.Thread(target=self._scheduler.run, name="treelm-engine", daemon=True)
         self._thread.start()
@@ -444,6 +461,9 @@ class Engine:
             grammars_compiled=self._grammars.compiled,
             closed=self._closed,
             cache=self.cache.stats(),
+            prefix_hits=s.prefix.hits,
+            prefix_tokens_reused=s.prefix.tokens_reused,
+            prefix_bytes=s.prefix.stats().bytes,
         )
 
     def close(self, timeout: float | None = 30.0) -> None:

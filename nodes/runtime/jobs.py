@@ -93,6 +93,7 @@ class Job:
     chunks: int = 0
     finished: bool = False
     echo: Echo | None = None  # set at prefill when echo was asked
+    prefix_key: str = ""  # the chain's key in the prefix cache (set at prefill when the cache is on)
 
     def __post_init__(self) -> None:
         self.params = self.request.params

@@ -17,6 +17,7 @@ forward while the other rows still get only their last position's logits.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from nodes.runtime.jobs import Job, Row, Sink
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
 from nodes.runtime.logprobs import LogprobRecord, prompt_logprobs
 from nodes.runtime.plan import BankBatch
+from nodes.runtime.prefix import PrefixCache, PrefixHit, chain_key
 from nodes.runtime.requests import Echo, FinishReason, TenantLimits
 from nodes.runtime.sampling import SamplingBatch, next_tokens
 
@@ -69,8 +71,12 @@ class Scheduler:
         eos_ids: Sequence[int],
         pad_id: int,
         vocab_size: int,
+        prefix: PrefixCache | None = None,
+        base_digest: str = "",
     ):
         self.model = model
+        self.prefix = prefix or PrefixCache(0)  # max_bytes 0: off
+        self.base_digest = base_digest
         self.bank = bank
         self.cache = cache
         self.limits = limits
@@ -183,11 +189,7 @@ class Scheduler:
         self._reap()
         admitted = self._admit()
         if admitted:
-            try:
-                self._prefill(admitted)
-            except Exception as exc:  # only the newcomers fail; the running batch is untouched
-                for job in admitted:
-                    self._fail(job, EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            self._prefill(admitted)  # a failed prefill fails its newcomers only
         if self.running:
             self._decode()
         return bool(admitted or self.running)
@@ -263,6 +265,61 @@ class Scheduler:
         return admitted
 
     def _prefill(self, jobs: list[Job]) -> None:
+        """Prompts with a cached prefix continue from it, one forward each; the rest share one forward."""
+        fresh: list[Job] = []
+        for job in jobs:
+            hit = None
+            if self.prefix.enabled and not job.params.echo:  # echo scores every prompt position: no reuse
+                job.prefix_key = chain_key(self.base_digest, job.chain)
+                hit = self.prefix.lookup(job.prefix_key, job.prompt_ids)
+            if hit is None:
+                fresh.append(job)
+            else:
+                self._guarded([job], functools.partial(self._prefill_from, job, hit))
+        if fresh:
+            self._guarded(fresh, lambda: self._prefill_batch(fresh))
+
+    def _guarded(self, jobs: list[Job], prefill: Callable[[], None]) -> None:
+        try:
+            prefill()
+        except Exception as exc:  # only these newcomers fail; the running batch is untouched
+            for job in jobs:
+                self._fail(job, EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+
+    def _keep_prefixes(self, jobs: Sequence[Job], kv: BatchKV) -> None:
+        """Offer each prompt's prefix to the prefix cache (row i's prompt is right-aligned in ``kv``)."""
+        layers: list[Any] = list(kv.cache.layers)
+        for i, job in enumerate(jobs):
+            if job.prefix_key and self.prefix.wants(job.prompt_ids):
+                start = kv.width - len(job.prompt_ids)
+                keys = [layer.keys[i : i + 1, :, start:] for layer in layers]
+                values = [layer.values[i : i + 1, :, start:] for layer in layers]
+                self.prefix.store(job.prefix_key, job.prompt_ids, keys, values)
+
+    def _prefill_from(self, job: Job, hit: PrefixHit) -> None:
+        """Continue a prompt from its cached prefix: only the rest of it goes through the model."""
+        cache = _new_cache(self.model)
+        for layer, (keys, values) in enumerate(zip(hit.keys, hit.values, strict=True)):
+            cache.update(keys, values, layer)  # concatenated into new tensors later: the entry stays intact
+        rest = job.prompt_ids[hit.length :]
+        mask = torch.ones((1, len(job.prompt_ids)), dtype=torch.long)
+        plan = self.bank.plan([job.keys], len(rest))
+        with self.bank.use(plan):
+            out = self.model(
+                input_ids=torch.tensor([rest], dtype=torch.long),
+                attention_mask=mask,
+                position_ids=torch.arange(hit.length, len(job.prompt_ids)).unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.counts["prefill_batches"] += 1
+        self.counts["prompt_tokens"] += len(job.prompt_ids)
+        kv = BatchKV(cache=cache, mask=mask)
+        self._keep_prefixes([job], kv)  # a longer prompt extends what is cached (multi-turn chats)
+        self._start([job], kv, out.logits[:, -1, :])
+
+    def _prefill_batch(self, jobs: list[Job]) -> None:
         jobs.sort(key=lambda j: j.keys)  # rows sharing an adapter are contiguous (see nodes.runtime.plan)
         ids, mask = left_pad_batch([j.prompt_ids for j in jobs], self.pad_id)
         kv = BatchKV(cache=_new_cache(self.model), mask=mask)
@@ -276,6 +333,11 @@ class Scheduler:
                 last = out.logits[:, -1, :]
         self.counts["prefill_batches"] += 1
         self.counts["prompt_tokens"] += sum(len(j.prompt_ids) for j in jobs)
+        self._keep_prefixes(jobs, kv)
+        self._start(jobs, kv, last)
+
+    def _start(self, jobs: list[Job], kv: BatchKV, last: torch.Tensor) -> None:
+        """Prefilled jobs (row i of ``kv`` and ``last``) join the running batch, one row per choice."""
         rows: list[Row] = []
         source: list[int] = []  # per row: its job's row in the prefill batch (its KV row to fork)
         for i, job in enumerate(jobs):
