@@ -43,6 +43,7 @@ __all__ = [
     "kv_bytes_per_token",
     "max_context_that_fits",
     "parse_bandwidth",
+    "parse_cache_size",
     "parse_compute",
     "parse_memory_size",
     "weight_bytes",
@@ -74,6 +75,12 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 _COMPUTE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([gtp]?)flops\s*$", re.IGNORECASE)
+
+
+def parse_cache_size(text: str, *, field: str) -> int:
+    """A cache bound: ``0`` or ``off`` turns the cache off, else a size as :func:`parse_memory_size` takes."""
+    value = str(text).strip().lower()
+    return 0 if value in ("0", "off") else parse_memory_size(value, field=field)
 
 
 def parse_memory_size(text: str, *, field: str = "memory") -> int:

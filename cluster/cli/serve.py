@@ -110,6 +110,13 @@ def serve_command(
             help="bound on the built variants kept in TREE_DIR/variants (least recently used are evicted)",
         ),
     ] = "20GiB",
+    prefix_cache: Annotated[
+        str,
+        typer.Option(
+            "--prefix-cache",
+            help="memory for reusing prompt prefixes' keys/values per exact chain and version (0 turns it off)",
+        ),
+    ] = "256MiB",
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection) and,
     with --http-port, the OpenAI-compatible HTTP API."""
@@ -148,6 +155,7 @@ def serve_command(
         variant_key=variant_key,
         variant_delegation=variant_delegation,
         variant_cache=variant_cache,
+        prefix_cache=prefix_cache,
     )
     if insecure_no_auth:
         err.print(

@@ -101,6 +101,7 @@ def trunk_spec(config: ClusterConfig, trunk: TrunkConfig) -> TrunkSpec:
         max_queue=trunk.max_queue,
         max_adapters=trunk.max_adapters,
         host_cache=trunk.host_cache,
+        prefix_cache=trunk.prefix_cache,
         preload=trunk.preload,
         content=tree_content_digest(trunk.tree_dir),
     )

@@ -26,7 +26,7 @@ from cluster.service.quota import QuotaPolicy, TenantQuota
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
 from registry.errors import InvalidMemorySize
-from registry.memory import parse_memory_size
+from registry.memory import parse_cache_size, parse_memory_size
 
 __all__ = [
     "ClusterConfig",
@@ -153,6 +153,7 @@ class TrunkConfig:
     max_batch: int = 16
     max_queue: int = 256
     host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
+    prefix_cache: int = 256 << 20  # bytes of prompt-prefix keys/values a replica reuses (0: off)
     preload: tuple[str, ...] = ()  # node ids loaded before a replica takes traffic
     health_check_period_s: float = 2.0
     graceful_shutdown_s: float = 10.0
@@ -423,6 +424,16 @@ def _memory(r: _Reader, key: str) -> int | None:
         raise r.error(key, str(exc)) from None
 
 
+def _prefix_cache(r: _Reader) -> int:
+    value = r.raw("prefix_cache", None)
+    if value is None:
+        return 256 << 20
+    try:
+        return parse_cache_size(str(value), field="prefix_cache")
+    except InvalidMemorySize as exc:
+        raise r.error("prefix_cache", str(exc)) from None
+
+
 def _trunk(r: _Reader) -> TrunkConfig:
     tree_dir = r.path("tree", None)
     if tree_dir is None:
@@ -460,6 +471,7 @@ def _trunk(r: _Reader) -> TrunkConfig:
         max_batch=engine.integer("max_batch", 16, low=1),
         max_queue=engine.integer("max_queue", 256, low=1),
         host_cache=_memory(engine, "host_cache") or (1 << 30),
+        prefix_cache=_prefix_cache(engine),
         preload=tuple(preload),
         health_check_period_s=r.number("health_check_period_s", 2.0, low=0.1),
         graceful_shutdown_s=r.number("graceful_shutdown_s", 10.0),

@@ -121,6 +121,7 @@ class TrunkReplicaBase:
             max_queue=spec.max_queue,
             max_active_adapters=spec.max_adapters,
             host_cache_bytes=spec.host_cache,
+            prefix_cache_bytes=spec.prefix_cache,
         )
         self.engine = Engine(base_dir, spec.tree_dir, config)  # a dir: the engine follows its snapshots
         self._trunk = EngineTrunk(self.engine)  # its snapshot() is what Admin.Status shows per trunk

@@ -31,6 +31,7 @@ class TrunkSpec:
     max_queue: int = 256
     max_adapters: int = 64
     host_cache: int = 1 << 30
+    prefix_cache: int = 256 << 20
     preload: tuple[str, ...] = ()
     content: str = ""  # digest of tree.json and every node.json: a rebuilt tree restarts the replicas
 

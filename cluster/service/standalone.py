@@ -34,7 +34,7 @@ from nodes.store.tree import open_tree
 from registry.access import record_deployment
 from registry.db import Registry, open_registry
 from registry.errors import InvalidMemorySize, RegistryError
-from registry.memory import parse_memory_size
+from registry.memory import parse_cache_size, parse_memory_size
 
 __all__ = ["StandaloneOptions", "serve_standalone"]
 
@@ -58,6 +58,11 @@ class StandaloneOptions:
     variant_key: Path | None = None  # the online key that signs variant manifests (Distribution)
     variant_delegation: Path | None = None  # root's delegation of that key (treelm keys delegate-variants)
     variant_cache: str = "20GiB"  # bound on TREE_DIR/variants (Distributor's LRU eviction)
+    prefix_cache: str = "256MiB"  # the engine's prompt-prefix keys/values ("0" or "off": none)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return parse_cache_size(self.prefix_cache, field="--prefix-cache")
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -66,6 +71,7 @@ class StandaloneOptions:
             raise ServeError("serving variants needs both --variant-key and --variant-delegation")
         try:
             parse_memory_size(self.variant_cache, field="--variant-cache")
+            self.prefix_cache_bytes  # noqa: B018  (refused here, before anything starts)
         except InvalidMemorySize as exc:
             raise ServeError(str(exc)) from None
 
@@ -89,7 +95,11 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             policy = UpdatePolicy.for_tree(tree.root, options.update_policy)
             coordinator = Coordinator.open(registry, tree.root, policy, background=rounds.submit)
         say(f"loading the base of {tree.name} ...")
-        config = EngineConfig(max_batch_size=options.max_batch, max_queue=options.max_queue)
+        config = EngineConfig(
+            max_batch_size=options.max_batch,
+            max_queue=options.max_queue,
+            prefix_cache_bytes=options.prefix_cache_bytes,
+        )
         engine = Engine(tree.base_dir, tree.root, config)
         if coordinator is not None:
             coordinator.on_snapshot(engine.use_tree)

@@ -123,3 +123,18 @@ def test_entries_are_evicted_least_recently_used_within_the_byte_bound():
     assert cache.lookup("c", [100, *range(1, 9)]) is None
     assert cache.lookup("c", [0, *range(1, 9)]) is not None and cache.lookup("c", [200, *range(1, 9)]) is not None
     assert PrefixCache(0).lookup("c", list(range(100))) is None  # off
+
+
+@pytest.mark.parametrize(("value", "want"), [("256MiB", 256 << 20), ("0", 0), ("off", 0), (" OFF ", 0)])
+def test_serve_takes_a_prefix_cache_size_or_off(tmp_path, value, want):
+    from cluster.service.standalone import StandaloneOptions
+
+    assert StandaloneOptions(tmp_path, prefix_cache=value).prefix_cache_bytes == want
+
+
+def test_serve_refuses_a_prefix_cache_that_is_not_a_size(tmp_path):
+    from cluster.errors import ServeError
+    from cluster.service.standalone import StandaloneOptions
+
+    with pytest.raises(ServeError, match="--prefix-cache 'lots' is not a size"):
+        StandaloneOptions(tmp_path, prefix_cache="lots")
