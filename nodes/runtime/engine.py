@@ -92,6 +92,9 @@ class EngineConfig:
     max_prefill_tokens: int = field(default=4096, metadata={"help": "padded tokens in one prefill forward"})
     max_active_adapters: int = field(default=512, metadata={"help": "adapters active in the bank at once"})
     host_cache_bytes: int = field(default=2 << 30, metadata={"help": "bytes of inactive adapters kept in memory"})
+    prefill_chunk: int = field(
+        default=256, metadata={"help": "a longer prompt is prefilled this many tokens per step, between decode steps"}
+    )
     prefix_cache_bytes: int = field(
         default=256 << 20, metadata={"help": "bytes of prompt-prefix keys/values kept for reuse (0: off)"}
     )
@@ -207,6 +210,7 @@ class Engine:
             max_queue=self.config.max_queue,
             max_prefill_tokens=self.config.max_prefill_tokens,
             tenant=TenantLimits(self.config.tenant_max_running, self.config.tenant_max_queued),
+            prefill_chunk=self.config.prefill_chunk,
         )
         head = model.get_output_embeddings()
         self.vocab_size = int(getattr(head, "out_features", 0) or model.config.vocab_size)  # the logits' width

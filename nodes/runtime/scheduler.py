@@ -58,7 +58,8 @@ class Limits:
     max_tokens_in_flight: int
     max_queue: int
     max_prefill_tokens: int
-    tenant: TenantLimits = field(default_factory=TenantLimits)  # a tenant's share when its request carries no limits
+    tenant: TenantLimits = field(default_factory=TenantLimits)
+    prefill_chunk: int = 0  # a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)  # a tenant's share when its request carries no limits
 
 
 class Scheduler:
@@ -89,6 +90,7 @@ class Scheduler:
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False
         self.running: list[Row] = []
+        self._partial: collections.deque[_Partial] = collections.deque()  # long prompts being prefilled in chunks
         self._kv: BatchKV | None = None
         self._plan: BankBatch | None = None  # the bank's plan for the running rows; None when their composition changed
         self._sampling: SamplingBatch | None = None  # rebuilt with the plan
@@ -162,14 +164,20 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len({id(row.job) for row in self.running if not row.finished})
+        return len({id(row.job) for row in self.running if not row.finished}) + len(self._partial)
 
     # -- the model thread ----------------------------------------------------
     def run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closing and not self._waiting and not self.running and not self._calls:
+                    while (
+                        not self._closing
+                        and not self._waiting
+                        and not self.running
+                        and not self._partial
+                        and not self._calls
+                    ):
                         self._cond.wait()
                     if self._closing:
                         break
@@ -190,9 +198,12 @@ class Scheduler:
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)  # a failed prefill fails its newcomers only
+        if self._partial:  # one chunk of one long prompt, then the running rows' step: they never wait long
+            partial = self._partial[0]
+            self._guarded([partial.job], functools.partial(self._advance, partial))
         if self.running:
             self._decode()
-        return bool(admitted or self.running)
+        return bool(admitted or self.running or self._partial)
 
     def _run_calls(self) -> None:
         while True:
@@ -218,6 +229,13 @@ class Scheduler:
                 if error is not None:
                     self._waiting.pop(job, admitted=False)
                     self._fail(job, error)
+        for partial in list(self._partial):  # admitted, not yet running: no token was sent
+            job = partial.job
+            if job.cancelled or (job.request.deadline is not None and now >= job.request.deadline):
+                self._partial.remove(partial)
+                reason = FinishReason.CANCELLED if job.cancelled else FinishReason.DEADLINE
+                for row in job.rows:
+                    self._finish_row(row, reason)
         for row in list(self.running):
             job = row.job
             if job.cancelled:
@@ -272,7 +290,10 @@ class Scheduler:
             if self.prefix.enabled and not job.params.echo:  # echo scores every prompt position: no reuse
                 job.prefix_key = chain_key(self.base_digest, job.chain)
                 hit = self.prefix.lookup(job.prefix_key, job.prompt_ids)
-            if hit is None:
+            chunk = self.limits.prefill_chunk
+            if chunk and not job.params.echo and len(job.prompt_ids) - (hit.length if hit else 0) > chunk:
+                self._partial.append(_Partial(job, self._seeded_cache(hit), hit.length if hit else 0))
+            elif hit is None:
                 fresh.append(job)
             else:
                 self._guarded([job], functools.partial(self._prefill_from, job, hit))
@@ -285,6 +306,7 @@ class Scheduler:
         except Exception as exc:  # only these newcomers fail; the running batch is untouched
             for job in jobs:
                 self._fail(job, EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+            self._partial = collections.deque(p for p in self._partial if not p.job.finished)
 
     def _keep_prefixes(self, jobs: Sequence[Job], kv: BatchKV) -> None:
         """Offer each prompt's prefix to the prefix cache (row i's prompt is right-aligned in ``kv``)."""
@@ -296,28 +318,48 @@ class Scheduler:
                 values = [layer.values[i : i + 1, :, start:] for layer in layers]
                 self.prefix.store(job.prefix_key, job.prompt_ids, keys, values)
 
-    def _prefill_from(self, job: Job, hit: PrefixHit) -> None:
-        """Continue a prompt from its cached prefix: only the rest of it goes through the model."""
+    def _seeded_cache(self, hit: PrefixHit | None) -> Any:
         cache = _new_cache(self.model)
-        for layer, (keys, values) in enumerate(zip(hit.keys, hit.values, strict=True)):
-            cache.update(keys, values, layer)  # concatenated into new tensors later: the entry stays intact
-        rest = job.prompt_ids[hit.length :]
-        mask = torch.ones((1, len(job.prompt_ids)), dtype=torch.long)
-        plan = self.bank.plan([job.keys], len(rest))
-        with self.bank.use(plan):
+        if hit is not None:
+            for layer, (keys, values) in enumerate(zip(hit.keys, hit.values, strict=True)):
+                cache.update(keys, values, layer)  # concatenated into new tensors later: the entry stays intact
+        return cache
+
+    def _forward_one(self, job: Job, cache: Any, start: int, end: int) -> torch.Tensor:
+        """Prompt tokens [start, end) of one job over its cache of the first ``start``; the last logits."""
+        part = job.prompt_ids[start:end]
+        with self.bank.use(self.bank.plan([job.keys], len(part))):
             out = self.model(
-                input_ids=torch.tensor([rest], dtype=torch.long),
-                attention_mask=mask,
-                position_ids=torch.arange(hit.length, len(job.prompt_ids)).unsqueeze(0),
+                input_ids=torch.tensor([part], dtype=torch.long),
+                attention_mask=torch.ones((1, end), dtype=torch.long),
+                position_ids=torch.arange(start, end).unsqueeze(0),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
         self.counts["prefill_batches"] += 1
+        return out.logits[:, -1, :]
+
+    def _prefill_from(self, job: Job, hit: PrefixHit) -> None:
+        """Continue a prompt from its cached prefix: only the rest of it goes through the model."""
+        cache = self._seeded_cache(hit)
+        last = self._forward_one(job, cache, hit.length, len(job.prompt_ids))
+        self._prefilled(job, cache, last)
+
+    def _advance(self, partial: _Partial) -> None:
+        """The next chunk of a long prompt; the job joins the running rows after its last chunk."""
+        end = min(partial.done + self.limits.prefill_chunk, len(partial.job.prompt_ids))
+        last = self._forward_one(partial.job, partial.cache, partial.done, end)
+        partial.done = end
+        if end == len(partial.job.prompt_ids):
+            self._partial.popleft()
+            self._prefilled(partial.job, partial.cache, last)
+
+    def _prefilled(self, job: Job, cache: Any, last: torch.Tensor) -> None:
         self.counts["prompt_tokens"] += len(job.prompt_ids)
-        kv = BatchKV(cache=cache, mask=mask)
+        kv = BatchKV(cache=cache, mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long))
         self._keep_prefixes([job], kv)  # a longer prompt extends what is cached (multi-turn chats)
-        self._start([job], kv, out.logits[:, -1, :])
+        self._start([job], kv, last)
 
     def _prefill_batch(self, jobs: list[Job]) -> None:
         jobs.sort(key=lambda j: j.keys)  # rows sharing an adapter are contiguous (see nodes.runtime.plan)
@@ -524,7 +566,10 @@ class Scheduler:
     def _fail_running(self, error: BaseException) -> None:
         for row in self.running:
             self._fail(row.job, error)
+        for partial in self._partial:
+            self._fail(partial.job, error)
         self.running, self._kv, self._plan, self._sampling = [], None, None, None
+        self._partial.clear()
 
     def _drain(self, error: BaseException) -> None:
         with self._cond:
@@ -536,6 +581,15 @@ class Scheduler:
         for job in waiting:
             self._fail(job, error)
         self._fail_running(error)
+
+
+@dataclass
+class _Partial:
+    """A long prompt being prefilled chunk by chunk: its cache holds the first ``done`` tokens."""
+
+    job: Job
+    cache: Any
+    done: int
 
 
 def _new_cache(model):
