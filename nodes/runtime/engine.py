@@ -93,7 +93,8 @@ class EngineConfig:
     max_active_adapters: int = field(default=512, metadata={"help": "adapters active in the bank at once"})
     host_cache_bytes: int = field(default=2 << 30, metadata={"help": "bytes of inactive adapters kept in memory"})
     prefill_chunk: int = field(
-        default=256, metadata={"help": "a longer prompt is prefilled this many tokens per step, between decode steps"}
+        default=256,
+        metadata={"help": "a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)"},
     )
     prefix_cache_bytes: int = field(
         default=256 << 20, metadata={"help": "bytes of prompt-prefix keys/values kept for reuse (0: off)"}
@@ -110,7 +111,7 @@ class EngineConfig:
             value = getattr(self, f.name)
             if value is None and f.name in ("max_context", "tenant_max_running", "tenant_max_queued"):
                 continue
-            minimum = 0 if f.name in ("host_cache_bytes", "prefix_cache_bytes") else 1
+            minimum = 0 if f.name in ("host_cache_bytes", "prefix_cache_bytes", "prefill_chunk") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise EngineConfigError(f"EngineConfig.{f.name} must be an integer >= {minimum}, got {value!r}")
 
