@@ -93,7 +93,7 @@ class EngineConfig:
     max_active_adapters: int = field(default=512, metadata={"help": "adapters active in the bank at once"})
     host_cache_bytes: int = field(default=2 << 30, metadata={"help": "bytes of inactive adapters kept in memory"})
     prefill_chunk: int = field(
-        default=256,
+        default=32,
         metadata={"help": "a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)"},
     )
     prefix_cache_bytes: int = field(

@@ -348,7 +348,9 @@ class Scheduler:
 
     def _advance(self, partial: _Partial) -> None:
         """The next chunk of a long prompt; the job joins the running rows after its last chunk."""
-        end = min(partial.done + self.limits.prefill_chunk, len(partial.job.prompt_ids))
+        # Chunks only protect rows that are decoding: with none, the rest goes in one forward.
+        size = self.limits.prefill_chunk if self.running else len(partial.job.prompt_ids)
+        end = min(partial.done + size, len(partial.job.prompt_ids))
         last = self._forward_one(partial.job, partial.cache, partial.done, end)
         partial.done = end
         if end == len(partial.job.prompt_ids):
