@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
+from cluster.cli.passphrase import PasswordEnv, PasswordFile, passphrase
+
 __all__ = ["serve_command"]
 
 
@@ -80,6 +82,8 @@ def serve_command(
         Path | None,
         typer.Option("--variant-key", help="key dir or private PEM that signs variant manifests for devices"),
     ] = None,
+    password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
     variant_delegation: Annotated[
         Path | None,
         typer.Option("--variant-delegation", help="root's delegation of that key (`treelm keys delegate-variants`)"),
@@ -138,6 +142,7 @@ def serve_command(
         updates=updates,
         update_policy=update_policy,
         variant_key=variant_key,
+        variant_key_passphrase=passphrase(password_env, password_file) if variant_key is not None else None,
         variant_delegation=variant_delegation,
         variant_cache=variant_cache,
     )

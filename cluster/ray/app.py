@@ -179,6 +179,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         grace_s=ing.grace_s,
         updates=ing.updates,
         variant_key=str(ing.variant_key) if ing.variant_key else None,
+        variant_key_password_file=str(ing.variant_key_password_file) if ing.variant_key_password_file else None,
         variant_delegations=tuple(str(p) for p in ing.variant_delegations),
         variant_cache_bytes=ing.variant_cache_bytes,
         upload_max_file_bytes=ing.upload_max_file_bytes,

@@ -118,6 +118,8 @@ class IngressConfig:
     updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
+    # the passphrase of an encrypted variant_key (first line; else $TREELM_KEY_PASSPHRASE on the ingress)
+    variant_key_password_file: Path | None = None
     variant_delegations: tuple[Path, ...] = ()  # root's delegations of that key, one file per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants (`variant_cache: 20GiB`)
     # update uploads (cluster/service/uploads.py): `upload_max_file: 256MiB`, `upload_spool: 1GiB`, ...
@@ -362,6 +364,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         updates=r.flag("updates", True),
         update_threads=r.integer("update_threads", 1, low=1),
         variant_key=r.path("variant_key", None),
+        variant_key_password_file=r.path("variant_key_password_file", None),
         variant_delegations=_paths(r, "variant_delegations"),
         variant_cache_bytes=_memory(r, "variant_cache") or IngressConfig.variant_cache_bytes,
         upload_max_file_bytes=_memory(r, "upload_max_file") or IngressConfig.upload_max_file_bytes,
@@ -372,11 +375,15 @@ def _ingress(r: _Reader) -> IngressConfig:
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")
+    if config.variant_key_password_file is not None and config.variant_key is None:
+        raise r.error("variant_key_password_file", "a passphrase file needs variant_key")
     for path in (config.variant_key, *config.variant_delegations):
         if path is not None and not path.exists():
             raise r.error(
                 "variant_key" if path == config.variant_key else "variant_delegations", f"{path} does not exist"
             )
+    if config.variant_key_password_file is not None and not config.variant_key_password_file.is_file():
+        raise r.error("variant_key_password_file", f"{config.variant_key_password_file} is not a file")
     listeners = [(n, getattr(config, n)) for n in ("port", "http_port", "metrics_port") if getattr(config, n)]
     for i, (name, value) in enumerate(listeners):
         for other, taken in listeners[:i]:

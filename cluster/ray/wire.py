@@ -71,6 +71,7 @@ class IngressSpec:
     grace_s: float = 10.0
     updates: bool = True  # serve Updates through the desk actor (cluster/ray/desk.py)
     variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered
+    variant_key_password_file: str | None = None  # its passphrase (else $TREELM_KEY_PASSPHRASE)
     variant_delegations: tuple[str, ...] = ()  # root's delegation files, one per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants
     upload_max_file_bytes: int = 256 << 20  # update uploads: see cluster.ray.config.IngressConfig
