@@ -39,6 +39,14 @@ def serve_command(
         Path | None,
         typer.Option("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)"),
     ] = None,
+    tls_client_tenants: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-client-tenants",
+            help="YAML: client certificate subject (CN, or full RFC 4514 subject) -> tenant; such a certificate "
+            "authenticates without a token, and a token of another tenant is refused",
+        ),
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="address /metrics listens on (it has no token: keep it local)")
@@ -128,6 +136,7 @@ def serve_command(
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            tls_client_tenants=tls_client_tenants,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             http_port=http_port,

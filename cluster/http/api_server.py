@@ -35,6 +35,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from cluster.errors import MalformedRequest, RequestTooLarge, ServeError, ShuttingDown
 from cluster.http.common import ApiContext, EventSource
@@ -46,6 +48,7 @@ from cluster.http.serving_distribution import PREFIX, DistributionServing, FileS
 from cluster.http.serving_models import ModelServing
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
+from cluster.service.client_certs import http_peer_certificate, peer_aware_protocol
 from cluster.service.distribution import DistributionCalls
 from cluster.service.interceptors import LOGGED_DETAIL_CHARS
 from cluster.service.status import wire_status
@@ -80,6 +83,7 @@ class HttpApi:
         observe_call: CallObserver | None = None,
     ):
         self._auth = authenticator
+        self.authenticator = authenticator
         self._limits = limits
         self._observe_call = observe_call
         self.chat = ChatServing(ctx)
@@ -228,7 +232,9 @@ class HttpApi:
 
     async def _caller(self, request: Request) -> Caller:
         header = request.headers.get("authorization")
-        return await self._auth.authenticate([("authorization", header)] if header is not None else [])
+        metadata = [("authorization", header)] if header is not None else []
+        certificate = http_peer_certificate(request.scope.get("state")) if self._auth.client_tenants else None
+        return await self._auth.authenticate(metadata, certificate)
 
     async def _body(self, request: Request, schema: type[B]) -> B:
         limit = self._limits.max_body_bytes
@@ -334,6 +340,11 @@ class _Uvicorn(uvicorn.Server):
         return nullcontext()
 
 
+def _http_protocol() -> type[asyncio.Protocol]:
+    """The HTTP protocol class uvicorn picks by default (httptools when installed, else h11)."""
+    return import_from_string(HTTP_PROTOCOLS["auto"])
+
+
 class HttpServer:
     """Serves an :class:`HttpApi` with uvicorn on the running event loop, on a socket bound first
     (port 0 = any free port; a port in use is a ServeError at once)."""
@@ -378,8 +389,11 @@ class HttpServer:
         sock = self._socket()
         self.port = int(sock.getsockname()[1])
         cert, key = self._tls
+        # With client certificates mapped to tenants, each request sees its connection's certificate.
+        mapped = self._client_ca is not None and self.api.authenticator.client_tenants is not None
         config = uvicorn.Config(
             self.api.app,
+            http=peer_aware_protocol(_http_protocol()) if mapped else "auto",
             lifespan="off",
             log_config=None,  # the process's logging stays as its owner configured it
             log_level="warning",

@@ -174,6 +174,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         tls_cert=str(ing.tls_cert) if ing.tls_cert else None,
         tls_key=str(ing.tls_key) if ing.tls_key else None,
         tls_client_ca=str(ing.tls_client_ca) if ing.tls_client_ca else None,
+        tls_client_tenants=str(ing.tls_client_tenants) if ing.tls_client_tenants else None,
         metrics_port=ing.metrics_port,
         metrics_host=ing.metrics_host,
         grace_s=ing.grace_s,

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cluster.errors import ClusterConfigError, ServeError
+from cluster.service.client_certs import ClientTenants
 from cluster.service.quota import QuotaPolicy, TenantQuota
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
@@ -114,6 +115,7 @@ class IngressConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # clients must present a certificate this CA signed (mutual TLS)
+    tls_client_tenants: Path | None = None  # YAML: certificate subject (CN or RFC 4514) -> tenant
     grace_s: float = 10.0
     updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
@@ -360,6 +362,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         tls_cert=r.path("tls_cert", None),
         tls_key=r.path("tls_key", None),
         tls_client_ca=r.path("tls_client_ca", None),
+        tls_client_tenants=r.path("tls_client_tenants", None),
         grace_s=r.number("grace_s", 10.0),
         updates=r.flag("updates", True),
         update_threads=r.integer("update_threads", 1, low=1),
@@ -393,10 +396,17 @@ def _ingress(r: _Reader) -> IngressConfig:
         raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise r.error("tls_client_ca", "client certificates need TLS: set tls_cert and tls_key too")
-    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+    if config.tls_client_tenants is not None and config.tls_client_ca is None:
+        raise r.error("tls_client_tenants", "mapping client certificates to tenants needs tls_client_ca")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_client_tenants"):
         value = getattr(config, name)
         if value is not None and not value.is_file():
             raise r.error(name, f"{value} is not a file")
+    if config.tls_client_tenants is not None:
+        try:
+            ClientTenants.load(config.tls_client_tenants)  # the same checks the ingress makes at start
+        except ServeError as exc:
+            raise r.error("tls_client_tenants", str(exc)) from None
     r.done()
     return config
 

@@ -75,6 +75,7 @@ class TreeIngress:
             tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
             tls_client_ca=Path(spec.tls_client_ca) if spec.tls_client_ca else None,
+            tls_client_tenants=Path(spec.tls_client_tenants) if spec.tls_client_tenants else None,
             uploads=UploadLimits(
                 max_file_bytes=spec.upload_max_file_bytes,
                 max_spool_bytes=spec.upload_spool_bytes,

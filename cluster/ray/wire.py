@@ -66,6 +66,7 @@ class IngressSpec:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    tls_client_tenants: str | None = None  # certificate subject -> tenant (cluster/service/client_certs.py)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     grace_s: float = 10.0

@@ -37,6 +37,7 @@ from cluster.service.access import NodeAccess
 from cluster.service.admission import Admission, TrunkRouter
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
+from cluster.service.client_certs import ClientTenants
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
@@ -91,6 +92,7 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    tls_client_tenants: Path | None = None  # YAML: certificate subject (CN or RFC 4514) -> tenant (client_certs.py)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
     metrics_host: str = "127.0.0.1"  # /metrics has no token: local scrapers only unless widened on purpose
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
@@ -117,7 +119,9 @@ class ServerConfig:
             raise ServeError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ServeError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        if self.tls_client_tenants is not None and self.tls_client_ca is None:
+            raise ServeError("--tls-client-tenants maps client certificates: it needs --tls-client-ca")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_client_tenants"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ServeError(f"{name.replace('_', '-')} {path} is not a file")
@@ -138,6 +142,17 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+def _client_tenants(path: Path | None, catalog: Catalog) -> ClientTenants | None:
+    """The certificate -> tenant mapping; every tenant it names must exist (a typo refuses to start)."""
+    if path is None:
+        return None
+    tenants = ClientTenants.load(path)
+    unknown = sorted(tenants.tenants - catalog.tenant_names())
+    if unknown:
+        raise ServeError(f"{path}: no such tenant in the registry: {', '.join(unknown)} (treelm registry tenant add)")
+    return tenants
 
 
 class TreeServer:
@@ -182,6 +197,7 @@ class TreeServer:
             cache_ttl_s=config.token_cache_ttl_s,
             generation=catalog.token_generation,
             check_interval_s=config.token_check_interval_s,
+            client_tenants=_client_tenants(config.tls_client_tenants, catalog),
         )
         self.health = DrainingHealth()
         self.spool: UploadSpool | None = None  # made by start(): the directory Submit spools uploads to

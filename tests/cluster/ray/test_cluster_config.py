@@ -136,6 +136,12 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"http_port": "8080"}), "ingress.http_port", "an integer"),
         (lambda d: d.update(ingress={"tls_cert": "/x.crt"}), "ingress.tls_cert", "both tls_cert and tls_key"),
         (lambda d: d.update(ingress={"tls_client_ca": "/ca.crt"}), "ingress.tls_client_ca", "need TLS"),
+        (lambda d: d.update(ingress={"tls_client_tenants": "/t.yaml"}), "ingress.tls_client_tenants", "tls_client_ca"),
+        (
+            lambda d: d.update(ingress={"variant_key_password_file": "/p"}),
+            "ingress.variant_key_password_file",
+            "needs variant_key",
+        ),
         (lambda d: d.update(ingress={"on_head": False}), "ingress.on_head", "SQLite"),
         (lambda d: d.update(ingress={"updates": "sometimes"}), "ingress.updates", "must be true or false"),
         (lambda d: d.update(ingress={"variant_key": "/k"}), "ingress.variant_key", "and variant_delegations"),
