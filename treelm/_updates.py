@@ -42,7 +42,7 @@ __all__ = [
 
 ENVELOPE_FILE = "envelope.json"  # the same layout as cluster.updates.package (a test keeps them equal)
 FILES_DIR = "files"
-CHUNK_BYTES = 1 << 20  # below the server's default 4 MiB message limit
+CHUNK_BYTES = 1 << 20  # below the server's gRPC message limit (cluster.service.server.MAX_REQUEST_BYTES, 1.25 MiB)
 
 
 def package_chunks(package: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[updates_pb2.SubmitChunk]:

@@ -49,6 +49,7 @@ from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
 from cluster.service.uploads import UploadLimits, UploadSpool
 from cluster.updates.coordinator import Coordinator
 from hierarchy.secret_files import exposed_secret_file
+from nodes.runtime.requests import MAX_PROMPT_BYTES, MAX_SCHEMA_BYTES
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -62,7 +63,7 @@ from protos.treelm.v1 import (
     updates_pb2_grpc,
 )
 
-__all__ = ["SERVICE_NAMES", "ServerConfig", "TreeServer"]
+__all__ = ["MAX_REQUEST_BYTES", "SERVICE_NAMES", "ServerConfig", "TreeServer"]
 
 log = logging.getLogger("treelm.server")
 
@@ -77,6 +78,11 @@ SERVICE_NAMES = tuple(
     )
 )
 _MIB = 1 << 20
+# The largest legitimate gRPC request, with room to spare: a prompt (or all messages' contents) of
+# MAX_PROMPT_BYTES with a JSON schema of MAX_SCHEMA_BYTES and the rest of the request (sampling
+# parameters, logit_bias, stop sequences, message roles), or one Updates.Submit chunk (the SDK sends
+# 1 MiB pieces of a file, treelm._updates.CHUNK_BYTES; the first chunk is a small envelope).
+MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + MAX_SCHEMA_BYTES + 192 * 1024  # 1.25 MiB
 try:
     SERVER_VERSION = importlib.metadata.version("treelm")
 except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
@@ -98,7 +104,9 @@ class ServerConfig:
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
     auth: bool = True  # False only for local development (--insecure-no-auth)
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
-    max_receive_message_bytes: int = 4 * _MIB  # a request (or one Updates.Submit chunk)
+    # A gRPC request: gRPC's C core refuses a longer one (RESOURCE_EXHAUSTED) before Python decodes it.
+    max_receive_message_bytes: int = MAX_REQUEST_BYTES
+    max_request_body_bytes: int = 4 * _MIB  # an HTTP JSON body (413 beyond; JSON escapes make a prompt longer)
     max_send_message_bytes: int = 16 * _MIB
     max_concurrent_rpcs: int | None = None  # beyond it grpc answers RESOURCE_EXHAUSTED
     token_cache_ttl_s: float = 30.0
@@ -128,7 +136,7 @@ class ServerConfig:
         exposed = exposed_secret_file(self.tls_key, "TLS key") if self.tls_key is not None else None
         if exposed is not None:
             raise ServeError(exposed)
-        for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+        for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_request_body_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1024:
                 raise ServeError(f"{name} must be an integer >= 1024")
         if not self.grace_s >= 0:
@@ -219,7 +227,7 @@ class TreeServer:
             self.authenticator,
             self.catalog,
             self.distribution_calls,
-            limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
+            limits=HttpLimits(max_body_bytes=c.max_request_body_bytes),
             observe_call=self.metrics.observe_call,
         )
         cert, key = (
