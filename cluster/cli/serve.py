@@ -68,6 +68,14 @@ def serve_command(
     tenant_max_queued: Annotated[
         int, typer.Option("--tenant-max-queued", help="a tenant's waiting requests before RESOURCE_EXHAUSTED / 429")
     ] = 64,
+    tenant_step_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--tenant-step-rows",
+            min=1,
+            help="while several tenants have rows in the batch, a tenant's rows decoded per step (default: all)",
+        ),
+    ] = None,
     tenant_tokens_per_minute: Annotated[
         int | None, typer.Option("--tenant-tokens-per-minute", help="a tenant's generated tokens (default: no bound)")
     ] = None,
@@ -147,6 +155,7 @@ def serve_command(
         ),
         max_batch=max_batch,
         max_queue=max_queue,
+        tenant_step_rows=tenant_step_rows,
         threads=threads,
         updates=updates,
         update_policy=update_policy,

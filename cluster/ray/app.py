@@ -99,6 +99,7 @@ def trunk_spec(config: ClusterConfig, trunk: TrunkConfig) -> TrunkSpec:
         namespace=config.ray.namespace,
         max_batch=trunk.max_batch,
         max_queue=trunk.max_queue,
+        tenant_step_rows=trunk.tenant_step_rows,
         max_adapters=trunk.max_adapters,
         host_cache=trunk.host_cache,
         preload=trunk.preload,

@@ -155,6 +155,7 @@ class TrunkConfig:
     max_adapters: int = 64  # per replica: active adapters in the engine and node ids Serve routes by
     max_batch: int = 16
     max_queue: int = 256
+    tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
     host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
     preload: tuple[str, ...] = ()  # node ids loaded before a replica takes traffic
     health_check_period_s: float = 2.0
@@ -474,6 +475,7 @@ def _trunk(r: _Reader) -> TrunkConfig:
         max_adapters=r.integer("max_adapters", 64, low=1),
         max_batch=engine.integer("max_batch", 16, low=1),
         max_queue=engine.integer("max_queue", 256, low=1),
+        tenant_step_rows=engine.integer("tenant_step_rows", None, low=1),
         host_cache=_memory(engine, "host_cache") or (1 << 30),
         preload=tuple(preload),
         health_check_period_s=r.number("health_check_period_s", 2.0, low=0.1),

@@ -29,6 +29,7 @@ class TrunkSpec:
     namespace: str  # where the replica board lives
     max_batch: int = 16
     max_queue: int = 256
+    tenant_step_rows: int | None = None  # nodes.runtime.parking: a tenant's rows per step under contention
     max_adapters: int = 64
     host_cache: int = 1 << 30
     preload: tuple[str, ...] = ()

@@ -52,6 +52,7 @@ class StandaloneOptions:
     server: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = 32
     max_queue: int = 1024
+    tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
     threads: int | None = None  # torch threads for the engine; None: torch's default
     updates: bool = True  # serve the signed update protocol over this tree dir and registry
     update_policy: Path | None = None  # default: TREE_DIR/update-policy.yaml
@@ -93,7 +94,9 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
         # The variant key first: a missing passphrase ends the command before the base is loaded.
         distribution = _distributor(options, tree.name, tree.root, registry)
         say(f"loading the base of {tree.name} ...")
-        config = EngineConfig(max_batch_size=options.max_batch, max_queue=options.max_queue)
+        config = EngineConfig(
+            max_batch_size=options.max_batch, max_queue=options.max_queue, tenant_step_rows=options.tenant_step_rows
+        )
         engine = Engine(tree.base_dir, tree.root, config)
         if coordinator is not None:
             coordinator.on_snapshot(engine.use_tree)

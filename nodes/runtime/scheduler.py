@@ -4,7 +4,8 @@ Each iteration: drop cancelled and expired requests, admit waiting requests
 (in the fair order of :mod:`nodes.runtime.fair`: deficit round robin over tenants, each within
 its own limits; bounded by batch size, tokens in flight and free adapter slots), prefill the
 newcomers in one left-padded forward, then run one decode step for every
-running row. Requests join and leave between steps; the bank plan and the
+running row (while several tenants have rows, each decodes at most ``step_rows`` of them per
+step: :mod:`nodes.runtime.parking`). Requests join and leave between steps; the bank plan and the
 sampling batch (which rows use which sampling feature) are rebuilt only when
 the batch's composition changes.
 
@@ -43,6 +44,7 @@ from nodes.runtime.fair import FairQueue
 from nodes.runtime.jobs import Job, Row, Sink
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
 from nodes.runtime.logprobs import LogprobRecord, prompt_logprobs
+from nodes.runtime.parking import Parking
 from nodes.runtime.plan import BankBatch
 from nodes.runtime.requests import Echo, FinishReason, TenantLimits
 from nodes.runtime.sampling import SamplingBatch, next_tokens
@@ -57,6 +59,7 @@ class Limits:
     max_queue: int
     max_prefill_tokens: int
     tenant: TenantLimits = field(default_factory=TenantLimits)  # a tenant's share when its request carries no limits
+    step_rows: int | None = None  # a tenant's rows per decode step while other tenants have rows (None: all)
 
 
 class Scheduler:
@@ -84,6 +87,7 @@ class Scheduler:
         self._closing = False
         self.running: list[Row] = []
         self._kv: BatchKV | None = None
+        self.parking = Parking(limits.step_rows)  # rows over their tenant's share of a step, waiting aside
         self._plan: BankBatch | None = None  # the bank's plan for the running rows; None when their composition changed
         self._sampling: SamplingBatch | None = None  # rebuilt with the plan
         self.tokens_in_flight = 0
@@ -156,14 +160,14 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len({id(row.job) for row in self.running if not row.finished})
+        return len({id(row.job) for row in (*self.running, *self.parking.rows) if not row.finished})
 
     # -- the model thread ----------------------------------------------------
     def run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closing and not self._waiting and not self.running and not self._calls:
+                    while not self._closing and self._idle():
                         self._cond.wait()
                     if self._closing:
                         break
@@ -177,6 +181,9 @@ class Scheduler:
                         self._cond.wait(timeout=0.05)
         self._drain(EngineClosed("the engine was closed before the request finished"))
 
+    def _idle(self) -> bool:
+        return not self._waiting and not self.running and not self.parking and not self._calls
+
     def _iteration(self) -> bool:
         """One scheduling step; False when it could do nothing (e.g. every adapter slot is pinned)."""
         self._run_calls()
@@ -188,6 +195,9 @@ class Scheduler:
             except Exception as exc:  # only the newcomers fail; the running batch is untouched
                 for job in admitted:
                     self._fail(job, EngineError(f"prefill failed: {type(exc).__name__}: {exc}"))
+        self.running, self._kv, moved = self.parking.balance(self.running, self._kv)
+        if moved:
+            self._plan = None
         if self.running:
             self._decode()
         return bool(admitted or self.running)
@@ -216,7 +226,7 @@ class Scheduler:
                 if error is not None:
                     self._waiting.pop(job, admitted=False)
                     self._fail(job, error)
-        for row in list(self.running):
+        for row in [*self.running, *self.parking.rows]:  # parked rows end here too (parking drops them)
             job = row.job
             if job.cancelled:
                 self._finish_row(row, FinishReason.CANCELLED)
@@ -226,7 +236,7 @@ class Scheduler:
 
     def _admit(self) -> list[Job]:
         admitted: list[Job] = []
-        rows = len(self.running)
+        rows = len(self.running) + len(self.parking)  # parked rows come back to the batch
         width = 0
         while True:
             with self._cond:
@@ -460,6 +470,7 @@ class Scheduler:
             job.keys = ()
 
     def _fail_running(self, error: BaseException) -> None:
+        self.running, self._kv = self.parking.unpark_all(self.running, self._kv)
         for row in self.running:
             self._fail(row.job, error)
         self.running, self._kv, self._plan, self._sampling = [], None, None, None

@@ -120,6 +120,11 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d["trunks"][0].update(preload=["rt/xx"]), "trunks[0].preload", "not a node"),
         (lambda d: d["trunks"].append(dict(d["trunks"][0])), "trunks[1].tree", "one trunk per tree"),
         (lambda d: d["trunks"][0].update(replica=2), "trunks[0].replica", "unknown key"),
+        (
+            lambda d: d["trunks"][0].update(engine={"tenant_step_rows": 0}),
+            "trunks[0].engine.tenant_step_rows",
+            "an integer >= 1",
+        ),
         (lambda d: d.update(ray={"ports": {"gcs": 6379}}), "ray.ports.gcs", "Redis"),
         (lambda d: d.update(ray={"ports": {"dashboard": 8265}}), "ray.ports.dashboard", "dashboard"),
         (lambda d: d.update(ray={"ports": {"node_manager": 46383}}), "ray.ports.object_manager", "also"),
