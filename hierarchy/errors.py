@@ -9,6 +9,7 @@
             ├── EnvelopeError            envelope bytes that are not a DSSE envelope
             │   └── ManifestError        signed payload that is not a valid update manifest
             ├── KeyFormatError           key bytes (PEM, raw) that cannot be loaded
+            │   └── KeyEncryptedError    an encrypted private key and no passphrase for it
             ├── TrustError               who signed it
             │   ├── UnknownKeyError      a signature by a key the trust state does not know
             │   ├── RevokedKeyError      a signature by a revoked (or rotated-out) key
@@ -52,6 +53,7 @@ __all__ = [
     "HashMismatchError",
     "HierarchyError",
     "InvalidNodePath",
+    "KeyEncryptedError",
     "KeyFormatError",
     "LengthMismatchError",
     "ManifestError",
@@ -163,6 +165,10 @@ class KeyFormatError(UpdateError, ValueError):
     """A key that cannot be loaded (not Ed25519, bad PEM, wrong password, wrong length)."""
 
     check = "keys"
+
+
+class KeyEncryptedError(KeyFormatError):
+    """An encrypted private key, and no passphrase to open it."""
 
 
 class TrustError(UpdateError):

@@ -20,7 +20,8 @@ __all__ = [
     "channel_credentials",
 ]
 
-# Explicit message limits, the same as the server defaults (4 MiB in, 16 MiB out), and a user agent.
+# Explicit message limits (16 MiB in, the server's send bound; 4 MiB out, though a server refuses
+# requests over its own bound, 1.25 MiB by default, before decoding them), and a user agent.
 CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from hierarchy.secret_files import exposed_secret_file
+from hierarchy.errors import KeyEncryptedError
+from hierarchy.secret_files import exposed_secret_file, read_passphrase
 from hierarchy.updates.envelope import Envelope
-from hierarchy.updates.keys import SigningKey
+from hierarchy.updates.keys import PASSPHRASE_ENV, SigningKey
 from protos.treelm.v1 import updates_pb2
 from treelm._errors import InvalidRequest
 from treelm._types import RollbackResult, UpdateStatus
@@ -41,7 +42,7 @@ __all__ = [
 
 ENVELOPE_FILE = "envelope.json"  # the same layout as cluster.updates.package (a test keeps them equal)
 FILES_DIR = "files"
-CHUNK_BYTES = 1 << 20  # below the server's default 4 MiB message limit
+CHUNK_BYTES = 1 << 20  # below the server's gRPC message limit (cluster.service.server.MAX_REQUEST_BYTES, 1.25 MiB)
 
 
 def package_chunks(package: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[updates_pb2.SubmitChunk]:
@@ -123,7 +124,11 @@ def _read_regular(path: Path) -> bytes:
 
 
 def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None) -> SigningKey:
-    """A SigningKey, or one read from a key directory (its private.pem) or a PEM file."""
+    """A SigningKey, or one read from a key directory (its private.pem) or a PEM file.
+
+    An encrypted file opens with ``password``, else with $TREELM_KEY_PASSPHRASE; without either it
+    is KeyEncryptedError naming the file.
+    """
     if isinstance(key, SigningKey):
         return key
     path = Path(key)
@@ -132,9 +137,13 @@ def load_signing_key(key: SigningKey | str | Path, password: bytes | None = None
     if exposed is not None:
         raise InvalidRequest(exposed, field="key")
     try:
-        return SigningKey.from_pem(file.read_bytes(), password)
+        data = file.read_bytes()
     except OSError as exc:
         raise InvalidRequest(f"cannot read private key {file}: {exc.strerror or exc}", field="key") from None
+    try:
+        return SigningKey.from_pem(data, password if password is not None else read_passphrase())
+    except KeyEncryptedError:
+        raise KeyEncryptedError(f"key {file} is encrypted: set {PASSPHRASE_ENV} or pass password=...") from None
 
 
 def approval_signature(status: UpdateStatus, key: SigningKey) -> bytes:

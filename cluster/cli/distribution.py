@@ -10,13 +10,14 @@ Devices verify every variant they pull from their root keys down through this de
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from cluster.cli.passphrase import PasswordEnv, PasswordFile, load_keys, passphrase
 
 __all__ = ["delegate_variants_command"]
 
@@ -27,21 +28,18 @@ def delegate_variants_command(
     sign_with: Annotated[list[Path], typer.Option("--sign-with", help="a root key dir or private PEM (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="file for the signed delegation (DSSE envelope JSON)")],
     threshold: Annotated[int, typer.Option(help="how many of the keys must sign one manifest")] = 1,
-    password_env: Annotated[
-        str | None, typer.Option("--password-env", help="environment variable holding the key files' password")
-    ] = None,
+    password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Delegate, as root, the signing of a tree's variant manifests to online keys."""
-    from cluster.updates.keys import load_public_key, load_signing_key
+    from cluster.updates.keys import load_public_key
     from hierarchy.updates.distribution import SignerDelegation, sign_delegation
 
-    if password_env and password_env not in os.environ:
-        raise typer.BadParameter(f"environment variable {password_env} is not set", param_hint="--password-env")
-    password = os.environ[password_env].encode() if password_env else None
+    password = passphrase(password_env, password_file)
     if out.exists():
         raise typer.BadParameter(f"{out} exists; choose a new --out (delegations are never overwritten)")
     delegation = SignerDelegation(tree, tuple(load_public_key(k) for k in key), threshold)
-    envelope = sign_delegation(delegation, [load_signing_key(p, password) for p in sign_with])
+    envelope = sign_delegation(delegation, load_keys(sign_with, password))
     out.write_bytes(envelope.to_bytes())
     signers = ", ".join(s.keyid[:12] for s in envelope.signatures)
     Console().print(

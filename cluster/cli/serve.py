@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
+from cluster.cli.passphrase import PasswordEnv, PasswordFile, passphrase
+
 __all__ = ["serve_command"]
 
 
@@ -36,6 +38,14 @@ def serve_command(
     tls_client_ca: Annotated[
         Path | None,
         typer.Option("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)"),
+    ] = None,
+    tls_client_tenants: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-client-tenants",
+            help="YAML: client certificate subject (CN, or full RFC 4514 subject) -> tenant; such a certificate "
+            "authenticates without a token, and a token of another tenant is refused",
+        ),
     ] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus /metrics port")] = None,
     metrics_host: Annotated[
@@ -58,6 +68,14 @@ def serve_command(
     tenant_max_queued: Annotated[
         int, typer.Option("--tenant-max-queued", help="a tenant's waiting requests before RESOURCE_EXHAUSTED / 429")
     ] = 64,
+    tenant_step_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--tenant-step-rows",
+            min=1,
+            help="while several tenants have rows in the batch, a tenant's rows decoded per step (default: all)",
+        ),
+    ] = None,
     tenant_tokens_per_minute: Annotated[
         int | None, typer.Option("--tenant-tokens-per-minute", help="a tenant's generated tokens (default: no bound)")
     ] = None,
@@ -87,6 +105,8 @@ def serve_command(
         Path | None,
         typer.Option("--variant-key", help="key dir or private PEM that signs variant manifests for devices"),
     ] = None,
+    password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
     variant_delegation: Annotated[
         Path | None,
         typer.Option("--variant-delegation", help="root's delegation of that key (`treelm keys delegate-variants`)"),
@@ -138,6 +158,7 @@ def serve_command(
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            tls_client_tenants=tls_client_tenants,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             http_port=http_port,
@@ -149,10 +170,12 @@ def serve_command(
         ),
         max_batch=max_batch,
         max_queue=max_queue,
+        tenant_step_rows=tenant_step_rows,
         threads=threads,
         updates=updates,
         update_policy=update_policy,
         variant_key=variant_key,
+        variant_key_passphrase=passphrase(password_env, password_file) if variant_key is not None else None,
         variant_delegation=variant_delegation,
         variant_cache=variant_cache,
         prefix_cache=prefix_cache,

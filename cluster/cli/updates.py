@@ -12,7 +12,6 @@ and ``update verify`` never change anything.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -32,6 +31,15 @@ from cluster.cli.connect import (
     TlsOption,
     TokenFileOption,
     TokenOption,
+)
+from cluster.cli.passphrase import (
+    NoEncryptOption,
+    PasswordEnv,
+    PasswordFile,
+    load_key,
+    load_keys,
+    new_key_passphrase,
+    passphrase,
 )
 from hierarchy.errors import UpdateError
 from hierarchy.updates.envelope import Envelope, sign_payload
@@ -60,17 +68,6 @@ ServerOption = Annotated[str | None, typer.Option("--server", help="HOST:PORT of
 PolicyOption = Annotated[
     Path | None, typer.Option("--policy", help="update policy YAML (default: TREE_DIR/update-policy.yaml)")
 ]
-PasswordEnv = Annotated[
-    str | None, typer.Option("--password-env", help="environment variable holding the key file's password")
-]
-
-
-def _password(var: str | None) -> bytes | None:
-    if not var:
-        return None
-    if var not in os.environ:
-        raise typer.BadParameter(f"environment variable {var} is not set", param_hint="--password-env")
-    return os.environ[var].encode()
 
 
 def _echo_json(data: Any) -> None:
@@ -82,11 +79,17 @@ def _echo_json(data: Any) -> None:
 def keys_gen(
     out: Annotated[Path, typer.Option("--out", help="directory for private.pem (mode 0600) and public.pem")],
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
+    no_encrypt: NoEncryptOption = False,
 ) -> None:
-    """Generate an Ed25519 key pair; prints its key id (sha256 of the public key)."""
+    """Generate an Ed25519 key pair; prints its key id (sha256 of the public key).
+
+    private.pem is encrypted with the passphrase from --password-file, --password-env (default
+    $TREELM_KEY_PASSPHRASE) or a prompt; --no-encrypt writes it unencrypted.
+    """
     from cluster.updates.keys import write_key_files
 
-    files = write_key_files(out, password=_password(password_env))
+    files = write_key_files(out, password=new_key_passphrase(password_env, password_file, no_encrypt))
     typer.echo(files.keyid)
     Console(stderr=True).print(
         f"[green]wrote[/green] {escape(str(files.private))} (0600) and "
@@ -104,14 +107,15 @@ def keys_register(
     threshold: Annotated[int | None, typer.Option("--threshold", help="the group's new threshold")] = None,
     db: DbOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Trust a key for a role: signed by the key itself and by root (new group) or the group's keys."""
-    from cluster.updates.keys import load_signing_key, register_key
+    from cluster.updates.keys import register_key
     from registry.db import open_registry
 
-    password = _password(password_env)
-    new = load_signing_key(key_dir, password)
-    signers = [load_signing_key(p, password) for p in sign_with or ()]
+    password = passphrase(password_env, password_file)
+    new = load_key(key_dir, password)
+    signers = load_keys(sign_with, password)
     with open_registry(db) as reg:
         trust = register_key(reg, new, role, node, signers, threshold)
     group = trust.group(Role.parse(role), node)
@@ -174,20 +178,21 @@ def keys_rotate(
     sign_with: SignWith = None,
     db: DbOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Replace a group's keys: needs a threshold of the OLD keys and a threshold of the NEW keys."""
-    from cluster.updates.keys import load_public_key, load_signing_key, rotate
+    from cluster.updates.keys import load_public_key, rotate
     from registry.db import open_registry
 
-    password = _password(password_env)
-    signers = [load_signing_key(p, password) for p in sign_with or ()]
+    password = passphrase(password_env, password_file)
+    signers = load_keys(sign_with, password)
     # New keys sign for themselves when their private key is at hand (proof of possession).
     publics = []
     for path in new:
         publics.append(load_public_key(path))
         private = path / "private.pem" if path.is_dir() else None
         if private is not None and private.is_file():
-            signers.append(load_signing_key(path, password))
+            signers.append(load_key(path, password))
     with open_registry(db) as reg:
         trust = rotate(reg, role, publics, threshold, signers, node)
     group = trust.group(Role.parse(role), node)
@@ -203,14 +208,15 @@ def keys_revoke(
     sign_with: SignWith = None,
     db: DbOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Revoke a key for good (signed by root's threshold of root keys)."""
-    from cluster.updates.keys import load_signing_key, revoke
+    from cluster.updates.keys import revoke
     from registry.db import open_registry
 
-    password = _password(password_env)
+    password = passphrase(password_env, password_file)
     with open_registry(db) as reg:
-        revoke(reg, keyid, [load_signing_key(p, password) for p in sign_with or ()])
+        revoke(reg, keyid, load_keys(sign_with, password))
     Console().print(f"[green]revoked[/green] {escape(keyid[:16])}...: it will never be trusted again")
 
 
@@ -331,6 +337,7 @@ def update_make(
     version: Annotated[int | None, typer.Option(help="the new version (default: current + 1)")] = None,
     expires_days: Annotated[float, typer.Option("--expires-days", help="days until the package expires")] = 7.0,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
     as_json: JsonOption = False,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
 ) -> None:
@@ -342,12 +349,11 @@ def update_make(
     """
     import torch
 
-    from cluster.updates.keys import load_signing_key
     from cluster.updates.make import make_package
 
     if (node_id is None) == (from_feedback is None) or (node_id is not None and train is None):
         raise typer.BadParameter("give NODE_ID with --train FILE, or --from-feedback NODE (not both)")
-    signer = load_signing_key(key, _password(password_env))
+    signer = load_key(key, passphrase(password_env, password_file))
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -532,12 +538,11 @@ def update_approve(
     client_cert: ClientCertOption = None,
     client_key: ClientKeyOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
     as_json: JsonOption = False,
 ) -> None:
     """Approve a candidate: sign its manifest (DSSE PAE) with your key; at k-of-n it becomes stable."""
-    from cluster.updates.keys import load_signing_key
-
-    signer = load_signing_key(key, _password(password_env))
+    signer = load_key(key, passphrase(password_env, password_file))
     if server:
         with _connect(server, token, token_file, tls, ca, client_cert, client_key) as client:
             status = _remote(lambda: client.approve(update_id, signer))
@@ -565,12 +570,11 @@ def update_rollback(
     client_cert: ClientCertOption = None,
     client_key: ClientKeyOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Move `stable` back to an accepted version (nothing is re-signed); its subtree is re-pinned."""
-    from cluster.updates.keys import load_signing_key
-
-    password = _password(password_env)
-    signers = [load_signing_key(k, password) for k in key]
+    password = passphrase(password_env, password_file)
+    signers = load_keys(key, password)
     if server:
         with _connect(server, token, token_file, tls, ca, client_cert, client_key) as client:
             result = _remote(lambda: client.rollback(node_id, to, signers))
@@ -590,12 +594,11 @@ def update_repin(
     tree: TreeOption = None,
     db: DbOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
 ) -> None:
     """Operator decision: serve a held node over its parent's current chain without re-validation."""
-    from cluster.updates.keys import load_signing_key
-
-    password = _password(password_env)
-    signers = [load_signing_key(k, password) for k in key]
+    password = passphrase(password_env, password_file)
+    signers = load_keys(key, password)
     with _local(tree, db, None) as coordinator:
         statement = coordinator.repin_statement(node_id)
         served = coordinator.repin(node_id, sign_payload(REPIN_PAYLOAD_TYPE, statement, signers))
@@ -609,16 +612,17 @@ def update_tick(
     db: DbOption = None,
     policy: PolicyOption = None,
     password_env: PasswordEnv = None,
+    password_file: PasswordFile = None,
     as_json: JsonOption = False,
 ) -> None:
     """Aggregate every parent whose window has passed, and turn waiting feedback into updates where
     the policy says so (run it from cron; every decision is in `treelm update log`)."""
     from cluster.cli.learn import decision_rows, feedback_tick, print_decisions
-    from cluster.updates.keys import load_signing_key
 
+    password = passphrase(password_env, password_file)
     with _local(tree, db, policy) as coordinator:
         made = coordinator.tick()
-        decisions = feedback_tick(coordinator, lambda path: load_signing_key(path, _password(password_env)))
+        decisions = feedback_tick(coordinator, lambda path: load_key(Path(path), password))
     if as_json:
         _echo_json({"candidates": made, "decisions": decision_rows(decisions)})
         return

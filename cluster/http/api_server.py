@@ -12,7 +12,8 @@ replica alike).
 
 Every request: 503 while the server drains, then the bearer token (401), then the body: read
 up to ``max_body_bytes`` (413 beyond, from Content-Length before reading when it is given),
-UTF-8 JSON (400), the schema (400 naming the parameter), then the node (404: unknown and other
+UTF-8 JSON (400), the schema (400 naming the parameter; a body over 64 KiB is decoded and
+validated in a worker thread, never on the event loop), then the node (404: unknown and other
 tenants' private nodes alike), then the engine's checks (400, 429). The body is parsed here,
 not by FastAPI, so that size, encoding and JSON errors get the same error shape as the rest.
 """
@@ -36,6 +37,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from cluster.errors import MalformedRequest, RequestTooLarge, ServeError, ShuttingDown
 from cluster.http.common import ApiContext, EventSource
@@ -48,13 +51,17 @@ from cluster.http.serving_feedback import FeedbackRequest, FeedbackServing, Rete
 from cluster.http.serving_models import ModelServing
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
+from cluster.service.client_certs import http_peer_certificate, peer_aware_protocol
 from cluster.service.distribution import DistributionCalls
 from cluster.service.feedback import FeedbackCalls
 from cluster.service.interceptors import LOGGED_DETAIL_CHARS
 from cluster.service.status import wire_status
 from hierarchy.clip import clip
 
-__all__ = ["HttpApi", "HttpLimits", "HttpServer"]
+__all__ = ["PARSE_IN_THREAD_BYTES", "HttpApi", "HttpLimits", "HttpServer"]
+
+# A body longer than this is decoded and validated in a worker thread (a 4 MiB body takes ~10 ms).
+PARSE_IN_THREAD_BYTES = 64 * 1024
 
 log = logging.getLogger("treelm.http")
 
@@ -66,7 +73,7 @@ CallObserver = Callable[[str, str, str, float], None]
 
 @dataclass(frozen=True)
 class HttpLimits:
-    max_body_bytes: int = 4 << 20  # the same bound as a gRPC request (ServerConfig.max_receive_message_bytes)
+    max_body_bytes: int = 4 << 20  # ServerConfig.max_request_body_bytes
 
 
 class HttpApi:
@@ -84,6 +91,7 @@ class HttpApi:
         observe_call: CallObserver | None = None,
     ):
         self._auth = authenticator
+        self.authenticator = authenticator
         self._limits = limits
         self._observe_call = observe_call
         self.chat = ChatServing(ctx)
@@ -266,7 +274,9 @@ class HttpApi:
 
     async def _caller(self, request: Request) -> Caller:
         header = request.headers.get("authorization")
-        return await self._auth.authenticate([("authorization", header)] if header is not None else [])
+        metadata = [("authorization", header)] if header is not None else []
+        certificate = http_peer_certificate(request.scope.get("state")) if self._auth.client_tenants else None
+        return await self._auth.authenticate(metadata, certificate)
 
     async def _body(self, request: Request, schema: type[B]) -> B:
         limit = self._limits.max_body_bytes
@@ -278,14 +288,20 @@ class HttpApi:
             data += piece
             if len(data) > limit:
                 raise RequestTooLarge(limit)
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedRequest(f"the body is not UTF-8 (byte {exc.start}); send UTF-8 JSON") from None
-        try:
-            return schema.model_validate_json(text)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        if len(data) > PARSE_IN_THREAD_BYTES:  # megabytes of JSON take milliseconds: not on the event loop
+            return await asyncio.to_thread(_parse, schema, bytes(data))
+        return _parse(schema, bytes(data))
+
+
+def _parse(schema: type[B], data: bytes) -> B:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedRequest(f"the body is not UTF-8 (byte {exc.start}); send UTF-8 JSON") from None
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
 
 
 class _StreamCall:
@@ -372,6 +388,11 @@ class _Uvicorn(uvicorn.Server):
         return nullcontext()
 
 
+def _http_protocol() -> type[asyncio.Protocol]:
+    """The HTTP protocol class uvicorn picks by default (httptools when installed, else h11)."""
+    return import_from_string(HTTP_PROTOCOLS["auto"])
+
+
 class HttpServer:
     """Serves an :class:`HttpApi` with uvicorn on the running event loop, on a socket bound first
     (port 0 = any free port; a port in use is a ServeError at once)."""
@@ -416,8 +437,11 @@ class HttpServer:
         sock = self._socket()
         self.port = int(sock.getsockname()[1])
         cert, key = self._tls
+        # With client certificates mapped to tenants, each request sees its connection's certificate.
+        mapped = self._client_ca is not None and self.api.authenticator.client_tenants is not None
         config = uvicorn.Config(
             self.api.app,
+            http=peer_aware_protocol(_http_protocol()) if mapped else "auto",
             lifespan="off",
             log_config=None,  # the process's logging stays as its owner configured it
             log_level="warning",

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cluster.errors import ClusterConfigError, ServeError
+from cluster.service.client_certs import ClientTenants
 from cluster.service.quota import QuotaPolicy, TenantQuota
 from nodes.errors import NodesError
 from nodes.store.tree import open_tree
@@ -114,10 +115,13 @@ class IngressConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # clients must present a certificate this CA signed (mutual TLS)
+    tls_client_tenants: Path | None = None  # YAML: certificate subject (CN or RFC 4514) -> tenant
     grace_s: float = 10.0
     updates: bool = True  # the Updates service (signed update protocol), run by a desk actor on the head
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
+    # the passphrase of an encrypted variant_key (first line; else $TREELM_KEY_PASSPHRASE on the ingress)
+    variant_key_password_file: Path | None = None
     variant_delegations: tuple[Path, ...] = ()  # root's delegations of that key, one file per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants (`variant_cache: 20GiB`)
     # update uploads (cluster/service/uploads.py): `upload_max_file: 256MiB`, `upload_spool: 1GiB`, ...
@@ -152,6 +156,7 @@ class TrunkConfig:
     max_adapters: int = 64  # per replica: active adapters in the engine and node ids Serve routes by
     max_batch: int = 16
     max_queue: int = 256
+    tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
     host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
     prefix_cache: int = 256 << 20  # bytes of prompt-prefix keys/values a replica reuses (0: off)
     preload: tuple[str, ...] = ()  # node ids loaded before a replica takes traffic
@@ -360,10 +365,12 @@ def _ingress(r: _Reader) -> IngressConfig:
         tls_cert=r.path("tls_cert", None),
         tls_key=r.path("tls_key", None),
         tls_client_ca=r.path("tls_client_ca", None),
+        tls_client_tenants=r.path("tls_client_tenants", None),
         grace_s=r.number("grace_s", 10.0),
         updates=r.flag("updates", True),
         update_threads=r.integer("update_threads", 1, low=1),
         variant_key=r.path("variant_key", None),
+        variant_key_password_file=r.path("variant_key_password_file", None),
         variant_delegations=_paths(r, "variant_delegations"),
         variant_cache_bytes=_memory(r, "variant_cache") or IngressConfig.variant_cache_bytes,
         upload_max_file_bytes=_memory(r, "upload_max_file") or IngressConfig.upload_max_file_bytes,
@@ -375,11 +382,15 @@ def _ingress(r: _Reader) -> IngressConfig:
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")
+    if config.variant_key_password_file is not None and config.variant_key is None:
+        raise r.error("variant_key_password_file", "a passphrase file needs variant_key")
     for path in (config.variant_key, *config.variant_delegations):
         if path is not None and not path.exists():
             raise r.error(
                 "variant_key" if path == config.variant_key else "variant_delegations", f"{path} does not exist"
             )
+    if config.variant_key_password_file is not None and not config.variant_key_password_file.is_file():
+        raise r.error("variant_key_password_file", f"{config.variant_key_password_file} is not a file")
     listeners = [(n, getattr(config, n)) for n in ("port", "http_port", "metrics_port") if getattr(config, n)]
     for i, (name, value) in enumerate(listeners):
         for other, taken in listeners[:i]:
@@ -389,10 +400,17 @@ def _ingress(r: _Reader) -> IngressConfig:
         raise r.error("tls_cert", "TLS needs both tls_cert and tls_key")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise r.error("tls_client_ca", "client certificates need TLS: set tls_cert and tls_key too")
-    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+    if config.tls_client_tenants is not None and config.tls_client_ca is None:
+        raise r.error("tls_client_tenants", "mapping client certificates to tenants needs tls_client_ca")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_client_tenants"):
         value = getattr(config, name)
         if value is not None and not value.is_file():
             raise r.error(name, f"{value} is not a file")
+    if config.tls_client_tenants is not None:
+        try:
+            ClientTenants.load(config.tls_client_tenants)  # the same checks the ingress makes at start
+        except ServeError as exc:
+            raise r.error("tls_client_tenants", str(exc)) from None
     r.done()
     return config
 
@@ -470,6 +488,7 @@ def _trunk(r: _Reader) -> TrunkConfig:
         max_adapters=r.integer("max_adapters", 64, low=1),
         max_batch=engine.integer("max_batch", 16, low=1),
         max_queue=engine.integer("max_queue", 256, low=1),
+        tenant_step_rows=engine.integer("tenant_step_rows", None, low=1),
         host_cache=_memory(engine, "host_cache") or (1 << 30),
         prefix_cache=_prefix_cache(engine),
         preload=tuple(preload),

@@ -40,6 +40,7 @@ from cluster.service.distribution import Distributor, VariantSigning
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.uploads import UploadLimits
 from cluster.updates.keys import load_signing_key
+from hierarchy.secret_files import read_passphrase
 from hierarchy.updates.distribution import parse_delegation
 from hierarchy.updates.envelope import Envelope
 from registry.db import open_registry
@@ -74,6 +75,7 @@ class TreeIngress:
             tls_cert=Path(spec.tls_cert) if spec.tls_cert else None,
             tls_key=Path(spec.tls_key) if spec.tls_key else None,
             tls_client_ca=Path(spec.tls_client_ca) if spec.tls_client_ca else None,
+            tls_client_tenants=Path(spec.tls_client_tenants) if spec.tls_client_tenants else None,
             uploads=UploadLimits(
                 max_file_bytes=spec.upload_max_file_bytes,
                 max_spool_bytes=spec.upload_spool_bytes,
@@ -106,7 +108,8 @@ class TreeIngress:
         for file in spec.variant_delegations:
             envelope = Envelope.from_bytes(Path(file).read_bytes())
             delegations[parse_delegation(envelope.payload).tree] = envelope
-        signing = VariantSigning(load_signing_key(spec.variant_key), delegations)
+        password = read_passphrase(spec.variant_key_password_file) if spec.variant_key_password_file else None
+        signing = VariantSigning(load_signing_key(spec.variant_key, password), delegations)
         trees = {info.tree: Path(info.tree_dir) for info in spec.trunks}
         return Distributor(trees, Catalog(self._registry), signing, cache_bytes=spec.variant_cache_bytes)
 

@@ -119,6 +119,7 @@ class TrunkReplicaBase:
         config = EngineConfig(
             max_batch_size=spec.max_batch,
             max_queue=spec.max_queue,
+            tenant_step_rows=spec.tenant_step_rows,
             max_active_adapters=spec.max_adapters,
             host_cache_bytes=spec.host_cache,
             prefix_cache_bytes=spec.prefix_cache,

@@ -29,6 +29,7 @@ class TrunkSpec:
     namespace: str  # where the replica board lives
     max_batch: int = 16
     max_queue: int = 256
+    tenant_step_rows: int | None = None  # nodes.runtime.parking: a tenant's rows per step under contention
     max_adapters: int = 64
     host_cache: int = 1 << 30
     prefix_cache: int = 256 << 20
@@ -67,11 +68,13 @@ class IngressSpec:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    tls_client_tenants: str | None = None  # certificate subject -> tenant (cluster/service/client_certs.py)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     grace_s: float = 10.0
     updates: bool = True  # serve Updates through the desk actor (cluster/ray/desk.py)
     variant_key: str | None = None  # signs variant manifests (Distribution); None: not offered
+    variant_key_password_file: str | None = None  # its passphrase (else $TREELM_KEY_PASSPHRASE)
     variant_delegations: tuple[str, ...] = ()  # root's delegation files, one per tree
     variant_cache_bytes: int = 20 << 30  # bound on each tree dir's built variants
     upload_max_file_bytes: int = 256 << 20  # update uploads: see cluster.ray.config.IngressConfig

@@ -15,6 +15,11 @@ Every server that shares the registry database (the ingresses of a Ray cluster) 
 so a revoked token is refused everywhere within about that interval.
 
 A token's role is ``tenant`` or ``operator``; :func:`require_operator` gates the Admin service.
+
+With mutual TLS and ``client_tenants`` (``--tls-client-tenants``), a client certificate whose
+subject maps to a tenant authenticates a call without a token as that tenant (role tenant), and
+a token of any other tenant sent over that certificate is refused UNAUTHENTICATED
+(cluster/service/client_certs.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cluster.errors import PermissionDenied, Unauthenticated
+from cluster.service.client_certs import ClientTenants
 from registry.errors import InvalidToken
 from registry.records import TokenGrant
 
@@ -113,8 +119,10 @@ class Authenticator:
         check_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        client_tenants: ClientTenants | None = None,
     ):
         self._resolve = resolve
+        self.client_tenants = client_tenants
         self.required = required
         self._ttl = cache_ttl_s
         self._generation = generation
@@ -126,8 +134,23 @@ class Authenticator:
         self._checked_at = float("-inf")
         self._check_lock = asyncio.Lock()
 
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Caller:
+    async def authenticate(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None, certificate: bytes | None = None
+    ) -> Caller:
+        """The caller of a call with this metadata, over a connection with this verified client
+        certificate (PEM or DER; None without mutual TLS)."""
         token = bearer_token(metadata)
+        tenant = self.client_tenants.tenant_of(certificate) if self.client_tenants is not None else None
+        if tenant is not None:
+            if token is None:
+                return Caller(tenant=tenant, role="tenant")
+            caller = await self._caller(token)
+            if caller.tenant != tenant:
+                raise Unauthenticated(
+                    "the bearer token belongs to another tenant than the client certificate's: "
+                    "send that tenant's token, or none"
+                )
+            return caller
         if token is None:
             if self.required:
                 raise Unauthenticated(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cluster.service.access import NodeVisibility
 from hierarchy.ids import NodeId
-from registry.access import authenticate_token, token_generation
+from registry.access import authenticate_token, list_tenants, token_generation
 from registry.candidates import match as registry_match
 from registry.db import Registry
 from registry.matching import MatchResult
@@ -49,6 +49,10 @@ class Catalog:
     def grant(self, token: str) -> TokenGrant:
         """The tenant and role of a bearer token; registry.errors.InvalidToken otherwise."""
         return authenticate_token(self.registry, token)
+
+    def tenant_names(self) -> set[str]:
+        """Every tenant the registry knows (a client certificate may only stand for one of them)."""
+        return {t.name for t in list_tenants(self.registry)}
 
     def token_generation(self) -> int:
         """Grows with every token revocation (servers drop their token caches when it moves)."""

@@ -18,6 +18,7 @@ import grpc.aio
 
 from cluster.errors import BadArgument
 from cluster.service.auth import CALLER, Authenticator
+from cluster.service.client_certs import grpc_peer_certificate
 from cluster.service.status import WireStatus, wire_status
 from hierarchy.clip import clip
 
@@ -213,11 +214,15 @@ class AuthInterceptor(_WrappingInterceptor):
     def __init__(self, authenticator: Authenticator):
         self._auth = authenticator
 
+    def _certificate(self, context: grpc.aio.ServicerContext) -> bytes | None:
+        # Only a server that maps certificates to tenants looks at them.
+        return grpc_peer_certificate(context) if self._auth.client_tenants is not None else None
+
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
         if streaming:
 
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext):
-                caller = await self._auth.authenticate(context.invocation_metadata())
+                caller = await self._auth.authenticate(context.invocation_metadata(), self._certificate(context))
                 CALLER.set(caller)
                 async for item in _iterate(behavior, request, context):
                     yield item
@@ -225,7 +230,7 @@ class AuthInterceptor(_WrappingInterceptor):
             return stream_behavior
 
         async def unary_behavior(request: Any, context: grpc.aio.ServicerContext):
-            caller = await self._auth.authenticate(context.invocation_metadata())
+            caller = await self._auth.authenticate(context.invocation_metadata(), self._certificate(context))
             CALLER.set(caller)
             return await behavior(request, context)
 

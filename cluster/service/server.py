@@ -37,6 +37,7 @@ from cluster.service.access import NodeAccess
 from cluster.service.admission import Admission, TrunkRouter
 from cluster.service.auth import Authenticator
 from cluster.service.catalog import Catalog
+from cluster.service.client_certs import ClientTenants
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
 from cluster.service.feedback import FeedbackCalls, FeedbackServicer
 from cluster.service.feedback_metrics import FeedbackCollector
@@ -51,6 +52,7 @@ from cluster.service.update_servicer import UpdateBackend, UpdatesServicer
 from cluster.service.uploads import UploadLimits, UploadSpool
 from cluster.updates.coordinator import Coordinator
 from hierarchy.secret_files import exposed_secret_file
+from nodes.runtime.requests import MAX_PROMPT_BYTES, MAX_SCHEMA_BYTES
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -66,7 +68,7 @@ from protos.treelm.v1 import (
     updates_pb2_grpc,
 )
 
-__all__ = ["SERVICE_NAMES", "ServerConfig", "TreeServer"]
+__all__ = ["MAX_REQUEST_BYTES", "SERVICE_NAMES", "ServerConfig", "TreeServer"]
 
 log = logging.getLogger("treelm.server")
 
@@ -82,6 +84,11 @@ SERVICE_NAMES = tuple(
     )
 )
 _MIB = 1 << 20
+# The largest legitimate gRPC request, with room to spare: a prompt (or all messages' contents) of
+# MAX_PROMPT_BYTES with a JSON schema of MAX_SCHEMA_BYTES and the rest of the request (sampling
+# parameters, logit_bias, stop sequences, message roles), or one Updates.Submit chunk (the SDK sends
+# 1 MiB pieces of a file, treelm._updates.CHUNK_BYTES; the first chunk is a small envelope).
+MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + MAX_SCHEMA_BYTES + 192 * 1024  # 1.25 MiB
 try:
     SERVER_VERSION = importlib.metadata.version("treelm")
 except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
@@ -97,12 +104,15 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    tls_client_tenants: Path | None = None  # YAML: certificate subject (CN or RFC 4514) -> tenant (client_certs.py)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port)
     metrics_host: str = "127.0.0.1"  # /metrics has no token: local scrapers only unless widened on purpose
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = any free port; None = off)
     auth: bool = True  # False only for local development (--insecure-no-auth)
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
-    max_receive_message_bytes: int = 4 * _MIB  # a request (or one Updates.Submit chunk)
+    # A gRPC request: gRPC's C core refuses a longer one (RESOURCE_EXHAUSTED) before Python decodes it.
+    max_receive_message_bytes: int = MAX_REQUEST_BYTES
+    max_request_body_bytes: int = 4 * _MIB  # an HTTP JSON body (413 beyond; JSON escapes make a prompt longer)
     max_send_message_bytes: int = 16 * _MIB
     max_concurrent_rpcs: int | None = None  # beyond it grpc answers RESOURCE_EXHAUSTED
     token_cache_ttl_s: float = 30.0
@@ -124,14 +134,16 @@ class ServerConfig:
             raise ServeError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ServeError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        if self.tls_client_tenants is not None and self.tls_client_ca is None:
+            raise ServeError("--tls-client-tenants maps client certificates: it needs --tls-client-ca")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_client_tenants"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ServeError(f"{name.replace('_', '-')} {path} is not a file")
         exposed = exposed_secret_file(self.tls_key, "TLS key") if self.tls_key is not None else None
         if exposed is not None:
             raise ServeError(exposed)
-        for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+        for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_request_body_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1024:
                 raise ServeError(f"{name} must be an integer >= 1024")
         if not self.grace_s >= 0:
@@ -145,6 +157,17 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+def _client_tenants(path: Path | None, catalog: Catalog) -> ClientTenants | None:
+    """The certificate -> tenant mapping; every tenant it names must exist (a typo refuses to start)."""
+    if path is None:
+        return None
+    tenants = ClientTenants.load(path)
+    unknown = sorted(tenants.tenants - catalog.tenant_names())
+    if unknown:
+        raise ServeError(f"{path}: no such tenant in the registry: {', '.join(unknown)} (treelm registry tenant add)")
+    return tenants
 
 
 class TreeServer:
@@ -194,6 +217,7 @@ class TreeServer:
             cache_ttl_s=config.token_cache_ttl_s,
             generation=catalog.token_generation,
             check_interval_s=config.token_check_interval_s,
+            client_tenants=_client_tenants(config.tls_client_tenants, catalog),
         )
         self.health = DrainingHealth()
         self.spool: UploadSpool | None = None  # made by start(): the directory Submit spools uploads to
@@ -224,7 +248,7 @@ class TreeServer:
             self.catalog,
             self.distribution_calls,
             self.feedback,
-            limits=HttpLimits(max_body_bytes=c.max_receive_message_bytes),
+            limits=HttpLimits(max_body_bytes=c.max_request_body_bytes),
             observe_call=self.metrics.observe_call,
         )
         cert, key = (

@@ -52,10 +52,13 @@ class StandaloneOptions:
     server: ServerConfig = field(default_factory=ServerConfig)
     max_batch: int = 32
     max_queue: int = 1024
+    tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
     threads: int | None = None  # torch threads for the engine; None: torch's default
     updates: bool = True  # serve the signed update protocol over this tree dir and registry
     update_policy: Path | None = None  # default: TREE_DIR/update-policy.yaml
     variant_key: Path | None = None  # the online key that signs variant manifests (Distribution)
+    # opens an encrypted variant_key (None: $TREELM_KEY_PASSPHRASE, else the key must be plain)
+    variant_key_passphrase: bytes | None = field(default=None, repr=False)
     variant_delegation: Path | None = None  # root's delegation of that key (treelm keys delegate-variants)
     variant_cache: str = "20GiB"  # bound on TREE_DIR/variants (Distributor's LRU eviction)
     prefix_cache: str = "256MiB"  # the engine's prompt-prefix keys/values ("0" or "off": none)
@@ -94,16 +97,18 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-update-round")
             policy = UpdatePolicy.for_tree(tree.root, options.update_policy)
             coordinator = Coordinator.open(registry, tree.root, policy, background=rounds.submit)
+        # The variant key first: a missing passphrase ends the command before the base is loaded.
+        distribution = _distributor(options, tree.name, tree.root, registry)
         say(f"loading the base of {tree.name} ...")
         config = EngineConfig(
             max_batch_size=options.max_batch,
             max_queue=options.max_queue,
             prefix_cache_bytes=options.prefix_cache_bytes,
+            tenant_step_rows=options.tenant_step_rows,
         )
         engine = Engine(tree.base_dir, tree.root, config)
         if coordinator is not None:
             coordinator.on_snapshot(engine.use_tree)
-        distribution = _distributor(options, tree.name, tree.root, registry)
         server_config = options.server
         if server_config.spool_dir is None:  # uploads are spooled beside the tree they update
             server_config = replace(server_config, spool_dir=tree.root / "spool")
@@ -119,7 +124,7 @@ def _distributor(options: StandaloneOptions, tree: str, root: Path, registry: Re
         delegation = Envelope.from_bytes(options.variant_delegation.read_bytes())
     except OSError as exc:
         raise ServeError(f"cannot read --variant-delegation {options.variant_delegation}: {exc}") from None
-    signing = VariantSigning(load_signing_key(options.variant_key), {tree: delegation})
+    signing = VariantSigning(load_signing_key(options.variant_key, options.variant_key_passphrase), {tree: delegation})
     cache = parse_memory_size(options.variant_cache, field="--variant-cache")
     return Distributor({tree: root}, Catalog(registry), signing, cache_bytes=cache)
 

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hierarchy.errors import KeyFormatError, RotationError, ThresholdError
+from hierarchy.errors import KeyEncryptedError, KeyFormatError, RotationError, ThresholdError
 from hierarchy.ids import NodeId
-from hierarchy.secret_files import exposed_secret_file
+from hierarchy.secret_files import exposed_secret_file, read_passphrase
 from hierarchy.updates.envelope import Signature, pae
-from hierarchy.updates.keys import PublicKey, SigningKey
+from hierarchy.updates.keys import PASSPHRASE_ENV, PublicKey, SigningKey
 from hierarchy.updates.trust import (
     ROTATION_PAYLOAD_TYPE,
     KeyGroup,
@@ -69,7 +69,8 @@ class KeyFiles:
 
 
 def write_key_files(out: str | Path, key: SigningKey | None = None, password: bytes | None = None) -> KeyFiles:
-    """A new (or the given) Ed25519 key in ``out``: private.pem (mode 0600) and public.pem beside it."""
+    """A new (or the given) Ed25519 key in ``out``: private.pem (mode 0600, encrypted with
+    ``password`` when given) and public.pem beside it."""
     out = Path(out)
     key = key or SigningKey.generate()
     private, public = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
@@ -85,7 +86,11 @@ def write_key_files(out: str | Path, key: SigningKey | None = None, password: by
 
 
 def load_signing_key(path: str | Path, password: bytes | None = None) -> SigningKey:
-    """A private key from a key directory (its private.pem) or a PEM file."""
+    """A private key from a key directory (its private.pem) or a PEM file.
+
+    An encrypted key opens with ``password``, else with $TREELM_KEY_PASSPHRASE; without either it
+    is KeyEncryptedError naming the file and both ways to give the passphrase.
+    """
     path = Path(path)
     file = path / PRIVATE_KEY_FILE if path.is_dir() else path
     exposed = exposed_secret_file(file)
@@ -95,7 +100,10 @@ def load_signing_key(path: str | Path, password: bytes | None = None) -> Signing
         data = file.read_bytes()
     except OSError as exc:
         raise KeyFormatError(f"cannot read private key {file}: {exc.strerror or exc}") from None
-    return SigningKey.from_pem(data, password)
+    try:
+        return SigningKey.from_pem(data, password if password is not None else read_passphrase())
+    except KeyEncryptedError:
+        raise KeyEncryptedError(f"key {file} is encrypted: set {PASSPHRASE_ENV} or pass --password-file") from None
 
 
 def load_public_key(path: str | Path) -> PublicKey:

@@ -13,6 +13,7 @@ from hierarchy.errors import (
     ExpiredError,
     GateRejected,
     HashMismatchError,
+    KeyEncryptedError,
     KeyFormatError,
     LengthMismatchError,
     ManifestError,
@@ -42,7 +43,7 @@ from hierarchy.updates.distribution import (
     verify_variant,
 )
 from hierarchy.updates.envelope import Envelope, Signature, pae, sign_envelope, sign_payload
-from hierarchy.updates.keys import PublicKey, SigningKey, key_id
+from hierarchy.updates.keys import PASSPHRASE_ENV, PublicKey, SigningKey, is_encrypted_pem, key_id
 from hierarchy.updates.manifest import (
     ADAPTER_FORMAT,
     UPDATE_PAYLOAD_TYPE,
@@ -95,6 +96,7 @@ from hierarchy.updates.verify import (
 __all__ = [
     "ADAPTER_FORMAT",
     "DELEGATION_PAYLOAD_TYPE",
+    "PASSPHRASE_ENV",
     "REPIN_PAYLOAD_TYPE",
     "ROLLBACK_PAYLOAD_TYPE",
     "UPDATE_PAYLOAD_TYPE",
@@ -111,6 +113,7 @@ __all__ = [
     "FileMeasure",
     "GateRejected",
     "HashMismatchError",
+    "KeyEncryptedError",
     "KeyFormatError",
     "KeyGroup",
     "KeyStatus",
@@ -150,6 +153,7 @@ __all__ = [
     "VersionError",
     "apply_to_trust",
     "check_approvals",
+    "is_encrypted_pem",
     "key_id",
     "pae",
     "parse_delegation",

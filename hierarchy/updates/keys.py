@@ -15,12 +15,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hierarchy.errors import KeyFormatError
+from hierarchy.errors import KeyEncryptedError, KeyFormatError
 
-__all__ = ["PublicKey", "SigningKey", "key_id"]
+__all__ = ["PASSPHRASE_ENV", "PublicKey", "SigningKey", "is_encrypted_pem", "key_id"]
+
+# Where every loader of a private key (CLI, server, SDK) looks for its passphrase by default.
+PASSPHRASE_ENV = "TREELM_KEY_PASSPHRASE"
 
 _RAW_LEN = 32
 SIGNATURE_LEN = 64
+
+
+def is_encrypted_pem(data: bytes) -> bool:
+    """Whether PEM bytes hold an encrypted private key (PKCS#8, or OpenSSL's legacy Proc-Type header)."""
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
 
 
 def key_id(raw_public: bytes) -> str:
@@ -106,6 +114,13 @@ class SigningKey:
 
     @classmethod
     def from_pem(cls, data: bytes, password: bytes | None = None) -> SigningKey:
+        """The key in PEM ``data``; ``password`` opens an encrypted one and is ignored for a plain one
+        (one passphrase in the environment must not break the unencrypted keys beside it)."""
+        encrypted = is_encrypted_pem(data)
+        if encrypted and not password:
+            raise KeyEncryptedError("this private key is encrypted and no passphrase was given")
+        if not encrypted:
+            password = None
         try:
             key = serialization.load_pem_private_key(data, password=password)
         except (ValueError, TypeError) as exc:

@@ -105,11 +105,20 @@ class EngineConfig:
     tenant_max_queued: int | None = field(
         default=None, metadata={"help": "a tenant's waiting requests, unless its request carries limits"}
     )
+    tenant_step_rows: int | None = field(
+        default=None,
+        metadata={"help": "a tenant's rows decoded per step while other tenants have rows; None = all rows"},
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in ("max_context", "tenant_max_running", "tenant_max_queued"):
+            if value is None and f.name in (
+                "max_context",
+                "tenant_max_running",
+                "tenant_max_queued",
+                "tenant_step_rows",
+            ):
                 continue
             minimum = 0 if f.name in ("host_cache_bytes", "prefix_cache_bytes", "prefill_chunk") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -212,6 +221,7 @@ class Engine:
             max_prefill_tokens=self.config.max_prefill_tokens,
             tenant=TenantLimits(self.config.tenant_max_running, self.config.tenant_max_queued),
             prefill_chunk=self.config.prefill_chunk,
+            step_rows=self.config.tenant_step_rows,
         )
         head = model.get_output_embeddings()
         self.vocab_size = int(getattr(head, "out_features", 0) or model.config.vocab_size)  # the logits' width

@@ -9,6 +9,7 @@ are trimmed. Padding never enters attention: ``mask`` excludes it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,16 @@ class BatchKV:
             mine.keys = torch.cat([_pad_seq(mine.keys, width), _pad_seq(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_pad_seq(mine.values, width), _pad_seq(theirs.values, width)], dim=0)
         self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(other.mask, (width - other.width, 0))])
+
+    def split(self, rows: Sequence[int]) -> BatchKV:
+        """Move ``rows`` (in that order) out into a BatchKV of their own; this one keeps the others."""
+        cache = copy.copy(self.cache)  # a new cache object whose layers are new objects too
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        moved = BatchKV(cache, self.mask)
+        moved.keep(rows)  # index_select copies: nothing is shared with this batch's tensors
+        leaving = set(rows)
+        self.keep([i for i in range(self.rows) if i not in leaving])
+        return moved
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order) and trim all-padding columns on the left."""

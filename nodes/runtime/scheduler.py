@@ -4,7 +4,8 @@ Each iteration: drop cancelled and expired requests, admit waiting requests
 (in the fair order of :mod:`nodes.runtime.fair`: deficit round robin over tenants, each within
 its own limits; bounded by batch size, tokens in flight and free adapter slots), prefill the
 newcomers in one left-padded forward, then run one decode step for every
-running row. Requests join and leave between steps; the bank plan and the
+running row (while several tenants have rows, each decodes at most ``step_rows`` of them per
+step: :mod:`nodes.runtime.parking`). Requests join and leave between steps; the bank plan and the
 sampling batch (which rows use which sampling feature) are rebuilt only when
 the batch's composition changes.
 
@@ -44,6 +45,7 @@ from nodes.runtime.fair import FairQueue
 from nodes.runtime.jobs import Job, Row, Sink
 from nodes.runtime.kv import BatchKV, left_pad_batch, positions
 from nodes.runtime.logprobs import LogprobRecord, prompt_logprobs
+from nodes.runtime.parking import Parking
 from nodes.runtime.plan import BankBatch
 from nodes.runtime.prefix import PrefixCache, PrefixHit, chain_key
 from nodes.runtime.requests import Echo, FinishReason, TenantLimits
@@ -58,8 +60,9 @@ class Limits:
     max_tokens_in_flight: int
     max_queue: int
     max_prefill_tokens: int
-    tenant: TenantLimits = field(default_factory=TenantLimits)
-    prefill_chunk: int = 0  # a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)  # a tenant's share when its request carries no limits
+    tenant: TenantLimits = field(default_factory=TenantLimits)  # a tenant's share when its request carries no limits
+    step_rows: int | None = None  # a tenant's rows per decode step while other tenants have rows (None: all)
+    prefill_chunk: int = 0  # a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)
 
 
 class Scheduler:
@@ -92,6 +95,7 @@ class Scheduler:
         self.running: list[Row] = []
         self._partial: collections.deque[_Partial] = collections.deque()  # long prompts being prefilled in chunks
         self._kv: BatchKV | None = None
+        self.parking = Parking(limits.step_rows)  # rows over their tenant's share of a step, waiting aside
         self._plan: BankBatch | None = None  # the bank's plan for the running rows; None when their composition changed
         self._sampling: SamplingBatch | None = None  # rebuilt with the plan
         self.tokens_in_flight = 0
@@ -164,20 +168,15 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len({id(row.job) for row in self.running if not row.finished}) + len(self._partial)
+        rows = {id(row.job) for row in (*self.running, *self.parking.rows) if not row.finished}
+        return len(rows) + len(self._partial)
 
     # -- the model thread ----------------------------------------------------
     def run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while (
-                        not self._closing
-                        and not self._waiting
-                        and not self.running
-                        and not self._partial
-                        and not self._calls
-                    ):
+                    while not self._closing and self._idle():
                         self._cond.wait()
                     if self._closing:
                         break
@@ -191,6 +190,9 @@ class Scheduler:
                         self._cond.wait(timeout=0.05)
         self._drain(EngineClosed("the engine was closed before the request finished"))
 
+    def _idle(self) -> bool:
+        return not self._waiting and not self.running and not self.parking and not self._partial and not self._calls
+
     def _iteration(self) -> bool:
         """One scheduling step; False when it could do nothing (e.g. every adapter slot is pinned)."""
         self._run_calls()
@@ -201,6 +203,9 @@ class Scheduler:
         if self._partial:  # one chunk of one long prompt, then the running rows' step: they never wait long
             partial = self._partial[0]
             self._guarded([partial.job], functools.partial(self._advance, partial))
+        self.running, self._kv, moved = self.parking.balance(self.running, self._kv)
+        if moved:
+            self._plan = None
         if self.running:
             self._decode()
         return bool(admitted or self.running or self._partial)
@@ -236,7 +241,7 @@ class Scheduler:
                 reason = FinishReason.CANCELLED if job.cancelled else FinishReason.DEADLINE
                 for row in job.rows:
                     self._finish_row(row, reason)
-        for row in list(self.running):
+        for row in [*self.running, *self.parking.rows]:  # parked rows end here too (parking drops them)
             job = row.job
             if job.cancelled:
                 self._finish_row(row, FinishReason.CANCELLED)
@@ -246,7 +251,7 @@ class Scheduler:
 
     def _admit(self) -> list[Job]:
         admitted: list[Job] = []
-        rows = len(self.running)
+        rows = len(self.running) + len(self.parking)  # parked rows come back to the batch
         width = 0
         while True:
             with self._cond:
@@ -566,6 +571,7 @@ class Scheduler:
             job.keys = ()
 
     def _fail_running(self, error: BaseException) -> None:
+        self.running, self._kv = self.parking.unpark_all(self.running, self._kv)
         for row in self.running:
             self._fail(row.job, error)
         for partial in self._partial:

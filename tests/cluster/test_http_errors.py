@@ -28,7 +28,7 @@ def world(tiny_base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(world):
-    s = serve(world, http_port=0, max_receive_message_bytes=64 * 1024)
+    s = serve(world, http_port=0, max_request_body_bytes=64 * 1024)
     yield s.server.http_url
     s.stop()
 

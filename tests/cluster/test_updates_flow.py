@@ -51,7 +51,7 @@ def test_a_leaf_update_climbs_two_levels_and_the_tree_follows(world, keys, capsy
     # -- keys: generated and registered through the CLI (root first, then signed by root)
     ids = {}
     for name in ("root", "st-marys", "eval-medical", "eval-en", "operator"):
-        code, out, _ = cli(capsys, "keys", "gen", "--out", keys / name)
+        code, out, _ = cli(capsys, "keys", "gen", "--no-encrypt", "--out", keys / name)
         assert code == 0
         ids[name] = out.strip()
         assert stat.S_IMODE(os.stat(keys / name / "private.pem").st_mode) == 0o600

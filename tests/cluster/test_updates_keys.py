@@ -34,18 +34,18 @@ def world(tmp_path_factory):
 
 
 def test_gen_writes_a_private_key_only_its_owner_reads(tmp_path, capsys):
-    code, out, _ = cli(capsys, "keys", "gen", "--out", tmp_path / "k")
+    code, out, _ = cli(capsys, "keys", "gen", "--no-encrypt", "--out", tmp_path / "k")
     assert code == 0 and len(out.strip()) == 64
     assert stat.S_IMODE(os.stat(tmp_path / "k" / "private.pem").st_mode) == 0o600
     assert load_signing_key(tmp_path / "k").keyid == out.strip()
-    code, _, err = cli(capsys, "keys", "gen", "--out", tmp_path / "k")  # never overwrites a key
+    code, _, err = cli(capsys, "keys", "gen", "--no-encrypt", "--out", tmp_path / "k")  # never overwrites a key
     assert code == 2 and "already holds a key" in err
 
 
 def test_rotation_table(world, tmp_path, capsys):
     db = ("--db", world.url)
     for name in ("root", "other-root", "k1", "k2", "k3", "k4", "k5"):
-        assert cli(capsys, "keys", "gen", "--out", tmp_path / name)[0] == 0
+        assert cli(capsys, "keys", "gen", "--no-encrypt", "--out", tmp_path / name)[0] == 0
     public_only = tmp_path / "k3-public"
     public_only.mkdir()
     shutil.copy(tmp_path / "k3" / "public.pem", public_only / "public.pem")

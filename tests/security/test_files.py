@@ -50,7 +50,7 @@ def test_an_existing_database_keeps_its_mode(tmp_path):
 
 def test_keys_gen_makes_a_private_folder_and_key(tmp_path):
     out = tmp_path / "keys" / "operator"
-    assert main(["keys", "gen", "--out", str(out)]) == 0
+    assert main(["keys", "gen", "--no-encrypt", "--out", str(out)]) == 0
     assert _mode(out) == 0o700 and _mode(out / "private.pem") == 0o600
     assert load_signing_key(out).keyid
 

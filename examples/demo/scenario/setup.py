@@ -95,7 +95,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
     for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants", "cardiology"):
         if not (keys / key / "private.pem").exists():
-            cli("keys", "gen", "--out", keys / key)
+            cli("keys", "gen", "--no-encrypt", "--out", keys / key)  # the demo's throwaway keys
     cli("keys", "register", keys / "root", "--role", "root", "--db", url)
     for key, role, node in (
         ("operator", "operator", None),
