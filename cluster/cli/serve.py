@@ -130,6 +130,14 @@ def serve_command(
             help="bound on the built variants kept in TREE_DIR/variants (least recently used are evicted)",
         ),
     ] = "20GiB",
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            min=0,
+            help="tokens of a long prompt prefilled per step while other rows decode (0: whole prompts)",
+        ),
+    ] = 32,
     prefix_cache: Annotated[
         str,
         typer.Option(
@@ -171,6 +179,7 @@ def serve_command(
         max_batch=max_batch,
         max_queue=max_queue,
         tenant_step_rows=tenant_step_rows,
+        prefill_chunk=prefill_chunk,
         threads=threads,
         updates=updates,
         update_policy=update_policy,

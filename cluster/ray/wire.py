@@ -30,6 +30,7 @@ class TrunkSpec:
     max_batch: int = 16
     max_queue: int = 256
     tenant_step_rows: int | None = None  # nodes.runtime.parking: a tenant's rows per step under contention
+    prefill_chunk: int = 32  # nodes.runtime.prefill: tokens of a long prompt per step while rows decode
     max_adapters: int = 64
     host_cache: int = 1 << 30
     prefix_cache: int = 256 << 20

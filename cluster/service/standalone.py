@@ -53,6 +53,7 @@ class StandaloneOptions:
     max_batch: int = 32
     max_queue: int = 1024
     tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
+    prefill_chunk: int = 32  # a longer prompt is prefilled this many tokens per step while rows decode (0: whole)
     threads: int | None = None  # torch threads for the engine; None: torch's default
     updates: bool = True  # serve the signed update protocol over this tree dir and registry
     update_policy: Path | None = None  # default: TREE_DIR/update-policy.yaml
@@ -105,6 +106,7 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             max_queue=options.max_queue,
             prefix_cache_bytes=options.prefix_cache_bytes,
             tenant_step_rows=options.tenant_step_rows,
+            prefill_chunk=options.prefill_chunk,
         )
         engine = Engine(tree.base_dir, tree.root, config)
         if coordinator is not None:

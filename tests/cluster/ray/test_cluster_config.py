@@ -69,7 +69,7 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     limited = parse({**doc, "ingress": {"tenant_limits": {"max_queued": 8, "file": "limits.yaml"}}}, tmp_path)
     assert limited.ingress.quotas.for_tenant("trial") == TenantQuota(max_queued=8, tokens_per_minute=500)
     assert limited.ingress.quotas.for_tenant("acme") == TenantQuota(max_queued=8)
-    assert trunk.prefix_cache == 256 << 20  # prompt-prefix reuse, per replica; 0 or off turns it off
+    assert trunk.prefill_chunk == 32 and trunk.prefix_cache == 256 << 20  # prompt-prefix reuse: 0 or off turns it off
     for value, want in (("64MiB", 64 << 20), (0, 0), ("off", 0)):
         changed = copy.deepcopy(doc)
         changed["trunks"][0]["engine"] = {"prefix_cache": value}
@@ -158,6 +158,7 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"variant_delegations": "x"}), "ingress.variant_delegations", "list of file"),
         (lambda d: d.update(ingress={"variant_cache": "big"}), "ingress.variant_cache", "not a size"),
         (lambda d: d["trunks"][0].update(engine={"prefix_cache": "-1GiB"}), "trunks[0].engine.prefix_cache", "size"),
+        (lambda d: d["trunks"][0].update(engine={"prefill_chunk": -1}), "trunks[0].engine.prefill_chunk", ">= 0"),
         (
             lambda d: d.update(ingress={"variant_key": "/nope/k", "variant_delegations": ["/nope/d"]}),
             "ingress.variant_key",
