@@ -31,7 +31,7 @@ import yaml
 
 from cluster.errors import RateLimited, ServeError
 from cluster.service.auth import Caller
-from cluster.service.trunk import Trunk, TrunkSnapshot
+from cluster.service.trunk import Trunk, TrunkView
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TenantLimits, TokenChunk
 
 __all__ = ["QuotaPolicy", "Quotas", "TenantQuota", "TenantTrunk"]
@@ -146,27 +146,13 @@ class Quotas:
         return bucket
 
 
-class TenantTrunk:
+class TenantTrunk(TrunkView):
     """A trunk as one tenant uses it: requests carry the tenant and its limits, tokens are charged."""
 
     def __init__(self, trunk: Trunk, quotas: Quotas, tenant: str | None):
-        self.trunk = trunk
+        super().__init__(trunk)
         self._quotas = quotas
         self.tenant = tenant
-
-    @property
-    def tree(self) -> str:
-        return self.trunk.tree
-
-    @property
-    def base_digest(self) -> str:
-        return self.trunk.base_digest
-
-    def serves(self, node: str) -> bool:
-        return self.trunk.serves(node)
-
-    def served_version(self, node: str) -> int | None:
-        return self.trunk.served_version(node)
 
     def _stamp(self, request: GenerationRequest) -> GenerationRequest:
         self._quotas.check(self.tenant)
@@ -183,9 +169,3 @@ class TenantTrunk:
         async for chunk in self.trunk.stream(stamped):
             self._quotas.charge(self.tenant, len(chunk.token_ids))
             yield chunk
-
-    def snapshot(self) -> TrunkSnapshot:
-        return self.trunk.snapshot()
-
-    async def close(self) -> None:
-        await self.trunk.close()

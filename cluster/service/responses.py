@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from cluster.service.trunk import Trunk, TrunkSnapshot
+from cluster.service.trunk import Trunk, TrunkView
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 from registry.db import Registry
 from registry.feedback import ResponseEntry, record_responses, retention_enabled, set_retention
@@ -162,27 +162,13 @@ class ResponseRecorder:
             await asyncio.gather(self._writer, return_exceptions=True)
 
 
-class RecordingTrunk:
+class RecordingTrunk(TrunkView):
     """A trunk as one caller uses it, recording each finished generation before handing it back."""
 
     def __init__(self, trunk: Trunk, recorder: ResponseRecorder, tenant: str | None):
-        self.trunk = trunk
+        super().__init__(trunk)
         self._recorder = recorder
         self.tenant = tenant
-
-    @property
-    def tree(self) -> str:
-        return self.trunk.tree
-
-    @property
-    def base_digest(self) -> str:
-        return self.trunk.base_digest
-
-    def serves(self, node: str) -> bool:
-        return self.trunk.serves(node)
-
-    def served_version(self, node: str) -> int | None:
-        return self.trunk.served_version(node)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         result = await self.trunk.generate(request)
@@ -211,9 +197,3 @@ class RecordingTrunk:
     async def record(self, response_id: str, node: str, version: int) -> None:
         """Record a response made of several engine requests (a multi-prompt completion's own id)."""
         await self._recorder.record(self.tenant, response_id, node, version)
-
-    def snapshot(self) -> TrunkSnapshot:
-        return self.trunk.snapshot()
-
-    async def close(self) -> None:
-        await self.trunk.close()

@@ -14,7 +14,7 @@ from nodes.errors import NodesError
 from nodes.runtime.engine import Engine
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TokenChunk
 
-__all__ = ["CacheSnapshot", "EngineTrunk", "Trunk", "TrunkSnapshot"]
+__all__ = ["CacheSnapshot", "EngineTrunk", "Trunk", "TrunkSnapshot", "TrunkView"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,40 @@ class Trunk(Protocol):
     def snapshot(self) -> TrunkSnapshot: ...
 
     async def close(self) -> None: ...
+
+
+class TrunkView:
+    """A trunk seen through a wrapper (a tenant's limits, response recording): delegates everything;
+    subclasses override what they add to."""
+
+    def __init__(self, trunk: Trunk):
+        self.trunk = trunk
+
+    @property
+    def tree(self) -> str:
+        return self.trunk.tree
+
+    @property
+    def base_digest(self) -> str:
+        return self.trunk.base_digest
+
+    def serves(self, node: str) -> bool:
+        return self.trunk.serves(node)
+
+    def served_version(self, node: str) -> int | None:
+        return self.trunk.served_version(node)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self.trunk.generate(request)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        return self.trunk.stream(request)
+
+    def snapshot(self) -> TrunkSnapshot:
+        return self.trunk.snapshot()
+
+    async def close(self) -> None:
+        await self.trunk.close()
 
 
 class EngineTrunk:
