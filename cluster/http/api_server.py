@@ -44,11 +44,11 @@ from cluster.errors import MalformedRequest, RequestTooLarge, ServeError, Shutti
 from cluster.http.common import ApiContext, EventSource
 from cluster.http.errors import error_body, error_response, json_response, validation_error
 from cluster.http.protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse
-from cluster.http.serving_chat import ChatServing
-from cluster.http.serving_completion import CompletionServing
-from cluster.http.serving_distribution import PREFIX, DistributionServing, FileSlice
-from cluster.http.serving_feedback import FeedbackRequest, FeedbackServing, RetentionRequest
-from cluster.http.serving_models import ModelServing
+from cluster.http.serving.chat import ChatServing
+from cluster.http.serving.completion import CompletionServing
+from cluster.http.serving.distribution import PREFIX, DistributionServing, FileSlice
+from cluster.http.serving.feedback import FeedbackRequest, FeedbackServing, RetentionRequest
+from cluster.http.serving.models import ModelServing
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
 from cluster.service.client_certs import http_peer_certificate, peer_aware_protocol

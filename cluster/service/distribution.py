@@ -269,7 +269,7 @@ def sign_variant_manifest_probe(tree: str, key: SigningKey) -> Envelope:
 
 
 class DistributionCalls:
-    """What gRPC (:class:`DistributionServicer`) and HTTP (``cluster.http.serving_distribution``) both
+    """What gRPC (:class:`DistributionServicer`) and HTTP (``cluster.http.serving.distribution``) both
     answer: the node's access check first (so a foreign private node is an unknown one), then the
     Distributor in a thread."""
 

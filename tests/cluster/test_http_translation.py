@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from cluster.errors import BadArgument, MalformedRequest, RequestTooLarge, UnknownParameter, VersionNotServed
 from cluster.http.errors import error_body, validation_error
 from cluster.http.protocol import ChatCompletionRequest, CompletionRequest
-from cluster.http.serving_chat import ChatServing
-from cluster.http.serving_completion import _Offsets, legacy_logprobs
+from cluster.http.serving.chat import ChatServing
+from cluster.http.serving.completion import _Offsets, legacy_logprobs
 from cluster.service.admission import NodeRef
 from nodes.errors import InvalidRequest, QueueFull
 from nodes.runtime.requests import TokenLogprob
