@@ -17,7 +17,7 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     built_before = sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*"))
     policy = tmp_path / "update-policy.yaml"  # the demo's feedback policy, with the tiny tree's looser gate
     policy.write_text(
-        "feedback: {key: ../keys/cardiology, min_corrections: 150}\n"
+        "feedback: {key: ../keys/cardiology, min_corrections: 150, steps: 30, lr: 0.003}\n"
         "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
     )
     config = DemoConfig(

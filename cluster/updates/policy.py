@@ -66,8 +66,11 @@ class FeedbackPolicy:
     max_age_s: float | None = field(default=7 * _DAY, metadata={"help": "or when the oldest waiting is this old"})
     min_trainable: int = field(default=8, metadata={"help": "records with a target needed to make any update"})
     held_out: float = field(default=0.2, metadata={"help": "share of the feedback the gate measures on"})
-    steps: int = field(default=30, metadata={"help": "fine-tuning steps"})
-    lr: float = field(default=3e-3, metadata={"help": "fine-tuning learning rate"})
+    steps: int = field(default=10, metadata={"help": "fine-tuning steps"})
+    lr: float = field(default=2e-3, metadata={"help": "fine-tuning learning rate"})
+    replay: float = field(
+        default=0.5, metadata={"help": "share of training documents from the node's own training text"}
+    )
     every_s: float = field(default=60.0, metadata={"help": "how often a cluster's desk evaluates it"})
     nodes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, metadata={"help": "per-node overrides"})
 
@@ -79,6 +82,7 @@ class FeedbackPolicy:
         if self.max_age_s is not None:
             _number("feedback.max_age_s", self.max_age_s, low=1)
         _number("feedback.held_out", self.held_out, low=0.01, high=0.9)
+        _number("feedback.replay", self.replay, low=0, high=0.9)
         _number("feedback.lr", self.lr, low=1e-9)
         _number("feedback.every_s", self.every_s, low=1)
         known = {f.name for f in fields(self)} - {"nodes", "key"}

@@ -43,6 +43,7 @@ __all__ = [
     "GateReport",
     "canary_text",
     "node_eval_text",
+    "node_text",
     "read_eval_text",
 ]
 
@@ -112,17 +113,22 @@ def read_eval_text(path: str | Path, label: str | None = None, sha256: str | Non
 
 def node_eval_text(tree: BuiltTree, node: BuiltNode) -> EvalText:
     """The eval text ``node`` was built with (node.json ``data.eval``), found beside the tree's spec."""
-    info = (node.data or {}).get("eval") or {}
+    return node_text(tree, node, "eval")
+
+
+def node_text(tree: BuiltTree, node: BuiltNode, kind: str) -> EvalText:
+    """The ``eval`` or ``train`` text ``node`` was built with (node.json ``data``), checked by its digest."""
+    info = (node.data or {}).get(kind) or {}
     name = info.get("file")
     if not name:
-        raise GateTextMissing(f"node {node.node_id} records no eval text; name its probe text explicitly")
+        raise GateTextMissing(f"node {node.node_id} records no {kind} text; name its probe text explicitly")
     path = Path(name)
     if not path.is_absolute():
         spec = tree.raw.get("spec_source")
         if not spec:
             raise GateTextMissing(f"cannot locate {name} of node {node.node_id}: the tree records no spec file")
         path = Path(spec).parent / path
-    return read_eval_text(path, f"{node.node_id} eval ({name})", info.get("sha256"))
+    return read_eval_text(path, f"{node.node_id} {kind} ({name})", info.get("sha256"))
 
 
 def canary_text(tree: BuiltTree) -> EvalText:

@@ -57,7 +57,7 @@ def _messages(question: str) -> str:
 
 
 def _policy(key_dir, **feedback) -> UpdatePolicy:
-    settings = {"key": str(key_dir), "min_corrections": 150, **feedback}
+    settings = {"key": str(key_dir), "min_corrections": 150, "steps": 30, "lr": 3e-3, **feedback}
     # A new subject on a tiny model moves its neighbours a little more than the 2% default allows.
     return UpdatePolicy(feedback=FeedbackPolicy(**settings), gate=GateBounds(parent=0.1, probe=0.1, canary=0.1))
 
@@ -230,7 +230,10 @@ def test_the_cli_makes_ticks_and_logs(world, tmp_path, capsys):
         add_feedback(world.registry, "st-marys", f"x{i}", -1, truth)
     (world.tree / "update-policy.yaml").write_text(
         json.dumps(
-            {"feedback": {"key": key, "min_corrections": 50}, "gate": {"parent": 0.1, "probe": 0.1, "canary": 0.1}}
+            {
+                "feedback": {"key": key, "min_corrections": 50, "steps": 30, "lr": 3e-3},
+                "gate": {"parent": 0.1, "probe": 0.1, "canary": 0.1},
+            }
         )
     )
     assert main(["update", "tick", "--tree", str(world.tree), "--db", world.url, "--json"]) == 0

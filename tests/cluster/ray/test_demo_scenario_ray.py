@@ -31,7 +31,7 @@ def test_the_demo_scenario_reports_a_ray_cluster_and_takes_it_down(tmp_path_fact
         )
         policy = tmp_path / "update-policy.yaml"  # the update desk's timer runs the feedback policy every 2 s
         policy.write_text(
-            "feedback: {key: ../keys/cardiology, min_corrections: 40, every_s: 2}\n"
+            "feedback: {key: ../keys/cardiology, min_corrections: 40, every_s: 2, steps: 30, lr: 0.003}\n"
             "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
         )
         config = DemoConfig(
