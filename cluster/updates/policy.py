@@ -67,7 +67,7 @@ class FeedbackPolicy:
     min_trainable: int = field(default=8, metadata={"help": "records with a target needed to make any update"})
     held_out: float = field(default=0.2, metadata={"help": "share of the feedback the gate measures on"})
     steps: int = field(default=10, metadata={"help": "fine-tuning steps"})
-    lr: float = field(default=2e-3, metadata={"help": "fine-tuning learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
     replay: float = field(
         default=0.5, metadata={"help": "share of training documents from the node's own training text"}
     )
