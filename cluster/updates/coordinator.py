@@ -319,6 +319,7 @@ class Coordinator(OperatorActions):
                     [(update_id, scale_delta(delta, screen.clip_factor), 1.0)],
                     override=(path, new, m.digest),
                     own_check=(path, current),
+                    sources=(path,),
                 )
                 report = build.report
             else:  # a first-level node: no parent absorbs it, but it must not hurt itself or general text
@@ -439,7 +440,8 @@ class Coordinator(OperatorActions):
                 before, after = ChainLink.from_dict(p.figures["from"]), ChainLink.from_dict(p.figures["to"])
                 delta = increment(self.bench.adapter(before), self.bench.adapter(after))
                 increments.append((p.update_id, scale_delta(delta, float(p.figures.get("clip", 1.0))), 1.0))
-            build = build_candidate(self.bench, self.policy, view, parent, increments)
+            sources = tuple(view.path_of(p.node_id) for p in pending)
+            build = build_candidate(self.bench, self.policy, view, parent, increments, sources=sources)
         self._admission = None
         if not build.report.passed:
             summary = "gate: " + "; ".join(c.describe() for c in build.report.failures)

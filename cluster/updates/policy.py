@@ -6,7 +6,9 @@ any field, for example::
     min_updates: 3            # aggregate once three screened updates wait for a parent ...
     window_s: 86400           # ... or when the oldest has waited a day (checked by `treelm update tick`)
     eta: 0.5                  # candidate parent = parent + eta * merge(children's increments)
-    merge: auto               # concat | ties | auto (TIES when the children disagree in sign)
+    merge: auto               # auto (TIES when the children disagree in sign) | concat | ties | dare | dare_ties
+                              # | project, or a mapping: {method: dare, drop: 0.5, seed: 0}, {method: project,
+                              # energy: 0.9} (see hierarchy.updates.aggregate.MergePolicy)
     gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02}
     screen: {max_relative: 10.0, min_relative: 0.01, min_cosine: 0.0, on_too_large: reject}
     approvals: {evaluator: 1, operator: 1}
@@ -31,6 +33,7 @@ from typing import Any
 import yaml
 
 from cluster.errors import PolicyError
+from hierarchy.updates.aggregate import MergePolicy
 from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds
@@ -51,6 +54,27 @@ def _number(name: str, value: Any, *, integer: bool = False, low: float = 0.0, h
         raise PolicyError(
             f"update policy: {name} must be {'an integer' if integer else 'a number'} {span}, got {value!r}"
         )
+
+
+def _merge_policy(value: Any, eta: float) -> MergePolicy:
+    """``merge:`` as a method name or a mapping of :class:`MergePolicy` fields (``eta`` is top-level)."""
+    if isinstance(value, MergePolicy):
+        return replace(value, eta=eta) if value.eta != eta else value
+    if isinstance(value, str):
+        value = {"method": value}
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"update policy: merge must be a method name or a mapping of fields, got {value!r}")
+    known = {f.name for f in fields(MergePolicy)} - {"eta"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise PolicyError(
+            f"update policy: unknown merge field(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))};"
+            " eta is a top-level field)"
+        )
+    try:
+        return MergePolicy(**dict(value), eta=eta)
+    except (ValueError, TypeError) as exc:
+        raise PolicyError(f"update policy: merge.{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -126,7 +150,9 @@ class UpdatePolicy:
     min_updates: int = field(default=1, metadata={"help": "m: aggregate when this many screened updates wait"})
     window_s: float | None = field(default=None, metadata={"help": "or when the oldest has waited this long"})
     eta: float = field(default=0.5, metadata={"help": "server step: candidate = parent + eta * merge"})
-    merge: str = field(default="auto", metadata={"help": "concat, ties, or auto (TIES on sign conflict)"})
+    merge: MergePolicy = field(
+        default_factory=MergePolicy, metadata={"help": "a merge method's name, or a mapping of MergePolicy fields"}
+    )
     screen: ScreenPolicy = field(default_factory=ScreenPolicy)
     gate: GateBounds = field(default_factory=GateBounds)
     approvals: Mapping[str, int] = field(default_factory=lambda: {"evaluator": 1, "operator": 1})
@@ -161,8 +187,7 @@ class UpdatePolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise PolicyError(f"update policy: {name} must be a number > 0, got {value!r}")
-        if self.merge not in ("auto", "concat", "ties"):
-            raise PolicyError(f"update policy: merge must be auto, concat or ties, got {self.merge!r}")
+        object.__setattr__(self, "merge", _merge_policy(self.merge, self.eta))
         approvals = {}
         for role, count in dict(self.approvals).items():
             parsed = Role.parse(role)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import torch
@@ -26,9 +26,10 @@ from cluster.updates.policy import UpdatePolicy
 from cluster.updates.workbench import Workbench
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId
-from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_parent
+from hierarchy.updates.aggregate import INPUT_MAPPED, MergePolicy, WeightedDelta, candidate_parent
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE, FileEntry, LayerSpec, UpdateManifest
+from hierarchy.updates.merges import contrast_map, projector
 from hierarchy.updates.screening import ScreenResult, delta_norm
 from nodes.build.gate import Comparison, GateReport
 from nodes.store.adapters import AdapterWeights
@@ -109,11 +110,14 @@ def build_candidate(
     *,
     override: tuple[str, AdapterWeights, str] | None = None,
     own_check: tuple[str, ChainLink] | None = None,
+    sources: Sequence[str] = (),
 ) -> CandidateBuild:
     """The candidate parent and its gate report (nothing stored).
 
     ``override`` = (child path, its new adapter, a key): gate that child with the adapter it is about
     to get (a package being admitted); ``own_check`` adds "does the update hurt its own probe".
+    ``sources``: the children the increments come from; a ``project`` merge protects the inputs of
+    the parent's own text and of every other child's (over the chains served now).
     """
     parent_chain = view.chain(parent)
     current = bench.adapter(parent_chain[-1])
@@ -122,7 +126,9 @@ def build_candidate(
         aligned, lost = align(delta, current)
         children.append(WeightedDelta(aligned, weight, update_id))
         dropped.append(lost)
-    merged = candidate_parent(current.factors, children, MergePolicy(method=policy.merge, eta=policy.eta))
+    merge = replace(policy.merge, eta=policy.eta)
+    maps = _input_maps(bench, view, parent, sources, merge, current) if merge.method in INPUT_MAPPED else None
+    merged = candidate_parent(current.factors, children, merge, maps)
     candidate = AdapterWeights(current.r, current.alpha, current.target_modules, merged.factors, current.dropout)
     ancestors = bench.adapters(parent_chain[:-1])
     cand_key = ("candidate", tuple(parent_chain), tuple(u for u, _, _ in increments))
@@ -198,6 +204,24 @@ def build_candidate(
         max(dropped, default=0.0),
         report,
     )
+
+
+def _input_maps(
+    bench: Workbench, view: TreeView, parent: str, sources: Sequence[str], merge: MergePolicy, current: AdapterWeights
+) -> dict[str, torch.Tensor]:
+    """Per-layer maps of a ``project`` / ``contrast`` merge: the protected inputs are the parent's
+    own text and every child's that sent no increment, over the chains served now."""
+    children = view.children(parent)
+    guarded = [(parent, view.chain(parent))] + [(c, view.chain(c)) for c in children if c not in sources]
+    protect = bench.input_covariance(guarded, current.factors)
+    if merge.method == "project":
+        return {m: projector(c, merge.energy) for m, c in protect.items()}
+    keep = bench.input_covariance([(c, view.chain(c)) for c in sources if c in children], current.factors)
+    if not keep:  # no child's text to keep: the increment's own inputs are unknown, shrink uniformly
+        return {m: torch.eye(c.shape[0], dtype=torch.float64) / (1.0 + merge.strength) for m, c in protect.items()}
+    # Mean covariances: the protected side sums several texts, the kept side one or more.
+    n_guard, n_keep = len(guarded), len([c for c in sources if c in children])
+    return {m: contrast_map(keep[m] / n_keep, protect[m] / n_guard, merge.strength) for m in protect}
 
 
 def own_report(bench: Workbench, view: TreeView, path: str, new: AdapterWeights, key: str) -> GateReport:

@@ -9,14 +9,17 @@ first-level nodes' texts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from cluster.updates.policy import UpdatePolicy
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId, NodePath
 from hierarchy.spec import TrainSettings
 from nodes.base.model import load_base
+from nodes.build.activations import input_covariances
 from nodes.build.finetune import fine_tune, increment
 from nodes.build.gate import Comparison, EvalText, Evaluator, GateCheck, canary_text, node_eval_text, read_eval_text
 from nodes.store.adapters import AdapterWeights
@@ -46,6 +49,7 @@ class Workbench:
         self._adapters: dict[ChainLink, AdapterWeights] = {}
         self._texts: dict[str, EvalText] = {}
         self._references: dict[tuple, dict[str, LoraFactors]] = {}
+        self._covariances: dict[tuple, dict[str, torch.Tensor]] = {}
         first = store.tree.nodes[0] if store.tree.nodes else None
         self.seq_len = int((first.training if first else {}).get("max_seq_len", 64) or 64)
 
@@ -127,6 +131,29 @@ class Workbench:
                     result = fine_tune(ev.base.model, self.adapters(chain[:-1]), current, ev.tokens(text), settings)
                 self._references[key] = increment(current, result.adapter)
             return self._references[key]
+
+    def input_covariance(self, nodes: Sequence[tuple[str, Sequence[ChainLink]]], modules: Iterable[str]):
+        """Per layer, the sum over the (node path, served chain) pairs of the mean ``x x^T`` of the
+        inputs that chain feeds the layer on that node's probe text (each text counts once,
+        whatever its length): what ``project`` / ``contrast`` merges protect or keep."""
+        wanted = sorted(set(modules))
+        total: dict[str, torch.Tensor] = {}
+        for path, chain in nodes:
+            text = self.probe(path)
+            key = (tuple(chain), text.sha256, tuple(wanted))
+            with self._lock:
+                if key not in self._covariances:
+                    if len(self._covariances) >= _MAX_CACHED:
+                        self._covariances.clear()
+                    ev = self.evaluator
+                    with ev.lock:
+                        self._covariances[key] = input_covariances(
+                            ev.base.model, self.adapters(chain), ev.tokens(text), self.seq_len, wanted
+                        )
+                cov = self._covariances[key]
+            for m, c in cov.items():
+                total[m] = total[m] + c if m in total else c
+        return total
 
     def measure(self, subject: str, comparisons: Sequence[Comparison]):
         return self.evaluator.run(subject, comparisons, self.policy.gate)

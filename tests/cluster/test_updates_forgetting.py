@@ -1,0 +1,77 @@
+"""Forgetting: the merge method is chosen in the update policy (refused with the field named when
+wrong), and measure_update says what one child's update does to its parent, siblings, ancestors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.errors import PolicyError
+from cluster.updates.forgetting import measure_update
+from cluster.updates.policy import UpdatePolicy
+from hierarchy.updates.aggregate import MergePolicy
+from nodes.build.gate import read_eval_text
+from tests.cluster.update_world import built_tree, honest_adapter, make_world
+
+ONC, CARD, RAD = "en/medical/oncology", "en/medical/cardiology", "en/medical/radiology"
+
+
+def test_merge_is_a_name_or_a_mapping_in_the_policy(tmp_path):
+    assert UpdatePolicy.from_dict({"merge": "dare_ties"}).merge == MergePolicy(method="dare_ties", eta=0.5)
+    policy = UpdatePolicy.from_dict({"eta": 0.25, "merge": {"method": "project", "energy": 0.8}})
+    assert policy.merge.method == "project" and policy.merge.energy == 0.8 and policy.merge.eta == 0.25
+    file = tmp_path / "update-policy.yaml"
+    file.write_text("merge: {method: dare, drop: 0.3, seed: 4}\n")
+    assert UpdatePolicy.from_file(file).merge.drop == 0.3
+    assert UpdatePolicy().with_(merge="ties", eta=1.0).merge == MergePolicy(method="ties", eta=1.0)
+
+
+@pytest.mark.parametrize(
+    "merge, named",
+    [
+        ("mean", "merge.method"),
+        ({"method": "dare", "drop": 1.5}, "merge.drop"),
+        ({"method": "dare", "seed": -3}, "merge.seed"),
+        ({"method": "project", "energy": 0}, "merge.energy"),
+        ({"method": "contrast", "strength": -2}, "merge.strength"),
+        ({"method": "dare", "dropp": 0.1}, "merge field.*dropp"),
+        ({"method": "dare", "eta": 0.1}, "eta is a top-level field"),
+        (3, "merge must be"),
+    ],
+)
+def test_a_bad_merge_is_refused_when_loaded_with_the_field_named(tmp_path, merge, named):
+    with pytest.raises(PolicyError, match=named):
+        UpdatePolicy.from_dict({"merge": merge})
+    file = tmp_path / "update-policy.yaml"
+    file.write_text(f"merge: {merge!r}\n".replace("'", '"'))
+    with pytest.raises(PolicyError, match=named):
+        UpdatePolicy.from_file(file)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = make_world(tmp_path_factory.mktemp("forgetting"), built_tree(tmp_path_factory))
+    yield w
+    w.close()
+
+
+def test_measure_update_reports_gain_and_forgetting_per_method_and_eta(world):
+    new = honest_adapter(world, ONC)
+    text = read_eval_text(world.local(ONC), "oncology update text")
+    view, bench = world.coordinator._view(), world.coordinator.bench
+
+    def measure(eta: float, merge):
+        return measure_update(bench, UpdatePolicy(eta=eta, merge=merge), view, ONC, new, text)
+
+    small, full = measure(0.25, "concat"), measure(1.0, "concat")
+    assert set(full.siblings) == {CARD, RAD} and set(full.ancestors) == {"en"}
+    assert 0 < small.parent_gain < full.parent_gain  # a larger step learns more of the update ...
+    assert full.max_sibling_regression > small.max_sibling_regression  # ... and forgets more
+    assert full.max_sibling_regression == max(full.siblings.values()) and full.gate_passed
+    # Projecting the increment away from the inputs the parent and siblings feed each layer
+    # leaves their perplexities almost where they were.
+    projected = measure(1.0, {"method": "project", "energy": 0.99})
+    assert projected.max_sibling_regression < full.max_sibling_regression / 4
+    assert abs(projected.parent_own_change) < abs(full.parent_own_change) or abs(projected.parent_own_change) < 1e-3
+    # DARE is seeded: the same setting measures the same; the figures are plain numbers for JSON.
+    assert measure(0.5, "dare").to_dict() == measure(0.5, "dare").to_dict()
+    assert full.to_dict()["method"] == "concat" and full.to_dict()["eta"] == 1.0
