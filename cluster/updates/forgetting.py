@@ -72,7 +72,7 @@ def measure_update(
     current = view.pins[path].link
     delta = increment(bench.adapter(current), new)
     # The gate caches perplexities by these keys: one per adapter and merge setting.
-    key = f"measure-{path}-{id(new)}-{policy.merge}-{policy.eta}"
+    key = f"measure-{path}-{id(new)}-{policy.merge}-{policy.consolidate}-{policy.eta}"
     build = build_candidate(
         bench,
         policy,

@@ -9,7 +9,10 @@ any field, for example::
     merge: auto               # auto (TIES when the children disagree in sign) | concat | ties | dare | dare_ties
                               # | project, or a mapping: {method: dare, drop: 0.5, seed: 0}, {method: project,
                               # energy: 0.9} (see hierarchy.updates.aggregate.MergePolicy)
-    gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02}
+    consolidate: {steps: 0}   # > 0: distil the merged candidate towards the old parent on the parent's and
+                              # siblings' texts (and towards itself on the updating child's) before the gate
+    rebase: {steps: 20, lr: 0.001, lm_weight: 0.5}   # children re-fit over a parent's new stable version
+    gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02, rebase: 0.01}
     screen: {max_relative: 10.0, min_relative: 0.01, min_cosine: 0.0, on_too_large: reject}
     approvals: {evaluator: 1, operator: 1}
     probes: {en/medical/oncology: /secure/oncology-probe.txt}
@@ -38,7 +41,7 @@ from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds
 
-__all__ = ["POLICY_FILE", "FeedbackPolicy", "UpdatePolicy"]
+__all__ = ["POLICY_FILE", "DistillPolicy", "FeedbackPolicy", "UpdatePolicy"]
 
 POLICY_FILE = "update-policy.yaml"
 _DAY = 86400.0
@@ -75,6 +78,41 @@ def _merge_policy(value: Any, eta: float) -> MergePolicy:
         return MergePolicy(**dict(value), eta=eta)
     except (ValueError, TypeError) as exc:
         raise PolicyError(f"update policy: merge.{exc}") from None
+
+
+@dataclass(frozen=True)
+class DistillPolicy:
+    """A short distillation run (nodes.build.distill): ``consolidate`` (a merged candidate parent,
+    towards the old parent on its own and its siblings' texts) and ``rebase`` (a child over its
+    parent's new version, towards its old effective model). ``steps: 0`` turns it off."""
+
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0: off)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step, shared by the texts"})
+    lm_weight: float = field(default=0.5, metadata={"help": "rebase: weight of the child's own LM loss"})
+    seed: int = field(default=0, metadata={"help": "data order"})
+
+    def __post_init__(self) -> None:
+        _number("steps", self.steps, integer=True, low=0, high=10_000)
+        _number("lr", self.lr, low=1e-9, high=1.0)
+        _number("batch_size", self.batch_size, integer=True, low=1, high=1024)
+        _number("lm_weight", self.lm_weight, low=0, high=100)
+        _number("seed", self.seed, integer=True, low=0)
+
+    @classmethod
+    def from_dict(cls, name: str, obj: Any) -> DistillPolicy:
+        if not isinstance(obj, Mapping):
+            raise PolicyError(f"update policy: {name} must be a mapping of fields, got {obj!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(obj) - known))
+        if unknown:
+            raise PolicyError(
+                f"update policy: unknown {name} field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        try:
+            return cls(**dict(obj))
+        except PolicyError as exc:
+            raise PolicyError(str(exc).replace("update policy: ", f"update policy: {name}.", 1)) from None
 
 
 @dataclass(frozen=True)
@@ -165,6 +203,13 @@ class UpdatePolicy:
     canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
     max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
     feedback: FeedbackPolicy = field(default_factory=FeedbackPolicy)
+    consolidate: DistillPolicy = field(
+        default_factory=DistillPolicy, metadata={"help": "distil a merged candidate towards the old parent"}
+    )
+    rebase: DistillPolicy = field(
+        default_factory=lambda: DistillPolicy(steps=20),
+        metadata={"help": "re-fit each child over its parent's new stable version (steps 0: off)"},
+    )
     gate_max_tokens: int | None = field(
         default=None,
         metadata={"help": "measure each gate text on its first N tokens (bounds the gate's cost; default: all)"},
@@ -230,6 +275,9 @@ class UpdatePolicy:
             values["gate"] = GateBounds(**dict(values["gate"]))
         if "feedback" in values:
             values["feedback"] = FeedbackPolicy.from_dict(values["feedback"], base_dir)
+        for name in ("consolidate", "rebase"):
+            if name in values:
+                values[name] = DistillPolicy.from_dict(name, values[name])
         # Text files are relative to the policy file.
         if base_dir is not None:
             values["probes"] = {k: str((base_dir / v).resolve()) for k, v in dict(values.get("probes", {})).items()}

@@ -31,6 +31,7 @@ from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE, FileEntry, LayerSpec, UpdateManifest
 from hierarchy.updates.merges import contrast_map, projector
 from hierarchy.updates.screening import ScreenResult, delta_norm
+from nodes.build.distill import Target
 from nodes.build.gate import Comparison, GateReport
 from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, VersionStore
@@ -130,6 +131,8 @@ def build_candidate(
     maps = _input_maps(bench, view, parent, sources, merge, current) if merge.method in INPUT_MAPPED else None
     merged = candidate_parent(current.factors, children, merge, maps)
     candidate = AdapterWeights(current.r, current.alpha, current.target_modules, merged.factors, current.dropout)
+    if policy.consolidate.steps:
+        candidate = _consolidate(bench, policy, view, parent, sources, candidate)
     ancestors = bench.adapters(parent_chain[:-1])
     cand_key = ("candidate", tuple(parent_chain), tuple(u for u, _, _ in increments))
     after_parent = (*parent_chain[:-1], cand_key)
@@ -222,6 +225,24 @@ def _input_maps(
     # Mean covariances: the protected side sums several texts, the kept side one or more.
     n_guard, n_keep = len(guarded), len([c for c in sources if c in children])
     return {m: contrast_map(keep[m] / n_keep, protect[m] / n_guard, merge.strength) for m in protect}
+
+
+def _consolidate(
+    bench: Workbench, policy: UpdatePolicy, view: TreeView, parent: str, sources: Sequence[str], merged: AdapterWeights
+) -> AdapterWeights:
+    """The merged candidate distilled (nodes.build.distill): towards the current parent chain on
+    the parent's own training text and, with each sibling's adapter on top, on each sibling's;
+    towards the merged candidate itself on the updating children's texts (keep what they taught)."""
+    chain = view.chain(parent)
+    ancestors, old = bench.adapters(chain[:-1]), bench.adapters(chain)
+    targets = [Target(bench.train_tokens(parent), old)]
+    for child in view.children(parent):
+        if child in sources:
+            targets.append(Target(bench.train_tokens(child), [*ancestors, merged]))
+        else:
+            own = bench.adapter(view.chain(child)[-1])
+            targets.append(Target(bench.train_tokens(child), [*old, own], around=[own]))
+    return bench.distill(ancestors, merged, targets, policy.consolidate)
 
 
 def own_report(bench: Workbench, view: TreeView, path: str, new: AdapterWeights, key: str) -> GateReport:

@@ -3,13 +3,16 @@ wrong), and measure_update says what one child's update does to its parent, sibl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from cluster.errors import PolicyError
 from cluster.updates.forgetting import measure_update
-from cluster.updates.policy import UpdatePolicy
+from cluster.updates.policy import DistillPolicy, UpdatePolicy
 from hierarchy.updates.aggregate import MergePolicy
 from nodes.build.gate import read_eval_text
+from nodes.store.adapters import AdapterWeights
 from tests.cluster.update_world import built_tree, honest_adapter, make_world
 
 ONC, CARD, RAD = "en/medical/oncology", "en/medical/cardiology", "en/medical/radiology"
@@ -75,3 +78,52 @@ def test_measure_update_reports_gain_and_forgetting_per_method_and_eta(world):
     # DARE is seeded: the same setting measures the same; the figures are plain numbers for JSON.
     assert measure(0.5, "dare").to_dict() == measure(0.5, "dare").to_dict()
     assert full.to_dict()["method"] == "concat" and full.to_dict()["eta"] == 1.0
+
+
+def test_distillation_towards_the_current_chain_changes_nothing_and_pulls_a_moved_parent_back(world):
+    from nodes.build.distill import Target
+    from nodes.build.finetune import chain_perplexity
+
+    bench = world.coordinator.bench
+    view = world.coordinator._view()
+    en, med, card = (bench.adapter(view.chain(p)[-1]) for p in ("en", "en/medical", CARD))
+    policy = DistillPolicy(steps=6, lr=3e-3, batch_size=4)
+    tokens = bench.train_tokens(CARD)
+    # The teacher is the student itself: KL about 0 (rounding only); the model stays where it was.
+    same = bench.distill([en, med], card, [Target(tokens, [en, med, card])], policy)
+    # Over a moved parent (med scaled up), the child re-fit towards its old effective model ends
+    # closer to it than the child left as it was.
+    moved = AdapterWeights(
+        med.r, med.alpha, med.target_modules, {m: replace(f, B=f.B * 1.6) for m, f in med.factors.items()}
+    )
+    rebased = bench.distill([en, moved], card, [Target(tokens, [en, med, card]), Target(tokens, None, 0.5)], policy)
+    probe = bench.evaluator.tokens(bench.probe(CARD))
+    model = bench.evaluator.base.model
+    old = chain_perplexity(model, [en, med, card], probe, 32)
+    stale = chain_perplexity(model, [en, moved, card], probe, 32)
+    fresh = chain_perplexity(model, [en, moved, rebased], probe, 32)
+    assert abs(fresh / old - 1) < abs(stale / old - 1)
+    assert abs(chain_perplexity(model, [en, med, same], probe, 32) / old - 1) < 0.005
+    assert bench.train_text(CARD).label != bench.probe(CARD).label  # trained on the training text
+
+
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ({"consolidate": {"steps": -1}}, "consolidate.steps"),
+        ({"rebase": {"lr": 0}}, "rebase.lr"),
+        ({"rebase": {"lm_weight": "x"}}, "rebase.lm_weight"),
+        ({"rebase": {"stepz": 3}}, "unknown rebase field.*stepz"),
+        ({"consolidate": 5}, "consolidate must be a mapping"),
+        ({"gate": {"rebase": -0.01}}, "rebase"),
+    ],
+)
+def test_bad_distillation_settings_are_refused_with_the_field_named(body, named):
+    with pytest.raises(PolicyError, match=named):
+        UpdatePolicy.from_dict(body)
+
+
+def test_distillation_settings_load():
+    policy = UpdatePolicy.from_dict({"consolidate": {"steps": 12}, "rebase": {"steps": 0}, "gate": {"rebase": 0.02}})
+    assert policy.consolidate == DistillPolicy(steps=12) and policy.rebase.steps == 0 and policy.gate.rebase == 0.02
+    assert UpdatePolicy().rebase.steps > 0 and UpdatePolicy().consolidate.steps == 0
