@@ -213,9 +213,12 @@ def _input_maps(
     bench: Workbench, view: TreeView, parent: str, sources: Sequence[str], merge: MergePolicy, current: AdapterWeights
 ) -> dict[str, torch.Tensor]:
     """Per-layer maps of a ``project`` / ``contrast`` merge: the protected inputs are the parent's
-    own text and every child's that sent no increment, over the chains served now."""
+    own and its ancestors' texts and every child's that sent no increment, over the chains served now."""
     children = view.children(parent)
-    guarded = [(parent, view.chain(parent))] + [(c, view.chain(c)) for c in children if c not in sources]
+    # The parent's chain on its own and its ancestors' texts (the gate's canary is the top level's),
+    # each other child's chain on its text.
+    guarded = [(p, view.chain(parent)) for p in _lineage(view, parent)]
+    guarded += [(c, view.chain(c)) for c in children if c not in sources]
     protect = bench.input_covariance(guarded, current.factors)
     if merge.method == "project":
         return {m: projector(c, merge.energy) for m, c in protect.items()}
@@ -227,15 +230,25 @@ def _input_maps(
     return {m: contrast_map(keep[m] / n_keep, protect[m] / n_guard, merge.strength) for m in protect}
 
 
+def _lineage(view: TreeView, path: str) -> list[str]:
+    """``path`` and its ancestors up to the first level."""
+    out = []
+    while path:
+        out.append(path)
+        path = view.parent(path)
+    return out
+
+
 def _consolidate(
     bench: Workbench, policy: UpdatePolicy, view: TreeView, parent: str, sources: Sequence[str], merged: AdapterWeights
 ) -> AdapterWeights:
     """The merged candidate distilled (nodes.build.distill): towards the current parent chain on
-    the parent's own training text and, with each sibling's adapter on top, on each sibling's;
-    towards the merged candidate itself on the updating children's texts (keep what they taught)."""
+    the parent's own and its ancestors' training texts and, with each sibling's adapter on top, on
+    each sibling's; towards the merged candidate itself on the updating children's texts (keep
+    what they taught)."""
     chain = view.chain(parent)
     ancestors, old = bench.adapters(chain[:-1]), bench.adapters(chain)
-    targets = [Target(bench.train_tokens(parent), old)]
+    targets = [Target(bench.train_tokens(p), old) for p in _lineage(view, parent)]
     for child in view.children(parent):
         if child in sources:
             targets.append(Target(bench.train_tokens(child), [*ancestors, merged]))
