@@ -11,7 +11,8 @@ any field, for example::
                               # energy: 0.9} (see hierarchy.updates.aggregate.MergePolicy)
     consolidate: {steps: 0}   # > 0: distil the merged candidate towards the old parent on the parent's and
                               # siblings' texts (and towards itself on the updating child's) before the gate
-    rebase: {steps: 20, lr: 0.001, lm_weight: 0.5}   # children re-fit over a parent's new stable version
+    rebase: {key: keys/rebase, steps: 20, lr: 0.0003, lm_weight: 0.01}   # with a key: children re-fit over a
+                              # parent's new stable version, gated (gate.rebase), signed with the key
     gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02, rebase: 0.01}
     screen: {max_relative: 10.0, min_relative: 0.01, min_cosine: 0.0, on_too_large: reject}
     approvals: {evaluator: 1, operator: 1}
@@ -41,7 +42,7 @@ from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds
 
-__all__ = ["POLICY_FILE", "DistillPolicy", "FeedbackPolicy", "UpdatePolicy"]
+__all__ = ["POLICY_FILE", "DistillPolicy", "FeedbackPolicy", "RebasePolicy", "UpdatePolicy"]
 
 POLICY_FILE = "update-policy.yaml"
 _DAY = 86400.0
@@ -100,7 +101,7 @@ class DistillPolicy:
         _number("seed", self.seed, integer=True, low=0)
 
     @classmethod
-    def from_dict(cls, name: str, obj: Any) -> DistillPolicy:
+    def from_dict(cls, name: str, obj: Any, base_dir: Path | None = None) -> Any:
         if not isinstance(obj, Mapping):
             raise PolicyError(f"update policy: {name} must be a mapping of fields, got {obj!r}")
         known = {f.name for f in fields(cls)}
@@ -109,10 +110,36 @@ class DistillPolicy:
             raise PolicyError(
                 f"update policy: unknown {name} field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
+        values = dict(obj)
+        if values.get("key") and base_dir is not None:
+            values["key"] = str((base_dir / str(values["key"])).resolve())
         try:
-            return cls(**dict(obj))
+            return cls(**values)
         except PolicyError as exc:
             raise PolicyError(str(exc).replace("update policy: ", f"update policy: {name}.", 1)) from None
+
+
+@dataclass(frozen=True)
+class RebasePolicy(DistillPolicy):
+    """Children re-fit over their parent's new stable version (cluster.updates.rebase); made only
+    when ``key`` names the signing key of the rebased versions (a key the tree trusts)."""
+
+    steps: int = field(default=20, metadata={"help": "optimizer steps (0: off)"})
+    # Small steps: the KL towards the old model is tiny to begin with, and Adam's normalised steps
+    # would otherwise walk the adapter away from it (measured on the demo tree, see the README).
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    # Small: the own LM loss pulls the child away from its old model (measured, see the README).
+    lm_weight: float = field(default=0.01, metadata={"help": "weight of the child's own LM loss"})
+    key: str | None = field(default=None, metadata={"help": "signing key dir/PEM; None: no rebases"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise PolicyError(f"update policy: key must be a key directory or PEM file, got {self.key!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.steps and self.key)
 
 
 @dataclass(frozen=True)
@@ -206,9 +233,9 @@ class UpdatePolicy:
     consolidate: DistillPolicy = field(
         default_factory=DistillPolicy, metadata={"help": "distil a merged candidate towards the old parent"}
     )
-    rebase: DistillPolicy = field(
-        default_factory=lambda: DistillPolicy(steps=20),
-        metadata={"help": "re-fit each child over its parent's new stable version (steps 0: off)"},
+    rebase: RebasePolicy = field(
+        default_factory=RebasePolicy,
+        metadata={"help": "re-fit each child over its parent's new stable version (needs key)"},
     )
     gate_max_tokens: int | None = field(
         default=None,
@@ -275,9 +302,10 @@ class UpdatePolicy:
             values["gate"] = GateBounds(**dict(values["gate"]))
         if "feedback" in values:
             values["feedback"] = FeedbackPolicy.from_dict(values["feedback"], base_dir)
-        for name in ("consolidate", "rebase"):
-            if name in values:
-                values[name] = DistillPolicy.from_dict(name, values[name])
+        if "consolidate" in values:
+            values["consolidate"] = DistillPolicy.from_dict("consolidate", values["consolidate"])
+        if "rebase" in values:
+            values["rebase"] = RebasePolicy.from_dict("rebase", values["rebase"], base_dir)
         # Text files are relative to the policy file.
         if base_dir is not None:
             values["probes"] = {k: str((base_dir / v).resolve()) for k, v in dict(values.get("probes", {})).items()}

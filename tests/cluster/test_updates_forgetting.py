@@ -3,17 +3,25 @@ wrong), and measure_update says what one child's update does to its parent, sibl
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
+from prometheus_client import generate_latest
 
+from cluster.cli import main
 from cluster.errors import PolicyError
+from cluster.service.metrics import ServerMetrics
 from cluster.updates.forgetting import measure_update
 from cluster.updates.policy import DistillPolicy, UpdatePolicy
 from hierarchy.updates.aggregate import MergePolicy
+from nodes.build.distill import Target
+from nodes.build.finetune import chain_perplexity
 from nodes.build.gate import read_eval_text
 from nodes.store.adapters import AdapterWeights
-from tests.cluster.update_world import built_tree, honest_adapter, make_world
+from registry.forgetting import history, latest
+from registry.updates import get_update
+from tests.cluster.update_world import TREE, built_tree, honest_adapter, make_world, package_of
 
 ONC, CARD, RAD = "en/medical/oncology", "en/medical/cardiology", "en/medical/radiology"
 
@@ -81,9 +89,6 @@ def test_measure_update_reports_gain_and_forgetting_per_method_and_eta(world):
 
 
 def test_distillation_towards_the_current_chain_changes_nothing_and_pulls_a_moved_parent_back(world):
-    from nodes.build.distill import Target
-    from nodes.build.finetune import chain_perplexity
-
     bench = world.coordinator.bench
     view = world.coordinator._view()
     en, med, card = (bench.adapter(view.chain(p)[-1]) for p in ("en", "en/medical", CARD))
@@ -127,3 +132,50 @@ def test_distillation_settings_load():
     policy = UpdatePolicy.from_dict({"consolidate": {"steps": 12}, "rebase": {"steps": 0}, "gate": {"rebase": 0.02}})
     assert policy.consolidate == DistillPolicy(steps=12) and policy.rebase.steps == 0 and policy.gate.rebase == 0.02
     assert UpdatePolicy().rebase.steps > 0 and UpdatePolicy().consolidate.steps == 0
+
+
+def test_every_protocol_version_records_its_forgetting_history(tmp_path_factory, capsys):
+    w = make_world(tmp_path_factory.mktemp("history"), built_tree(tmp_path_factory))
+    try:
+        status = w.coordinator.submit(package_of(w, ONC, honest_adapter(w, ONC))[0])
+        assert status.candidate_id is not None  # one increment is enough by default: en/medical v2 waits
+        onc = history(w.registry, f"{TREE}/{ONC}")
+        assert [(p.version, p.origin) for p in onc if p.role == "own"] == [(1, "genesis"), (2, "package")]
+        roles = {(p.role, p.text_node) for p in onc if p.version == 2}
+        assert roles == {("own", f"{TREE}/{ONC}"), ("parent", f"{TREE}/en/medical")} | {
+            ("sibling", f"{TREE}/{s}") for s in (CARD, RAD)
+        }
+        # The update taught oncology: its own text got better from v1 to v2.
+        own = {p.version: p.perplexity for p in onc if p.role == "own"}
+        assert own[2] < own[1]
+        med = history(w.registry, f"{TREE}/en/medical")
+        assert [(p.version, p.origin) for p in med if p.role == "own"] == [(1, "genesis"), (2, "candidate")]
+        assert {p.text_node for p in med if p.role == "sibling"} == {f"{TREE}/en/legal"}
+        # The candidate's figures are the gate's: its own text is the parent held-out check's "after".
+        checks = get_update(w.registry, status.candidate_id).figures["gate"]["checks"]
+        held_out = next(c["after"] for c in checks if c["kind"] == "parent")
+        assert next(p.perplexity for p in med if p.version == 2 and p.role == "own") == pytest.approx(held_out)
+
+        code = main(["registry", "history", f"{TREE}/en/medical", "--db", w.url, "--json"])
+        out = capsys.readouterr().out
+        assert code == 0 and [v["origin"] for v in json.loads(out)["versions"]] == [
+            "genesis",
+            "candidate",
+        ]
+        code = main(["registry", "history", f"{TREE}/{ONC}", "--db", w.url])
+        out = capsys.readouterr().out
+        assert code == 0 and "made by" in out and "package" in out and "sibling:" in out
+        code = main(["registry", "history", f"{TREE}/en/nowhere", "--db", w.url])
+        assert code == 2 and "nowhere" in capsys.readouterr().err
+
+        # /metrics: the newest version's points, public nodes and texts only (oncology is private).
+        metrics = ServerMetrics()
+        metrics.watch_forgetting(lambda: latest(w.registry, TREE), lambda node: not node.endswith("oncology"))
+        text = generate_latest(metrics.registry).decode()
+        assert (
+            f'treelm_version_perplexity{{node="{TREE}/en/medical",role="own",text="{TREE}/en/medical",version="2"}}'
+            in text
+        )
+        assert "oncology" not in text and f'node="{TREE}/{CARD}"' not in text  # cardiology has no history yet
+    finally:
+        w.close()
