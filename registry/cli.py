@@ -243,6 +243,28 @@ def versions(
     _versions_table(Console(), found)
 
 
+@registry_app.command("history")
+def history(
+    ctx: typer.Context,
+    node_id: Annotated[str, typer.Argument(help="node id, e.g. demo/en/medical")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A node's forgetting curve: each version's perplexity on its own, its parent's and siblings' texts."""
+    from registry.db import open_registry
+    from registry.forgetting import history as read_history
+    from registry.history_view import history_json, history_table
+
+    with open_registry(db_url(ctx, db)) as reg:
+        points = read_history(reg, node_id)
+    if as_json:
+        _echo_json(history_json(node_id, points))
+    elif not points:
+        Console().print(f"no perplexities recorded for {escape(node_id)} yet (the update protocol records them)")
+    else:
+        Console().print(history_table(node_id, points))
+
+
 @registry_app.command("alias")
 def alias(
     ctx: typer.Context,

@@ -34,6 +34,7 @@ from registry.vocab import (
     KEY_ROLES,
     KEY_STATUSES,
     LEVELS,
+    PERPLEXITY_ROLES,
     PIN_STATUSES,
     TOKEN_ROLES,
     UPDATE_KINDS,
@@ -63,6 +64,7 @@ __all__ = [
     "UpdateEvent",
     "UpdateRecord",
     "Variant",
+    "VersionPerplexity",
 ]
 
 
@@ -441,3 +443,28 @@ class PolicyDecision(Model):
     reason: Mapped[str] = mapped_column(Text)
     update_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class VersionPerplexity(Model):
+    """Append-only forgetting history: one version's perplexity on one node's eval text.
+
+    For every version the update protocol makes (packages, candidates, rebased children) and for
+    the chain it is measured over: ``role`` own (its own eval text), parent (its parent's),
+    sibling (each sibling's, under the sibling's own chain over this version when the version is
+    a parent's candidate) or stale (a child left as it was over a parent's new version).
+    """
+
+    __tablename__ = "version_perplexities"
+    __table_args__ = (
+        CheckConstraint(_in("role", PERPLEXITY_ROLES), name="role"),
+        Index(None, "node_id", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    origin: Mapped[str] = mapped_column(String(16))  # genesis | package | candidate | rebase
+    role: Mapped[str] = mapped_column(String(16))
+    text_node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))  # whose eval text
+    perplexity: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -38,6 +38,7 @@ from registry.errors import (
     StatusTransitionError,
     UpdateNotFound,
 )
+from registry.forgetting import AddPerplexities, apply_perplexities
 from registry.models import (
     Alias,
     KeyGroup,
@@ -221,7 +222,17 @@ class SetKeyGroup:
 
 
 Change = (
-    AddVersion | SetStatus | MoveAlias | AddPin | AddUpdate | SetUpdate | AddEvent | AddKey | RevokeKey | SetKeyGroup
+    AddVersion
+    | SetStatus
+    | MoveAlias
+    | AddPin
+    | AddUpdate
+    | SetUpdate
+    | AddEvent
+    | AddKey
+    | RevokeKey
+    | SetKeyGroup
+    | AddPerplexities
 )
 
 
@@ -413,6 +424,7 @@ _APPLY: dict[type, Callable[[Session, Any, dict[str, Node], datetime], None]] = 
     AddKey: _add_key,
     RevokeKey: _revoke_key,
     SetKeyGroup: _set_key_group,
+    AddPerplexities: apply_perplexities,
 }
 
 

@@ -12,6 +12,8 @@ __all__ = [
     "KEY_ROLES",
     "KEY_STATUSES",
     "LEVELS",
+    "PERPLEXITY_ORIGINS",
+    "PERPLEXITY_ROLES",
     "PIN_STATUSES",
     "TOKEN_ROLES",
     "UPDATE_KINDS",
@@ -43,6 +45,9 @@ KEY_STATUSES = ("active", "revoked")
 TOKEN_ROLES = ("tenant", "operator")
 DEPLOYMENT_STATUSES = ("active", "draining", "stopped")
 # The signed update protocol (cluster.updates): what an update record is and where it stands.
-UPDATE_KINDS = ("package", "candidate", "contribution")
+UPDATE_KINDS = ("package", "candidate", "contribution", "rebase")
 UPDATE_STATES = ("pending", "aggregated", "absorbed", "awaiting-approval", "stable", "rejected")
 PIN_STATUSES = ("pinned", "held")
+# The forgetting history (version_perplexities): which version made it, whose text it measures.
+PERPLEXITY_ORIGINS = ("genesis", "package", "candidate", "rebase")
+PERPLEXITY_ROLES = ("own", "parent", "sibling", "stale")

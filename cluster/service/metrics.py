@@ -9,6 +9,8 @@
     treelm_adapter_cache_{hits,misses,loads,evictions}_total{tree}, treelm_adapters_resident{tree,tier}
     treelm_feedback_*{node}                          ratings, negative rate, corrections waiting, updates
                                                     made, last update age (cluster/service/feedback_metrics.py)
+    treelm_version_perplexity{node,version,role,text}  the forgetting history's latest version per node
+                                                    (registry.forgetting): own / parent / sibling / stale
 
 Each server owns its CollectorRegistry (several servers can live in one test
 process). Node labels are limited to public nodes the server serves: private nodes
@@ -19,7 +21,8 @@ The endpoint listens on 127.0.0.1 unless ``--metrics-host`` says otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -58,6 +61,29 @@ class _TrunkCollector(Collector):
         yield running
         yield resident
         yield from counters.values()
+
+
+class _ForgettingCollector(Collector):
+    """The newest recorded perplexities per node, read from the registry at scrape time; only points
+    whose node and text are both public (``public``) become series."""
+
+    def __init__(self, points: Callable[[], Mapping[str, Sequence[Any]]], public: Callable[[str], bool]):
+        self._points = points
+        self._public = public
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "treelm_version_perplexity",
+            "Perplexity of a node's newest protocol-made version on its own, parent's and siblings' texts",
+            labels=["node", "version", "role", "text"],
+        )
+        for node, points in sorted(self._points().items()):
+            if not self._public(node):
+                continue
+            for p in points:
+                if self._public(p.text_node):
+                    family.add_metric([node, str(p.version), p.role, p.text_node], p.perplexity)
+        yield family
 
 
 class ServerMetrics:
@@ -104,6 +130,12 @@ class ServerMetrics:
 
     def watch_trunks(self, snapshots: Callable[[], Iterable[TrunkSnapshot]]) -> None:
         self.registry.register(_TrunkCollector(snapshots))
+
+    def watch_forgetting(
+        self, points: Callable[[], Mapping[str, Sequence[Any]]], public: Callable[[str], bool]
+    ) -> None:
+        """Export ``points()`` (node id -> its newest version's PerplexityPoints) for public nodes."""
+        self.registry.register(_ForgettingCollector(points, public))
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""

@@ -67,6 +67,8 @@ from protos.treelm.v1 import (
     updates_pb2,
     updates_pb2_grpc,
 )
+from registry.forgetting import PerplexityPoint
+from registry.forgetting import latest as latest_perplexities
 
 __all__ = ["MAX_REQUEST_BYTES", "SERVICE_NAMES", "ServerConfig", "TreeServer"]
 
@@ -209,6 +211,7 @@ class TreeServer:
         )
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
         self.metrics.registry.register(FeedbackCollector(catalog.registry, self._feedback_label))
+        self.metrics.watch_forgetting(self._forgetting, self._public_served)
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
@@ -235,6 +238,15 @@ class TreeServer:
             return "other"
         visibility = self.catalog.node_visibility(node)
         return node if visibility is not None and visibility.visibility == "public" else "other"
+
+    def _forgetting(self) -> dict[str, list[PerplexityPoint]]:
+        out: dict[str, list[PerplexityPoint]] = {}
+        for tree in self.router.trunks:
+            out |= latest_perplexities(self.catalog.registry, tree)
+        return out
+
+    def _public_served(self, node: str) -> bool:
+        return self._feedback_label(node) == node  # the same rule, asked in the scraping thread
 
     def _in_flight(self) -> int:
         return self.status_interceptor.in_flight + (self._http.api.in_flight if self._http is not None else 0)

@@ -38,11 +38,13 @@ from pathlib import Path
 
 from cluster.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.tree_import import import_tree
-from cluster.updates.keys import load_trust
+from cluster.updates.history import history_changes
+from cluster.updates.keys import load_rebase_key, load_trust
 from cluster.updates.operator_actions import OperatorActions
 from cluster.updates.package import Package
 from cluster.updates.pins import PinDecision, TreeView, pin_changes, plan_pins
 from cluster.updates.policy import UpdatePolicy
+from cluster.updates.rebase import rebase_child
 from cluster.updates.rounds import (
     CandidateBuild,
     build_candidate,
@@ -319,6 +321,7 @@ class Coordinator(OperatorActions):
                     [(update_id, scale_delta(delta, screen.clip_factor), 1.0)],
                     override=(path, new, m.digest),
                     own_check=(path, current),
+                    sources=(path,),
                 )
                 report = build.report
             else:  # a first-level node: no parent absorbs it, but it must not hurt itself or general text
@@ -372,6 +375,10 @@ class Coordinator(OperatorActions):
                 *pin_changes(view, decisions, update_id),
             ]
             changes.append(AddEvent("gated", view.node_id(parent) if parent else node_id, update_id, report.to_dict()))
+            own_chain = [*self.bench.adapters(view.chain(parent)), self.bench.adapter(link)]
+            changes += history_changes(
+                self.bench, view, self.registry, path, m.version, own_chain, (*view.chain(parent), link), "package"
+            )
             self._commit(changes, view, decisions)
             self._admission = build if build is not None else None
             if parent:
@@ -439,7 +446,8 @@ class Coordinator(OperatorActions):
                 before, after = ChainLink.from_dict(p.figures["from"]), ChainLink.from_dict(p.figures["to"])
                 delta = increment(self.bench.adapter(before), self.bench.adapter(after))
                 increments.append((p.update_id, scale_delta(delta, float(p.figures.get("clip", 1.0))), 1.0))
-            build = build_candidate(self.bench, self.policy, view, parent, increments)
+            sources = tuple(view.path_of(p.node_id) for p in pending)
+            build = build_candidate(self.bench, self.policy, view, parent, increments, sources=sources)
         self._admission = None
         if not build.report.passed:
             summary = "gate: " + "; ".join(c.describe() for c in build.report.failures)
@@ -449,6 +457,17 @@ class Coordinator(OperatorActions):
             return None
         now = datetime.fromtimestamp(int(self.clock()), tz=UTC)
         cand_id, changes = store_candidate(self.store, self.policy, view, build, pending, now)
+        chain = view.chain(parent)
+        changes += history_changes(
+            self.bench,
+            view,
+            self.registry,
+            parent,
+            view.latest(parent) + 1,
+            [*self.bench.adapters(chain[:-1]), build.adapter],
+            (*chain[:-1], ("candidate", tuple(chain), ids)),  # the gate's cache key: its figures are reused
+            "candidate",
+        )
         apply_changes(self.registry, changes)
         return cand_id
 
@@ -574,6 +593,8 @@ class Coordinator(OperatorActions):
                 ),
             ]
         self._commit(changes, view, decisions)
+        if self.policy.rebase.enabled and view.children(path):
+            self._run_later(lambda: self._rebase_children(path, before), f"rebasing the children of {path}")
         if parent:
             if self._background is None:
                 self._maybe_aggregate(parent)
@@ -586,6 +607,38 @@ class Coordinator(OperatorActions):
                 self._maybe_aggregate(parent)
         except Exception:  # the contribution stays pending: the next tick or submission tries again
             log.exception("aggregation round for %s failed", parent)
+
+    # -- rebasing ------------------------------------------------------------------------------
+    def _run_later(self, job: Callable[[], None], what: str) -> None:
+        def run() -> None:
+            try:
+                job()
+            except Exception:  # the children keep their pins; an operator sees the log and the events
+                log.exception("%s failed", what)
+
+        if self._background is None:
+            run()
+        else:
+            self._background(run)
+
+    def _rebase_children(self, parent: str, before: ChainLink) -> None:
+        """Rebase every child of ``parent`` (whose stable link was ``before``), then their children
+        over the rebased versions, one at a time (see cluster.updates.rebase)."""
+        key = load_rebase_key(str(self.policy.rebase.key))
+        queue = [(child, before) for child in self._view().children(parent)]
+        while queue:
+            child, old = queue.pop(0)
+            with self._locked():
+                view = self._view(history_for=child)
+                own = view.pins[child].link
+                over = view.chain(view.parent(child))
+                if over[-1] == old or self.store.node(own).raw.get("parent_adapter_digest") == over[-1].adapter:
+                    continue  # the parent moved back, or the child was already made over its new version
+                now = datetime.fromtimestamp(int(self.clock()), tz=UTC)
+                done = rebase_child(self.bench, self.store, self.registry, self.policy, view, child, old, key, now)
+                self._commit(done.changes, view, done.decisions)
+            if done.link is not None:
+                queue += [(grandchild, own) for grandchild in view.children(child)]
 
     # -- reading -------------------------------------------------------------------------------
     def resolve(self, update_id: str) -> str:

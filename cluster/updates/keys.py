@@ -46,6 +46,7 @@ __all__ = [
     "PUBLIC_KEY_FILE",
     "KeyFiles",
     "load_public_key",
+    "load_rebase_key",
     "load_signing_key",
     "load_trust",
     "register_key",
@@ -83,6 +84,13 @@ def write_key_files(out: str | Path, key: SigningKey | None = None, password: by
         fh.write(key.to_pem(password))
     public.write_bytes(key.public.to_pem())
     return KeyFiles(private, public, key.keyid)
+
+
+def load_rebase_key(path: str) -> SigningKey:
+    """The key that signs rebased versions (the policy's ``rebase.key``); an encrypted one needs
+    $TREELM_KEY_PASSPHRASE where the coordinator runs (as the feedback policy's key does)."""
+    passphrase = os.environ.get("TREELM_KEY_PASSPHRASE")
+    return load_signing_key(path, passphrase.encode() if passphrase else None)
 
 
 def load_signing_key(path: str | Path, password: bytes | None = None) -> SigningKey:

@@ -6,8 +6,14 @@ any field, for example::
     min_updates: 3            # aggregate once three screened updates wait for a parent ...
     window_s: 86400           # ... or when the oldest has waited a day (checked by `treelm update tick`)
     eta: 0.5                  # candidate parent = parent + eta * merge(children's increments)
-    merge: auto               # concat | ties | auto (TIES when the children disagree in sign)
-    gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02}
+    merge: auto               # auto (TIES when the children disagree in sign) | concat | ties | dare | dare_ties
+                              # | project, or a mapping: {method: dare, drop: 0.5, seed: 0}, {method: project,
+                              # energy: 0.9} (see hierarchy.updates.aggregate.MergePolicy)
+    consolidate: {steps: 0}   # > 0: distil the merged candidate towards the old parent on the parent's and
+                              # siblings' texts (and towards itself on the updating child's) before the gate
+    rebase: {key: keys/rebase, steps: 20, lr: 0.0003, lm_weight: 0.01}   # with a key: children re-fit over a
+                              # parent's new stable version, gated (gate.rebase), signed with the key
+    gate: {parent: 0.02, probe: 0.02, canary: 0.02, repin: 0.02, rebase: 0.01}
     screen: {max_relative: 10.0, min_relative: 0.01, min_cosine: 0.0, on_too_large: reject}
     approvals: {evaluator: 1, operator: 1}
     probes: {en/medical/oncology: /secure/oncology-probe.txt}
@@ -31,11 +37,12 @@ from typing import Any
 import yaml
 
 from cluster.errors import PolicyError
+from hierarchy.updates.aggregate import MergePolicy
 from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds
 
-__all__ = ["POLICY_FILE", "FeedbackPolicy", "UpdatePolicy"]
+__all__ = ["POLICY_FILE", "DistillPolicy", "FeedbackPolicy", "RebasePolicy", "UpdatePolicy"]
 
 POLICY_FILE = "update-policy.yaml"
 _DAY = 86400.0
@@ -51,6 +58,88 @@ def _number(name: str, value: Any, *, integer: bool = False, low: float = 0.0, h
         raise PolicyError(
             f"update policy: {name} must be {'an integer' if integer else 'a number'} {span}, got {value!r}"
         )
+
+
+def _merge_policy(value: Any, eta: float) -> MergePolicy:
+    """``merge:`` as a method name or a mapping of :class:`MergePolicy` fields (``eta`` is top-level)."""
+    if isinstance(value, MergePolicy):
+        return replace(value, eta=eta) if value.eta != eta else value
+    if isinstance(value, str):
+        value = {"method": value}
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"update policy: merge must be a method name or a mapping of fields, got {value!r}")
+    known = {f.name for f in fields(MergePolicy)} - {"eta"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise PolicyError(
+            f"update policy: unknown merge field(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))};"
+            " eta is a top-level field)"
+        )
+    try:
+        return MergePolicy(**dict(value), eta=eta)
+    except (ValueError, TypeError) as exc:
+        raise PolicyError(f"update policy: merge.{exc}") from None
+
+
+@dataclass(frozen=True)
+class DistillPolicy:
+    """A short distillation run (nodes.build.distill): ``consolidate`` (a merged candidate parent,
+    towards the old parent on its own and its siblings' texts) and ``rebase`` (a child over its
+    parent's new version, towards its old effective model). ``steps: 0`` turns it off."""
+
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0: off)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step, shared by the texts"})
+    lm_weight: float = field(default=0.5, metadata={"help": "rebase: weight of the child's own LM loss"})
+    seed: int = field(default=0, metadata={"help": "data order"})
+
+    def __post_init__(self) -> None:
+        _number("steps", self.steps, integer=True, low=0, high=10_000)
+        _number("lr", self.lr, low=1e-9, high=1.0)
+        _number("batch_size", self.batch_size, integer=True, low=1, high=1024)
+        _number("lm_weight", self.lm_weight, low=0, high=100)
+        _number("seed", self.seed, integer=True, low=0)
+
+    @classmethod
+    def from_dict(cls, name: str, obj: Any, base_dir: Path | None = None) -> Any:
+        if not isinstance(obj, Mapping):
+            raise PolicyError(f"update policy: {name} must be a mapping of fields, got {obj!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(obj) - known))
+        if unknown:
+            raise PolicyError(
+                f"update policy: unknown {name} field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        values = dict(obj)
+        if values.get("key") and base_dir is not None:
+            values["key"] = str((base_dir / str(values["key"])).resolve())
+        try:
+            return cls(**values)
+        except PolicyError as exc:
+            raise PolicyError(str(exc).replace("update policy: ", f"update policy: {name}.", 1)) from None
+
+
+@dataclass(frozen=True)
+class RebasePolicy(DistillPolicy):
+    """Children re-fit over their parent's new stable version (cluster.updates.rebase); made only
+    when ``key`` names the signing key of the rebased versions (a key the tree trusts)."""
+
+    steps: int = field(default=20, metadata={"help": "optimizer steps (0: off)"})
+    # Small steps: the KL towards the old model is tiny to begin with, and Adam's normalised steps
+    # would otherwise walk the adapter away from it (measured on the demo tree, see the README).
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    # Small: the own LM loss pulls the child away from its old model (measured, see the README).
+    lm_weight: float = field(default=0.01, metadata={"help": "weight of the child's own LM loss"})
+    key: str | None = field(default=None, metadata={"help": "signing key dir/PEM; None: no rebases"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise PolicyError(f"update policy: key must be a key directory or PEM file, got {self.key!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.steps and self.key)
 
 
 @dataclass(frozen=True)
@@ -126,7 +215,9 @@ class UpdatePolicy:
     min_updates: int = field(default=1, metadata={"help": "m: aggregate when this many screened updates wait"})
     window_s: float | None = field(default=None, metadata={"help": "or when the oldest has waited this long"})
     eta: float = field(default=0.5, metadata={"help": "server step: candidate = parent + eta * merge"})
-    merge: str = field(default="auto", metadata={"help": "concat, ties, or auto (TIES on sign conflict)"})
+    merge: MergePolicy = field(
+        default_factory=MergePolicy, metadata={"help": "a merge method's name, or a mapping of MergePolicy fields"}
+    )
     screen: ScreenPolicy = field(default_factory=ScreenPolicy)
     gate: GateBounds = field(default_factory=GateBounds)
     approvals: Mapping[str, int] = field(default_factory=lambda: {"evaluator": 1, "operator": 1})
@@ -139,6 +230,13 @@ class UpdatePolicy:
     canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
     max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
     feedback: FeedbackPolicy = field(default_factory=FeedbackPolicy)
+    consolidate: DistillPolicy = field(
+        default_factory=DistillPolicy, metadata={"help": "distil a merged candidate towards the old parent"}
+    )
+    rebase: RebasePolicy = field(
+        default_factory=RebasePolicy,
+        metadata={"help": "re-fit each child over its parent's new stable version (needs key)"},
+    )
     gate_max_tokens: int | None = field(
         default=None,
         metadata={"help": "measure each gate text on its first N tokens (bounds the gate's cost; default: all)"},
@@ -161,8 +259,7 @@ class UpdatePolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise PolicyError(f"update policy: {name} must be a number > 0, got {value!r}")
-        if self.merge not in ("auto", "concat", "ties"):
-            raise PolicyError(f"update policy: merge must be auto, concat or ties, got {self.merge!r}")
+        object.__setattr__(self, "merge", _merge_policy(self.merge, self.eta))
         approvals = {}
         for role, count in dict(self.approvals).items():
             parsed = Role.parse(role)
@@ -205,6 +302,10 @@ class UpdatePolicy:
             values["gate"] = GateBounds(**dict(values["gate"]))
         if "feedback" in values:
             values["feedback"] = FeedbackPolicy.from_dict(values["feedback"], base_dir)
+        if "consolidate" in values:
+            values["consolidate"] = DistillPolicy.from_dict("consolidate", values["consolidate"])
+        if "rebase" in values:
+            values["rebase"] = RebasePolicy.from_dict("rebase", values["rebase"], base_dir)
         # Text files are relative to the policy file.
         if base_dir is not None:
             values["probes"] = {k: str((base_dir / v).resolve()) for k, v in dict(values.get("probes", {})).items()}

@@ -16,7 +16,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import torch
@@ -26,10 +26,12 @@ from cluster.updates.policy import UpdatePolicy
 from cluster.updates.workbench import Workbench
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId
-from hierarchy.updates.aggregate import MergePolicy, WeightedDelta, candidate_parent
+from hierarchy.updates.aggregate import INPUT_MAPPED, MergePolicy, WeightedDelta, candidate_parent
 from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.manifest import UPDATE_PAYLOAD_TYPE, FileEntry, LayerSpec, UpdateManifest
+from hierarchy.updates.merges import contrast_map, projector
 from hierarchy.updates.screening import ScreenResult, delta_norm
+from nodes.build.distill import Target
 from nodes.build.gate import Comparison, GateReport
 from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, VersionStore
@@ -109,11 +111,14 @@ def build_candidate(
     *,
     override: tuple[str, AdapterWeights, str] | None = None,
     own_check: tuple[str, ChainLink] | None = None,
+    sources: Sequence[str] = (),
 ) -> CandidateBuild:
     """The candidate parent and its gate report (nothing stored).
 
     ``override`` = (child path, its new adapter, a key): gate that child with the adapter it is about
     to get (a package being admitted); ``own_check`` adds "does the update hurt its own probe".
+    ``sources``: the children the increments come from; a ``project`` merge protects the inputs of
+    the parent's own text and of every other child's (over the chains served now).
     """
     parent_chain = view.chain(parent)
     current = bench.adapter(parent_chain[-1])
@@ -122,8 +127,12 @@ def build_candidate(
         aligned, lost = align(delta, current)
         children.append(WeightedDelta(aligned, weight, update_id))
         dropped.append(lost)
-    merged = candidate_parent(current.factors, children, MergePolicy(method=policy.merge, eta=policy.eta))
+    merge = replace(policy.merge, eta=policy.eta)
+    maps = _input_maps(bench, view, parent, sources, merge, current) if merge.method in INPUT_MAPPED else None
+    merged = candidate_parent(current.factors, children, merge, maps)
     candidate = AdapterWeights(current.r, current.alpha, current.target_modules, merged.factors, current.dropout)
+    if policy.consolidate.steps:
+        candidate = _consolidate(bench, policy, view, parent, sources, candidate)
     ancestors = bench.adapters(parent_chain[:-1])
     cand_key = ("candidate", tuple(parent_chain), tuple(u for u, _, _ in increments))
     after_parent = (*parent_chain[:-1], cand_key)
@@ -198,6 +207,55 @@ def build_candidate(
         max(dropped, default=0.0),
         report,
     )
+
+
+def _input_maps(
+    bench: Workbench, view: TreeView, parent: str, sources: Sequence[str], merge: MergePolicy, current: AdapterWeights
+) -> dict[str, torch.Tensor]:
+    """Per-layer maps of a ``project`` / ``contrast`` merge: the protected inputs are the parent's
+    own and its ancestors' texts and every child's that sent no increment, over the chains served now."""
+    children = view.children(parent)
+    # The parent's chain on its own and its ancestors' texts (the gate's canary is the top level's),
+    # each other child's chain on its text.
+    guarded = [(p, view.chain(parent)) for p in _lineage(view, parent)]
+    guarded += [(c, view.chain(c)) for c in children if c not in sources]
+    protect = bench.input_covariance(guarded, current.factors)
+    if merge.method == "project":
+        return {m: projector(c, merge.energy) for m, c in protect.items()}
+    keep = bench.input_covariance([(c, view.chain(c)) for c in sources if c in children], current.factors)
+    if not keep:  # no child's text to keep: the increment's own inputs are unknown, shrink uniformly
+        return {m: torch.eye(c.shape[0], dtype=torch.float64) / (1.0 + merge.strength) for m, c in protect.items()}
+    # Mean covariances: the protected side sums several texts, the kept side one or more.
+    n_guard, n_keep = len(guarded), len([c for c in sources if c in children])
+    return {m: contrast_map(keep[m] / n_keep, protect[m] / n_guard, merge.strength) for m in protect}
+
+
+def _lineage(view: TreeView, path: str) -> list[str]:
+    """``path`` and its ancestors up to the first level."""
+    out = []
+    while path:
+        out.append(path)
+        path = view.parent(path)
+    return out
+
+
+def _consolidate(
+    bench: Workbench, policy: UpdatePolicy, view: TreeView, parent: str, sources: Sequence[str], merged: AdapterWeights
+) -> AdapterWeights:
+    """The merged candidate distilled (nodes.build.distill): towards the current parent chain on
+    the parent's own and its ancestors' training texts and, with each sibling's adapter on top, on
+    each sibling's; towards the merged candidate itself on the updating children's texts (keep
+    what they taught)."""
+    chain = view.chain(parent)
+    ancestors, old = bench.adapters(chain[:-1]), bench.adapters(chain)
+    targets = [Target(bench.train_tokens(p), old) for p in _lineage(view, parent)]
+    for child in view.children(parent):
+        if child in sources:
+            targets.append(Target(bench.train_tokens(child), [*ancestors, merged]))
+        else:
+            own = bench.adapter(view.chain(child)[-1])
+            targets.append(Target(bench.train_tokens(child), [*old, own], around=[own]))
+    return bench.distill(ancestors, merged, targets, policy.consolidate)
 
 
 def own_report(bench: Workbench, view: TreeView, path: str, new: AdapterWeights, key: str) -> GateReport:

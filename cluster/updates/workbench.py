@@ -9,16 +9,23 @@ first-level nodes' texts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from cluster.updates.policy import UpdatePolicy
+import torch
+
+from cluster.updates.policy import DistillPolicy, UpdatePolicy
 from hierarchy.chain import LoraFactors
 from hierarchy.ids import NodeId, NodePath
 from hierarchy.spec import TrainSettings
 from nodes.base.model import load_base
+from nodes.build.activations import input_covariances
+from nodes.build.distill import Target, distill
 from nodes.build.finetune import fine_tune, increment
 from nodes.build.gate import Comparison, EvalText, Evaluator, GateCheck, canary_text, node_eval_text, read_eval_text
+from nodes.build.training import tokenize_text
+from nodes.errors import GateTextMissing
 from nodes.store.adapters import AdapterWeights
 from nodes.store.tree import BuiltNode
 from nodes.store.versions import ChainLink, VersionStore
@@ -46,6 +53,8 @@ class Workbench:
         self._adapters: dict[ChainLink, AdapterWeights] = {}
         self._texts: dict[str, EvalText] = {}
         self._references: dict[tuple, dict[str, LoraFactors]] = {}
+        self._covariances: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._token_cache: dict[str, torch.Tensor] = {}
         first = store.tree.nodes[0] if store.tree.nodes else None
         self.seq_len = int((first.training if first else {}).get("max_seq_len", 64) or 64)
 
@@ -83,6 +92,43 @@ class Workbench:
                     else node_eval_text(self.store.tree, self._built(path))
                 )
             return self._texts[path]
+
+    def train_text(self, path: str) -> EvalText:
+        """The text node ``path`` was trained on (node.json ``data.train``), else its probe text:
+        what distillation replays, so that the gate never measures on what was trained on."""
+        with self._lock:
+            key = "\0train " + path
+            if key not in self._texts:
+                node = self._built(path)
+                info = (node.data or {}).get("train") or {}
+                try:
+                    data = {**(node.data or {}), "eval": info} if info.get("file") else None
+                    self._texts[key] = (
+                        node_eval_text(self.store.tree, replace(node, data=data)) if data else self.probe(path)
+                    )
+                except GateTextMissing:  # moved or changed since the build
+                    self._texts[key] = self.probe(path)
+            return self._texts[key]
+
+    def train_tokens(self, path: str) -> torch.Tensor:
+        """:meth:`train_text` as one token stream (all of it: the gate's token cap is for measuring)."""
+        text = self.train_text(path)
+        with self._lock:
+            key = "\0tokens " + text.sha256
+            if key not in self._token_cache:
+                self._token_cache[key] = tokenize_text(self.evaluator.base.tokenizer, text.text)
+            return self._token_cache[key]
+
+    def distill(
+        self, ancestors: Sequence[AdapterWeights], own: AdapterWeights, targets: Sequence[Target], policy: DistillPolicy
+    ) -> AdapterWeights:
+        """``nodes.build.distill.distill`` with the workbench's model and ``policy``'s settings."""
+        settings = TrainSettings(
+            steps=policy.steps, lr=policy.lr, batch_size=policy.batch_size, max_seq_len=self.seq_len, seed=policy.seed
+        )
+        ev = self.evaluator
+        with ev.lock:
+            return distill(ev.base.model, list(ancestors), own, targets, settings).adapter
 
     def feedback(self, path: str) -> EvalText | None:
         """Node ``path``'s held-out feedback (written by `update make --from-feedback`), if it has any.
@@ -127,6 +173,29 @@ class Workbench:
                     result = fine_tune(ev.base.model, self.adapters(chain[:-1]), current, ev.tokens(text), settings)
                 self._references[key] = increment(current, result.adapter)
             return self._references[key]
+
+    def input_covariance(self, nodes: Sequence[tuple[str, Sequence[ChainLink]]], modules: Iterable[str]):
+        """Per layer, the sum over the (node path, served chain) pairs of the mean ``x x^T`` of the
+        inputs that chain feeds the layer on that node's probe text (each text counts once,
+        whatever its length): what ``project`` / ``contrast`` merges protect or keep."""
+        wanted = sorted(set(modules))
+        total: dict[str, torch.Tensor] = {}
+        for path, chain in nodes:
+            text = self.probe(path)
+            key = (tuple(chain), text.sha256, tuple(wanted))
+            with self._lock:
+                if key not in self._covariances:
+                    if len(self._covariances) >= _MAX_CACHED:
+                        self._covariances.clear()
+                    ev = self.evaluator
+                    with ev.lock:
+                        self._covariances[key] = input_covariances(
+                            ev.base.model, self.adapters(chain), ev.tokens(text), self.seq_len, wanted
+                        )
+                cov = self._covariances[key]
+            for m, c in cov.items():
+                total[m] = total[m] + c if m in total else c
+        return total
 
     def measure(self, subject: str, comparisons: Sequence[Comparison]):
         return self.evaluator.run(subject, comparisons, self.policy.gate)

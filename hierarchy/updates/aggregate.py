@@ -17,6 +17,9 @@ entry's sign from the weighted sum of the trimmed deltas (ties -> +), and take
 the weighted mean over the children whose trimmed entry is non-zero and has the
 elected sign (0 where none does).
 
+DARE (``dare``, ``dare_ties``) and projection away from the inputs the siblings and the parent
+feed each layer (``project``) are in :mod:`hierarchy.updates.merges`.
+
     candidate parent = SVD_r(parent delta + eta * merge(children)),  r = the parent's rank
 """
 
@@ -30,8 +33,11 @@ import torch
 
 from hierarchy.chain import LoraFactors, pad_rank
 from hierarchy.errors import AggregationError
+from hierarchy.updates.merges import dare_merge
 
 __all__ = [
+    "INPUT_MAPPED",
+    "MERGE_METHODS",
     "CandidateParent",
     "MergePolicy",
     "RankReduction",
@@ -188,26 +194,51 @@ def reduce_rank(delta: LoraFactors | torch.Tensor, rank: int, scale: float = 1.0
     return RankReduction(factors, s, tail, float(torch.sqrt((tail**2).sum())))
 
 
+# auto: TIES on sign conflict, else concat; dare / dare_ties: DARE-pruned deltas (merges.py);
+# project: concat, then each layer's increment projected away from the protected inputs;
+# contrast: concat, then shrunk on the protected inputs and kept on the updating children's.
+MERGE_METHODS = ("auto", "concat", "ties", "dare", "dare_ties", "project", "contrast")
+INPUT_MAPPED = ("project", "contrast")  # methods that need per-layer input maps (see candidate_parent)
+
+
 @dataclass(frozen=True)
 class MergePolicy:
     """How a parent merges its children's screened deltas."""
 
-    method: str = field(default="auto", metadata={"help": "'concat', 'ties', or 'auto' (TIES on sign conflict)"})
+    method: str = field(default="auto", metadata={"help": "one of " + ", ".join(MERGE_METHODS)})
     eta: float = field(default=1.0, metadata={"help": "server step: candidate = parent + eta * merge"})
     density: float = field(default=0.2, metadata={"help": "TIES: share of entries each child keeps"})
     conflict_threshold: float = field(
         default=0.3, metadata={"help": "auto: TIES above this sign-conflict share (see sign_conflict)"}
     )
+    drop: float = field(default=0.5, metadata={"help": "DARE: share of each delta's entries dropped"})
+    seed: int = field(default=0, metadata={"help": "DARE: seed of the drop masks"})
+    energy: float = field(
+        default=0.9, metadata={"help": "project: share of the protected inputs' energy the increment avoids"}
+    )
+    strength: float = field(default=4.0, metadata={"help": "contrast: weight of the protected inputs (>= 0)"})
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "concat", "ties"):
-            raise ValueError(f"method must be 'auto', 'concat' or 'ties', got {self.method!r}")
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(MERGE_METHODS)}, got {self.method!r}")
         if not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or self.eta <= 0:
             raise ValueError(f"eta must be > 0, got {self.eta!r}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if not 0.0 <= self.conflict_threshold <= 1.0:
             raise ValueError(f"conflict_threshold must be in [0, 1], got {self.conflict_threshold!r}")
+        if isinstance(self.drop, bool) or not isinstance(self.drop, (int, float)) or not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop must be in [0, 1), got {self.drop!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.energy, bool) or not isinstance(self.energy, (int, float)) or not 0.0 < self.energy < 1.0:
+            raise ValueError(f"energy must be in (0, 1), got {self.energy!r}")
+        if (
+            isinstance(self.strength, bool)
+            or not isinstance(self.strength, (int, float))
+            or not (math.isfinite(self.strength) and 0.0 <= self.strength <= 1e6)
+        ):
+            raise ValueError(f"strength must be in [0, 1e6], got {self.strength!r}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +246,7 @@ class CandidateParent:
     """The parent's next adapter: same layers, rank and scale as the current one."""
 
     factors: Mapping[str, LoraFactors] = field(repr=False)  # module -> A [r_p, in], B [out, r_p]
-    method: str  # "concat" or "ties": what was used
+    method: str  # what was used ("auto" resolved to "concat" or "ties")
     conflict: float  # sign-conflict share that drove 'auto'
     truncation_error: Mapping[str, float]  # module -> Frobenius error of the rank reduction
     relative_error: float  # sqrt(sum err^2) / ||target||: how much the rank cap lost
@@ -225,15 +256,36 @@ def candidate_parent(
     parent: Mapping[str, LoraFactors],
     children: Sequence[WeightedDelta],
     policy: MergePolicy = MergePolicy(),
+    input_maps: Mapping[str, torch.Tensor] | None = None,
 ) -> CandidateParent:
-    """SVD_{r_p}(parent delta + eta * merge(children)) per layer, kept at the parent's rank and scale."""
+    """SVD_{r_p}(parent delta + eta * merge(children)) per layer, kept at the parent's rank and scale.
+
+    ``input_maps`` (methods ``project``, ``contrast``): module -> [in, in] matrix M; the layer's
+    merged increment becomes ``dW @ M`` (:func:`hierarchy.updates.merges.projector`,
+    :func:`~hierarchy.updates.merges.contrast_map`); a layer without one is left as it is.
+    """
     if set(parent) != set(children[0].delta if children else {}):
         raise AggregationError("children must adapt exactly the parent's layers")
+    if policy.method in INPUT_MAPPED and input_maps is None:
+        raise AggregationError(f"merge method {policy.method!r} needs per-layer input maps")
     conflict = sign_conflict(children, policy.density)
     method = policy.method
     if method == "auto":
         method = "ties" if conflict > policy.conflict_threshold else "concat"
-    merged = ties_merge(children, policy.density) if method == "ties" else concat_merge(children)
+    merged: Mapping[str, LoraFactors | torch.Tensor]
+    if method == "ties":
+        merged = ties_merge(children, policy.density)
+    elif method in ("dare", "dare_ties"):
+        pairs = [(c.delta, w) for c, w in _weights(children, normalize=True)]
+        merged = dare_merge(pairs, policy.drop, policy.seed, elect_sign=method == "dare_ties")
+    elif method in INPUT_MAPPED:
+        assert input_maps is not None  # checked above
+        merged = {
+            m: (f.delta().double() @ input_maps[m].double() if m in input_maps else f.delta().double())
+            for m, f in concat_merge(children).items()
+        }
+    else:
+        merged = concat_merge(children)
     factors: dict[str, LoraFactors] = {}
     errors: dict[str, float] = {}
     lost = total = 0.0

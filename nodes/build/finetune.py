@@ -24,7 +24,7 @@ from nodes.build.training import ChainPatch, TrainResult, perplexity, train_adap
 from nodes.errors import AdapterError, BuildError
 from nodes.store.adapters import AdapterWeights
 
-__all__ = ["FineTuneResult", "chain_perplexity", "fine_tune", "increment", "lora_settings_of"]
+__all__ = ["FineTuneResult", "chain_perplexity", "fine_tune", "increment", "load_own", "lora_settings_of"]
 
 _NO_GUARD = GuardSettings(replay=0.0, kl_weight=0.0)
 
@@ -46,7 +46,7 @@ def lora_settings_of(adapter: AdapterWeights) -> LoraSettings:
     return LoraSettings(r=adapter.r, alpha=adapter.alpha, dropout=0.0, target_modules=kinds)
 
 
-def _load_own(patch: ChainPatch, current: AdapterWeights) -> None:
+def load_own(patch: ChainPatch, current: AdapterWeights) -> None:
     own = {name for name, layer in patch.layers.items() if layer.lora_A is not None}
     if own != set(current.factors):
         raise AdapterError(
@@ -77,7 +77,7 @@ def fine_tune(
             f"{settings.max_seq_len + 1}; add text or lower max_seq_len"
         )
     with ChainPatch(model, list(ancestors), lora_settings_of(current), seed=settings.seed) as patch:
-        _load_own(patch, current)
+        load_own(patch, current)
         result = train_adapter(model, patch, tokens, None, settings, _NO_GUARD)
         trained = patch.own_adapter()
     model.eval()

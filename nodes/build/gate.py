@@ -56,12 +56,13 @@ class GateBounds:
     probe: float = field(default=0.02, metadata={"help": "each child's probe text"})
     canary: float = field(default=0.02, metadata={"help": "the general canary text"})
     repin: float = field(default=0.02, metadata={"help": "a child re-validated over a new parent version"})
+    rebase: float = field(default=0.01, metadata={"help": "a child's rebased version on its own text (both ways)"})
     # Not a rise but a required fall: an update made from feedback must lower the perplexity of the
     # node's held-out feedback by at least this much (0 = any improvement).
     feedback: float = field(default=0.0, metadata={"help": "least relative improvement on held-out feedback"})
 
     def __post_init__(self) -> None:
-        for name in ("parent", "probe", "canary", "repin", "feedback"):
+        for name in ("parent", "probe", "canary", "repin", "rebase", "feedback"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"gate bound {name!r} must be a finite number >= 0, got {value!r}")
@@ -72,6 +73,7 @@ class GateBounds:
             "probe": self.probe,
             "canary": self.canary,
             "repin": self.repin,
+            "rebase": self.rebase,
             "feedback": self.feedback,
         }
 
@@ -147,7 +149,7 @@ class Comparison:
     """One gate check to run: a text under the chain served now and under the changed chain."""
 
     name: str  # e.g. "parent held-out", "probe demo/en/medical/cardiology", "canary"
-    kind: str  # parent | probe | canary | repin | feedback: which bound applies
+    kind: str  # parent | probe | canary | repin | rebase | feedback: which bound applies
     text: EvalText
     before: Sequence[AdapterWeights]  # the chain served now (top ancestor first)
     after: Sequence[AdapterWeights]  # the chain with the change
@@ -174,6 +176,8 @@ class GateCheck:
     def passed(self) -> bool:
         if not math.isfinite(self.after) or self.change > self.bound:
             return False
+        if self.kind == "rebase":  # a rebased child must stay close to what it was: better counts too
+            return abs(self.change) <= self.bound
         return self.kind != "feedback" or self.change < 0  # feedback must improve, not merely hold
 
     def describe(self) -> str:

@@ -1,5 +1,6 @@
-"""demo-report/: every table as JSON, the tree as a PNG (levels, versions, perplexity gains) and
-tokens/s per node as a PNG."""
+"""demo-report/: every table as JSON, the tree as a PNG (levels, versions, perplexity gains),
+tokens/s per node as a PNG, and each updated node's forgetting history (the registry's perplexities
+per version on its own, its parent's and its siblings' texts) as a PNG."""
 
 from __future__ import annotations
 
@@ -43,7 +44,57 @@ def tree_nodes(tree_dir: Path, versions: dict[str, int | None]) -> list[dict]:
     return out
 
 
-def write(report_dir: Path, tables: list[Table], nodes: list[dict], rates: dict[str, float]) -> list[Path]:
+def forgetting(url: str) -> dict[str, list[dict]]:
+    """Every node's recorded forgetting history (registry.forgetting), as JSON-ready points."""
+    from registry.db import open_registry
+    from registry.forgetting import history
+    from registry.trees import list_nodes
+
+    with open_registry(url) as reg:
+        out = {}
+        for node in list_nodes(reg, include_private=True):
+            points = history(reg, node.node_id)
+            if points:
+                out[node.node_id] = [
+                    {"version": p.version, "origin": p.origin, "role": p.role, "text": p.text_node, "ppl": p.perplexity}
+                    for p in points
+                ]
+        return out
+
+
+def _plot_forgetting(plt, path: Path, curves: dict[str, list[dict]]) -> None:
+    """One panel per node: perplexity per version on each text (own solid, parent dashed, siblings dotted)."""
+    nodes = sorted(curves)
+    fig, axes = plt.subplots(1, max(1, len(nodes)), figsize=(4.2 * max(1, len(nodes)), 3.8), squeeze=False)
+    styles = {"own": "-", "parent": "--", "sibling": ":", "stale": "none"}
+    for ax, node in zip(axes[0], nodes, strict=False):
+        lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for p in curves[node]:
+            lines.setdefault((p["role"], p["text"]), []).append((p["version"], p["ppl"]))
+        for (role, text), pts in sorted(lines.items()):
+            xs, ys = zip(*sorted(pts), strict=True)
+            label = "un-rebased" if role == "stale" else f"{role}: {text.split('/', 1)[-1]}"
+            ax.plot(xs, ys, linestyle=styles.get(role, "-"), marker="x" if role == "stale" else "o", label=label)
+        ax.set_title(node.split("/", 1)[-1], fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("version")
+        ax.set_ylabel("perplexity")
+        ax.legend(fontsize=6)
+    if not nodes:
+        axes[0][0].text(0.5, 0.5, "no version made by the update protocol yet", ha="center", va="center")
+    fig.suptitle("Forgetting history: each version's perplexity on its own, parent's and siblings' eval texts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(
+    report_dir: Path,
+    tables: list[Table],
+    nodes: list[dict],
+    rates: dict[str, float],
+    history: dict[str, list[dict]] | None = None,
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,4 +162,9 @@ def write(report_dir: Path, tables: list[Table], nodes: list[dict], rates: dict[
     fig.savefig(report_dir / "tokens_per_s.png", dpi=110)
     plt.close(fig)
     written.append(report_dir / "tokens_per_s.png")
+
+    if history is not None:
+        (report_dir / "forgetting.json").write_text(json.dumps(history, indent=2) + "\n")
+        _plot_forgetting(plt, report_dir / "forgetting.png", history)
+        written += [report_dir / "forgetting.json", report_dir / "forgetting.png"]
     return written

@@ -145,7 +145,9 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
         steps.Table("timings", "Where the time went (wall seconds)", ["step", "s"], [*clock.rows, ["total", total]])
     )
     report.show(console, tables[-1])
-    written = report.write(config.report, tables, report.tree_nodes(state.tree, versions), rates)
+    written = report.write(
+        config.report, tables, report.tree_nodes(state.tree, versions), rates, report.forgetting(state.url)
+    )
     console.print(f"report: {', '.join(str(p) for p in written)}")
     console.print(f"done in {time.monotonic() - started:.0f} s")
     return {t.name: t for t in tables}

@@ -1,0 +1,168 @@
+"""Rebasing children when their parent's new version becomes stable.
+
+A child's adapter was trained over its parent's old version; over the new one its effective model
+drifts. Its rebased version is its adapter re-fit over the new parent chain (nodes.build.distill):
+KL towards the old effective model's next-token distributions on the child's training text, plus
+its own LM loss on it. The rebased version is gated on the child's own probe text (within
+``gate.rebase`` of what the old effective model scores, either way), signed with the policy's
+``rebase.key``, stored and recorded like any version (an update record of kind ``rebase``, its
+forgetting history, including ``stale``: the un-rebased child over the new parent) and served:
+it was made for the new chain, so it is pinned there in the same transaction. Its own children
+are then rebased over it in turn.
+
+Until then the child keeps the pin it got when the parent moved (re-validated over the new parent,
+or held on the old one), so no request ever sees a half-rebased chain. The coordinator runs
+rebases in its ``background`` runner: a server's round thread, or the Ray update desk's thread
+pool (one thread: children one after another, never alongside an aggregation round).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cluster.updates.history import history_changes
+from cluster.updates.pins import PinDecision, TreeView, pin_changes, plan_pins
+from cluster.updates.policy import UpdatePolicy
+from cluster.updates.rounds import new_id
+from cluster.updates.workbench import Workbench
+from hierarchy.ids import NodeId
+from hierarchy.updates.keys import SigningKey
+from hierarchy.updates.manifest import FileEntry, LayerSpec, UpdateManifest, sign_manifest
+from nodes.build.distill import Target
+from nodes.build.gate import Comparison, GateCheck
+from nodes.store.versions import ChainLink, VersionStore
+from registry.db import Registry
+from registry.updates import AddEvent, AddUpdate, AddVersion, Change, MoveAlias
+
+__all__ = ["Rebase", "rebase_child"]
+
+
+@dataclass(frozen=True)
+class Rebase:
+    """One child's rebase: its gate check, the un-rebased figure, and what to record."""
+
+    child: str
+    check: GateCheck  # own probe: old effective model -> rebased version over the new parent
+    stale: GateCheck  # own probe: old effective model -> old adapter over the new parent
+    link: ChainLink | None  # the stored version (None when the gate refused it)
+    changes: list[Change]
+    decisions: list[PinDecision]
+
+    def figures(self) -> dict[str, Any]:
+        return {"child": self.child, "rebased": self.check.to_dict(), "stale": self.stale.to_dict()}
+
+
+def rebase_child(
+    bench: Workbench,
+    store: VersionStore,
+    registry: Registry,
+    policy: UpdatePolicy,
+    view: TreeView,
+    child: str,
+    before: ChainLink,
+    key: SigningKey,
+    now: datetime,
+) -> Rebase:
+    """Re-fit ``child`` over its parent's served chain, replacing the parent's old link ``before``."""
+    parent = view.parent(child)
+    new_parent = view.chain(parent)
+    own_link = view.pins[child].link
+    old_chain = (*new_parent[:-1], before, own_link)
+    teacher, ancestors, own = bench.adapters(old_chain), bench.adapters(new_parent), bench.adapter(own_link)
+    tokens = bench.train_tokens(child)
+    targets = [Target(tokens, teacher), Target(tokens, None, policy.rebase.lm_weight)]
+    rebased = bench.distill(ancestors, own, targets, policy.rebase)
+    node_id, version = view.node_id(child), view.latest(child) + 1
+    rebased_key = (*new_parent, ("rebased", own_link, version))
+    report = bench.measure(
+        f"rebase {node_id} v{version}",
+        [
+            Comparison(
+                f"rebased {node_id} on its own probe",
+                "rebase",
+                bench.probe(child),
+                teacher,
+                [*ancestors, rebased],
+                tuple(old_chain),
+                rebased_key,
+            ),
+            Comparison(
+                f"un-rebased {node_id} over the new parent",
+                "repin",
+                bench.probe(child),
+                teacher,
+                [*ancestors, own],
+                tuple(old_chain),
+                (*new_parent, own_link),
+            ),
+        ],
+    )
+    check, stale = report.checks
+    figures = {"rebased": check.to_dict(), "stale": stale.to_dict(), "over": [x.to_dict() for x in new_parent]}
+    if not check.passed:
+        event = AddEvent("rebase-rejected", node_id, None, figures | {"reason": check.describe()})
+        return Rebase(child, check, stale, None, [event], [])
+    update_id = new_id()
+    parent_version = view.stable(parent) or 0
+    record = {k: v for k, v in store.node(own_link).raw.items() if k != "files"}
+    record |= {
+        "parent_version": parent_version or None,
+        "parent_adapter_digest": new_parent[-1].adapter,
+        "metrics": {"rebase": check.to_dict(), "stale": stale.to_dict()},
+        "update": {"id": update_id, "kind": "rebase"},
+    }
+    link = store.put_adapter(child, version, rebased, record)
+    stored = store.node(link)
+    node = NodeId.parse(node_id)
+    trained_on = json.dumps({"text": bench.train_text(child).sha256, "teacher": [x.to_dict() for x in old_chain]})
+    manifest = UpdateManifest(
+        node=node,
+        parent=node.parent,
+        parent_version=parent_version,
+        base_digest="sha256:" + view.tree.base_digest,
+        version=version,
+        files=tuple(FileEntry(n, str(i["sha256"]), int(i["length"])) for n, i in stored.files.items()),
+        layers=tuple(LayerSpec(m, f.out_features, f.in_features, f.rank) for m, f in rebased.factors.items()),
+        training_data_digest="sha256:" + hashlib.sha256(trained_on.encode()).hexdigest(),
+        metrics=(("rebase_change", check.change), ("stale_change", stale.change)),
+        created=now,
+        expires=now + timedelta(seconds=policy.approval_ttl_s),
+    )
+    envelope = sign_manifest(manifest, [key])
+    decisions = plan_pins(view, child, {child: link}, {child: (*new_parent, link)}, bench.revalidate)
+    changes: list[Change] = [
+        AddVersion(node_id, version, parent_version or None, manifest.digest[7:], "accepted", {"rebase": check.change}),
+        MoveAlias(node_id, "stable", version),
+        AddUpdate(
+            update_id,
+            "rebase",
+            node_id,
+            version,
+            parent_version,
+            view.node_id(parent),
+            "stable",
+            manifest.digest[7:],
+            envelope.to_bytes().decode(),
+            figures=figures | {"from": own_link.to_dict(), "to": link.to_dict(), "signer": key.keyid},
+            reasons=[f"rebased over {parent} v{parent_version}: {check.describe()}; un-rebased {stale.describe()}"],
+        ),
+        AddEvent("rebased", node_id, update_id, figures | {"version": version}),
+        *pin_changes(view, decisions, update_id),
+    ]
+    changes += history_changes(
+        bench,
+        view,
+        registry,
+        child,
+        version,
+        [*ancestors, rebased],
+        rebased_key,
+        "rebase",
+        extra=[("stale", node_id, stale.after)],
+        previous=old_chain,
+    )
+    return Rebase(child, check, stale, link, changes, decisions)
