@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from examples.demo.scenario.setup import HOSPITAL, DemoError, DemoState, cli
-from examples.demo.scenario.steps import Table
+from examples.demo.scenario.steps import Table, served_version
 from treelm import Client
 
 __all__ = ["CARDIOLOGY_KEY", "learning_story", "truth_set"]
@@ -116,7 +116,7 @@ def learning_story(
         fb = [k for k in checks if "held-out feedback" in k and k.endswith(".change")]
         change = f"held-out feedback perplexity {checks[fb[0]]:+.1%}" if fb else "no held-out check"
         table.rows.append(["the update: screened, gated, served", "parent en/medical", f"{status.state}; {change}"])
-        served = _answer(hospital, node, shown[0][0], 2).node_version
+        served = served_version(hospital, node, status.manifest()["version"])
         table.rows.append(["the node is served at its new version", "engine", f"{node} v{served}"])
         if status.candidate_id:
             for key in ("medical-eval", "operator"):

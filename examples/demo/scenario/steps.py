@@ -257,6 +257,19 @@ class LocalFineTune:
             self._out.close()
 
 
+def served_version(client: Client, node: str, expected: int, timeout_s: float = 10.0) -> int:
+    """The version that answers for ``node``, asked until it is ``expected`` (or ``timeout_s`` passed).
+
+    A replica notices a new snapshot on a request at most once a second after it was written, so
+    the first answer right after an update may still come from the old version."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        served = client.generate(node, "The patient", max_new_tokens=2, temperature=0).node_version
+        if served == expected or time.monotonic() >= deadline:
+            return served
+        time.sleep(0.25)
+
+
 def update_story(
     address: str, state: DemoState, local: LocalFineTune, *, lap: Callable[[str], None] = lambda step: None
 ) -> Table:
@@ -298,7 +311,7 @@ def update_story(
                 f"{status.state}; {figures}; reasons: {'; '.join(status.reasons) or '-'}",
             ]
         )
-        served = hospital.generate(onc, "The patient", max_new_tokens=2, temperature=0).node_version
+        served = served_version(hospital, onc, made["version"])
         table.rows.append(["the hospital's node is served at its new version", "engine", f"{onc} v{served}"])
         if status.candidate_id:
             cand = hospital.update_status(status.candidate_id)
