@@ -18,12 +18,14 @@
     │   ├── RangeNotSatisfiable an HTTP ``Range`` a variant file cannot satisfy (416)
     │   ├── RateLimited         the caller's tenant spent its tokens per minute (retry after ``retry_after_s``)
     │   ├── ShuttingDown        the server is draining and takes no new work
+    │   ├── FineTuningOff       fine-tuning jobs for a tree this server does not run jobs for (501)
     │   └── ReplicaUnavailable  the Ray replica or actor serving the call died or is unreachable (retry it)
     └── CoordinatorError        the update desk's own refusals (the protocol's are hierarchy's UpdateError)
         ├── ApprovalRejected    an approval or rollback signature that may not count
         ├── NotAwaitingApproval approving something that is not a candidate awaiting approval
         ├── PackageError        a package directory or stream that is malformed; ``field`` names the part
         ├── PolicyError         an update policy with a bad field
+        ├── JobError            a fine-tuning job that failed (``code``: gate, data, training, interrupted)
         └── UpdateStateError    the tree and the registry disagree, or the node cannot change now
 
 cluster/service/status.py maps these, and the errors of hierarchy/, nodes/ and registry/, to
@@ -42,6 +44,8 @@ __all__ = [
     "ClusterError",
     "CoordinatorError",
     "DeployError",
+    "FineTuningOff",
+    "JobError",
     "MalformedRequest",
     "NodeNotVisible",
     "NotAwaitingApproval",
@@ -231,3 +235,15 @@ class PolicyError(CoordinatorError, ValueError):
 
 class UpdateStateError(CoordinatorError):
     """The stored state forbids the operation (e.g. a tree that was never imported, a version not stored)."""
+
+
+class FineTuningOff(CallError):
+    """This server runs no fine-tuning jobs for the tree asked for (no ``customize.key`` in its policy)."""
+
+
+class JobError(CoordinatorError):
+    """A fine-tuning job that failed; ``code`` says where (data, training, gate, registration, interrupted)."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)

@@ -128,6 +128,7 @@ def _candidate_select(with_tenant: bool) -> Select:
     if with_tenant:
         tenant_id = select(Tenant.id).where(Tenant.name == bindparam("tenant")).scalar_subquery()
         visible = or_(visible, Node.owner_tenant_id == tenant_id)
+    visible = and_(visible, Node.retired_at.is_(None))  # a retired node is never matched
     return (
         select(
             Node.node_id,

@@ -13,18 +13,24 @@
     │   ├── UpdateNotFound        an update id no update has
     │   ├── TenantNotFound
     │   ├── SigningKeyNotFound
-    │   └── ResponseNotFound      a response id the caller never got (or another tenant's)
+    │   ├── ResponseNotFound      a response id the caller never got (or another tenant's)
+    │   ├── FileNotFound          an uploaded file id the caller does not have
+    │   └── JobNotFound           a fine-tuning job id the caller does not have
     ├── InvalidInput              a bad value; ``field`` names the input
     │   ├── InvalidMemorySize     "eight gigs", "-1GiB", ...
     │   ├── InvalidHardware       a device kind that does not exist, a bad bandwidth
     │   ├── InvalidTask           a task that is malformed
     │   └── UnknownTask           a well-formed task no node matches
     ├── InvalidToken              a missing, malformed, unknown or revoked API token
+    ├── JobQuotaExceeded          a tenant at its limit of queued and running fine-tuning jobs
     └── Conflict                  the request contradicts stored records
         ├── ImportConflict        a tree dir that disagrees with what is registered
         ├── AliasError            an alias to a version that is revoked, rejected or not accepted
         ├── StatusTransitionError a version status change that is not allowed
-        └── FeedbackDeleted       feedback on a response whose records its tenant deleted
+        ├── FeedbackDeleted       feedback on a response whose records its tenant deleted
+        ├── NodeExists            a job's new node id is taken (by a node, a retired one, or another job)
+        ├── FileInUse             deleting a file a queued or running job reads
+        └── JobFinished           cancelling a job that already ended
 
 A private node of another tenant is reported as :class:`NodeNotFound` with the
 same message as a node that does not exist, so its existence never leaks.
@@ -40,6 +46,8 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "FeedbackDeleted",
+    "FileInUse",
+    "FileNotFound",
     "ImportConflict",
     "InvalidDatabaseUrl",
     "InvalidHardware",
@@ -47,6 +55,10 @@ __all__ = [
     "InvalidMemorySize",
     "InvalidTask",
     "InvalidToken",
+    "JobFinished",
+    "JobNotFound",
+    "JobQuotaExceeded",
+    "NodeExists",
     "NodeNotFound",
     "NotFound",
     "RegistryError",
@@ -177,3 +189,47 @@ class FeedbackDeleted(Conflict):
     @classmethod
     def for_id(cls, response_id: str) -> FeedbackDeleted:
         return cls(f"the records of response {response_id[:80]!r} were deleted; it takes no more feedback")
+
+
+class FileNotFound(NotFound):
+    """No uploaded file with this id for the caller (the same message whether absent or another tenant's)."""
+
+    def __init__(self, message: str, *, field: str | None = "file_id"):
+        super().__init__(message)
+        self.field = field
+
+    @classmethod
+    def for_id(cls, file_id: str, field: str = "file_id") -> FileNotFound:
+        return cls(f"no file {file_id[:80]!r}: upload it first (POST /v1/files, purpose 'fine-tune')", field=field)
+
+
+class FileInUse(Conflict):
+    """A file a queued or running job still reads cannot be deleted."""
+
+
+class JobNotFound(NotFound):
+    """No fine-tuning job with this id for the caller (the same message whether absent or another tenant's)."""
+
+    @classmethod
+    def for_id(cls, job_id: str) -> JobNotFound:
+        return cls(f"no fine-tuning job {job_id[:80]!r}: list yours with GET /v1/fine_tuning/jobs")
+
+
+class JobFinished(Conflict):
+    """A job that already ended cannot be cancelled."""
+
+
+class NodeExists(Conflict):
+    """The node a job would create exists already (or another job is creating it): choose another suffix."""
+
+    def __init__(self, message: str, *, field: str | None = "suffix"):
+        super().__init__(message)
+        self.field = field
+
+
+class JobQuotaExceeded(RegistryError):
+    """The tenant has as many queued and running jobs as it may: wait for one to end."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 30.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

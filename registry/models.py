@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -31,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from registry.vocab import (
     ALIAS_NAMES,
     DEPLOYMENT_STATUSES,
+    JOB_STATUSES,
     KEY_ROLES,
     KEY_STATUSES,
     LEVELS,
@@ -51,6 +53,8 @@ __all__ = [
     "Deployment",
     "FeedbackRetention",
     "FeedbackRow",
+    "FineTuningEvent",
+    "FineTuningJob",
     "KeyGroup",
     "Model",
     "Node",
@@ -61,6 +65,7 @@ __all__ = [
     "ServingPin",
     "SigningKey",
     "Tenant",
+    "TrainingFile",
     "UpdateEvent",
     "UpdateRecord",
     "Variant",
@@ -155,6 +160,9 @@ class Node(Model):
     owner_tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"))
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by `treelm node retire`: no longer listed, matched or served; its records stay, and its
+    # id stays taken (a retired node's name is never given to another node).
+    retired_at: Mapped[datetime | None] = mapped_column()
 
     parent: Mapped[Node | None] = relationship(remote_side=[id])
     base_model: Mapped[BaseModel] = relationship()
@@ -467,4 +475,75 @@ class VersionPerplexity(Model):
     role: Mapped[str] = mapped_column(String(16))
     text_node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"))  # whose eval text
     perplexity: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingFile(Model):
+    """A file a tenant uploaded for fine-tuning (``POST /v1/files``), kept in the registry so every
+    ingress and every training worker of a cluster reads the same bytes. Checked when uploaded
+    (cluster/jobs/data.py): ``format`` is jsonl (chat records) or text, ``records`` how many."""
+
+    __tablename__ = "training_files"
+    __table_args__ = (Index(None, "tenant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(40), unique=True)  # "file-<hex>"
+    tenant: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    format: Mapped[str] = mapped_column(String(8))
+    records: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FineTuningJob(Model):
+    """One fine-tuning job: a tenant's request for a new node under ``parent``, and where it stands.
+
+    ``node`` is the node the job creates (the parent's id and the suffix). A job is claimed by one
+    worker (``worker``) when it starts; ``result`` holds the figures (perplexities, timings) and
+    ``error`` {code, message} why it failed.
+    """
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint(_in("visibility", VISIBILITIES), name="visibility"),
+        Index(None, "tenant"),
+        Index(None, "status", "tree"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), unique=True)  # "ftjob-<hex>"
+    tenant: Mapped[str] = mapped_column(String(64))
+    tree: Mapped[str] = mapped_column(String(64))
+    parent: Mapped[str] = mapped_column(String(300))
+    node: Mapped[str] = mapped_column(String(300))
+    visibility: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40))
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class FineTuningEvent(Model):
+    """Append-only progress of one job: a message and figures (step, loss, eval perplexity, phase)."""
+
+    __tablename__ = "fine_tuning_events"
+    __table_args__ = (Index(None, "job_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("fine_tuning_jobs.id"))
+    level: Mapped[str] = mapped_column(String(8))  # info | warning | error
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -347,10 +347,18 @@ def _info_all(session: Session, pks: list[int], parent: Any) -> dict[int, tuple]
 
 
 def list_nodes(
-    reg: Registry, *, tenant: str | None = None, include_private: bool = False, tree: str | None = None
+    reg: Registry,
+    *,
+    tenant: str | None = None,
+    include_private: bool = False,
+    tree: str | None = None,
+    include_retired: bool = False,
 ) -> tuple[NodeRecord, ...]:
-    """Nodes in tree/path order: public ones, the tenant's private ones (all with include_private)."""
+    """Nodes in tree/path order: public ones, the tenant's private ones (all with include_private);
+    retired nodes (`treelm node retire`) only with include_retired."""
     query = select(Node).order_by(Node.tree, Node.path)
+    if not include_retired:
+        query = query.where(Node.retired_at.is_(None))
     clause = visible_clause(tenant, include_private)
     if clause is not None:
         query = query.where(clause)

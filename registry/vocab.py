@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "ALIAS_NAMES",
     "DEPLOYMENT_STATUSES",
+    "JOB_FINISHED",
+    "JOB_STATUSES",
     "KEY_ROLES",
     "KEY_STATUSES",
     "LEVELS",
@@ -45,9 +47,12 @@ KEY_STATUSES = ("active", "revoked")
 TOKEN_ROLES = ("tenant", "operator")
 DEPLOYMENT_STATUSES = ("active", "draining", "stopped")
 # The signed update protocol (cluster.updates): what an update record is and where it stands.
-UPDATE_KINDS = ("package", "candidate", "contribution", "rebase")
+UPDATE_KINDS = ("package", "candidate", "contribution", "rebase", "create")
 UPDATE_STATES = ("pending", "aggregated", "absorbed", "awaiting-approval", "stable", "rejected")
 PIN_STATUSES = ("pinned", "held")
+# Fine-tuning jobs (registry.jobs): queued -> running -> succeeded | failed | cancelled.
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_FINISHED = ("succeeded", "failed", "cancelled")
 # The forgetting history (version_perplexities): which version made it, whose text it measures.
 PERPLEXITY_ORIGINS = ("genesis", "package", "candidate", "rebase")
 PERPLEXITY_ROLES = ("own", "parent", "sibling", "stale")

@@ -71,7 +71,7 @@ class Catalog:
         tree = NodeId.parse(node_id).tree
         return tuple(
             r.node_id
-            for r in list_nodes(self.registry, include_private=True, tree=tree)
+            for r in list_nodes(self.registry, include_private=True, tree=tree, include_retired=True)
             if r.visibility == "private" and (tenant is None or r.owner != tenant)
         )
 

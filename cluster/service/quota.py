@@ -4,7 +4,7 @@
     trunk = quotas.bind(trunk, caller)        # what Admission.admit returns
     await trunk.generate(request)             # stamped with the tenant and its limits; tokens charged
 
-Three limits per tenant, with server-wide defaults and per-tenant overrides (a YAML file, see
+Four limits per tenant, with server-wide defaults and per-tenant overrides (a YAML file, see
 :meth:`QuotaPolicy.load`):
 
 - ``max_running``: its requests in an engine's batch at once; more wait in its own queue.
@@ -13,6 +13,8 @@ Three limits per tenant, with server-wide defaults and per-tenant overrides (a Y
   per minute; a call while the bucket is empty is refused RESOURCE_EXHAUSTED / 429 with the
   seconds until it refills. A call in progress is never cut short: its tokens may take the bucket
   below zero, and the tenant then waits until it is positive again.
+- ``fine_tuning_jobs``: its queued and running fine-tuning jobs (registry/jobs.py counts them when
+  a job is created; one more is refused RESOURCE_EXHAUSTED / 429).
 
 The engine enforces the first two (nodes/runtime/fair.py: they travel with each request, so a Ray
 replica applies the limits the ingress read); the ingress process keeps the token buckets. On a
@@ -44,6 +46,7 @@ class TenantQuota:
     max_running: int | None = field(default=16, metadata={"help": "requests in an engine's batch at once"})
     max_queued: int | None = field(default=64, metadata={"help": "requests waiting in an engine's queue"})
     tokens_per_minute: int | None = field(default=None, metadata={"help": "generated tokens per minute"})
+    fine_tuning_jobs: int | None = field(default=2, metadata={"help": "queued and running fine-tuning jobs"})
 
     def __post_init__(self) -> None:
         for f in fields(self):

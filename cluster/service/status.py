@@ -10,16 +10,16 @@ API (cluster/http/) both answer from here.
 | an HTTP ``Range`` a variant file cannot satisfy (HTTP only) | OUT_OF_RANGE | 416 |
 | no bearer token, or an unknown / revoked one | UNAUTHENTICATED | 401 |
 | a valid token that may not do this; unknown key, revoked key, too few valid signatures; an approval that may not count | PERMISSION_DENIED | 403 |
-| the same update version again | ALREADY_EXISTS | 409 |
+| the same update version again; a fine-tuning job's new node id that is taken (kind ``node-exists``) | ALREADY_EXISTS | 409 |
 | the engine's queue is full; the caller's tenant is over its own limit (queued requests: kind ``tenant-over-limit``; tokens per minute: ``rate-limited``); both carry a retry hint, gRPC trailing metadata ``retry-after`` and HTTP ``Retry-After`` (whole seconds) | RESOURCE_EXHAUSTED | 429 |
-| an update upload beyond its tenant's concurrent uploads or the spool's bytes | RESOURCE_EXHAUSTED | 429 |
+| an update upload beyond its tenant's concurrent uploads or the spool's bytes; a fine-tuning job beyond its tenant's queued and running jobs (kind ``job-quota``) | RESOURCE_EXHAUSTED | 429 |
 | an update upload idle past its deadline | DEADLINE_EXCEEDED | 504 |
 | the request's deadline passed | DEADLINE_EXCEEDED | 504 |
 | the engine or server is shutting down; a Ray replica or the update desk died; the database is unreachable | UNAVAILABLE | 503 |
 | feedback on a response whose records its tenant deleted (kind ``feedback-deleted``) | FAILED_PRECONDITION | 409 |
 | stored state that forbids the call (an alias to a revoked version, an outdated schema); a pinned node version that is not the served one; an update that is expired, older, skipped, over a stale parent, refused by screening or the gate, not awaiting approval | FAILED_PRECONDITION | 409 |
 | an adapter file changed on disk | DATA_LOSS | 500 |
-| a call the server does not offer (Updates without an update desk) | UNIMPLEMENTED | 501 |
+| a call the server does not offer (Updates without an update desk; fine-tuning for a tree without ``customize.key``) | UNIMPLEMENTED | 501 |
 | anything else: a server bug, logged with its traceback and an incident id | INTERNAL | 500 |
 
 Private nodes: a node that is private to another tenant is answered with NOT_FOUND and exactly
@@ -141,6 +141,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ce.ApprovalRejected, _S.PERMISSION_DENIED, _DERIVED),
     (ce.NotAwaitingApproval, _S.FAILED_PRECONDITION, _DERIVED),
     (ce.UpdateStateError, _S.FAILED_PRECONDITION, _DERIVED),
+    (ce.JobError, _S.FAILED_PRECONDITION, "job-failed"),
     (ce.PackageError, _S.INVALID_ARGUMENT, "package"),
     # -- serving, the registry, the servers
     (ce.NodeNotVisible, _S.NOT_FOUND, "node-not-found"),
@@ -151,6 +152,13 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (re_.NodeNotFound, _S.NOT_FOUND, "node-not-found"),
     (re_.ResponseNotFound, _S.NOT_FOUND, "response-not-found"),
     (re_.FeedbackDeleted, _S.FAILED_PRECONDITION, "feedback-deleted"),
+    (re_.FileNotFound, _S.NOT_FOUND, "file-not-found"),
+    (re_.JobNotFound, _S.NOT_FOUND, "job-not-found"),
+    (re_.NodeExists, _S.ALREADY_EXISTS, "node-exists"),
+    (re_.FileInUse, _S.FAILED_PRECONDITION, "file-in-use"),
+    (re_.JobFinished, _S.FAILED_PRECONDITION, "job-finished"),
+    (re_.JobQuotaExceeded, _S.RESOURCE_EXHAUSTED, "job-quota"),
+    (ce.FineTuningOff, _S.UNIMPLEMENTED, "fine-tuning-off"),
     (re_.NotFound, _S.NOT_FOUND, None),
     (ce.BadArgument, _S.INVALID_ARGUMENT, None),
     (ne.InvalidRequest, _S.INVALID_ARGUMENT, None),

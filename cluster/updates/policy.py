@@ -24,6 +24,13 @@ any field, for example::
       negative_rate_rise: 0.1 # ... or the negative-rating rate rose this much over the last update's
       max_age_s: 604800       # ... or the oldest waiting record is a week old (with min_trainable)
       nodes: {en/medical/cardiology: {min_corrections: 20}}   # per-node overrides
+    customize:                # tenants' fine-tuning jobs (POST /v1/fine_tuning/jobs, cluster/jobs)
+      key: keys/service       # signs each new node's version 1 (a node key the tree trusts); None: no jobs
+      held_out: 0.1           # share of the training file held out when no validation file is given
+      n_epochs: 3             # defaults of the job's hyperparameters
+      learning_rate: 0.002
+      lora_rank: 8
+      max_steps: 300          # bounds any job's optimizer steps (a CPU's minutes)
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
 from nodes.build.gate import GateBounds
 
-__all__ = ["POLICY_FILE", "DistillPolicy", "FeedbackPolicy", "RebasePolicy", "UpdatePolicy"]
+__all__ = ["POLICY_FILE", "CustomizePolicy", "DistillPolicy", "FeedbackPolicy", "RebasePolicy", "UpdatePolicy"]
 
 POLICY_FILE = "update-policy.yaml"
 _DAY = 86400.0
@@ -143,6 +150,55 @@ class RebasePolicy(DistillPolicy):
 
 
 @dataclass(frozen=True)
+class CustomizePolicy:
+    """Tenants' fine-tuning jobs (cluster/jobs): the key that signs the nodes they make, the held-out
+    share the gate measures on, and the defaults and bounds of a job's hyperparameters."""
+
+    key: str | None = field(default=None, metadata={"help": "signing key dir/PEM; None: no fine-tuning jobs"})
+    held_out: float = field(default=0.1, metadata={"help": "share held out when no validation file is given"})
+    n_epochs: int = field(default=3, metadata={"help": "default passes over the training file"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "default AdamW learning rate"})
+    lora_rank: int = field(default=8, metadata={"help": "default LoRA rank"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    max_seq_len: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    max_steps: int = field(default=300, metadata={"help": "the most optimizer steps any job runs"})
+    max_epochs: int = field(default=20, metadata={"help": "the most passes a job may ask for"})
+    max_rank: int = field(default=32, metadata={"help": "the highest LoRA rank a job may ask for"})
+    replay: float = field(default=0.25, metadata={"help": "share of each batch from the parent's training text"})
+    kl_weight: float = field(default=0.0, metadata={"help": "weight of KL(child || parent) on replayed text"})
+
+    def __post_init__(self) -> None:
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise PolicyError(f"update policy: customize.key must be a key directory or PEM file, got {self.key!r}")
+        _number("customize.held_out", self.held_out, low=0.01, high=0.5)
+        for name in ("n_epochs", "lora_rank", "batch_size", "max_seq_len", "max_steps", "max_epochs", "max_rank"):
+            _number(f"customize.{name}", getattr(self, name), integer=True, low=1)
+        _number("customize.learning_rate", self.learning_rate, low=1e-8, high=1.0)
+        _number("customize.replay", self.replay, high=0.9)
+        _number("customize.kl_weight", self.kl_weight)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key)
+
+    @classmethod
+    def from_dict(cls, obj: Any, base_dir: Path | None = None) -> CustomizePolicy:
+        if not isinstance(obj, Mapping):
+            raise PolicyError(f"update policy: customize must be a mapping of fields, got {obj!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise PolicyError(
+                f"update policy: unknown field(s) customize.{', customize.'.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        values = dict(obj)
+        if values.get("key") and base_dir is not None:
+            values["key"] = str((base_dir / str(values["key"])).resolve())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class FeedbackPolicy:
     """When a node's feedback becomes an update (see the module docstring); per tenant and node."""
 
@@ -230,6 +286,9 @@ class UpdatePolicy:
     canary: str | None = field(default=None, metadata={"help": "general canary text file (default: languages)"})
     max_package_bytes: int = field(default=256 << 20, metadata={"help": "largest package accepted"})
     feedback: FeedbackPolicy = field(default_factory=FeedbackPolicy)
+    customize: CustomizePolicy = field(
+        default_factory=CustomizePolicy, metadata={"help": "tenants' fine-tuning jobs (needs key)"}
+    )
     consolidate: DistillPolicy = field(
         default_factory=DistillPolicy, metadata={"help": "distil a merged candidate towards the old parent"}
     )
@@ -302,6 +361,8 @@ class UpdatePolicy:
             values["gate"] = GateBounds(**dict(values["gate"]))
         if "feedback" in values:
             values["feedback"] = FeedbackPolicy.from_dict(values["feedback"], base_dir)
+        if "customize" in values:
+            values["customize"] = CustomizePolicy.from_dict(values["customize"], base_dir)
         if "consolidate" in values:
             values["consolidate"] = DistillPolicy.from_dict("consolidate", values["consolidate"])
         if "rebase" in values:
