@@ -96,7 +96,6 @@ class RayTrunk:
         self.info = info
         self._handle = handle
         self._view = view
-        self._nodes = frozenset(info.nodes)
 
     @property
     def tree(self) -> str:
@@ -107,7 +106,10 @@ class RayTrunk:
         return self.info.base_digest
 
     def serves(self, node: str) -> bool:
-        return node in self._nodes
+        """Every node of the tree: the registry (the access check before this) knows which exist, and
+        each replica follows its tree dir's snapshot, so nodes created while serving need no restart
+        (a node the replica does not have is refused there, NOT_FOUND)."""
+        return node == self.tree or node.startswith(self.tree + "/")
 
     def served_version(self, node: str) -> int | None:
         """Unknown here: each replica serves its tree dir's snapshot; the answer names its version."""

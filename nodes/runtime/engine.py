@@ -249,6 +249,10 @@ class Engine:
             node_id = NodeId.parse(node)
         except InvalidNodePath as exc:
             raise InvalidRequest("node", str(exc)) from None
+        if node_id.tree == self.tree.name and not self.tree.has(node_id) and self._root is not None:
+            # A node created (or a snapshot switched) since the last look: one stat, only on a miss,
+            # so a new node answers at once rather than after the next periodic check.
+            self.refresh()
         if node_id.tree != self.tree.name or not self.tree.has(node_id):
             raise UnknownNode(f"node {node!r} is not served here (tree {self.tree.name!r})")
         return self.tree.chain(node_id)

@@ -93,7 +93,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     operator = cli("registry", "token", "issue", "ops", "--role", "operator", "--db", url).strip().splitlines()[-1]
     keys = state_dir / "keys"
     onc, med, en = f"{name}/en/medical/oncology", f"{name}/en/medical", f"{name}/en"
-    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants", "cardiology"):
+    for key in ("root", "operator", "medical-eval", "en-eval", HOSPITAL, "variants", "cardiology", "service"):
         if not (keys / key / "private.pem").exists():
             cli("keys", "gen", "--no-encrypt", "--out", keys / key)  # the demo's throwaway keys
     cli("keys", "register", keys / "root", "--role", "root", "--db", url)
@@ -103,6 +103,7 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
         ("en-eval", "evaluator", en),
         (HOSPITAL, "node", onc),
         ("cardiology", "node", f"{name}/en/medical/cardiology"),  # signs what the feedback policy makes
+        ("service", "node", None),  # signs the nodes tenants' fine-tuning jobs make (customize.key)
     ):
         extra = ["--node", node] if node else []
         cli("keys", "register", keys / key, "--role", role, *extra, "--sign-with", keys / "root", "--db", url)
