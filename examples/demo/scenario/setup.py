@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HOSPITAL, OTHER = "st-marys", "globex"
+CLINIC = "northfield"  # a second clinic: it grows its own private node while the others are served (step 6)
 
 
 class DemoError(RuntimeError):
@@ -85,9 +86,11 @@ def prepare(built: Path, state_dir: Path) -> DemoState:
     url = f"sqlite:///{db}"
     cli("registry", "init", "--db", url)
     cli("registry", "import", tree, "--db", url)  # also adds st-marys, owner of the private node
-    cli("registry", "tenant", "add", OTHER, "--db", url)
+    for tenant in (OTHER, CLINIC):
+        cli("registry", "tenant", "add", tenant, "--db", url)
     tokens = {
-        t: cli("registry", "token", "issue", t, "--db", url).strip().splitlines()[-1].strip() for t in (HOSPITAL, OTHER)
+        t: cli("registry", "token", "issue", t, "--db", url).strip().splitlines()[-1].strip()
+        for t in (HOSPITAL, OTHER, CLINIC)
     }
     cli("registry", "tenant", "add", "ops", "--db", url)
     operator = cli("registry", "token", "issue", "ops", "--role", "operator", "--db", url).strip().splitlines()[-1]
