@@ -8,6 +8,8 @@ finish), which is what the watchers and the CLI's progress read.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
 from cluster.updates.keys import PRIVATE_KEY_FILE, write_key_files
 from cluster.updates.policy import CustomizePolicy
+from registry.jobs import add_event, claim_job, finish_job
 from tests.cluster.grpc_harness import ServerThread, World
 
 TREE = "rt"
@@ -85,3 +88,35 @@ def stored(world: World) -> Mapping[str, list[tuple]]:
         for table in _STORED:
             out[table] = sorted(tuple(map(repr, r)) for r in conn.execute(text(f'SELECT * FROM "{table}"')))
     return out
+
+
+def move_job(
+    world: World,
+    job_id: str,
+    *,
+    steps: int = 3,
+    status: str = "succeeded",
+    result: Mapping[str, Any] | None = None,
+    error: Mapping[str, Any] | None = None,
+    pause_s: float = 0.0,
+) -> None:
+    """What a job runner writes while it works (there is none here): claim the job, report each step,
+    end it. The transports under test only read these rows."""
+    claimed = claim_job(world.registry, TREE, "test-runner")
+    assert claimed is not None and claimed.job_id == job_id, "another queued job was claimed first"
+    for step in range(1, steps + 1):
+        add_event(
+            world.registry, job_id, f"step {step}/{steps}", {"step": step, "total_steps": steps, "loss": 3.0 / step}
+        )
+        time.sleep(pause_s)
+    if status == "succeeded":
+        add_event(world.registry, job_id, "held-out perplexity", {"perplexity": 12.0, "parent_perplexity": 18.0})
+    finish_job(world.registry, job_id, status, result=result, error=error)
+
+
+def move_job_later(world: World, job_id: str, **kwargs: Any) -> threading.Thread:
+    """``move_job`` in a thread, a step every 0.2 s, so that a watcher sees the events arrive."""
+    kwargs.setdefault("pause_s", 0.2)
+    thread = threading.Thread(target=move_job, args=(world, job_id), kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
