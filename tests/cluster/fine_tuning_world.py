@@ -24,7 +24,7 @@ from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
 from cluster.updates.keys import PRIVATE_KEY_FILE, write_key_files
 from cluster.updates.policy import CustomizePolicy
-from registry.jobs import add_event, claim_job, finish_job
+from registry.jobs import add_event, claim_job, finish_job, list_jobs
 from tests.cluster.grpc_harness import ServerThread, World
 
 TREE = "rt"
@@ -118,5 +118,24 @@ def move_job_later(world: World, job_id: str, **kwargs: Any) -> threading.Thread
     """``move_job`` in a thread, a step every 0.2 s, so that a watcher sees the events arrive."""
     kwargs.setdefault("pause_s", 0.2)
     thread = threading.Thread(target=move_job, args=(world, job_id), kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
+
+
+def move_next_job_later(world: World, node: str, **kwargs: Any) -> threading.Thread:
+    """``move_job`` for the job that will make ``node``, once a client has created it (the CLI
+    creates and follows a job in one command, so the test cannot know its id before)."""
+
+    def run() -> None:
+        for _ in range(600):
+            queued = [j for j in list_jobs(world.registry, None, statuses=("queued",)) if j.node == node]
+            if queued:
+                move_job(world, queued[0].job_id, **kwargs)
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no job for {node} was created")
+
+    kwargs.setdefault("pause_s", 0.2)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
