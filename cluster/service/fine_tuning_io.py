@@ -11,12 +11,12 @@ RESOURCE_EXHAUSTED / 429 (``upload-refused``) before any of its bytes are read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from cluster.errors import BadArgument, FineTuningOff, UploadRefused
+from cluster.errors import BadArgument, FineTuningOff, ShuttingDown, UploadRefused
 from cluster.jobs.data import MAX_FILE_BYTES
 from cluster.service.auth import Caller
 from cluster.service.fine_tuning import FineTuningCalls
@@ -99,12 +99,19 @@ async def _events_after(calls: FineTuningCalls, caller: Caller, job_id: str, las
 
 
 async def watch_events(
-    calls: FineTuningCalls, caller: Caller, job_id: str, since: int = 0, poll_s: float = WATCH_POLL_S
+    calls: FineTuningCalls,
+    caller: Caller,
+    job_id: str,
+    since: int = 0,
+    poll_s: float = WATCH_POLL_S,
+    draining: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[JobEvent]:
     """The job's events after ``since``, oldest first, as they are written, until the job has ended.
 
     The status is read before the events of each round: a job ends in the transaction that writes
-    its last event, so the round that sees it ended also sees that event."""
+    its last event, so the round that sees it ended also sees that event. A server that starts to
+    drain ends its watches with ShuttingDown (UNAVAILABLE) rather than holding its stop for the
+    whole grace period: the SDK watches again, after the last event it got, on another replica."""
     if isinstance(since, bool) or not isinstance(since, int) or since < 0:
         raise BadArgument("since", f"must be an event id (>= 0), got {since!r}")
     last = since
@@ -115,6 +122,8 @@ async def watch_events(
             yield event
         if job.finished:
             return
+        if draining():
+            raise ShuttingDown(f"the server is shutting down; watch job {job.job_id} again after event {last}")
         await asyncio.sleep(poll_s)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from cluster.errors import BadArgument, UploadIdle
@@ -117,11 +117,13 @@ class FineTuningServicer(fine_tuning_pb2_grpc.FineTuningServicer):
         *,
         idle_s: float = 30.0,
         poll_s: float = WATCH_POLL_S,
+        draining: Callable[[], bool] = lambda: False,
     ):
         self._calls = calls
         self._uploads = uploads
         self._idle_s = idle_s  # an upload stream that sends nothing this long is aborted
         self._poll_s = poll_s
+        self._draining = draining  # true once the server stops: watches end (UNAVAILABLE)
 
     @property
     def calls(self) -> FineTuningCalls:
@@ -181,7 +183,8 @@ class FineTuningServicer(fine_tuning_pb2_grpc.FineTuningServicer):
         )
 
     async def WatchJob(self, request, context) -> AsyncIterator[fine_tuning_pb2.JobEvent]:
-        events = watch_events(self.calls, current_caller(), request.job_id, int(request.since), self._poll_s)
+        caller, since = current_caller(), int(request.since)
+        events = watch_events(self.calls, caller, request.job_id, since, self._poll_s, self._draining)
         async for event in events:
             yield event_to_proto(event)
 

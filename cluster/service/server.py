@@ -301,7 +301,9 @@ class TreeServer:
         )
         distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
         feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.feedback), server)
-        fine_tuning = FineTuningServicer(self.fine_tuning, self.file_uploads, idle_s=c.uploads.idle_s)
+        fine_tuning = FineTuningServicer(
+            self.fine_tuning, self.file_uploads, idle_s=c.uploads.idle_s, draining=lambda: self._stopping
+        )
         fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(fine_tuning, server)
         admin = AdminServicer(
             self.router,

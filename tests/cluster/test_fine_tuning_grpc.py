@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 
 import grpc
@@ -396,3 +397,25 @@ def test_an_operator_retires_a_leaf_and_a_node_with_children_only_with_force(tmp
     finally:
         thread.stop()
         w.close()
+
+
+def test_a_stopping_server_ends_its_watches_at_once_so_clients_watch_elsewhere(world, tmp_path):
+    s = serve_fine_tuning(world, fine_tuning_calls(world, tmp_path / "k"), http_port=None)
+    channel = grpc.insecure_channel(s.target)
+    try:
+        with treelm.Client(s.target, token=world.tokens["acme"]) as client:
+            job = client.customize(PARENT, chat_jsonl(), suffix=name())
+        stub = fine_tuning_pb2_grpc.FineTuningStub(channel)
+        call = stub.WatchJob(fine_tuning_pb2.WatchJobRequest(job_id=job.id), metadata=auth(world.tokens["acme"]))
+        assert next(call).message == "job queued"  # the watch is open; the job stays queued
+        stopping = threading.Thread(target=s.stop, kwargs={"grace": 120}, daemon=True)
+        stopping.start()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(call)
+        kind = dict(ended.value.trailing_metadata() or ()).get("treelm-error-kind")
+        assert (ended.value.code(), kind) == (grpc.StatusCode.UNAVAILABLE, "shutting-down")
+        stopping.join(60)
+        assert not stopping.is_alive()  # the stop did not wait out its grace for the watcher
+    finally:
+        channel.close()
+        s.stop()
