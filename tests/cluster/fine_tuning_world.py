@@ -30,7 +30,6 @@ from tests.cluster.grpc_harness import ServerThread, World
 TREE = "rt"
 PARENT = "rt/en/medical"
 PRIVATE_PARENT = "rt/en/legal/contracts"  # acme's private node (a sub-domain: no room below it)
-ACME_PRIVATE_DOMAIN = "rt/en/legal"  # public domain whose child is acme's private node
 QUOTA = 3  # every tenant's queued and running jobs, unless a test's server says otherwise
 _STORED = ("training_files", "fine_tuning_jobs", "fine_tuning_events", "nodes")
 

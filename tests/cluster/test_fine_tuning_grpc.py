@@ -127,6 +127,7 @@ def test_bad_uploads_are_typed_errors_naming_the_field_and_store_nothing(sdk, st
         (b'{"messages": [{"role": "bot", "content": "x"}]}\n', "line 1: messages[0].role"),
         (chat_jsonl() + b"[1, 2]\n", "line 13: expected a JSON object"),
         (b"\xc3\x28" + b"a" * 2000, "not UTF-8"),
+        (b'{"text": "a short note"}\n', "characters of training text"),
         (b"y" * (MAX_FILE_BYTES + 1), f"more than {MAX_FILE_BYTES} bytes"),
     ):
         with pytest.raises(treelm.InvalidRequest) as bad:
