@@ -32,13 +32,13 @@ from protos.treelm.v1 import (
     admin_pb2_grpc,
     feedback_pb2,
     feedback_pb2_grpc,
+    fine_tuning_pb2_grpc,
     inference_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     updates_pb2,
     updates_pb2_grpc,
 )
-from treelm._client import _Deadline
 from treelm._convert import (
     MessageLike,
     chunk_from_proto,
@@ -52,7 +52,19 @@ from treelm._convert import (
 )
 from treelm._errors import TreeLMError, from_rpc_error
 from treelm._feedback import delete_request, feedback_from_proto, retention_from_proto, submit_request
-from treelm._transport import CHANNEL_OPTIONS, PEM, TLS, RetryPolicy, auth_metadata, channel_credentials
+from treelm._fine_tuning import AsyncFineTuningMixin
+from treelm._transport import (
+    CHANNEL_OPTIONS,
+    PEM,
+    TLS,
+    UNSET,
+    RetryPolicy,
+    auth_metadata,
+    channel_credentials,
+)
+from treelm._transport import (
+    Deadline as _Deadline,
+)
 from treelm._types import (
     Chunk,
     Feedback,
@@ -76,7 +88,7 @@ from treelm._updates import (
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
-_UNSET: Any = object()
+_UNSET: Any = UNSET  # shared with the fine-tuning calls (treelm._fine_tuning)
 
 
 class AsyncStream(AsyncIterator[Chunk]):
@@ -146,7 +158,7 @@ class AsyncStream(AsyncIterator[Chunk]):
         self.cancel()
 
 
-class AsyncClient:
+class AsyncClient(AsyncFineTuningMixin):
     """An asyncio TreeLM client; arguments as :class:`treelm.Client` (``channel``: a ``grpc.aio.Channel``).
 
     Example::
@@ -185,6 +197,7 @@ class AsyncClient:
         self._admin = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
         self._feedback = feedback_pb2_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
+        self._fine_tuning = fine_tuning_pb2_grpc.FineTuningStub(channel)  # type: ignore[no-untyped-call]
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool = True) -> Any:
         deadline = _Deadline(self._timeout if timeout is _UNSET else timeout)

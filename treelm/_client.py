@@ -29,6 +29,7 @@ from protos.treelm.v1 import (
     distribution_pb2_grpc,
     feedback_pb2,
     feedback_pb2_grpc,
+    fine_tuning_pb2_grpc,
     inference_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
@@ -46,10 +47,22 @@ from treelm._convert import (
     status_from_proto,
     version_from_proto,
 )
-from treelm._errors import DeadlineExceeded, TreeLMError, from_rpc_error
+from treelm._errors import TreeLMError, from_rpc_error
 from treelm._feedback import delete_request, feedback_from_proto, retention_from_proto, submit_request
+from treelm._fine_tuning import FineTuningMixin
 from treelm._pulltypes import Offer, PullResult, TrustBundle, offer_from_proto, trust_from_proto
-from treelm._transport import CHANNEL_OPTIONS, PEM, TLS, RetryPolicy, auth_metadata, channel_credentials
+from treelm._transport import (
+    CHANNEL_OPTIONS,
+    PEM,
+    TLS,
+    UNSET,
+    RetryPolicy,
+    auth_metadata,
+    channel_credentials,
+)
+from treelm._transport import (
+    Deadline as _Deadline,
+)
 from treelm._types import (
     Chunk,
     Feedback,
@@ -73,22 +86,7 @@ from treelm._updates import (
 
 __all__ = ["Client", "Stream"]
 
-_UNSET: Any = object()
-
-
-class _Deadline:
-    """An overall deadline shared by a call's attempts and the sleeps between them."""
-
-    def __init__(self, timeout: float | None):
-        self.at = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        if self.at is None:
-            return None
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("the call's timeout passed while retrying", grpc.StatusCode.DEADLINE_EXCEEDED)
-        return left
+_UNSET: Any = UNSET  # shared with the fine-tuning calls (treelm._fine_tuning)
 
 
 class Stream(Iterator[Chunk]):
@@ -158,7 +156,7 @@ class Stream(Iterator[Chunk]):
         self.cancel()
 
 
-class Client:
+class Client(FineTuningMixin):
     """A blocking TreeLM client.
 
     Args:
@@ -209,6 +207,7 @@ class Client:
         self._updates = updates_pb2_grpc.UpdatesStub(channel)  # type: ignore[no-untyped-call]
         self._distribution = distribution_pb2_grpc.DistributionStub(channel)  # type: ignore[no-untyped-call]
         self._feedback = feedback_pb2_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
+        self._fine_tuning = fine_tuning_pb2_grpc.FineTuningStub(channel)  # type: ignore[no-untyped-call]
 
     # -- plumbing ---------------------------------------------------------------------------
     # Reads and generation are idempotent (they change nothing on the server) and are retried;

@@ -3,22 +3,31 @@
     TreeLMError (PicklableError)    any failed call; ``code`` and ``details`` say what the server said
     ├── NotFound                    NOT_FOUND
     │   ├── NodeNotFound            no such node -- or a private node of another tenant (same answer)
-    │   └── ResponseNotFound        feedback on a response id your tenant never received
+    │   ├── ResponseNotFound        feedback on a response id your tenant never received
+    │   ├── FileNotFound            a training file id your tenant does not have
+    │   └── JobNotFound             a fine-tuning job id your tenant does not have
     ├── InvalidRequest              INVALID_ARGUMENT / OUT_OF_RANGE; ``field`` names the bad parameter
     │                               (also a message over gRPC's size limit: field "message")
     ├── Unauthenticated             UNAUTHENTICATED: no token, or a token the server does not know
     ├── PermissionDenied            PERMISSION_DENIED: the token may not do this
     ├── FailedPrecondition          FAILED_PRECONDITION / ABORTED / ALREADY_EXISTS
-    │   └── FeedbackDeleted         feedback on a response whose records your tenant deleted
+    │   ├── FeedbackDeleted         feedback on a response whose records your tenant deleted
+    │   ├── NodeExists              a fine-tuning job's new node id is taken: choose another suffix
+    │   ├── JobFinished             cancelling a job that already ended
+    │   └── FileInUse               deleting a file a queued or running job reads
     ├── Overloaded                  RESOURCE_EXHAUSTED: the queue is full (retried with backoff)
+    │   └── JobQuotaExceeded        your tenant's queued and running jobs are at its limit (not retried)
     ├── Unavailable                 UNAVAILABLE: unreachable or shutting down (retried with backoff)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: the call's timeout passed
     ├── Cancelled                   CANCELLED
     ├── Unimplemented               UNIMPLEMENTED: this server does not offer the method
+    │   └── FineTuningOff           the server runs no fine-tuning jobs for that tree
     ├── ServerError                 INTERNAL / UNKNOWN / DATA_LOSS: a server bug, not your mistake
-    └── PullError                   a pull that left no ready directory (the old one, if any, is intact)
-        ├── VerificationFailed      a signature, delegation, manifest or file hash that does not verify
-        └── DiskError               the output directory cannot be written (not writable, disk full)
+    ├── PullError                   a pull that left no ready directory (the old one, if any, is intact)
+    │   ├── VerificationFailed      a signature, delegation, manifest or file hash that does not verify
+    │   └── DiskError               the output directory cannot be written (not writable, disk full)
+    └── JobFailed                   a fine-tuning job you waited for ended without a node (``job``, ``reason``)
+        └── JobCancelled            ... because it was cancelled
 
 Example::
 
@@ -48,7 +57,16 @@ __all__ = [
     "DiskError",
     "FailedPrecondition",
     "FeedbackDeleted",
+    "FileInUse",
+    "FileNotFound",
+    "FineTuningOff",
     "InvalidRequest",
+    "JobCancelled",
+    "JobFailed",
+    "JobFinished",
+    "JobNotFound",
+    "JobQuotaExceeded",
+    "NodeExists",
     "NodeNotFound",
     "NotFound",
     "Overloaded",
@@ -120,12 +138,39 @@ class FeedbackDeleted(FailedPrecondition):
     """Your tenant deleted this response's records: it takes no more feedback (deletion is final)."""
 
 
+class FileNotFound(NotFound):
+    """No training file with this id for your tenant (another tenant's id gives this too)."""
+
+
+class JobNotFound(NotFound):
+    """No fine-tuning job with this id for your tenant (another tenant's id gives this too)."""
+
+
+class NodeExists(FailedPrecondition):
+    """The node a fine-tuning job would create exists already, or another job is creating it."""
+
+
+class JobFinished(FailedPrecondition):
+    """The job already ended: there is nothing to cancel."""
+
+
+class FileInUse(FailedPrecondition):
+    """A queued or running job reads this file: cancel the job or wait for it before deleting."""
+
+
 class Overloaded(TreeLMError):
     """The server's queue is full, or the caller's tenant is over one of its limits (``kind``
     ``tenant-over-limit`` or ``rate-limited``); back off ``retry_after`` seconds and retry (the SDK
     does so for idempotent calls)."""
 
     retryable = True
+
+
+class JobQuotaExceeded(Overloaded):
+    """Your tenant has as many queued and running fine-tuning jobs as it may: wait for one to end
+    or cancel one (``retry_after`` is the server's hint). Never retried by the SDK."""
+
+    retryable = False
 
 
 class Unavailable(TreeLMError):
@@ -144,6 +189,10 @@ class Cancelled(TreeLMError):
 
 class Unimplemented(TreeLMError):
     """The server does not implement this method (yet)."""
+
+
+class FineTuningOff(Unimplemented):
+    """The server runs no fine-tuning jobs for that tree (its update policy has no customize.key)."""
 
 
 class ServerError(TreeLMError):
@@ -172,6 +221,13 @@ _BY_KIND: dict[str, type[TreeLMError]] = {
     "node-not-found": NodeNotFound,
     "response-not-found": ResponseNotFound,
     "feedback-deleted": FeedbackDeleted,
+    "file-not-found": FileNotFound,
+    "job-not-found": JobNotFound,
+    "node-exists": NodeExists,
+    "job-finished": JobFinished,
+    "file-in-use": FileInUse,
+    "job-quota": JobQuotaExceeded,
+    "fine-tuning-off": FineTuningOff,
 }
 
 
@@ -216,3 +272,18 @@ class VerificationFailed(PullError):
 
 class DiskError(PullError):
     """The output directory cannot be written (not writable, or the disk is full)."""
+
+
+class JobFailed(TreeLMError):
+    """A fine-tuning job you waited for ended without a new node: ``job`` is its final state (a
+    :class:`treelm.JobState`), ``reason`` its error code (``gate``: it did not beat its parent on
+    held-out text; ``data``, ``training``, ``registration``, ``interrupted``; ``cancelled``)."""
+
+    def __init__(self, details: str, job: Any = None, reason: str = ""):
+        self.job = job
+        self.reason = reason
+        super().__init__(details)
+
+
+class JobCancelled(JobFailed):
+    """The job you waited for was cancelled (by you, or by an operator) before it made a node."""

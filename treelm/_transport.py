@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 
-from treelm._errors import TreeLMError
+from treelm._errors import DeadlineExceeded, TreeLMError
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "PEM",
     "TLS",
+    "UNSET",
+    "Deadline",
     "RetryPolicy",
     "auth_metadata",
     "channel_credentials",
@@ -29,6 +32,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     # gRPC's own retries stay off: ours know which calls are idempotent.
     ("grpc.enable_retries", 0),
 )
+
+# A call's ``timeout`` left out: the client's default applies (None would mean "wait forever").
+UNSET: Any = object()
 
 # None: plaintext; True: TLS with the system's roots; bytes/str/Path: a root CA (PEM or its file);
 # or ready grpc.ChannelCredentials.
@@ -118,3 +124,18 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
         raise ValueError("token must be a non-empty single-line string")
     return (("authorization", f"Bearer {token}"),)
+
+
+class Deadline:
+    """An overall deadline shared by a call's attempts and the sleeps between them."""
+
+    def __init__(self, timeout: float | None):
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the call's timeout passed while retrying", grpc.StatusCode.DEADLINE_EXCEEDED)
+        return left

@@ -16,6 +16,7 @@ from rich.markup import escape
 from cluster.cli.cluster import cluster_app
 from cluster.cli.distribution import delegate_variants_command
 from cluster.cli.feedback import feedback_app
+from cluster.cli.node import node_app
 from cluster.cli.pull import pull_command
 from cluster.cli.registry_import import import_command
 from cluster.cli.serve import serve_command
@@ -49,6 +50,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(update_app, name="update")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(node_app, name="node")
 
 # Packages of the `server` extra: a command that needs one, run from an SDK-only install.
 _SERVER_PACKAGES = frozenset(

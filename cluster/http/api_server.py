@@ -9,6 +9,8 @@ replica alike).
     POST /v1/completions               prompt(s) -> completions; echo + logprobs score text
     GET  /v1/distribution/...          TreeLM's own: variants for end devices (serving_distribution)
     *    /v1/feedback...               TreeLM's own: ratings, corrections, retention (serving_feedback)
+    *    /v1/files...                  training files for fine-tuning (serving/files.py)
+    *    /v1/fine_tuning/jobs...       fine-tuning jobs: a tenant's new node (serving/fine_tuning.py)
 
 Every request: 503 while the server drains, then the bearer token (401), then the body: read
 up to ``max_body_bytes`` (413 beyond, from Content-Length before reading when it is given),
@@ -16,6 +18,8 @@ UTF-8 JSON (400), the schema (400 naming the parameter; a body over 64 KiB is de
 validated in a worker thread, never on the event loop), then the node (404: unknown and other
 tenants' private nodes alike), then the engine's checks (400, 429). The body is parsed here,
 not by FastAPI, so that size, encoding and JSON errors get the same error shape as the rest.
+``POST /v1/files`` alone takes multipart/form-data, up to the training-file limit plus the
+multipart overhead (serving/files.py reads it within that bound).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,24 +40,35 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
 from cluster.errors import MalformedRequest, RequestTooLarge, ServeError, ShuttingDown
-from cluster.http.common import ApiContext, EventSource
-from cluster.http.errors import error_body, error_response, json_response, validation_error
-from cluster.http.protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse
+from cluster.http.common import ApiContext
+from cluster.http.errors import error_response, json_response, validation_error
+from cluster.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    FineTuningJobRequest,
+)
 from cluster.http.serving.chat import ChatServing
 from cluster.http.serving.completion import CompletionServing
 from cluster.http.serving.distribution import PREFIX, DistributionServing, FileSlice
 from cluster.http.serving.feedback import FeedbackRequest, FeedbackServing, RetentionRequest
+from cluster.http.serving.files import FilesServing
+from cluster.http.serving.fine_tuning import FineTuningServing
 from cluster.http.serving.models import ModelServing
+from cluster.http.streams import FileResponse, SSEResponse, StreamCall
 from cluster.service.auth import Authenticator, Caller
 from cluster.service.catalog import Catalog
 from cluster.service.client_certs import http_peer_certificate, peer_aware_protocol
 from cluster.service.distribution import DistributionCalls
 from cluster.service.feedback import FeedbackCalls
+from cluster.service.fine_tuning import FineTuningCalls
+from cluster.service.fine_tuning_io import UploadSlots
 from cluster.service.interceptors import LOGGED_DETAIL_CHARS
 from cluster.service.status import wire_status
 from hierarchy.clip import clip
@@ -87,6 +102,8 @@ class HttpApi:
         distribution: DistributionCalls,
         feedback: FeedbackCalls,
         *,
+        fine_tuning: FineTuningCalls | None = None,
+        uploads: UploadSlots | None = None,
         limits: HttpLimits = HttpLimits(),
         observe_call: CallObserver | None = None,
     ):
@@ -99,6 +116,8 @@ class HttpApi:
         self.models = ModelServing(ctx, catalog)
         self.distribution = DistributionServing(distribution)
         self.feedback = FeedbackServing(feedback)
+        self.files = FilesServing(fine_tuning, uploads or UploadSlots())
+        self.fine_tuning = FineTuningServing(fine_tuning)
         self.draining = False
         self.in_flight = 0  # requests and open streams (one event loop: no lock)
         self.app = self._build()
@@ -164,6 +183,7 @@ class HttpApi:
             )
 
         self._feedback_routes(app)
+        self._fine_tuning_routes(app)
         return app
 
     def _feedback_routes(self, app: FastAPI) -> None:
@@ -195,6 +215,56 @@ class HttpApi:
         async def get_retention(request: Request, node: str | None = None) -> Response:
             run = lambda c, _: fb.get_retention(c, node)  # noqa: E731
             return await self._call(request, "GET /v1/feedback/retention", None, run, {})
+
+    def _fine_tuning_routes(self, app: FastAPI) -> None:
+        files, jobs = self.files, self.fine_tuning
+        jobs_path = "/v1/fine_tuning/jobs"
+
+        @app.post("/v1/files")
+        async def upload(request: Request) -> Response:
+            return await self._call(request, "POST /v1/files", None, lambda c, _: files.upload(request, c), {})
+
+        @app.get("/v1/files")
+        async def list_files(
+            request: Request, purpose: str | None = None, limit: str | None = None, after: str | None = None
+        ) -> Response:
+            run = lambda c, _: files.list_files(c, purpose, limit, after)  # noqa: E731
+            return await self._call(request, "GET /v1/files", None, run, {})
+
+        @app.get("/v1/files/{file_id}")
+        async def get_file(request: Request, file_id: str) -> Response:
+            return await self._call(request, "GET /v1/files/{id}", None, lambda c, _: files.retrieve(c, file_id), {})
+
+        @app.delete("/v1/files/{file_id}")
+        async def delete_file(request: Request, file_id: str) -> Response:
+            return await self._call(request, "DELETE /v1/files/{id}", None, lambda c, _: files.delete(c, file_id), {})
+
+        @app.post(jobs_path)
+        async def create_job(request: Request) -> Response:
+            return await self._call(
+                request, f"POST {jobs_path}", FineTuningJobRequest, lambda c, b: jobs.create(b, c), {}
+            )
+
+        @app.get(jobs_path)
+        async def list_jobs(request: Request, limit: str | None = None, after: str | None = None) -> Response:
+            return await self._call(request, f"GET {jobs_path}", None, lambda c, _: jobs.list_jobs(c, limit, after), {})
+
+        @app.get(jobs_path + "/{job_id}")
+        async def get_job(request: Request, job_id: str) -> Response:
+            return await self._call(request, f"GET {jobs_path}/{{id}}", None, lambda c, _: jobs.retrieve(c, job_id), {})
+
+        @app.get(jobs_path + "/{job_id}/events")
+        async def job_events(
+            request: Request, job_id: str, limit: str | None = None, after: str | None = None
+        ) -> Response:
+            run = lambda c, _: jobs.events(c, job_id, limit, after)  # noqa: E731
+            return await self._call(request, f"GET {jobs_path}/{{id}}/events", None, run, {})
+
+        @app.post(jobs_path + "/{job_id}/cancel")
+        async def cancel_job(request: Request, job_id: str) -> Response:
+            return await self._call(
+                request, f"POST {jobs_path}/{{id}}/cancel", None, lambda c, _: jobs.cancel(c, job_id), {}
+            )
 
     def _chat(self, request: Request):
         return lambda caller, body: self.chat.create(body, caller, request)
@@ -235,8 +305,8 @@ class HttpApi:
                 return answer
             streaming = True
             if isinstance(answer, FileSlice):
-                return _FileResponse(answer, lambda code: self._finished(method, started, code))
-            return _SSEResponse(_StreamCall(self, answer, method, getattr(body, "model", ""), started, fields))
+                return FileResponse(answer, lambda code: self._finished(method, started, code))
+            return SSEResponse(StreamCall(self, answer, method, getattr(body, "model", ""), started, fields))
         except ClientDisconnect:  # the client left while sending its body: nobody to answer
             code = grpc.StatusCode.CANCELLED
             return Response(status_code=499)
@@ -302,83 +372,6 @@ def _parse(schema: type[B], data: bytes) -> B:
         return schema.model_validate_json(text)
     except ValidationError as exc:
         raise validation_error(exc) from None
-
-
-class _StreamCall:
-    """One streamed answer as server-sent events: one ``data:`` line per chunk, ``data: [DONE]``
-    last; an error after the response started is sent as an OpenAI error event (the openai client
-    raises it). ``finish`` (idempotent) stops the engine streams and books the call, whether the
-    events were read to the end, cut short, or never started."""
-
-    def __init__(
-        self, api: HttpApi, source: EventSource, method: str, model: str, started: float, fields: dict[str, str]
-    ):
-        self._api, self._source, self._method, self._model = api, source, method, model
-        self._started, self._fields = started, fields
-        self._code = grpc.StatusCode.CANCELLED  # until the events end on their own
-        self._finished = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for event in self._source.events:
-                yield b"data: " + event.model_dump_json().encode() + b"\n\n"
-            self._code = grpc.StatusCode.OK
-        except Exception as exc:
-            status = wire_status(exc)
-            self._code = status.code
-            _http, body = error_body(exc, self._fields, status)
-            yield b"data: " + body.model_dump_json().encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
-
-    async def finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        try:
-            await self._source.close()
-        finally:
-            self._api.in_flight -= 1
-            self._api._observe(self._method, self._model, self._code, self._started)
-
-
-class _SSEResponse(StreamingResponse):
-    """A streaming response that always finishes its call (see :class:`_StreamCall`)."""
-
-    def __init__(self, call: _StreamCall):
-        self.call = call
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(call.__aiter__(), media_type="text/event-stream", headers=headers)
-
-    async def stream_response(self, send: Any) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            await self.call.finish()
-
-
-class _FileResponse(StreamingResponse):
-    """A variant file (all of it, or one range) that books its call when the last byte is sent or
-    the client leaves."""
-
-    def __init__(self, part: FileSlice, finished: Callable[[grpc.StatusCode], None]):
-        self._finished = finished
-        super().__init__(
-            part.chunks, status_code=part.status, headers=part.headers, media_type="application/octet-stream"
-        )
-
-    async def stream_response(self, send: Any) -> None:
-        code = grpc.StatusCode.CANCELLED
-        try:
-            await super().stream_response(send)
-            code = grpc.StatusCode.OK
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            self._finished(code)
 
 
 class _Uvicorn(uvicorn.Server):

@@ -29,9 +29,21 @@ __all__ = [
     "CompletionRequest",
     "ErrorInfo",
     "ErrorResponse",
+    "FileDeleted",
+    "FileList",
+    "FileObject",
+    "FineTuningJob",
+    "FineTuningJobEvent",
+    "FineTuningJobEventList",
+    "FineTuningJobList",
+    "FineTuningJobRequest",
+    "FineTuningMethod",
+    "JobErrorObject",
+    "JobHyperparameters",
     "Model",
     "ModelList",
     "ResponseFormat",
+    "SupervisedMethod",
     "TokenLogprob",
     "Usage",
 ]
@@ -250,3 +262,117 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+# -- files and fine-tuning jobs (OpenAI's shapes; TreeLM's extensions are marked) -------------------
+
+
+class SupervisedMethod(_Request):
+    hyperparameters: dict[str, Any] | None = None
+
+
+class FineTuningMethod(_Request):
+    type: Literal["supervised"]  # TreeLM trains LoRA adapters on text: no DPO, no reinforcement
+    supervised: SupervisedMethod | None = None
+
+
+class FineTuningJobRequest(_Request):
+    model: str  # the parent node
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None  # the new node's name (required here: it is the node's id)
+    hyperparameters: dict[str, Any] | None = None  # n_epochs, learning_rate_multiplier, batch_size, ...
+    method: FineTuningMethod | None = None  # OpenAI's newer place for the same hyperparameters
+    visibility: Literal["private", "public"] | None = None  # TreeLM: public only with an operator token
+
+
+class FileObject(_Response):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"  # a file is checked when uploaded: stored means usable
+    status_details: str | None = None
+    format: str  # TreeLM: jsonl | text
+    records: int  # TreeLM: chat records or documents
+    sha256: str  # TreeLM
+
+
+class FileList(_Response):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileDeleted(_Response):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class JobErrorObject(_Response):
+    code: str
+    message: str
+    param: str | None
+
+
+class JobHyperparameters(_Response):
+    n_epochs: int | None
+    batch_size: int | None
+    learning_rate_multiplier: float | None = None  # the job stores the learning rate it resolved
+    learning_rate: float | None  # TreeLM
+    lora_rank: int | None  # TreeLM
+
+
+class FineTuningJob(_Response):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str  # the parent node
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None  # the new node's id once the job succeeded
+    organization_id: str  # the tenant
+    result_files: list[str]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    training_file: str
+    validation_file: str | None
+    hyperparameters: JobHyperparameters
+    trained_tokens: int | None
+    error: JobErrorObject | None
+    seed: int
+    estimated_finish: int | None = None
+    integrations: list[Any] = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    user_provided_suffix: str
+    node: str  # TreeLM: the node the job creates (= fine_tuned_model once it succeeded)
+    visibility: str  # TreeLM
+    started_at: int | None  # TreeLM
+    cancel_requested: bool  # TreeLM
+    result: dict[str, Any]  # TreeLM: held-out perplexities (the new node's and its parent's), timings, version
+
+
+class FineTuningJobList(_Response):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(_Response):
+    id: str  # "ftevent-<n>"
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str  # info | warn | error
+    message: str
+    data: dict[str, Any]
+    type: Literal["message", "metrics"]
+
+
+class FineTuningJobEventList(_Response):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool

@@ -182,6 +182,10 @@ class UpdateDesk:
     def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
         return self._of_node(node).rollback(node, to_version, list(signatures))
 
+    def retire_node(self, node: str, force: bool) -> list[str]:
+        coordinator: Any = self._of_node(node)  # Any: retire_node comes with the fine-tuning job runner
+        return list(coordinator.retire_node(node, force))
+
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)
         if stop is not None:
@@ -293,3 +297,6 @@ class RemoteCoordinator:
 
     def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> RollbackResult:
         return self._call_desk(lambda d: d.rollback.remote(node, to_version, list(signatures)))
+
+    def retire_node(self, node: str, force: bool) -> list[str]:
+        return self._call_desk(lambda d: d.retire_node.remote(node, force))

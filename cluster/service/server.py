@@ -6,7 +6,7 @@ with ``http_port``, the OpenAI-compatible HTTP API (:mod:`cluster.http`) on the 
     ...
     await server.stop()           # stop accepting, finish in-flight calls up to the grace period
 
-Besides the six TreeLM services it registers the standard gRPC health service
+Besides the seven TreeLM services it registers the standard gRPC health service
 (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING once draining) and
 server reflection, so stock tools (grpcurl, grpc_health_probe) work. Message
 sizes are bounded explicitly on both directions (an HTTP body by the same bound as a gRPC
@@ -41,6 +41,9 @@ from cluster.service.client_certs import ClientTenants
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
 from cluster.service.feedback import FeedbackCalls, FeedbackServicer
 from cluster.service.feedback_metrics import FeedbackCollector
+from cluster.service.fine_tuning import FineTuningCalls
+from cluster.service.fine_tuning_io import UploadSlots
+from cluster.service.fine_tuning_servicer import FineTuningServicer
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
@@ -60,6 +63,8 @@ from protos.treelm.v1 import (
     distribution_pb2_grpc,
     feedback_pb2,
     feedback_pb2_grpc,
+    fine_tuning_pb2,
+    fine_tuning_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     registry_pb2,
@@ -83,6 +88,7 @@ SERVICE_NAMES = tuple(
         (admin_pb2, "Admin"),
         (distribution_pb2, "Distribution"),
         (feedback_pb2, "Feedback"),
+        (fine_tuning_pb2, "FineTuning"),
     )
 )
 _MIB = 1 << 20
@@ -184,6 +190,7 @@ class TreeServer:
         close_trunks: bool = False,
         updates: Coordinator | UpdateBackend | None = None,
         distribution: Distributor | None = None,
+        fine_tuning: FineTuningCalls | None = None,
     ):
         self.config = config
         self.router = TrunkRouter({t.tree: t for t in trunks})
@@ -193,6 +200,8 @@ class TreeServer:
         self.distribution = distribution  # variants for devices; None: Distribution answers UNIMPLEMENTED
         self.access = NodeAccess(catalog.node_visibility, ttl_s=config.node_cache_ttl_s)
         self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
+        self.fine_tuning = fine_tuning  # files and jobs, gRPC and HTTP alike; None: they answer 501
+        self.file_uploads = UploadSlots()  # training-file uploads in progress, both transports
         self.quotas = Quotas(config.quotas)
         retention = RetentionCache(catalog.registry)
         self.recorder = ResponseRecorder(retention) if config.feedback else None
@@ -260,6 +269,8 @@ class TreeServer:
             self.catalog,
             self.distribution_calls,
             self.feedback,
+            fine_tuning=self.fine_tuning,
+            uploads=self.file_uploads,
             limits=HttpLimits(max_body_bytes=c.max_request_body_bytes),
             observe_call=self.metrics.observe_call,
         )
@@ -290,12 +301,17 @@ class TreeServer:
         )
         distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(self.distribution_calls), server)
         feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.feedback), server)
+        fine_tuning = FineTuningServicer(
+            self.fine_tuning, self.file_uploads, idle_s=c.uploads.idle_s, draining=lambda: self._stopping
+        )
+        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(fine_tuning, server)
         admin = AdminServicer(
             self.router,
             self.access,
             version=SERVER_VERSION,
             auth_enabled=c.auth,
             in_flight=lambda: self.status_interceptor.in_flight,
+            updates=self.updates,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

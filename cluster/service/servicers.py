@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc.aio
 
+from cluster.errors import BadArgument
 from cluster.service.access import NodeAccess
 from cluster.service.admission import Admission, NodeRef, TrunkRouter, bounded_node_id
 from cluster.service.auth import current_caller, require_operator
@@ -26,6 +27,8 @@ from cluster.service.convert import (
     version_to_proto,
 )
 from cluster.service.redact import Redactor
+from cluster.service.update_servicer import UpdateBackend
+from cluster.updates.coordinator import Coordinator
 from protos.treelm.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -136,8 +139,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         version: str,
         auth_enabled: bool,
         in_flight: Callable[[], int],
+        updates: Coordinator | UpdateBackend | None = None,
     ):
         self._router = router
+        self._updates = updates  # RetireNode's backend (the update coordinator); None: UNIMPLEMENTED
         self._access = access
         self._version = version
         self._auth_enabled = auth_enabled
@@ -166,3 +171,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             trunks=trunks,
             in_flight=self._in_flight(),
         )
+
+    async def RetireNode(self, request, context):
+        require_operator(current_caller(), auth_required=self._auth_enabled)
+        ref = NodeRef.parse(request.node, "node")  # BadArgument naming "node" when missing or malformed
+        if ref.version is not None:
+            raise BadArgument("node", "a node is retired whole, with every version: leave out '@version'")
+        node = ref.node
+        if self._updates is None:
+            raise NotImplementedError("retiring nodes needs the update coordinator, which this server does not run")
+        retired = await asyncio.to_thread(self._updates.retire_node, node, bool(request.force))
+        return admin_pb2.RetireNodeResponse(node=node, retired=list(retired))

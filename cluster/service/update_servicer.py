@@ -49,6 +49,11 @@ class UpdateBackend(Protocol):
 
     def rollback(self, node: str, to_version: int, signatures: Sequence[Signature]) -> Any: ...
 
+    def retire_node(self, node: str, force: bool) -> Sequence[str]:
+        """Stop serving ``node`` (in-flight requests finish), keep its records; refuse a node with
+        children unless ``force`` (then they go too). Returns the retired ids, the node first."""
+        ...
+
 
 def status_to_proto(s: UpdateStatus) -> updates_pb2.UpdateStatus:
     return updates_pb2.UpdateStatus(

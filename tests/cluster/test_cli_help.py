@@ -36,6 +36,10 @@ HELP = [
     ["feedback"],
     ["feedback", "ls"],
     ["feedback", "retention"],
+    ["node"],
+    ["node", "create"],
+    ["node", "add"],
+    ["node", "retire"],
 ]
 
 # One process runs every help in turn; the first one after which a heavy module is loaded is named.

@@ -61,3 +61,19 @@ class StatusResponse(_message.Message):
     trunks: _containers.RepeatedCompositeFieldContainer[Trunk]
     in_flight: int
     def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ..., trunks: _Optional[_Iterable[_Union[Trunk, _Mapping]]] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class RetireNodeRequest(_message.Message):
+    __slots__ = ("node", "force")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    force: bool
+    def __init__(self, node: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RetireNodeResponse(_message.Message):
+    __slots__ = ("node", "retired")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    retired: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[str] = ..., retired: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -39,13 +39,25 @@ class AdminStub:
                 request_serializer=protos_dot_treelm_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_treelm_dot_v1_dot_admin__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.RetireNode = channel.unary_unary(
+                '/treelm.v1.Admin/RetireNode',
+                request_serializer=protos_dot_treelm_dot_v1_dot_admin__pb2.RetireNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_treelm_dot_v1_dot_admin__pb2.RetireNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Status(self, request, context):
-        """Needs an operator token (PERMISSION_DENIED for tenant tokens); open only on a server without auth.
+        """Both need an operator token (PERMISSION_DENIED for tenant tokens); open only on a server without auth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireNode(self, request, context):
+        """UNIMPLEMENTED on a server without an update coordinator; NOT_FOUND for an unknown node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +70,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_treelm_dot_v1_dot_admin__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_treelm_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'RetireNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireNode,
+                    request_deserializer=protos_dot_treelm_dot_v1_dot_admin__pb2.RetireNodeRequest.FromString,
+                    response_serializer=protos_dot_treelm_dot_v1_dot_admin__pb2.RetireNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class Admin:
             '/treelm.v1.Admin/Status',
             protos_dot_treelm_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
             protos_dot_treelm_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/treelm.v1.Admin/RetireNode',
+            protos_dot_treelm_dot_v1_dot_admin__pb2.RetireNodeRequest.SerializeToString,
+            protos_dot_treelm_dot_v1_dot_admin__pb2.RetireNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
