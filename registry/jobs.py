@@ -273,10 +273,13 @@ def create_job(reg: Registry, request: JobRequest, *, max_active: int | None) ->
         if building is not None:
             raise NodeExists(f"node {node!r} is being created by another job: choose another suffix")
         if max_active is not None:
-            active = s.scalar(
-                select(func.count())
-                .select_from(FineTuningJob)
-                .where(FineTuningJob.tenant == request.tenant, FineTuningJob.status.in_(ACTIVE_JOB_STATUSES))
+            active = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(FineTuningJob)
+                    .where(FineTuningJob.tenant == request.tenant, FineTuningJob.status.in_(ACTIVE_JOB_STATUSES))
+                )
+                or 0
             )
             if active >= max_active:
                 raise JobQuotaExceeded(

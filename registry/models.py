@@ -8,6 +8,7 @@ checks that the migrated schema and these models agree.
 
 from __future__ import annotations
 
+import builtins
 from datetime import UTC, datetime
 from typing import Any
 
@@ -495,7 +496,7 @@ class TrainingFile(Model):
     records: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    content: Mapped[builtins.bytes] = mapped_column(LargeBinary)  # builtins: `bytes` above is a column
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
