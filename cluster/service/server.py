@@ -41,6 +41,7 @@ from cluster.service.client_certs import ClientTenants
 from cluster.service.distribution import DistributionCalls, DistributionServicer, Distributor
 from cluster.service.feedback import FeedbackCalls, FeedbackServicer
 from cluster.service.feedback_metrics import FeedbackCollector
+from cluster.service.fine_tuning import FineTuningCalls
 from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
@@ -184,8 +185,10 @@ class TreeServer:
         close_trunks: bool = False,
         updates: Coordinator | UpdateBackend | None = None,
         distribution: Distributor | None = None,
+        fine_tuning: FineTuningCalls | None = None,
     ):
         self.config = config
+        self.fine_tuning = fine_tuning  # files and fine-tuning jobs (HTTP and gRPC); None: not offered
         self.router = TrunkRouter({t.tree: t for t in trunks})
         self.catalog = catalog
         self._close_trunks = close_trunks
