@@ -113,6 +113,7 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-update-round")
             policy = UpdatePolicy.for_tree(tree.root, options.update_policy)
             coordinator = Coordinator.open(registry, tree.root, policy, background=rounds.submit)
+        runner = _job_runner(options, registry, coordinator, say)  # before the base: a bad key ends it at once
         # The variant key first: a missing passphrase ends the command before the base is loaded.
         distribution = _distributor(options, tree.name, tree.root, registry)
         say(f"loading the base of {tree.name} ...")
@@ -129,7 +130,6 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
         server_config = options.server
         if server_config.spool_dir is None:  # uploads are spooled beside the tree they update
             server_config = replace(server_config, spool_dir=tree.root / "spool")
-        runner = _job_runner(options, registry, coordinator, say)
         fine_tuning = FineTuningCalls(
             registry,
             NodeAccess(Catalog(registry).node_visibility, ttl_s=server_config.node_cache_ttl_s),

@@ -59,8 +59,7 @@ def test_chats_render_through_the_template_or_as_role_lines(tiny_base_dir):
 
     records = parse_training_file(
         b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
-        b'{"text": "A plain document."}\n'
-        + b'{"text": "' + b"x" * 1000 + b'"}\n'
+        b'{"text": "A plain document."}\n' + b'{"text": "' + b"x" * 1000 + b'"}\n'
     ).records
     tokenizer = load_base(tiny_base_dir).tokenizer
     chat, text, _ = render_records(tokenizer, records)
