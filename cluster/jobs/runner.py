@@ -6,7 +6,8 @@
     runner.wake()        # a job was queued or cancelled (FineTuningCalls' ``wake``): look now
     runner.stop()        # the job in progress is stopped and ends failed ("interrupted")
 
-One job at a time per runner. A job's worker (``Launcher.start``: a spawned process here, a Ray
+One runner per tree (it fails every job of its tree it finds running when it starts), one job
+at a time. A job's worker (``Launcher.start``: a spawned process here, a Ray
 task on a cluster) trains and gates the node into ``TREE_DIR/jobs/<job_id>/`` and returns its
 figures; the runner then has the update desk register, sign and serve it
 (``coordinator.add_node``) and ends the job ``succeeded`` with its result: the perplexities and
@@ -196,7 +197,7 @@ class JobRunner:
     def __init__(
         self,
         registry: Registry,
-        coordinator: Any,  # a Coordinator (NodeRegistrar, with .tree and .store.root)
+        coordinator: NodeRegistrar,
         policy: CustomizePolicy,
         launcher: Launcher,
         *,
@@ -205,14 +206,18 @@ class JobRunner:
         tree: str | None = None,
         tree_dir: str | Path | None = None,
     ):
+        """``tree`` and ``tree_dir`` default to the coordinator's (give them with a desk proxy);
+        ``worker_name`` is recorded on each job it claims; ``poll_s``: how often it looks for queued
+        jobs and cancellations when nobody calls ``wake``."""
         self.registry = registry
         self.coordinator = coordinator
         self.policy = policy
         self.launcher = launcher
         self.worker_name = worker_name
         self.poll_s = poll_s
-        self.tree = tree or coordinator.tree.name
-        self.root = Path(tree_dir) if tree_dir is not None else Path(coordinator.store.root)
+        desk: Any = coordinator
+        self.tree: str = tree or desk.tree.name
+        self.root = Path(tree_dir) if tree_dir is not None else Path(desk.store.root)
         self._db_url = registry.engine.url.render_as_string(hide_password=False)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -227,7 +232,7 @@ class JobRunner:
             return
         for job_id in fail_interrupted(self.registry, self.tree, "interrupted by a server restart"):
             log.warning("job %s was running when the server stopped: marked failed", job_id)
-        running = {j.job_id for j in list_jobs(self.registry, None, statuses=("running",), tree=self.tree)}
+        running = {j.job_id for j in list_jobs(self.registry, None, statuses=("running",), tree=self.tree, limit=100)}
         jobs = self.root / JOBS_DIR
         for staged in jobs.iterdir() if jobs.is_dir() else ():
             if staged.name not in running:

@@ -19,7 +19,9 @@ from cluster.service.trunk import EngineTrunk
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.keys import write_key_files
 from cluster.updates.policy import CustomizePolicy
+from hierarchy.updates.envelope import Envelope
 from hierarchy.updates.keys import SigningKey
+from hierarchy.updates.manifest import parse_manifest
 from nodes.base.model import load_base
 from nodes.errors import UnknownNode
 from nodes.runtime.engine import Engine, EngineConfig
@@ -28,8 +30,9 @@ from nodes.store.versions import VersionStore
 from registry.errors import Conflict, NodeExists, NodeNotFound
 from registry.jobs import JobRecord, get_file
 from registry.trees import list_nodes
+from registry.updates import list_updates
 from tests.cluster.jobs_world import TENANT, chat_file, jobs_world, queue_job, upload
-from tests.cluster.update_world import TREE, built_tree, stored_state
+from tests.cluster.update_world import TREE, built_tree, honest_adapter, package_of, stored_state
 
 NEW = "en/medical/st-marys-onc"
 
@@ -125,6 +128,21 @@ def test_add_node_serves_it_and_the_trunk_and_access_follow(world, trained):
             world.coordinator.add_node(new)
     finally:
         engine.close()
+
+
+def test_a_node_trained_over_a_parent_version_that_moved_is_held_over_it(world, trained):
+    # en/medical gets version 2 while the job trained over version 1 (a hospital's signed update).
+    world.coordinator.submit(package_of(world, "en/medical", honest_adapter(world, "en/medical"))[0])
+    served = world.coordinator.served_tree()
+    assert [n.version for n in served.chain(world.node_id("en/medical"))] == [1, 2]
+    node = world.node_id("en/medical/st-marys-onc-b")
+    added = world.coordinator.add_node(replace(_new_node(*trained), node=node))
+    assert added.pin_status == "held"  # served over the chain it was gated on, never over one it was not
+    assert [(x["path"], x["version"]) for x in added.chain] == [("en", 1), ("en/medical", 1), (str(node[3:]), 1)]
+    snapshot = VersionStore(world.tree).read_snapshot()
+    assert snapshot.nodes["en/medical/st-marys-onc-b"].status == "held"
+    (record,) = list_updates(world.registry, node=node, kind="create")
+    assert parse_manifest(Envelope.from_bytes(record.envelope.encode()).payload).parent_version == 1
 
 
 def _request(node: str, tokens: int) -> GenerationRequest:
