@@ -26,6 +26,7 @@
         ├── PackageError        a package directory or stream that is malformed; ``field`` names the part
         ├── PolicyError         an update policy with a bad field
         ├── JobError            a fine-tuning job that failed (``code``: gate, data, training, interrupted)
+        │   └── JobCancelled    the job was cancelled while it ran (its worker stops between steps)
         └── UpdateStateError    the tree and the registry disagree, or the node cannot change now
 
 cluster/service/status.py maps these, and the errors of hierarchy/, nodes/ and registry/, to
@@ -33,6 +34,9 @@ gRPC status codes in one table.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from hierarchy.errors import PicklableError
 
@@ -45,6 +49,7 @@ __all__ = [
     "CoordinatorError",
     "DeployError",
     "FineTuningOff",
+    "JobCancelled",
     "JobError",
     "MalformedRequest",
     "NodeNotVisible",
@@ -242,8 +247,18 @@ class FineTuningOff(CallError):
 
 
 class JobError(CoordinatorError):
-    """A fine-tuning job that failed; ``code`` says where (data, training, gate, registration, interrupted)."""
+    """A fine-tuning job that failed; ``code`` says where (data, parent, training, gate, worker,
+    registration, interrupted); ``figures``: what it measured before it failed (the gate's
+    perplexities), kept in the job's result."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, figures: Mapping[str, Any] | None = None):
         self.code = code
+        self.figures = dict(figures or {})
         super().__init__(message)
+
+
+class JobCancelled(JobError):
+    """A running job was cancelled (the training loop checks between steps)."""
+
+    def __init__(self, message: str = "the job was cancelled"):
+        super().__init__("cancelled", message)

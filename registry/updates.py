@@ -66,6 +66,7 @@ __all__ = [
     "MoveAlias",
     "NodeVersions",
     "PinEntry",
+    "RetireNode",
     "RevokeKey",
     "SetKeyGroup",
     "SetStatus",
@@ -201,6 +202,14 @@ class AddEvent:
 
 
 @dataclass(frozen=True)
+class RetireNode:
+    """Stop serving a node for good (`treelm node retire`): its records stay, its id stays taken,
+    it is no longer listed, matched or pinned."""
+
+    node: str
+
+
+@dataclass(frozen=True)
 class AddKey:
     key_id: str
     public_key: str
@@ -229,6 +238,7 @@ Change = (
     | AddUpdate
     | SetUpdate
     | AddEvent
+    | RetireNode
     | AddKey
     | RevokeKey
     | SetKeyGroup
@@ -374,6 +384,13 @@ def _add_event(session: Session, c: AddEvent, nodes: dict[str, Node], now: datet
     session.add(UpdateEvent(at=now, event=c.event, node_id=node_pk, update_id=c.update_id, detail=dict(c.detail)))
 
 
+def _retire_node(session: Session, c: RetireNode, nodes: dict[str, Node], now: datetime) -> None:
+    node = _node(session, c.node, nodes)
+    if node.retired_at is None:
+        node.retired_at = now
+        session.flush()
+
+
 def _add_key(session: Session, c: AddKey, nodes: dict[str, Node], now: datetime) -> None:
     check_role(c.role)
     if session.scalar(select(SigningKey.id).where(SigningKey.key_id == c.key_id)) is not None:
@@ -421,6 +438,7 @@ _APPLY: dict[type, Callable[[Session, Any, dict[str, Node], datetime], None]] = 
     AddUpdate: _add_update,
     SetUpdate: _set_update,
     AddEvent: _add_event,
+    RetireNode: _retire_node,
     AddKey: _add_key,
     RevokeKey: _revoke_key,
     SetKeyGroup: _set_key_group,
@@ -527,12 +545,13 @@ def _pin(row: ServingPin, node_id: str) -> PinEntry:
 
 
 def current_pins(reg: Registry, tree: str) -> dict[str, PinEntry]:
-    """node id -> its current serving pin (the newest row), for every pinned node of ``tree``."""
+    """node id -> its current serving pin (the newest row), for every pinned node of ``tree`` that is
+    not retired (a retired node keeps its pins as history, but nothing serves it)."""
     with reg.read() as session:
         newest = (
             select(func.max(ServingPin.id))
             .join(Node, Node.id == ServingPin.node_id)
-            .where(Node.tree == tree)
+            .where(Node.tree == tree, Node.retired_at.is_(None))
             .group_by(ServingPin.node_id)
         )
         rows = session.execute(

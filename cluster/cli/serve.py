@@ -7,6 +7,10 @@ the OpenAI-compatible HTTP API on the same engine and tokens).
 The tree is imported into the registry first (idempotent). SIGTERM or Ctrl-C
 drains: health turns NOT_SERVING, new calls are refused, in-flight calls get
 ``--grace`` seconds, then the engine stops.
+
+With ``customize.key`` in the tree's update policy, tenants' fine-tuning jobs run here, one at a
+time, each in its own process taking ``--job-threads`` CPU threads (default 1) beside the engine's
+``--threads``: size them together to the machine's cores.
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")] = 1024,
     threads: Annotated[int | None, typer.Option(help="torch threads for the engine (default: torch's)")] = None,
+    job_threads: Annotated[
+        int,
+        typer.Option(
+            "--job-threads",
+            min=1,
+            help="CPU threads of a fine-tuning job (one at a time, in its own process beside the engine; "
+            "jobs run when the update policy sets customize.key)",
+        ),
+    ] = 1,
     tenant_max_running: Annotated[
         int, typer.Option("--tenant-max-running", help="a tenant's requests in the batch at once; more wait")
     ] = 16,
@@ -181,6 +194,7 @@ def serve_command(
         tenant_step_rows=tenant_step_rows,
         prefill_chunk=prefill_chunk,
         threads=threads,
+        job_threads=job_threads,
         updates=updates,
         update_policy=update_policy,
         variant_key=variant_key,

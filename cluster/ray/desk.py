@@ -183,8 +183,7 @@ class UpdateDesk:
         return self._of_node(node).rollback(node, to_version, list(signatures))
 
     def retire_node(self, node: str, force: bool) -> list[str]:
-        coordinator: Any = self._of_node(node)  # Any: retire_node comes with the fine-tuning job runner
-        return list(coordinator.retire_node(node, force))
+        return list(self._of_node(node).retire_node(node, force))
 
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)

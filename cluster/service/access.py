@@ -1,7 +1,9 @@
 """Who may use which node: public nodes for everyone, private nodes only for their owner.
 
 Inference asks before every call, so answers are cached for a few seconds (the
-registry is the source of truth; a node made private takes effect within the TTL).
+registry is the source of truth; a node made private takes effect within the TTL). "No such
+node" is cached for at most ``negative_ttl_s`` (1 s): a node a fine-tuning job just made
+answers within a second of its registration.
 The cache is bounded in entries and in the bytes of the ids it keeps (least recently
 used go first), and ids over the node-id bounds never reach it or the registry.
 """
@@ -47,12 +49,14 @@ class NodeAccess:
         lookup: Callable[[str], NodeVisibility | None],
         *,
         ttl_s: float = 5.0,
+        negative_ttl_s: float = 1.0,
         max_entries: int = 10_000,
         max_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._lookup = lookup
         self._ttl = ttl_s
+        self._negative_ttl = min(ttl_s, negative_ttl_s)
         self._max_entries = max_entries
         self._max_bytes = max_bytes  # the ids' bytes: made-up ids must not grow the cache without bound
         self._clock = clock
@@ -73,7 +77,7 @@ class NodeAccess:
             self._cache.move_to_end(node)
             return hit[0]
         answer = await asyncio.to_thread(self._lookup, node)
-        self._store(node, answer, now + self._ttl)
+        self._store(node, answer, now + (self._ttl if answer is not None else self._negative_ttl))
         return answer
 
     def _store(self, node: str, answer: NodeVisibility | None, expires: float) -> None:

@@ -5,13 +5,20 @@ and the OpenAI-compatible HTTP API with ``ServerConfig.http_port``), run until S
 The tree is imported into the registry first (idempotent). SIGTERM or Ctrl-C drains: health
 turns NOT_SERVING, new calls are refused, in-flight calls get ``grace_s`` seconds, then the
 engine stops.
+
+When the tree's update policy has ``customize.key``, tenants' fine-tuning jobs run here too
+(cluster/jobs): a :class:`~cluster.jobs.runner.JobRunner` claims them one at a time and trains
+each in a separate process with ``job_threads`` CPU threads (beside the engine's ``threads``);
+the node it makes is served from the snapshot switch on, without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -19,15 +26,20 @@ from pathlib import Path
 
 import torch
 
-from cluster.errors import ServeError
+from cluster.errors import JobError, PolicyError, ServeError
+from cluster.jobs.runner import JobRunner, ProcessLauncher
+from cluster.service.access import NodeAccess
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import Distributor, VariantSigning
+from cluster.service.fine_tuning import FineTuningCalls
+from cluster.service.quota import Quotas
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.trunk import EngineTrunk
 from cluster.tree_import import import_tree
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.keys import load_signing_key
 from cluster.updates.policy import UpdatePolicy
+from hierarchy.errors import KeyFormatError
 from hierarchy.updates.envelope import Envelope
 from nodes.runtime.engine import Engine, EngineConfig
 from nodes.store.tree import open_tree
@@ -63,6 +75,7 @@ class StandaloneOptions:
     variant_delegation: Path | None = None  # root's delegation of that key (treelm keys delegate-variants)
     variant_cache: str = "20GiB"  # bound on TREE_DIR/variants (Distributor's LRU eviction)
     prefix_cache: str = "256MiB"  # the engine's prompt-prefix keys/values ("0" or "off": none)
+    job_threads: int = 1  # CPU threads of a fine-tuning job's worker process (one job at a time)
 
     @property
     def prefix_cache_bytes(self) -> int:
@@ -71,6 +84,8 @@ class StandaloneOptions:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ServeError(f"--threads must be >= 1, got {self.threads}")
+        if self.job_threads < 1:
+            raise ServeError(f"--job-threads must be >= 1, got {self.job_threads}")
         if (self.variant_key is None) != (self.variant_delegation is None):
             raise ServeError("serving variants needs both --variant-key and --variant-delegation")
         try:
@@ -98,6 +113,7 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-update-round")
             policy = UpdatePolicy.for_tree(tree.root, options.update_policy)
             coordinator = Coordinator.open(registry, tree.root, policy, background=rounds.submit)
+        runner = _job_runner(options, registry, coordinator, say)  # before the base: a bad key ends it at once
         # The variant key first: a missing passphrase ends the command before the base is loaded.
         distribution = _distributor(options, tree.name, tree.root, registry)
         say(f"loading the base of {tree.name} ...")
@@ -114,9 +130,40 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
         server_config = options.server
         if server_config.spool_dir is None:  # uploads are spooled beside the tree they update
             server_config = replace(server_config, spool_dir=tree.root / "spool")
-        asyncio.run(_run(engine, registry, server_config, say, coordinator, distribution))
+        fine_tuning = FineTuningCalls(
+            registry,
+            NodeAccess(Catalog(registry).node_visibility, ttl_s=server_config.node_cache_ttl_s),
+            {tree.name: runner.policy} if runner is not None else {},
+            Quotas(server_config.quotas),
+            wake=runner.wake if runner is not None else None,
+        )
+        asyncio.run(_run(engine, registry, server_config, say, coordinator, distribution, fine_tuning, runner))
     finally:
         registry.close()
+
+
+def _job_runner(
+    options: StandaloneOptions, registry: Registry, coordinator: Coordinator | None, say: Say
+) -> JobRunner | None:
+    """The fine-tuning job runner when the tree's policy names ``customize.key`` (None otherwise)."""
+    if coordinator is None:  # --no-updates: no desk registers new nodes
+        try:
+            wanted = UpdatePolicy.for_tree(options.tree_dir, options.update_policy).customize.enabled
+        except PolicyError:
+            wanted = False
+        if wanted:
+            log.warning("the update policy sets customize.key, but --no-updates: no fine-tuning jobs run here")
+        return None
+    if not coordinator.policy.customize.enabled:
+        return None
+    try:
+        coordinator.growth_key()  # a key the registry does not trust would fail every job at its end
+    except (JobError, KeyFormatError) as exc:
+        raise ServeError(f"fine-tuning jobs: {exc}") from None
+    say(f"fine-tuning jobs on (one at a time, {options.job_threads} CPU thread(s) each, in a worker process)")
+    worker = f"serve@{socket.gethostname()}:{os.getpid()}"
+    launcher = ProcessLauncher(options.job_threads)
+    return JobRunner(registry, coordinator, coordinator.policy.customize, launcher, worker_name=worker)
 
 
 def _distributor(options: StandaloneOptions, tree: str, root: Path, registry: Registry) -> Distributor | None:
@@ -138,6 +185,8 @@ async def _run(
     say: Say,
     coordinator: Coordinator | None,
     distribution: Distributor | None = None,
+    fine_tuning: FineTuningCalls | None = None,
+    runner: JobRunner | None = None,
 ) -> None:
     server = TreeServer(
         [EngineTrunk(engine)],
@@ -146,12 +195,15 @@ async def _run(
         close_trunks=True,
         updates=coordinator,
         distribution=distribution,
+        fine_tuning=fine_tuning,
     )
     try:
         await server.start()
     except ServeError:
         await EngineTrunk(engine).close()
         raise
+    if runner is not None:
+        await asyncio.to_thread(runner.start)  # fails the jobs a previous run left running
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,6 +225,8 @@ async def _run(
     if ticker is not None:
         ticker.cancel()
     say(f"draining (up to {config.grace_s:g}s for in-flight calls) ...")
+    if runner is not None:  # a job in progress ends failed ("interrupted"); queued ones wait for the next start
+        await asyncio.to_thread(runner.stop)
     await server.stop()
     await asyncio.to_thread(_record, registry, engine, endpoint, "stopped")
     say("stopped")

@@ -100,11 +100,22 @@ class TrunkView:
 
 
 class EngineTrunk:
-    """A trunk served by an in-process :class:`nodes.runtime.engine.Engine`."""
+    """A trunk served by an in-process :class:`nodes.runtime.engine.Engine`.
+
+    It serves what the engine's tree serves now: a node a fine-tuning job added (or one an
+    operator retired) counts from the snapshot switch on."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._ids = {str(n.node_id): str(n.path) for n in engine.tree.nodes}  # node id -> cache key
+        self._ids_of: tuple[object, frozenset[str]] = (None, frozenset())  # (tree, its node ids)
+
+    def _ids(self) -> frozenset[str]:
+        tree = self.engine.tree  # one reference read: the tree served now
+        seen, ids = self._ids_of
+        if seen is not tree:
+            ids = frozenset(str(n.node_id) for n in tree.nodes)
+            self._ids_of = (tree, ids)
+        return ids
 
     @property
     def tree(self) -> str:
@@ -115,7 +126,11 @@ class EngineTrunk:
         return self.engine.tree.base_digest
 
     def serves(self, node: str) -> bool:
-        return node == self.tree or node in self._ids
+        if node == self.tree or node in self._ids():
+            return True
+        # A node the registry knows (the access check came first) but not this tree: a snapshot
+        # another process wrote may serve it (one stat when nothing changed).
+        return self.engine.refresh() and node in self._ids()
 
     def served_version(self, node: str) -> int | None:
         self.engine.refresh()  # one stat: a snapshot another process wrote counts from now

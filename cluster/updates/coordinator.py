@@ -38,6 +38,7 @@ from pathlib import Path
 
 from cluster.errors import ApprovalRejected, NotAwaitingApproval
 from cluster.tree_import import import_tree
+from cluster.updates.grow import TreeGrowth
 from cluster.updates.history import history_changes
 from cluster.updates.keys import load_rebase_key, load_trust
 from cluster.updates.operator_actions import OperatorActions
@@ -108,8 +109,9 @@ log = logging.getLogger("treelm.updates")
 LOCK_FILE = ".updates.lock"
 
 
-class Coordinator(OperatorActions):
-    """One tree's update protocol over a registry (see the module docstring)."""
+class Coordinator(OperatorActions, TreeGrowth):
+    """One tree's update protocol over a registry (see the module docstring); nodes are added and
+    retired while it serves by :class:`cluster.updates.grow.TreeGrowth`."""
 
     def __init__(
         self,

@@ -79,7 +79,9 @@ class TreeView:
             path = str(NodeId.parse(entry.node_id).path)
             return ServedNode(path, tuple(ChainLink.from_dict(x) for x in entry.chain), entry.status, entry.reason)
 
-        current = {str(NodeId.parse(k).path): served(v) for k, v in pins.items()}
+        # A node the tree dir no longer lists (retired) is not served, whatever pins it had.
+        listed = {str(n.node_id) for n in tree.nodes}
+        current = {str(NodeId.parse(k).path): served(v) for k, v in pins.items() if k in listed}
         past = {
             str(NodeId.parse(k).path): frozenset(tuple(ChainLink.from_dict(x) for x in e.chain) for e in entries)
             for k, entries in history.items()
