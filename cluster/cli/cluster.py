@@ -104,7 +104,15 @@ def up_command(
             trees = tuple((t.tree, str(t.tree_dir)) for t in config.trunks)
             with console.status("opening the update desk (signed updates) ..."):
                 ensure_desk(
-                    DeskSpec(config.registry, trees, config.ingress.update_threads), config.ray.namespace, timeout
+                    DeskSpec(
+                        config.registry,
+                        trees,
+                        config.ingress.update_threads,
+                        config.ingress.job_cpus,
+                        config.ingress.job_threads,
+                    ),
+                    config.ray.namespace,
+                    timeout,
                 )
         deploy(config)
         _wait(config, console, "deploying", timeout)

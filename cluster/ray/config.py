@@ -121,10 +121,9 @@ class IngressConfig:
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
     # Fine-tuning jobs (a tree whose update policy has customize.key): each runs as a Ray task asking
     # for job_cpus CPUs (anywhere in the cluster: operators add training capacity by adding machines),
-    # with job_threads torch threads; the desk runs at most max_jobs at once per tree, the rest queue.
+    # with job_threads torch threads; the desk runs one job at a time per tree, the rest queue.
     job_cpus: float = 1.0
     job_threads: int = 1
-    max_jobs: int = 1
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)
     # the passphrase of an encrypted variant_key (first line; else $TREELM_KEY_PASSPHRASE on the ingress)
     variant_key_password_file: Path | None = None
@@ -378,7 +377,6 @@ def _ingress(r: _Reader) -> IngressConfig:
         update_threads=r.integer("update_threads", 1, low=1),
         job_cpus=r.number("job_cpus", IngressConfig.job_cpus, strict=True),
         job_threads=r.integer("job_threads", IngressConfig.job_threads, low=1),
-        max_jobs=r.integer("max_jobs", IngressConfig.max_jobs, low=1),
         variant_key=r.path("variant_key", None),
         variant_key_password_file=r.path("variant_key_password_file", None),
         variant_delegations=_paths(r, "variant_delegations"),

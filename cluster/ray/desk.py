@@ -32,6 +32,8 @@ from typing import Any
 import ray
 
 from cluster.errors import ClusterError, ReplicaUnavailable, UpdateStateError
+from cluster.jobs.runner import JobRunner
+from cluster.ray.jobs import RayLauncher
 from cluster.ray.wire import remote_cause
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.keys import load_signing_key
@@ -59,6 +61,8 @@ class DeskSpec:
     registry_url: str
     trees: tuple[tuple[str, str], ...]
     threads: int = 1  # torch threads for gating and aggregation (replicas keep theirs)
+    job_cpus: float = 1.0  # each fine-tuning job's Ray task asks for this many CPUs (cluster/ray/jobs.py)
+    job_threads: int = 1  # torch threads of a job's worker
 
 
 def _load_feedback_key(path: str) -> SigningKey:
@@ -103,10 +107,33 @@ class UpdateDesk:
             for name, c in self._coordinators.items()
             if c.policy.feedback.key
         }
+        # Tenants' fine-tuning jobs: a runner per tree whose policy has customize.key; each job a Ray task.
+        self._runners = {name: self._job_runner(c, spec) for name, c in self._coordinators.items()}
+        for runner in self._runners.values():
+            if runner is not None:
+                runner.start()
         self._stop = threading.Event()
         if periods:
             every = min(60.0, *periods)
             threading.Thread(target=self._tick_loop, args=(every,), name="treelm-desk-tick", daemon=True).start()
+
+    def _job_runner(self, coordinator: Coordinator, spec: DeskSpec) -> JobRunner | None:
+        if not coordinator.policy.customize.enabled:
+            return None
+        coordinator.growth_key()  # JobError now, at `cluster up`, for a key the registry does not trust
+        return JobRunner(
+            self._registry,
+            coordinator,
+            coordinator.policy.customize,
+            RayLauncher(spec.job_cpus, spec.job_threads),
+            worker_name=f"ray-desk:{coordinator.tree.name}",
+        )
+
+    def wake_jobs(self) -> None:
+        """A job was queued or cancelled (an ingress says so): the runners look now, not at their next poll."""
+        for runner in self._runners.values():
+            if runner is not None:
+                runner.wake()
 
     def _tick_loop(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
@@ -189,6 +216,9 @@ class UpdateDesk:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+        for runner in getattr(self, "_runners", {}).values():
+            if runner is not None:
+                runner.stop(timeout=10)
         rounds = getattr(self, "_rounds", None)
         if rounds is not None:
             rounds.shutdown(wait=True)  # a round in progress finishes (its apply is atomic either way)
@@ -299,3 +329,10 @@ class RemoteCoordinator:
 
     def retire_node(self, node: str, force: bool) -> list[str]:
         return self._call_desk(lambda d: d.retire_node.remote(node, force))
+
+    def wake_jobs(self) -> None:
+        """Tell the desk's job runners a job was queued or cancelled; returns at once (they also poll)."""
+        try:
+            self._handle().wake_jobs.remote()
+        except ReplicaUnavailable:  # the desk restarts: its runners claim the job when it is back
+            pass

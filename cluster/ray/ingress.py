@@ -35,11 +35,15 @@ from cluster.ray.backend import BoardView, RayTrunk
 from cluster.ray.board import ensure_board
 from cluster.ray.desk import RemoteCoordinator
 from cluster.ray.wire import IngressSpec
+from cluster.service.access import NodeAccess
 from cluster.service.catalog import Catalog
 from cluster.service.distribution import Distributor, VariantSigning
+from cluster.service.fine_tuning import FineTuningCalls
+from cluster.service.quota import Quotas
 from cluster.service.server import ServerConfig, TreeServer
 from cluster.service.uploads import UploadLimits
 from cluster.updates.keys import load_signing_key
+from cluster.updates.policy import UpdatePolicy
 from hierarchy.secret_files import read_passphrase
 from hierarchy.updates.distribution import parse_delegation
 from hierarchy.updates.envelope import Envelope
@@ -89,7 +93,10 @@ class TreeIngress:
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.
             updates = RemoteCoordinator(spec.namespace) if spec.updates else None
-            self.server: TreeServer = self._call(self._start(trunks, config, updates, self._distributor(spec)))
+            fine_tuning = self._fine_tuning(spec, config, updates)
+            self.server: TreeServer = self._call(
+                self._start(trunks, config, updates, self._distributor(spec), fine_tuning)
+            )
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._registry.close()
@@ -113,15 +120,38 @@ class TreeIngress:
         trees = {info.tree: Path(info.tree_dir) for info in spec.trunks}
         return Distributor(trees, Catalog(self._registry), signing, cache_bytes=spec.variant_cache_bytes)
 
+    def _fine_tuning(
+        self, spec: IngressSpec, config: ServerConfig, updates: RemoteCoordinator | None
+    ) -> FineTuningCalls | None:
+        """Files and jobs for the trees whose policy has customize.key; the desk's runners train them."""
+        if updates is None:  # no desk: nothing would register the nodes
+            return None
+        policies = {info.tree: UpdatePolicy.for_tree(info.tree_dir).customize for info in spec.trunks}
+        return FineTuningCalls(
+            self._registry,
+            NodeAccess(Catalog(self._registry).node_visibility, ttl_s=config.node_cache_ttl_s),
+            policies,
+            Quotas(config.quotas),
+            wake=updates.wake_jobs,
+        )
+
     async def _start(
         self,
         trunks: list[RayTrunk],
         config: ServerConfig,
         updates: RemoteCoordinator | None,
         distribution: Distributor | None = None,
+        fine_tuning: FineTuningCalls | None = None,
     ) -> TreeServer:
         # grpc.aio objects live on this loop
-        server = TreeServer(trunks, Catalog(self._registry), config, updates=updates, distribution=distribution)
+        server = TreeServer(
+            trunks,
+            Catalog(self._registry),
+            config,
+            updates=updates,
+            distribution=distribution,
+            fine_tuning=fine_tuning,
+        )
         await server.start()
         return server
 

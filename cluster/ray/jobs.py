@@ -57,7 +57,11 @@ class RayJobHandle:
         except ray.exceptions.RayTaskError as exc:
             cause = remote_cause(exc)
             raise JobError("worker", f"the job's Ray task failed: {type(cause).__name__}: {cause}") from None
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError) as exc:
+        except (
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.TaskCancelledError,
+        ) as exc:
             raise JobError("worker", f"the job's Ray task ended without a result ({type(exc).__name__})") from None
         if message[0] == "error":
             _, code, text, figures = message

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.updates.keys import register_key, write_key_files
 from hierarchy.updates.distribution import SignerDelegation, sign_delegation
@@ -20,6 +21,7 @@ from hierarchy.updates.keys import SigningKey
 from nodes.base.model import TinyBaseConfig, make_tiny_base
 from registry.access import create_tenant
 from tests.cluster.grpc_harness import make_world
+from tests.cluster.jobs_world import CUSTOMIZE
 from tests.cluster.ray.cluster_harness import KB_SPEC, RayWorld, cluster_yaml, free_port_block
 from tests.nodes.treefactory import RandomTreeSpec, make_random_tree
 
@@ -47,6 +49,15 @@ def ray_world(tiny_base_dir, tmp_path_factory):
         envelope = sign_delegation(SignerDelegation(tree, (variant_key.public,)), [root_key])
         delegations.append(root / "keys" / f"{tree}.dsse")
         delegations[-1].write_bytes(envelope.to_bytes())
+    # Fine-tuning jobs on rt (test_ray_customize.py): a role-wide node key the registry trusts signs
+    # the nodes the desk's runner makes; each job is a Ray task of one CPU.
+    service = SigningKey.generate()
+    register_key(world.registry, service, "node", signers=[root_key])
+    service_dir = write_key_files(root / "keys" / "service", service).private.parent
+    policy = world.tree.root / "update-policy.yaml"
+    customize = {"key": str(service_dir), **CUSTOMIZE}
+    existing = yaml.safe_load(policy.read_text()) if policy.is_file() else {}
+    policy.write_text(yaml.safe_dump({**(existing or {}), "customize": customize}))
     # Tenant "flood" gets tiny limits (test_fair_ray.py): its replica refuses it first.
     create_tenant(world.registry, "flood")
     limits = root / "tenant-limits.yaml"
