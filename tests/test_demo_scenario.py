@@ -9,7 +9,7 @@ import re
 from rich.console import Console
 
 from examples.demo.scenario import DemoConfig, laptop, run
-from tests.cluster.update_world import TREE, built_tree
+from tests.cluster.update_world import REPO, TREE, built_tree
 
 
 def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, tmp_path):
@@ -19,6 +19,8 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     policy.write_text(
         "feedback: {key: ../keys/cardiology, min_corrections: 150, steps: 30, lr: 0.003}\n"
         "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
+        "customize: {key: ../keys/service, n_epochs: 2, learning_rate: 0.01, lora_rank: 4, batch_size: 4,"
+        " max_seq_len: 32, held_out: 0.2}\n"
     )
     config = DemoConfig(
         built / "tree",
@@ -29,6 +31,7 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
         update_steps=20,
         policy=policy,
         clinic_answers=200,
+        clinic_notes=REPO / "examples" / "demo" / "northfield-notes.txt",
     )
     console = Console(record=True, width=160)
     tables = run(config, console)
@@ -94,7 +97,16 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     assert learned["it climbs: en/medical's candidate approved"].endswith("stable")
     changed, total = learned["answers to the corrected questions changed"].split("/")
     assert total == "200" and int(changed) > 0
-    # (6) the status table and the report
+    # (6) a second clinic's job made its private node while the others were served: none of their
+    # requests failed, the node beat its parent on held-out notes, and globex gets the unknown model's 404
+    grown = dict(tables["customize"].rows)
+    assert grown["job"].endswith(f"succeeded, fine_tuned_model {TREE}/en/medical/northfield-paediatrics")
+    parent_ppl, node_ppl = map(float, re.findall(r"[\d.]+", grown["held-out perplexity"]))
+    assert node_ppl < parent_ppl
+    assert re.match(r"\d+ answered, 0 failed", grown["other tenants' requests meanwhile"])
+    assert grown[f"globex asks {TREE}/en/medical/northfield-paediatrics"] == "404 model_not_found"
+    assert grown["northfield's answer"]
+    # (7) the status table and the report
     assert any(r[1] == "loaded adapters" for r in tables["status"].rows)
     names = sorted(p.name for p in config.report.iterdir())
     assert {

@@ -314,7 +314,9 @@ class JobRunner:
                 self._finish(job.job_id, "cancelled", timings)
                 return
         try:
-            trained = TrainedNode.from_dict(handle.result())
+            raw = dict(handle.result())
+            placement = raw.pop("ran_on", None)  # a launcher's note of where the worker ran (Ray: machine, CPUs)
+            trained = TrainedNode.from_dict(raw)
         except JobError as exc:
             timings["worker_s"] = round(time.perf_counter() - started, 3)
             status = "cancelled" if exc.code == "cancelled" else "failed"
@@ -329,6 +331,8 @@ class JobRunner:
             "steps": trained.steps,
             "trained_tokens": trained.tokens,
         }
+        if placement is not None:
+            figures["ran_on"] = placement
         if self._cancel_requested(job.job_id):  # asked while the worker finished: nothing is registered
             self._finish(job.job_id, "cancelled", timings | figures)
             return

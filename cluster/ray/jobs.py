@@ -31,13 +31,16 @@ def _train(launch: JobLaunch, threads: int) -> tuple[Any, ...]:
     """The task: ("ok", result, {relative path: bytes}) or ("error", code, message, figures)."""
     from cluster.jobs.worker import run_job
 
+    context = ray.get_runtime_context()
+    # Where it ran and what Ray gave it: recorded in the job's result (operators see the placement).
+    ran_on = {"ray_node": context.get_node_id(), "resources": dict(context.get_assigned_resources())}
     with tempfile.TemporaryDirectory(prefix=f"treelm-{launch.job_id}-") as tmp:
         try:
             result = run_job(launch.db_url, launch.tree_dir, launch.job_id, tmp, threads, launch.policy)
         except JobError as exc:
             return ("error", exc.code, str(exc), dict(getattr(exc, "figures", {}) or {}))
         files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
-        return ("ok", result, files)
+        return ("ok", dict(result) | {"ran_on": ran_on}, files)
 
 
 class RayJobHandle:

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         default=120,
         help="step 5: cardiology answers the clinicians rate and correct (0 skips the step)",
     )
+    parser.add_argument(
+        "--clinic-notes",
+        type=Path,
+        default=here / "northfield-notes.txt",
+        help="step 6: a second clinic's notes for its own node through a fine-tuning job ('none' skips the step)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.policy,
                 args.threads,
                 args.clinic_answers,
+                None if str(args.clinic_notes) == "none" else args.clinic_notes,
             ),
             console,
         )

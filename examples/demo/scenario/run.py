@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from examples.demo.scenario import laptop, learning, report, steps
+from examples.demo.scenario import customize, laptop, learning, report, steps
 from examples.demo.scenario.server import RayCluster, ServeProcess, interrupt_as_keyboard, restore_sigterm
 from examples.demo.scenario.setup import HOSPITAL, prepare
 
@@ -27,7 +27,8 @@ class DemoConfig:
     update_lr: float = 0.003
     policy: Path | None = None  # copied to the served tree as update-policy.yaml
     threads: int = 1  # torch threads of the hospital's local fine-tune (a child process)
-    clinic_answers: int = 0  # step 6: cardiology answers the clinicians rate and correct (0: skip it)
+    clinic_answers: int = 0  # step 5: cardiology answers the clinicians rate and correct (0: skip it)
+    clinic_notes: Path | None = None  # step 6: a second clinic's notes for its own node (None: skip it)
 
 
 class _Clock:
@@ -123,11 +124,20 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, steps.T
                     )
                 )
                 report.show(console, tables[-1])
+            if config.clinic_notes is not None and http_url is not None:
+                console.rule("6. a second clinic grows the tree (a fine-tuning job through the openai client)")
+                tables.append(
+                    customize.customize_story(
+                        http_url, state, config.clinic_notes, echo, clock.lap, max_new_tokens=config.max_new_tokens
+                    )
+                )
+                report.show(console, tables[-1])
+                clock.lap("6b. the new node's first answer, another tenant refused")
             versions = {n.id: n.stable_version for n in client.nodes()}
             with Client(address, token=state.operator_token, timeout=60) as operator:
                 tables.append(steps.server_status(operator, cluster.status() if cluster is not None else None))
             report.show(console, tables[-1])
-            clock.lap("6. status")
+            clock.lap("7. status")
     finally:
         local.stop()
         try:
