@@ -30,12 +30,8 @@ def _policy(world, key_dir) -> None:
     (world.tree / "update-policy.yaml").write_text(yaml.safe_dump(body))
 
 
-def test_serve_trains_registers_and_answers_a_new_node(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve-jobs")
-    world, _ = jobs_world(folder, built_tree(tmp_path_factory))
-    _policy(world, folder / "service-key")
-    create_tenant(world.registry, "northside")
-    owner, other = issue_token(world.registry, TENANT).token, issue_token(world.registry, "northside").token
+def _serve(world) -> tuple[subprocess.Popen, str, str]:
+    """`treelm serve` over the world's tree: (process, gRPC target, what it printed until ready)."""
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     serve = ["serve", str(world.tree), "--db", world.url, "--port", "0", "--threads", "1", "--job-threads", "1"]
     proc = subprocess.Popen(
@@ -46,17 +42,33 @@ def test_serve_trains_registers_and_answers_a_new_node(tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"serving ut on (127\.0\.0\.1:\d+)", line)
+        if found:
+            return proc, found.group(1), "".join(lines)
+    proc.kill()
+    raise AssertionError("".join(lines) + (proc.stderr.read() if proc.stderr else ""))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err
+
+
+def test_serve_trains_registers_and_answers_a_new_node_and_serves_it_after_a_restart(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve-jobs")
+    world, _ = jobs_world(folder, built_tree(tmp_path_factory))
+    _policy(world, folder / "service-key")
+    create_tenant(world.registry, "northside")
+    owner, other = issue_token(world.registry, TENANT).token, issue_token(world.registry, "northside").token
+    proc, target, printed = _serve(world)
     try:
-        lines = []
-        target = None
-        for line in proc.stdout:
-            lines.append(line)
-            found = re.search(r"serving ut on (127\.0\.0\.1:\d+)", line)
-            if found:
-                target = found.group(1)
-                break
-        assert target, "".join(lines) + proc.stderr.read()
-        assert "fine-tuning jobs on" in "".join(lines)
+        assert "fine-tuning jobs on" in printed
         node = world.node_id(NEW)
         with treelm.Client(target, token=owner) as client, treelm.Client(target, token=other) as stranger:
             with pytest.raises(treelm.NotFound):  # not yet (and this answer is cached for a second only)
@@ -68,7 +80,7 @@ def test_serve_trains_registers_and_answers_a_new_node(tmp_path_factory):
 
             def answered():
                 try:
-                    return client.generate(node, "The patient", max_new_tokens=2)
+                    return client.generate(node, "The patient", max_new_tokens=2, temperature=0)
                 except treelm.NotFound:
                     return None
 
@@ -76,14 +88,26 @@ def test_serve_trains_registers_and_answers_a_new_node(tmp_path_factory):
             assert reply.node == node and reply.node_version == 1
             with pytest.raises(treelm.NotFound):  # another tenant: exactly an unknown node
                 stranger.generate(node, "x", max_new_tokens=1)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+            # Listed and matched for its owner only (the registry knows it from the job's end).
+            assert node in {n.id for n in client.nodes()} and node not in {n.id for n in stranger.nodes()}
+            picked = {c.node for c in client.match(NEW, memory="8GiB", tree="ut").candidates}
+            assert node in picked
+            try:
+                foreign = {c.node for c in stranger.match(NEW, memory="8GiB", tree="ut").candidates}
+            except treelm.TreeLMError:  # another tenant: no such task in its view of the tree
+                foreign = set()
+            assert node not in foreign
+        _stop(proc)
+        # A restart: the new node is a node of the tree like any other, served with the same tokens.
+        proc, target, _ = _serve(world)
+        with treelm.Client(target, token=owner) as client:
+            again = client.generate(node, "The patient", max_new_tokens=2, temperature=0)
+            assert again.node_version == 1 and again.token_ids == reply.token_ids
+        _stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
         world.close()
-    assert proc.returncode == 0, err
-    assert "stopped" in out and "Traceback" not in err
 
 
 def test_serve_refuses_a_signing_key_the_registry_does_not_trust(tmp_path_factory, capsys):
