@@ -12,6 +12,8 @@ split into the phases the issue names:
 
   upload        POST /v1/files (the checks of cluster/jobs/data.py, the row in the registry)
   queue         job created -> claimed by the runner (the job's ``queue_s``)
+  worker start  the worker process starts, loads the base and the parent's chain, tokenizes
+                (``worker_s`` - ``train_s`` - ``gate_s``)
   training      the worker process: base + parent chain loaded, LoRA trained (``train_s``)
   gate          held-out perplexity of the parent and the new node (``gate_s``)
   registration  node files, tree.json, registry, signed version 1, snapshot switch (``register_s``)
@@ -46,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = REPO / "benchmarks" / "results"
-PHASES = ("upload", "queue", "training", "gate", "registration", "first load")
+PHASES = ("upload", "queue", "worker start", "training", "gate", "registration", "first load")
 QUESTION = "Write a short clinic note for a toddler with a fever and ear pain."
 
 
@@ -107,10 +109,13 @@ def run_once(base_url: str, token: str, tree: str, notes: Path, suffix: str) -> 
     phases = {
         "upload": upload_s,
         "queue": float(result.get("queue_s", 0.0)),
+        "worker start": float(result.get("worker_s", 0.0))
+        - float(result.get("train_s", 0.0))
+        - float(result.get("gate_s", 0.0)),
         "training": float(result.get("train_s", 0.0)),
         "gate": float(result.get("gate_s", 0.0)),
         "registration": float(result.get("register_s", 0.0)),
-        "first load": (done - ended) + 0.0,
+        "first load": done - ended,  # includes up to 0.2 s of polling for the job's end
     }
     return {
         "node": job.fine_tuned_model,
