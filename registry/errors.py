@@ -23,6 +23,7 @@
     │   └── UnknownTask           a well-formed task no node matches
     ├── InvalidToken              a missing, malformed, unknown or revoked API token
     ├── JobQuotaExceeded          a tenant at its limit of queued and running fine-tuning jobs
+    ├── FileQuotaExceeded         a tenant at its limit of stored training files (count or bytes)
     └── Conflict                  the request contradicts stored records
         ├── ImportConflict        a tree dir that disagrees with what is registered
         ├── AliasError            an alias to a version that is revoked, rejected or not accepted
@@ -48,6 +49,7 @@ __all__ = [
     "FeedbackDeleted",
     "FileInUse",
     "FileNotFound",
+    "FileQuotaExceeded",
     "ImportConflict",
     "InvalidDatabaseUrl",
     "InvalidHardware",
@@ -233,3 +235,7 @@ class JobQuotaExceeded(RegistryError):
     def __init__(self, message: str, *, retry_after_s: float = 30.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class FileQuotaExceeded(RegistryError):
+    """The tenant stores as many training files (or bytes of them) as it may: delete some first."""

@@ -24,6 +24,7 @@ from registry.db import Registry
 from registry.errors import (
     FileInUse,
     FileNotFound,
+    FileQuotaExceeded,
     InvalidInput,
     JobFinished,
     JobNotFound,
@@ -178,9 +179,28 @@ def add_file(
     fmt: str,
     records: int,
     sha256: str,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
 ) -> FileRecord:
-    """Store a checked upload (cluster/jobs/data.py checks it) and return its record."""
+    """Store a checked upload (cluster/jobs/data.py checks it) and return its record; FileQuotaExceeded
+    (nothing stored) when the tenant would then hold more than ``max_files`` files or ``max_bytes``."""
     with reg.write() as s:
+        if max_files is not None or max_bytes is not None:
+            count, total = s.execute(
+                select(func.count(), func.coalesce(func.sum(TrainingFile.bytes), 0)).where(
+                    TrainingFile.tenant == tenant
+                )
+            ).one()
+            if max_files is not None and count + 1 > max_files:
+                raise FileQuotaExceeded(
+                    f"your tenant stores {count} training files, its limit is {max_files}: delete some "
+                    "(DELETE /v1/files/{id}, or the SDK's client.delete_file) before uploading more"
+                )
+            if max_bytes is not None and total + len(content) > max_bytes:
+                raise FileQuotaExceeded(
+                    f"your tenant stores {total} bytes of training files; this one ({len(content)} bytes) would "
+                    f"pass its limit of {max_bytes}: delete some files before uploading more"
+                )
         row = TrainingFile(
             file_id=_new_id("file"),
             tenant=tenant,

@@ -16,7 +16,8 @@
     │   ├── JobFinished             cancelling a job that already ended
     │   └── FileInUse               deleting a file a queued or running job reads
     ├── Overloaded                  RESOURCE_EXHAUSTED: the queue is full (retried with backoff)
-    │   └── JobQuotaExceeded        your tenant's queued and running jobs are at its limit (not retried)
+    │   ├── JobQuotaExceeded        your tenant's queued and running jobs are at its limit (not retried)
+    │   └── FileQuotaExceeded       your tenant's stored training files are at its limit (not retried)
     ├── Unavailable                 UNAVAILABLE: unreachable or shutting down (retried with backoff)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: the call's timeout passed
     ├── Cancelled                   CANCELLED
@@ -59,6 +60,7 @@ __all__ = [
     "FeedbackDeleted",
     "FileInUse",
     "FileNotFound",
+    "FileQuotaExceeded",
     "FineTuningOff",
     "InvalidRequest",
     "JobCancelled",
@@ -173,6 +175,13 @@ class JobQuotaExceeded(Overloaded):
     retryable = False
 
 
+class FileQuotaExceeded(Overloaded):
+    """Your tenant keeps as many training files (or bytes of them) as it may: delete some first.
+    Never retried by the SDK (waiting does not free anything)."""
+
+    retryable = False
+
+
 class Unavailable(TreeLMError):
     """The server cannot be reached or is shutting down (retried for idempotent calls)."""
 
@@ -227,6 +236,7 @@ _BY_KIND: dict[str, type[TreeLMError]] = {
     "job-finished": JobFinished,
     "file-in-use": FileInUse,
     "job-quota": JobQuotaExceeded,
+    "file-quota": FileQuotaExceeded,
     "fine-tuning-off": FineTuningOff,
 }
 

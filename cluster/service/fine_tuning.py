@@ -97,6 +97,7 @@ class FineTuningCalls:
         if not isinstance(filename, str) or len(filename) > MAX_FILENAME_CHARS:
             raise BadArgument("file", f"the file name must be at most {MAX_FILENAME_CHARS} characters")
         parsed = await asyncio.to_thread(parse_training_file, content, filename)
+        quota = self._quotas.policy.for_tenant(caller.tenant)
         return await asyncio.to_thread(
             add_file,
             self.registry,
@@ -107,6 +108,8 @@ class FineTuningCalls:
             fmt=parsed.format,
             records=len(parsed.records),
             sha256=parsed.sha256,
+            max_files=quota.stored_files,
+            max_bytes=quota.stored_file_bytes,
         )
 
     async def list_files(self, caller: Caller) -> tuple[FileRecord, ...]:

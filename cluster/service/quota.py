@@ -4,7 +4,7 @@
     trunk = quotas.bind(trunk, caller)        # what Admission.admit returns
     await trunk.generate(request)             # stamped with the tenant and its limits; tokens charged
 
-Four limits per tenant, with server-wide defaults and per-tenant overrides (a YAML file, see
+Six limits per tenant, with server-wide defaults and per-tenant overrides (a YAML file, see
 :meth:`QuotaPolicy.load`):
 
 - ``max_running``: its requests in an engine's batch at once; more wait in its own queue.
@@ -15,6 +15,9 @@ Four limits per tenant, with server-wide defaults and per-tenant overrides (a YA
   below zero, and the tenant then waits until it is positive again.
 - ``fine_tuning_jobs``: its queued and running fine-tuning jobs (registry/jobs.py counts them when
   a job is created; one more is refused RESOURCE_EXHAUSTED / 429).
+- ``stored_files``, ``stored_file_bytes``: the training files it keeps (100 files, 256 MiB by
+  default); an upload past either is refused RESOURCE_EXHAUSTED / 429 (kind ``file-quota``) until
+  it deletes some.
 
 The engine enforces the first two (nodes/runtime/fair.py: they travel with each request, so a Ray
 replica applies the limits the ingress read); the ingress process keeps the token buckets. On a
@@ -47,6 +50,8 @@ class TenantQuota:
     max_queued: int | None = field(default=64, metadata={"help": "requests waiting in an engine's queue"})
     tokens_per_minute: int | None = field(default=None, metadata={"help": "generated tokens per minute"})
     fine_tuning_jobs: int | None = field(default=2, metadata={"help": "queued and running fine-tuning jobs"})
+    stored_files: int | None = field(default=100, metadata={"help": "training files kept at once"})
+    stored_file_bytes: int | None = field(default=256 << 20, metadata={"help": "bytes of training files kept"})
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -12,7 +12,7 @@ API (cluster/http/) both answer from here.
 | a valid token that may not do this; unknown key, revoked key, too few valid signatures; an approval that may not count | PERMISSION_DENIED | 403 |
 | the same update version again; a fine-tuning job's new node id that is taken (kind ``node-exists``) | ALREADY_EXISTS | 409 |
 | the engine's queue is full; the caller's tenant is over its own limit (queued requests: kind ``tenant-over-limit``; tokens per minute: ``rate-limited``); both carry a retry hint, gRPC trailing metadata ``retry-after`` and HTTP ``Retry-After`` (whole seconds) | RESOURCE_EXHAUSTED | 429 |
-| an update upload beyond its tenant's concurrent uploads or the spool's bytes; a fine-tuning job beyond its tenant's queued and running jobs (kind ``job-quota``) | RESOURCE_EXHAUSTED | 429 |
+| an update upload beyond its tenant's concurrent uploads or the spool's bytes; a fine-tuning job beyond its tenant's queued and running jobs (kind ``job-quota``); a training file beyond its tenant's stored files or bytes (``file-quota``) | RESOURCE_EXHAUSTED | 429 |
 | an update upload idle past its deadline | DEADLINE_EXCEEDED | 504 |
 | the request's deadline passed | DEADLINE_EXCEEDED | 504 |
 | the engine or server is shutting down; a Ray replica or the update desk died; the database is unreachable | UNAVAILABLE | 503 |
@@ -158,6 +158,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (re_.FileInUse, _S.FAILED_PRECONDITION, "file-in-use"),
     (re_.JobFinished, _S.FAILED_PRECONDITION, "job-finished"),
     (re_.JobQuotaExceeded, _S.RESOURCE_EXHAUSTED, "job-quota"),
+    (re_.FileQuotaExceeded, _S.RESOURCE_EXHAUSTED, "file-quota"),
     (ce.FineTuningOff, _S.UNIMPLEMENTED, "fine-tuning-off"),
     (re_.NotFound, _S.NOT_FOUND, None),
     (ce.BadArgument, _S.INVALID_ARGUMENT, None),

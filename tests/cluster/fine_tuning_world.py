@@ -62,13 +62,20 @@ def plain_text(documents: int = 8) -> bytes:
     return data
 
 
-def fine_tuning_calls(world: World, key_dir: Path, *, quota: int = QUOTA, trees: tuple[str, ...] = (TREE,)):
+def fine_tuning_calls(
+    world: World,
+    key_dir: Path,
+    *,
+    quota: int = QUOTA,
+    trees: tuple[str, ...] = (TREE,),
+    limits: TenantQuota | None = None,
+):
     """FineTuningCalls over the world's registry; ``trees`` take jobs (a real key signs their nodes)."""
     if not (key_dir / PRIVATE_KEY_FILE).exists():
         write_key_files(key_dir)
     policies = {tree: CustomizePolicy(key=str(key_dir)) for tree in trees}
     access = NodeAccess(world.catalog().node_visibility, ttl_s=0.0)
-    quotas = Quotas(QuotaPolicy(TenantQuota(fine_tuning_jobs=quota)))
+    quotas = Quotas(QuotaPolicy(limits or TenantQuota(fine_tuning_jobs=quota)))
     return FineTuningCalls(world.registry, access, policies, quotas)
 
 

@@ -399,3 +399,30 @@ def test_routes_need_a_token(url):
         got = call(url, method, path, {} if method == "POST" else None)
         assert got.status == 401 and got.error["type"] == "authentication_error"
     assert json.loads(upload(url, "tlm_not_a_token", chat_jsonl()).body)["error"]["code"] == "invalid_api_key"
+
+
+def test_a_tenant_over_its_stored_files_is_refused_429_file_quota_and_nothing_is_stored(world, tmp_path):
+    from cluster.service.quota import TenantQuota
+
+    # This server's limits: one stored file a tenant.
+    server = serve_fine_tuning(
+        world, fine_tuning_calls(world, tmp_path / "service", limits=TenantQuota(stored_files=1))
+    )
+    try:
+        url = server.server.http_url
+        mine = [f.id for f in openai_client(url, world.tokens["globex"]).files.list()]
+        for file_id in mine:  # earlier tests' files of globex: start from none
+            call(url, "DELETE", f"/files/{file_id}", token=world.tokens["globex"])
+        first = upload(url, world.tokens["globex"], chat_jsonl())
+        assert first.status == 200
+        before = stored(world)
+        with pytest.raises(openai.RateLimitError) as refused:
+            openai_client(url, world.tokens["globex"]).files.create(
+                file=("more.jsonl", chat_jsonl()), purpose="fine-tune"
+            )
+        assert refused.value.body["code"] == "file_quota" and "its limit is 1" in refused.value.body["message"]
+        assert stored(world) == before
+        assert call(url, "DELETE", f"/files/{first.json()['id']}", token=world.tokens["globex"]).status == 200
+        assert upload(url, world.tokens["globex"], chat_jsonl()).status == 200  # room again
+    finally:
+        server.stop()

@@ -10,6 +10,7 @@ import pytest
 from registry.errors import (
     FileInUse,
     FileNotFound,
+    FileQuotaExceeded,
     InvalidInput,
     JobFinished,
     JobNotFound,
@@ -227,3 +228,38 @@ def test_a_restart_fails_the_running_jobs_of_its_tree(demo_reg):
     assert get_job(demo_reg, asked.job_id).status == "cancelled"  # it was asked to stop anyway
     assert get_job(demo_reg, queued.job_id).status == "queued"  # waits for the next runner
     assert fail_interrupted(demo_reg, "demo", "again") == ()
+
+
+def test_a_tenants_stored_files_are_bounded_in_count_and_bytes(demo_reg, db_url):
+    kept = add_file(
+        demo_reg, "st-marys", "a.jsonl", "fine-tune", CONTENT, fmt="jsonl", records=1, sha256="ab" * 32, max_files=2
+    )
+    add_file(
+        demo_reg, "st-marys", "b.jsonl", "fine-tune", CONTENT, fmt="jsonl", records=1, sha256="ab" * 32, max_files=2
+    )
+    before = snapshot(db_url)
+    with pytest.raises(FileQuotaExceeded, match="stores 2 training files, its limit is 2"):
+        add_file(
+            demo_reg, "st-marys", "c.jsonl", "fine-tune", CONTENT, fmt="jsonl", records=1, sha256="ab" * 32, max_files=2
+        )
+    with pytest.raises(FileQuotaExceeded, match="would pass its limit"):
+        add_file(
+            demo_reg,
+            "st-marys",
+            "c.jsonl",
+            "fine-tune",
+            CONTENT,
+            fmt="jsonl",
+            records=1,
+            sha256="ab" * 32,
+            max_bytes=3 * len(CONTENT) - 1,
+        )
+    assert snapshot(db_url) == before
+    # Another tenant counts on its own; deleting a file makes room again.
+    add_file(
+        demo_reg, "northside", "a.jsonl", "fine-tune", CONTENT, fmt="jsonl", records=1, sha256="ab" * 32, max_files=2
+    )
+    delete_file(demo_reg, "st-marys", kept.file_id)
+    add_file(
+        demo_reg, "st-marys", "c.jsonl", "fine-tune", CONTENT, fmt="jsonl", records=1, sha256="ab" * 32, max_files=2
+    )
