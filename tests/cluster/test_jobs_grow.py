@@ -151,6 +151,23 @@ def _request(node: str, tokens: int) -> GenerationRequest:
     )
 
 
+def test_a_job_made_nodes_own_update_is_screened_gated_and_climbs_to_its_parent(world, tmp_path):
+    # A node a job made under en/legal, then its own signed update (the service key is a role-wide
+    # node key, so it may sign it): verified, screened, gated, stored and aggregated into en/legal.
+    content = chat_file(world.local("en/legal"))
+    job = queue_job(world, "clinic-law", upload(world.registry, content, "law.jsonl"), parent="en/legal")
+    trained = train_job(world.tree, job, content, None, world.coordinator.policy.customize, tmp_path / "staged")
+    added = world.coordinator.add_node(_new_node(job, trained))
+    path = "en/legal/clinic-law"
+    adapter = honest_adapter(world, path, text=world.local("en/legal"))
+    status = world.coordinator.submit(package_of(world, path, adapter, [world.coordinator.growth_key()])[0])
+    assert (status.node, status.version, status.parent) == (added.node, 2, world.node_id("en/legal"))
+    assert status.state != "rejected", status.reasons
+    assert status.candidate_id is not None  # its increment went into a candidate of en/legal: it climbs
+    served = world.coordinator.served_tree()
+    assert served.chain(added.node)[-1].version == 2
+
+
 def test_retire_refuses_a_parent_then_drains_a_leaf(world):
     before = stored_state(world)
     with pytest.raises(Conflict, match="nodes below it"):
@@ -202,5 +219,5 @@ def test_retire_with_force_takes_the_subtree(world):
     served = VersionStore(world.tree).read_snapshot()
     assert not any(p.startswith("en/medical") for p in served.nodes) and "en/legal" in served.nodes
     left = {n.node_id for n in list_nodes(world.registry, include_private=True)}
-    assert left == {TREE, world.node_id("en"), world.node_id("en/legal")}
+    assert left == {TREE, world.node_id("en"), world.node_id("en/legal"), world.node_id("en/legal/clinic-law")}
     assert get_file(world.registry, TENANT, _more_text(world))  # the tenant's files are untouched
