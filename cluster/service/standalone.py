@@ -42,7 +42,7 @@ from cluster.updates.policy import UpdatePolicy
 from hierarchy.errors import KeyFormatError
 from hierarchy.updates.envelope import Envelope
 from nodes.runtime.engine import Engine, EngineConfig
-from nodes.store.tree import open_tree
+from nodes.store.tree import BuiltTree, open_tree
 from registry.access import record_deployment
 from registry.db import Registry, open_registry
 from registry.errors import InvalidMemorySize, RegistryError
@@ -210,6 +210,8 @@ async def _run(
         loop.add_signal_handler(sig, stop.set)
     endpoint = f"{config.host}:{server.port}"
     await asyncio.to_thread(_record, registry, engine, endpoint, "active")
+    if coordinator is not None:  # nodes a job adds or `node retire` removes while serving
+        coordinator.on_snapshot(_Deployments(registry, engine.tree, endpoint).follow)
     metrics = (
         f", metrics on {config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     )
@@ -240,6 +242,31 @@ async def _tick(coordinator: Coordinator, every_s: float) -> None:
             await asyncio.to_thread(coordinator.tick)
         except Exception:  # one failed round must not stop serving; the log has it
             log.exception("update aggregation tick failed")
+
+
+def _served_ids(tree: BuiltTree) -> set[str]:
+    return {tree.name, *(str(n.node_id) for n in tree.nodes)}
+
+
+class _Deployments:
+    """Keeps this server's deployment rows in step with the served tree: a node a fine-tuning job
+    added becomes ``active`` here, a retired one ``stopped`` (match's "remote" suggestions read them)."""
+
+    def __init__(self, registry: Registry, tree: BuiltTree, endpoint: str):
+        self._registry, self._trunk, self._endpoint = registry, tree.name, endpoint
+        self._known = _served_ids(tree)
+
+    def follow(self, tree: BuiltTree) -> None:
+        """A snapshot listener (runs in the desk's thread after each switch)."""
+        served = _served_ids(tree)
+        changes = [(n, "active") for n in sorted(served - self._known)]
+        changes += [(n, "stopped") for n in sorted(self._known - served)]
+        self._known = served
+        for node, status in changes:
+            try:
+                record_deployment(self._registry, node, trunk=self._trunk, endpoint=self._endpoint, status=status)
+            except RegistryError as exc:  # serving matters more than the bookkeeping
+                log.warning("could not record %s as %s at %s: %s", node, status, self._endpoint, exc)
 
 
 def _record(registry: Registry, engine: Engine, endpoint: str, status: str) -> None:

@@ -19,6 +19,7 @@ from cluster.updates.keys import write_key_files
 from hierarchy.updates.keys import SigningKey
 from registry.access import create_tenant, issue_token
 from registry.jobs import get_job
+from registry.trees import get_node
 from tests.cluster.jobs_world import CUSTOMIZE, TENANT, chat_file, jobs_world, queue_job, upload, wait_for
 from tests.cluster.update_world import REPO, built_tree
 
@@ -97,6 +98,9 @@ def test_serve_trains_registers_and_answers_a_new_node_and_serves_it_after_a_res
             except treelm.TreeLMError:  # another tenant: no such task in its view of the tree
                 foreign = set()
             assert node not in foreign
+            # This server is recorded as serving it (match's "remote" suggestions read that).
+            deployed = get_node(world.registry, node, include_private=True).deployments
+            assert [(d.endpoint, d.status) for d in deployed] == [(target, "active")]
         _stop(proc)
         # A restart: the new node is a node of the tree like any other, served with the same tokens.
         proc, target, _ = _serve(world)
