@@ -243,7 +243,9 @@ def test_after_an_update_is_stable_check_reports_it_and_upgrade_switches_atomica
         assert json.loads((out / PULL_RECORD).read_text())["version"] == version
         assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
         assert not check(c, out).newer
-        served = c.generate(node, prompt=PROMPTS[0], max_new_tokens=10, temperature=0)
+        # Pinned: the call makes the engine look at the snapshot now (unpinned, a server notices a new
+        # snapshot within a second, and this call may come sooner).
+        served = c.generate(f"{node}@{version}", prompt=PROMPTS[0], max_new_tokens=10, temperature=0)
         ids = world.engine.tokenizer(PROMPTS[0]).input_ids
         assert greedy(out, ids, len(served.token_ids)) == list(served.token_ids)
     assert first.version == 1
@@ -322,6 +324,8 @@ def test_a_repin_over_a_new_parent_version_is_newer_and_upgrade_fetches_its_weig
         result = upgrade(c, out)
         assert result.version == own and (out / "model.safetensors").read_bytes() != before
         assert not check(c, out).newer
-        served = c.generate(node, prompt=PROMPTS[0], max_new_tokens=10, temperature=0)
+        # Pinned: the call makes the engine look at the snapshot now (unpinned, a server notices a new
+        # snapshot within a second, and this call may come sooner).
+        served = c.generate(f"{node}@{own}", prompt=PROMPTS[0], max_new_tokens=10, temperature=0)
         ids = world.engine.tokenizer(PROMPTS[0]).input_ids
         assert greedy(out, ids, len(served.token_ids)) == list(served.token_ids)
