@@ -13,9 +13,12 @@ gRPC, one after another. Phases, measured in the same run:
   http-flood  the same with 3.9 MB POST /v1/completions bodies instead
 
 Reported per phase: B's p50, p90 and max latency, their ratio to ``alone`` (issue 21's goal: within
-2x), and the flood's answers (status code -> count) and calls per second. The flooders run in their
-own processes so their CPU time is theirs, as on a network; on a small machine they still share
-its cores with the server. ``--server-repo`` runs the server (and nothing else) from another
+2x), the server's CPU share and its CPU time per flood call beyond B's own (from /proc), and the
+flood's answers (status code -> count) and calls per second. The flooders run in their own
+processes so their CPU time is theirs, as on a network; ``--cpus split`` (the default) also puts
+them on cores of their own, ``--cpus shared`` lets them share the server's (benchmarks/placement.py).
+A flooder waits for each answer, as the issue's attack did; past ``--refusals-per-s`` refusals a
+second the server answers it only after half a second (cluster/service/refusals.py). ``--server-repo`` runs the server (and nothing else) from another
 checkout, for before/after figures on the same machine. Writes
 benchmarks/results/big_prompt_bench.json and .png; the last line printed is
 ``big_prompt: grpc_p50_ratio=X.XX grpc_max_ratio=X.XX http_p50_ratio=X.XX http_max_ratio=X.XX``.
@@ -45,6 +48,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from grpc_bench import prepare  # noqa: E402 (the same tree, registry and token)
+from placement import Placement, server_cpu_seconds  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 NODE = "bench/en/medical"
@@ -87,16 +91,19 @@ while True:
 """
 
 
-def start_server(paths: dict, server_repo: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(
+    paths: dict, server_repo: Path, place: Placement, extra: list[str]
+) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(server_repo)}
     args = ["serve", paths["tree_dir"], "--db", paths["db"], "--port", "0", "--http-port", "0", "--threads", "1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *args, "--grace", "5"],
+        [sys.executable, "-m", "cluster.cli", *args, *extra, "--grace", "5"],
         cwd=server_repo,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=place.preexec(place.server),
     )
     assert proc.stdout is not None
     text = ""
@@ -127,7 +134,9 @@ def trickle(client, count: int) -> list[float]:
     return out
 
 
-def flooded(client, script: str, endpoint: str, token: str, args: argparse.Namespace) -> dict:
+def flooded(
+    client, script: str, endpoint: str, token: str, args: argparse.Namespace, place: Placement, server: int
+) -> dict:
     """B's latencies while ``--flooders`` processes run ``script``, and what the flood was answered."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     flooders = [
@@ -137,6 +146,7 @@ def flooded(client, script: str, endpoint: str, token: str, args: argparse.Names
             env=env,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=place.preexec(place.attacker),
         )
         for _ in range(args.flooders)
     ]
@@ -144,16 +154,24 @@ def flooded(client, script: str, endpoint: str, token: str, args: argparse.Names
         for proc in flooders:  # each has had one answer: the flood is on
             assert proc.stdout is not None
             proc.stdout.readline()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), server_cpu_seconds(server)
         latencies = trickle(client, args.requests)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, server_cpu_seconds(server) - cpu
     finally:
         for proc in flooders:
             proc.send_signal(signal.SIGTERM)
         answers: collections.Counter = collections.Counter()
         for proc in flooders:
             answers.update(proc.communicate(timeout=60)[0].split())
-    return {"latencies": latencies, "answers": dict(answers), "flood_calls_per_s": sum(answers.values()) / seconds}
+    calls = sum(answers.values())
+    return {
+        "latencies": latencies,
+        "answers": dict(answers),
+        "flood_calls_per_s": calls / seconds,
+        "server_cpu_share": cpu / seconds,
+        "calls": calls,
+        "seconds": seconds,
+    }
 
 
 def plot(table: dict, path: Path) -> None:
@@ -187,19 +205,25 @@ def main() -> None:
     parser.add_argument("--server-repo", type=Path, default=REPO, help="the checkout whose server is measured")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "treelm-grpc-bench")
     parser.add_argument("--out", default="big_prompt_bench", help="file name (without suffix) under results/")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra `treelm serve` argument")
+    parser.add_argument("--cpus", choices=("split", "shared"), default="split", help="see benchmarks/placement.py")
     args = parser.parse_args()
+    place = Placement(args.cpus)
+    place.measured_here()
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.workdir)
     token_a = flood_token(paths)
-    server, target, http_url = start_server(paths, args.server_repo.resolve())
+    server, target, http_url = start_server(paths, args.server_repo.resolve(), place, args.server_arg)
     started = time.time()
     runs: dict = {}
     try:
         with treelm.Client(target, token=paths["token"], retries=0, timeout=120) as b:
             trickle(b, 10)  # warm: adapters loaded, channel open
+            began, cpu = time.perf_counter(), server_cpu_seconds(server.pid)
             runs["alone"] = {"latencies": trickle(b, args.requests), "answers": {}, "flood_calls_per_s": 0.0}
-            runs["grpc-flood"] = flooded(b, _GRPC_FLOOD, target, token_a, args)
-            runs["http-flood"] = flooded(b, _HTTP_FLOOD, http_url, token_a, args)
+            runs["alone"]["server_cpu_share"] = (server_cpu_seconds(server.pid) - cpu) / (time.perf_counter() - began)
+            runs["grpc-flood"] = flooded(b, _GRPC_FLOOD, target, token_a, args, place, server.pid)
+            runs["http-flood"] = flooded(b, _HTTP_FLOOD, http_url, token_a, args, place, server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -214,23 +238,36 @@ def main() -> None:
             "max_ms": 1000 * max(runs[p]["latencies"]),
             "flood_answers": runs[p]["answers"],
             "flood_calls_per_s": runs[p]["flood_calls_per_s"],
+            "server_cpu_share": runs[p]["server_cpu_share"],
+            # The server's CPU time beyond what B's own calls took alone, per flood call.
+            "server_cpu_ms_per_flood_call": (
+                1000
+                * max(0.0, runs[p]["server_cpu_share"] - runs["alone"]["server_cpu_share"])
+                * runs[p].get("seconds", 0.0)
+                / max(runs[p].get("calls", 0), 1)
+            ),
         }
         for p in PHASES
     }
     for p in PHASES:
         table[p]["p50_ratio"] = table[p]["p50_ms"] / table["alone"]["p50_ms"]
         table[p]["max_ratio"] = table[p]["max_ms"] / table["alone"]["max_ms"]
-    print(f"{'phase':<11} {'B p50 ms':>9} {'B p90 ms':>9} {'B max ms':>9} {'p50 x':>6} {'max x':>6}  flood answers")
+    print(f"CPUs: {place.describe()}")
+    head = f"{'phase':<11} {'B p50 ms':>9} {'B p90 ms':>9} {'B max ms':>9} {'p50 x':>6} {'max x':>6}"
+    print(f"{head} {'server CPU':>10} {'ms/call':>8}  flood answers")
     for p in PHASES:
         t = table[p]
         rate = f" ({t['flood_calls_per_s']:.1f}/s)" if t["flood_answers"] else ""
         print(
             f"{p:<11} {t['p50_ms']:>9.1f} {t['p90_ms']:>9.1f} {t['max_ms']:>9.1f} {t['p50_ratio']:>6.2f} "
-            f"{t['max_ratio']:>6.2f}  {t['flood_answers'] or '-'}{rate}"
+            f"{t['max_ratio']:>6.2f} {t['server_cpu_share']:>10.0%} {t['server_cpu_ms_per_flood_call']:>8.2f}"
+            f"  {t['flood_answers'] or '-'}{rate}"
         )
     record = {
         "benchmark": "big_prompt_bench",
-        "settings": vars(args) | {"workdir": str(args.workdir), "server_repo": str(args.server_repo), "node": NODE},
+        "settings": vars(args)
+        | {"workdir": str(args.workdir), "server_repo": str(args.server_repo), "node": NODE}
+        | {"placement": place.describe()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "duration_s": time.time() - started,
         "prompt_bytes": len("word " * PROMPT_WORDS),

@@ -10,7 +10,10 @@ requests of ``--tokens`` new tokens, one after another, through ``treelm.AsyncCl
   unloaded   B alone
   flood      the same while tenant A (``globex``) keeps ``--streams`` streams of ``--flood-tokens``
              new tokens open, each sent again as soon as it ends, or when refused after the
-             server's retry hint (``--ignore-hint``: after 50 ms, a flooder that ignores it)
+             server's retry hint (``--ignore-hint``: after 50 ms, a flooder that ignores it); A's
+             client runs in a process of its own, as across a network, so B's client loop does
+             not also run A's streams; ``--cpus split`` (the default) gives it cores of its own,
+             ``--cpus shared`` lets it share the server's (benchmarks/placement.py)
 
 Reported: B's p50 and p90 latency in each phase and their ratio (the goal: p50 within 2x), B's
 p50 time in the engine's queue (what fair admission decides; the rest is decoding in a batch
@@ -45,13 +48,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from grpc_bench import PROMPTS, prepare  # noqa: E402 (the same tree, registry and token)
+from placement import Placement  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 NODE = "bench/en/medical"
 PHASES = ("unloaded", "flood")
 
 
-def start_server(paths: dict, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(paths: dict, extra: list[str], place: Placement) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
     args = ["serve", paths["tree_dir"], "--db", paths["db"], "--port", "0", "--threads", "1", "--max-queue", "32"]
     proc = subprocess.Popen(
@@ -61,6 +65,7 @@ def start_server(paths: dict, extra: list[str]) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=place.preexec(place.server),
     )
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -96,50 +101,76 @@ async def trickle(client, count: int, tokens: int) -> tuple[list[float], list[fl
     return latencies, queued, refused
 
 
-async def measure(target: str, tokens: dict[str, str], args: argparse.Namespace) -> dict:
+async def _flood(target: str, token: str, args: argparse.Namespace) -> None:
+    """Tenant A (run in its own process by ``--flood-child``): ``--streams`` streams, each sent again
+    as soon as it ends; prints one JSON line of what it got when SIGTERM ends it."""
     import treelm
 
-    no_retry = treelm.RetryPolicy(retries=0)
-    out: dict = {}
-    async with (
-        treelm.AsyncClient(target, token=tokens["b"], retries=no_retry, timeout=300) as b,
-        treelm.AsyncClient(target, token=tokens["a"], retries=no_retry, timeout=300) as a,
-    ):
-        await trickle(b, 8, args.tokens)  # warm: adapters loaded, channel open
-        latencies, queued, refused = await trickle(b, args.requests, args.tokens)
-        out["unloaded"] = {"latencies": latencies, "queued": queued, "b_refused": dict(refused)}
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    refused: collections.Counter = collections.Counter()
+    completed = 0
+    async with treelm.AsyncClient(target, token=token, retries=treelm.RetryPolicy(retries=0), timeout=300) as a:
 
-        stop = asyncio.Event()
-        a_refused: collections.Counter = collections.Counter()
-        a_completed = [0]
-
-        async def flood(worker: int) -> None:
+        async def stream(worker: int) -> None:
+            nonlocal completed
             while not stop.is_set():
                 try:
                     async for _ in a.stream(NODE, f"flood {worker}", max_new_tokens=args.flood_tokens):
                         pass
-                    a_completed[0] += 1
+                    completed += 1
                 except treelm.Overloaded as exc:
-                    a_refused[exc.kind or "queue-full"] += 1
+                    refused[exc.kind or "queue-full"] += 1
                     # As the SDK's retries do: wait what the server asks (--ignore-hint: 50 ms).
                     await asyncio.sleep(0.05 if args.ignore_hint else exc.retry_after or 1.0)
                 except treelm.TreeLMError:
                     if not stop.is_set():
                         raise
 
-        workers = [asyncio.create_task(flood(w)) for w in range(args.streams)]
-        await asyncio.sleep(3.0)  # the flood is on: the batch and the flooder's queue are full
-        latencies, queued, refused = await trickle(b, args.requests, args.tokens)
-        stop.set()
+        workers = [asyncio.create_task(stream(w)) for w in range(args.streams)]
+        print("flooding", flush=True)
+        await stop.wait()
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+    print(json.dumps({"completed": completed, "refused": dict(refused)}), flush=True)
+
+
+def start_flood(target: str, token: str, args: argparse.Namespace, place: Placement) -> subprocess.Popen:
+    """Tenant A in a process of its own: its client's CPU is its own, as across a network (it
+    still shares this machine's cores), and B's client loop does not run A's 200 streams."""
+    argv = [sys.executable, __file__, "--flood-child", target, token, "--streams", str(args.streams)]
+    argv += ["--flood-tokens", str(args.flood_tokens)] + (["--ignore-hint"] if args.ignore_hint else [])
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True, preexec_fn=place.preexec(place.attacker))
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "flooding":
+        raise RuntimeError("the flood process did not start")
+    return proc
+
+
+async def measure(target: str, tokens: dict[str, str], args: argparse.Namespace, place: Placement) -> dict:
+    import treelm
+
+    no_retry = treelm.RetryPolicy(retries=0)
+    out: dict = {}
+    async with treelm.AsyncClient(target, token=tokens["b"], retries=no_retry, timeout=300) as b:
+        await trickle(b, 8, args.tokens)  # warm: adapters loaded, channel open
+        latencies, queued, refused = await trickle(b, args.requests, args.tokens)
+        out["unloaded"] = {"latencies": latencies, "queued": queued, "b_refused": dict(refused)}
+
+        flood = start_flood(target, tokens["a"], args, place)
+        try:
+            await asyncio.sleep(3.0)  # the flood is on: the batch and the flooder's queue are full
+            latencies, queued, refused = await trickle(b, args.requests, args.tokens)
+        finally:
+            flood.send_signal(signal.SIGTERM)
+            report = json.loads(flood.communicate(timeout=120)[0].strip().splitlines()[-1])
         out["flood"] = {
             "latencies": latencies,
             "queued": queued,
             "b_refused": dict(refused),
-            "a_refused": dict(a_refused),
-            "a_completed": a_completed[0],
+            "a_refused": report["refused"],
+            "a_completed": report["completed"],
         }
     return out
 
@@ -174,14 +205,21 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=[], help="extra `treelm serve` argument")
     parser.add_argument("--ignore-hint", action="store_true", help="the flooder retries after 50 ms, not retry-after")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "treelm-grpc-bench")
+    parser.add_argument("--cpus", choices=("split", "shared"), default="split", help="see benchmarks/placement.py")
+    parser.add_argument("--flood-child", nargs=2, metavar=("TARGET", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flood_child:
+        asyncio.run(_flood(*args.flood_child, args))
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.workdir)
     tokens = {"b": paths["token"], "a": flood_token(paths)}
-    server, target = start_server(paths, args.server_arg)
+    place = Placement(args.cpus)
+    place.measured_here()
+    server, target = start_server(paths, args.server_arg, place)
     started = time.time()
     try:
-        runs = asyncio.run(measure(target, tokens, args))
+        runs = asyncio.run(measure(target, tokens, args, place))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -208,11 +246,14 @@ def main() -> None:
             f"{p:<10} {t['p50_ms']:>9.1f} {t['p90_ms']:>9.1f} {t['queue_p50_ms']:>15.1f} "
             f"{t['b_served']:>9} {t['b_refused']:>10}"
         )
+    print(f"CPUs: {place.describe()}")
     print(f"B p50 flood / unloaded: {ratio:.2f}x (goal: within 2x)")
     print(f"A: {runs['flood']['a_completed']} streams completed, refused {runs['flood']['a_refused']}")
     record = {
         "benchmark": "fairness_bench",
-        "settings": vars(args) | {"workdir": str(args.workdir), "node": NODE, "max_queue": 32, "threads": 1},
+        "settings": vars(args)
+        | {"workdir": str(args.workdir), "node": NODE, "max_queue": 32, "threads": 1}
+        | {"placement": place.describe()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "duration_s": time.time() - started,
         "table": table,
