@@ -89,6 +89,14 @@ def serve_command(
             help="while several tenants have rows in the batch, a tenant's rows decoded per step (default: all)",
         ),
     ] = None,
+    refusals_per_s: Annotated[
+        int,
+        typer.Option(
+            "--refusals-per-s",
+            min=0,
+            help="a caller's refused calls a second answered at once; later ones wait 0.5 s (0: no wait)",
+        ),
+    ] = 20,
     tenant_tokens_per_minute: Annotated[
         int | None, typer.Option("--tenant-tokens-per-minute", help="a tenant's generated tokens (default: no bound)")
     ] = None,
@@ -188,6 +196,7 @@ def serve_command(
             uploads=upload_limits(upload_max_file, upload_spool, upload_per_tenant, upload_idle),
             quotas=quotas,
             feedback=feedback,
+            refusals_per_s=refusals_per_s,
         ),
         max_batch=max_batch,
         max_queue=max_queue,

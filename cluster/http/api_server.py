@@ -70,15 +70,17 @@ from cluster.service.feedback import FeedbackCalls
 from cluster.service.fine_tuning import FineTuningCalls
 from cluster.service.fine_tuning_io import UploadSlots
 from cluster.service.interceptors import LOGGED_DETAIL_CHARS
+from cluster.service.refusals import PENALIZED_HTTP_STATUSES, RefusalLog, RefusalPenalty
 from cluster.service.status import wire_status
 from hierarchy.clip import clip
 
 __all__ = ["PARSE_IN_THREAD_BYTES", "HttpApi", "HttpLimits", "HttpServer"]
 
-# A body longer than this is decoded and validated in a worker thread (a 4 MiB body takes ~10 ms).
+# A body longer than this is decoded and validated in a worker thread (a 2 MiB body takes ~5 ms).
 PARSE_IN_THREAD_BYTES = 64 * 1024
 
 log = logging.getLogger("treelm.http")
+refusals = RefusalLog(log)
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -88,7 +90,7 @@ CallObserver = Callable[[str, str, str, float], None]
 
 @dataclass(frozen=True)
 class HttpLimits:
-    max_body_bytes: int = 4 << 20  # ServerConfig.max_request_body_bytes
+    max_body_bytes: int = (2 << 20) + (64 << 10)  # ServerConfig.max_request_body_bytes
 
 
 class HttpApi:
@@ -106,8 +108,10 @@ class HttpApi:
         uploads: UploadSlots | None = None,
         limits: HttpLimits = HttpLimits(),
         observe_call: CallObserver | None = None,
+        penalty: RefusalPenalty | None = None,
     ):
         self._auth = authenticator
+        self._penalty = penalty
         self.authenticator = authenticator
         self._limits = limits
         self._observe_call = observe_call
@@ -284,6 +288,7 @@ class HttpApi:
         started = time.perf_counter()
         self.in_flight += 1
         body: Any = None
+        caller: Caller | None = None
         streaming = False
         code = grpc.StatusCode.OK
         fixed = fields is not None
@@ -317,7 +322,10 @@ class HttpApi:
             status = wire_status(exc)
             code = status.code
             if code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback already
-                log.info("%s failed: %s %s", method, status.http_status, clip(status.details, LOGGED_DETAIL_CHARS))
+                refusals.info("%s failed: %s %s", method, status.http_status, clip(status.details, LOGGED_DETAIL_CHARS))
+            if self._penalty is not None and status.http_status in PENALIZED_HTTP_STATUSES:
+                peer = request.client.host if request.client is not None else "?"
+                await self._penalty.hold(caller.tenant if caller and caller.tenant else f"peer {peer}")
             return error_response(exc, fields, status)
         finally:
             if not streaming:

@@ -19,6 +19,7 @@ import grpc.aio
 from cluster.errors import BadArgument
 from cluster.service.auth import CALLER, Authenticator
 from cluster.service.client_certs import grpc_peer_certificate
+from cluster.service.refusals import PENALIZED_HTTP_STATUSES, RefusalLog, RefusalPenalty
 from cluster.service.status import WireStatus, wire_status
 from hierarchy.clip import clip
 
@@ -27,6 +28,7 @@ __all__ = ["LOGGED_DETAIL_CHARS", "PROTECTED_PREFIX", "AuthInterceptor", "Status
 PROTECTED_PREFIX = "/treelm.v1."
 
 log = logging.getLogger("treelm.server")
+refusals = RefusalLog(log)
 
 _S = grpc.StatusCode
 LOGGED_DETAIL_CHARS = 300  # a refusal's message can quote what a caller sent: the log keeps its start
@@ -138,8 +140,13 @@ class StatusInterceptor(_WrappingInterceptor):
 
     tolerant = True
 
-    def __init__(self, observe: Callable[[str, str, str, float], None] | None = None):
+    def __init__(
+        self,
+        observe: Callable[[str, str, str, float], None] | None = None,
+        penalty: RefusalPenalty | None = None,
+    ):
         self._observe = observe
+        self._penalty = penalty
         self.in_flight = 0  # calls between entry and their last response (one event loop: no lock)
 
     def _record(self, method: str, request: Any, code: grpc.StatusCode, started: float) -> None:
@@ -148,10 +155,12 @@ class StatusInterceptor(_WrappingInterceptor):
             node = getattr(request, "node", "")  # Inference requests name their node
             self._observe(method, node if isinstance(node, str) else "", code.name, time.perf_counter() - started)
 
-    @staticmethod
-    async def _fail(status: WireStatus, context: grpc.aio.ServicerContext) -> None:
+    async def _fail(self, status: WireStatus, context: grpc.aio.ServicerContext) -> None:
         if status.code is not _S.INTERNAL:  # INTERNAL was logged with its traceback already
-            log.info("call failed: %s %s", status.code.name, clip(status.details, LOGGED_DETAIL_CHARS))
+            refusals.info("call failed: %s %s", status.code.name, clip(status.details, LOGGED_DETAIL_CHARS))
+        if self._penalty is not None and status.http_status in PENALIZED_HTTP_STATUSES:
+            tenant = CALLER.get().tenant
+            await self._penalty.hold(tenant if tenant is not None else f"peer {context.peer()}")
         await context.abort(status.code, status.details, status.trailing_metadata())
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:

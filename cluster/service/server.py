@@ -48,6 +48,7 @@ from cluster.service.health import DrainingHealth
 from cluster.service.interceptors import AuthInterceptor, StatusInterceptor
 from cluster.service.metrics import ServerMetrics
 from cluster.service.quota import QuotaPolicy, Quotas
+from cluster.service.refusals import RefusalPenalty
 from cluster.service.responses import ResponseRecorder, RetentionCache
 from cluster.service.servicers import AdminServicer, InferenceServicer, RegistryServicer
 from cluster.service.trunk import Trunk
@@ -75,7 +76,7 @@ from protos.treelm.v1 import (
 from registry.forgetting import PerplexityPoint
 from registry.forgetting import latest as latest_perplexities
 
-__all__ = ["MAX_REQUEST_BYTES", "SERVICE_NAMES", "ServerConfig", "TreeServer"]
+__all__ = ["MAX_REQUEST_BODY_BYTES", "MAX_REQUEST_BYTES", "SERVICE_NAMES", "ServerConfig", "TreeServer"]
 
 log = logging.getLogger("treelm.server")
 
@@ -97,6 +98,8 @@ _MIB = 1 << 20
 # parameters, logit_bias, stop sequences, message roles), or one Updates.Submit chunk (the SDK sends
 # 1 MiB pieces of a file, treelm._updates.CHUNK_BYTES; the first chunk is a small envelope).
 MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + MAX_SCHEMA_BYTES + 192 * 1024  # 1.25 MiB
+# An HTTP body: the prompt's bytes twice over (JSON escapes) and the rest of a request. 2.06 MiB
+MAX_REQUEST_BODY_BYTES = 2 * MAX_PROMPT_BYTES + MAX_SCHEMA_BYTES
 try:
     SERVER_VERSION = importlib.metadata.version("treelm")
 except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
@@ -120,12 +123,17 @@ class ServerConfig:
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
     # A gRPC request: gRPC's C core refuses a longer one (RESOURCE_EXHAUSTED) before Python decodes it.
     max_receive_message_bytes: int = MAX_REQUEST_BYTES
-    max_request_body_bytes: int = 4 * _MIB  # an HTTP JSON body (413 beyond; JSON escapes make a prompt longer)
+    # An HTTP JSON body (413 beyond): a 1 MiB prompt even if each of its characters takes a two-byte
+    # JSON escape, and far below the megabytes an attacker would have the server read and parse.
+    max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES
     max_send_message_bytes: int = 16 * _MIB
     max_concurrent_rpcs: int | None = None  # beyond it grpc answers RESOURCE_EXHAUSTED
     token_cache_ttl_s: float = 30.0
     token_check_interval_s: float = 0.5  # how often the token cache asks the registry about revocations
     node_cache_ttl_s: float = 5.0
+    # A caller refused more often than this in a second (a bad argument, a body over the limit, an
+    # unknown node) gets its further refusals only after half a second (cluster/service/refusals.py).
+    refusals_per_s: int = 20  # 0: answer every refusal at once
     uploads: UploadLimits = field(
         default_factory=UploadLimits
     )  # update uploads (Updates.Submit): sizes, per tenant, idle deadline
@@ -154,6 +162,8 @@ class ServerConfig:
         for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_request_body_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1024:
                 raise ServeError(f"{name} must be an integer >= 1024")
+        if isinstance(self.refusals_per_s, bool) or not isinstance(self.refusals_per_s, int) or self.refusals_per_s < 0:
+            raise ServeError(f"refusals_per_s must be an integer >= 0, got {self.refusals_per_s!r}")
         if not self.grace_s >= 0:
             raise ServeError(f"grace must be >= 0 seconds, got {self.grace_s!r}")
         ports = [(n, getattr(self, n)) for n in ("port", "metrics_port", "http_port") if getattr(self, n)]
@@ -221,7 +231,8 @@ class TreeServer:
         self.metrics.watch_trunks(lambda: [t.snapshot() for t in self.router.trunks.values()])
         self.metrics.registry.register(FeedbackCollector(catalog.registry, self._feedback_label))
         self.metrics.watch_forgetting(self._forgetting, self._public_served)
-        self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call)
+        self.refusal_penalty = RefusalPenalty(per_second=config.refusals_per_s)
+        self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call, penalty=self.refusal_penalty)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(
             catalog.grant,
@@ -273,6 +284,7 @@ class TreeServer:
             uploads=self.file_uploads,
             limits=HttpLimits(max_body_bytes=c.max_request_body_bytes),
             observe_call=self.metrics.observe_call,
+            penalty=self.refusal_penalty,
         )
         cert, key = (
             (str(c.tls_cert), str(c.tls_key)) if c.tls_cert is not None and c.tls_key is not None else (None, None)

@@ -43,11 +43,18 @@ class ServeProcess:
 
 
 @pytest.fixture
-def serve_process(world, tmp_path) -> Iterator[ServeProcess]:
+def serve_process_args() -> list[str]:
+    """More `treelm serve` arguments for ``serve_process`` (a test parametrizes this name to set them)."""
+    return []
+
+
+@pytest.fixture
+def serve_process(world, tmp_path, serve_process_args) -> Iterator[ServeProcess]:
     """`treelm serve` with gRPC and HTTP in its own process; its log goes to a file (nothing to drain)."""
     log = tmp_path / "serve.log"
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = ["serve", str(world.tree.root), "--db", world.db_url, "--port", "0", "--http-port", "0"]
+    args += serve_process_args
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", *args, "--threads", "1"],
