@@ -89,6 +89,14 @@ def serve_command(
             help="while several tenants have rows in the batch, a tenant's rows decoded per step (default: all)",
         ),
     ] = None,
+    tenant_contended_running: Annotated[
+        int | None,
+        typer.Option(
+            "--tenant-contended-running",
+            min=1,
+            help="while other tenants have requests, a tenant's requests admitted to the batch (default: its max)",
+        ),
+    ] = None,
     refusals_per_s: Annotated[
         int,
         typer.Option(
@@ -201,6 +209,7 @@ def serve_command(
         max_batch=max_batch,
         max_queue=max_queue,
         tenant_step_rows=tenant_step_rows,
+        tenant_contended_running=tenant_contended_running,
         prefill_chunk=prefill_chunk,
         threads=threads,
         job_threads=job_threads,

@@ -100,6 +100,7 @@ def trunk_spec(config: ClusterConfig, trunk: TrunkConfig) -> TrunkSpec:
         max_batch=trunk.max_batch,
         max_queue=trunk.max_queue,
         tenant_step_rows=trunk.tenant_step_rows,
+        tenant_contended_running=trunk.tenant_contended_running,
         prefill_chunk=trunk.prefill_chunk,
         max_adapters=trunk.max_adapters,
         host_cache=trunk.host_cache,

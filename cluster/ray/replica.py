@@ -120,6 +120,7 @@ class TrunkReplicaBase:
             max_batch_size=spec.max_batch,
             max_queue=spec.max_queue,
             tenant_step_rows=spec.tenant_step_rows,
+            tenant_contended_running=spec.tenant_contended_running,
             prefill_chunk=spec.prefill_chunk,
             max_active_adapters=spec.max_adapters,
             host_cache_bytes=spec.host_cache,

@@ -65,6 +65,7 @@ class StandaloneOptions:
     max_batch: int = 32
     max_queue: int = 1024
     tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
+    tenant_contended_running: int | None = None  # a tenant's rows admitted while others have requests (None: max)
     prefill_chunk: int = 32  # a longer prompt is prefilled this many tokens per step while rows decode (0: whole)
     threads: int | None = None  # torch threads for the engine; None: torch's default
     updates: bool = True  # serve the signed update protocol over this tree dir and registry
@@ -122,6 +123,7 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             max_queue=options.max_queue,
             prefix_cache_bytes=options.prefix_cache_bytes,
             tenant_step_rows=options.tenant_step_rows,
+            tenant_contended_running=options.tenant_contended_running,
             prefill_chunk=options.prefill_chunk,
         )
         engine = Engine(tree.base_dir, tree.root, config)

@@ -109,6 +109,12 @@ class EngineConfig:
         default=None,
         metadata={"help": "a tenant's rows decoded per step while other tenants have rows; None = all rows"},
     )
+    tenant_contended_running: int | None = field(
+        default=None,
+        metadata={
+            "help": "a tenant's requests admitted to the batch while other tenants have requests; None = its max"
+        },
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -118,6 +124,7 @@ class EngineConfig:
                 "tenant_max_running",
                 "tenant_max_queued",
                 "tenant_step_rows",
+                "tenant_contended_running",
             ):
                 continue
             minimum = 0 if f.name in ("host_cache_bytes", "prefix_cache_bytes", "prefill_chunk") else 1
@@ -222,6 +229,7 @@ class Engine:
             tenant=TenantLimits(self.config.tenant_max_running, self.config.tenant_max_queued),
             prefill_chunk=self.config.prefill_chunk,
             step_rows=self.config.tenant_step_rows,
+            contended_running=self.config.tenant_contended_running,
         )
         head = model.get_output_embeddings()
         self.vocab_size = int(getattr(head, "out_features", 0) or model.config.vocab_size)  # the logits' width

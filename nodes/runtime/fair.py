@@ -12,6 +12,13 @@ takes the next job from :meth:`FairQueue.peek` instead of a single FIFO:
 - **Per-tenant limits** (``GenerationRequest.limits``, else the engine's defaults): a tenant with
   ``max_running`` jobs in the batch is skipped (it earns no credit) until one finishes; a tenant
   with ``max_queued`` jobs waiting is refused :class:`~nodes.errors.TenantOverLimit`.
+- **Shares under contention** (``contended_running``, off by default): while another tenant has
+  jobs waiting or running, or had within the last ``CONTENDED_LINGER_S``, a tenant admits jobs
+  only while it has fewer than that many in the batch. On a CPU a decode step costs about its
+  rows' worth, so a flood's 16 rows make every step of another tenant's single row several
+  times slower; this keeps the batch narrow while tenants share it, without moving any running
+  row (the flood's rows already in the batch finish; it just admits fewer). The linger keeps it
+  on between the requests of a tenant that sends one after another.
 - **The global bound** (``max_queue``) is shared fairly: when it is reached, the newest job of
   the tenant with the longest queue is refused (TenantOverLimit) to make room, unless that
   tenant is the newcomer's own or holds no more than it: a tenant is refused before any tenant
@@ -23,13 +30,14 @@ Not thread-safe: the scheduler calls it under its lock.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterator
 
 from nodes.errors import QueueFull, TenantOverLimit
 from nodes.runtime.jobs import Job
 from nodes.runtime.requests import TenantLimits
 
-__all__ = ["ANONYMOUS_TENANT", "QUANTUM_TOKENS", "FairQueue"]
+__all__ = ["ANONYMOUS_TENANT", "CONTENDED_LINGER_S", "QUANTUM_TOKENS", "FairQueue"]
 
 ANONYMOUS_TENANT = ""  # the queue of requests without a tenant
 # Credit per turn, in token-budget units. The shares do not depend on it; a small one keeps turns
@@ -37,6 +45,7 @@ ANONYMOUS_TENANT = ""  # the queue of requests without a tenant
 # its turns), a large request just takes its tenant a few turns of credit.
 QUANTUM_TOKENS = 64
 _RETRY_AFTER_S = 1.0  # what a refusal suggests: a slot frees within a few decode steps
+CONTENDED_LINGER_S = 0.5  # a tenant counts as present this long after its last job left
 
 
 def tenant_of(job: Job) -> str:
@@ -46,9 +55,18 @@ def tenant_of(job: Job) -> str:
 class FairQueue:
     """Waiting jobs by tenant (see the module docstring)."""
 
-    def __init__(self, max_queue: int, defaults: TenantLimits | None = None):
+    def __init__(
+        self,
+        max_queue: int,
+        defaults: TenantLimits | None = None,
+        contended_running: int | None = None,
+        linger_s: float = CONTENDED_LINGER_S,
+    ):
         self.max_queue = max_queue
         self.defaults = defaults or TenantLimits()
+        self.contended_running = contended_running  # None: no share under contention
+        self.linger_s = linger_s
+        self._left: dict[str, float] = {}  # tenant -> when its last job left (waiting or running)
         self._queues: dict[str, collections.deque[Job]] = {}  # insertion order = round order
         self._credit: dict[str, int] = {}
         self._turn: str | None = None  # the tenant whose turn it is (credited for it already)
@@ -141,6 +159,7 @@ class FairQueue:
             del self._running[tenant]
             if tenant not in self._queues:
                 self._limits.pop(tenant, None)
+                self._gone(tenant)
 
     def drain(self) -> list[Job]:
         jobs = list(self)
@@ -163,7 +182,28 @@ class FairQueue:
                 self._turn = None
             if not self._running[tenant]:
                 self._limits.pop(tenant, None)
+                self._gone(tenant)
 
     def _at_running_limit(self, tenant: str) -> bool:
         limit = self._limits.get(tenant, self.defaults).max_running
-        return limit is not None and self._running[tenant] >= limit
+        if limit is not None and self._running[tenant] >= limit:
+            return True
+        share = self.contended_running
+        return share is not None and self._running[tenant] >= share and self._contended(tenant)
+
+    def _contended(self, tenant: str) -> bool:
+        """Another tenant has jobs here, or had within the linger."""
+        if any(t != tenant for t in self._queues) or any(t != tenant for t in self._running):
+            return True
+        now = time.monotonic()
+        for other, left in list(self._left.items()):
+            if now - left >= self.linger_s:
+                del self._left[other]  # gone for good: forgotten (the dict stays as small as the tenants present)
+            elif other != tenant:
+                return True
+        return False
+
+    def _gone(self, tenant: str) -> None:
+        """``tenant`` has no job waiting or running any more."""
+        if self.contended_running is not None:
+            self._left[tenant] = time.monotonic()

@@ -64,6 +64,7 @@ class Limits:
     max_prefill_tokens: int
     tenant: TenantLimits = field(default_factory=TenantLimits)  # a tenant's share when its request carries no limits
     step_rows: int | None = None  # a tenant's rows per decode step while other tenants have rows (None: all)
+    contended_running: int | None = None  # a tenant's rows admitted while other tenants are present (None: its max)
     prefill_chunk: int = 0  # a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)
 
 
@@ -90,7 +91,7 @@ class Scheduler(Prefill):
         self.pad_id = pad_id
         self.vocab_size = vocab_size
         self._cond = threading.Condition()
-        self._waiting = FairQueue(limits.max_queue, limits.tenant)
+        self._waiting = FairQueue(limits.max_queue, limits.tenant, limits.contended_running)
         self._in_flight: dict[str, Job] = {}  # request id -> job, from submit until finished
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False

@@ -92,6 +92,33 @@ async def test_rows_cancelled_or_forked_while_parked_end_cleanly(base, tree, ref
     assert [list(c.token_ids) for c in fork_result.choices] == [expected] * 3  # greedy: every choice alike
 
 
+async def test_under_contention_a_tenant_admits_its_contended_share_and_outputs_are_unchanged(base, tree, reference):
+    config = EngineConfig(max_batch_size=16, tenant_contended_running=2)
+    async with Engine(base, tree.root, config) as engine:
+        scheduler = engine._scheduler
+        long = _request(tree, 0, "b", 60, ignore_eos=True)
+        b_task = asyncio.ensure_future(engine.generate(long))
+        while engine.stats().active_requests < 1:  # B is in the batch
+            await asyncio.sleep(0.005)
+        flood = [_request(tree, i, "a", 12) for i in range(1, 7)]
+        a_tasks = [asyncio.ensure_future(engine.generate(r)) for r in flood]
+        peak = 0
+        while not b_task.done():  # A's rows in the batch while B's request runs
+            tenants = [row.job.request.tenant for row in list(scheduler.running)]
+            if "b" in tenants:
+                peak = max(peak, tenants.count("a"))
+            await asyncio.sleep(0.001)
+        b_result = await b_task
+        a_results = await asyncio.gather(*a_tasks)
+        assert scheduler.parking.parked_total == 0  # no row was moved aside: A admitted fewer instead
+    assert peak == 2  # six of A's requests waited their turn two at a time
+    for request, result in zip([*flood, long], [*a_results, b_result], strict=True):
+        expected = reference.tokens(request.node, engine.encode(request), request.params.max_new_tokens)
+        assert list(result.token_ids) == expected, request.request_id
+
+
 def test_the_share_is_checked():
     with pytest.raises(EngineConfigError, match="tenant_step_rows"):
         EngineConfig(tenant_step_rows=0)
+    with pytest.raises(EngineConfigError, match="tenant_contended_running"):
+        EngineConfig(tenant_contended_running=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 
@@ -126,3 +127,52 @@ def test_cancelled_jobs_leave_and_idle_tenants_bank_no_credit() -> None:
     queue.push(_job("a", "a1"))
     head = queue.peek()
     assert head is not None and head.request.request_id == "b0"  # A's old credit is gone: B is first in order
+
+
+def _admit_all(queue: FairQueue) -> list[Job]:
+    """Admit jobs while the queue offers one (none finishes)."""
+    admitted = []
+    while (job := queue.peek()) is not None:
+        queue.pop(job, admitted=True)
+        admitted.append(job)
+    return admitted
+
+
+def test_a_tenant_alone_fills_its_max_running_whatever_the_contended_share() -> None:
+    queue = FairQueue(max_queue=100, defaults=TenantLimits(max_running=6), contended_running=2)
+    for i in range(10):
+        queue.push(_job("a", f"a{i}"))
+    assert len(_admit_all(queue)) == 6  # no other tenant: its own limit
+
+
+def test_while_another_tenant_is_present_a_tenant_admits_only_its_contended_share() -> None:
+    queue = FairQueue(max_queue=100, defaults=TenantLimits(max_running=6), contended_running=2, linger_s=0.2)
+    for i in range(10):
+        queue.push(_job("a", f"a{i}"))
+    queue.push(_job("b", "b0"))
+    admitted = _admit_all(queue)
+    assert sorted(j.request.request_id for j in admitted) == ["a0", "a1", "b0"]
+    # B's request ends: A stays at its share for the linger (B sends one request after another)...
+    queue.finished(next(j for j in admitted if j.request.tenant == "b"))
+    assert queue.peek() is None
+    # ...and fills its own limit once B has been gone that long.
+    time.sleep(0.25)
+    assert [j.request.request_id for j in _admit_all(queue)] == ["a2", "a3", "a4", "a5"]
+
+
+def test_rows_already_running_are_never_taken_back_when_another_tenant_arrives() -> None:
+    queue = FairQueue(max_queue=100, defaults=TenantLimits(max_running=6), contended_running=2)
+    for i in range(10):
+        queue.push(_job("a", f"a{i}"))
+    running = _admit_all(queue)
+    assert len(running) == 6
+    queue.push(_job("b", "b0"))
+    head = queue.peek()
+    assert head is not None and head.request.request_id == "b0"  # B is admitted at once
+    queue.pop(head, admitted=True)
+    for job in running[:4]:  # A's rows finish one by one: no new A row until it is under its share
+        queue.finished(job)
+        assert queue.peek() is None
+    queue.finished(running[4])
+    head = queue.peek()
+    assert head is not None and head.request.request_id == "a6"

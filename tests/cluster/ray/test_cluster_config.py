@@ -130,6 +130,11 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
             "trunks[0].engine.tenant_step_rows",
             "an integer >= 1",
         ),
+        (
+            lambda d: d["trunks"][0].update(engine={"tenant_contended_running": 0}),
+            "trunks[0].engine.tenant_contended_running",
+            "an integer >= 1",
+        ),
         (lambda d: d.update(ray={"ports": {"gcs": 6379}}), "ray.ports.gcs", "Redis"),
         (lambda d: d.update(ray={"ports": {"dashboard": 8265}}), "ray.ports.dashboard", "dashboard"),
         (lambda d: d.update(ray={"ports": {"node_manager": 46383}}), "ray.ports.object_manager", "also"),
