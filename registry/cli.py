@@ -409,6 +409,60 @@ def tenant_ls(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = Fal
         Console().print(escape(t.name))
 
 
+@tenant_app.command("limits")
+def tenant_limits(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="tenant name")],
+    max_running: Annotated[int | None, typer.Option(min=1, help="requests in an engine's batch at once")] = None,
+    max_queued: Annotated[int | None, typer.Option(min=1, help="requests waiting in an engine's queue")] = None,
+    tokens_per_minute: Annotated[int | None, typer.Option(min=1, help="generated tokens per minute")] = None,
+    fine_tuning_jobs: Annotated[int | None, typer.Option(min=1, help="queued and running fine-tuning jobs")] = None,
+    stored_files: Annotated[int | None, typer.Option(min=1, help="training files kept")] = None,
+    stored_file_bytes: Annotated[str | None, typer.Option(help="bytes of training files kept (e.g. 512MiB)")] = None,
+    unset: Annotated[
+        list[str] | None, typer.Option("--unset", help="hand this limit back to the servers' own setting (repeat)")
+    ] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show or set a tenant's limits. Servers apply them within seconds, over their own
+    --tenant-* options and --tenant-limits file; a limit not set here is the server's."""
+    from registry.db import open_registry
+    from registry.limits import TENANT_LIMIT_FIELDS, get_tenant_limits, set_tenant_limits
+
+    values = {
+        "max_running": max_running,
+        "max_queued": max_queued,
+        "tokens_per_minute": tokens_per_minute,
+        "fine_tuning_jobs": fine_tuning_jobs,
+        "stored_files": stored_files,
+        "stored_file_bytes": parse_memory_size(stored_file_bytes) if stored_file_bytes is not None else None,
+    }
+    given = {k: v for k, v in values.items() if v is not None}
+    cleared = [u.replace("-", "_") for u in unset or []]
+    with open_registry(db_url(ctx, db)) as reg:
+        if given or cleared:
+            record = set_tenant_limits(reg, name, given, clear=cleared)
+        else:
+            record = get_tenant_limits(reg, name)
+    if as_json:
+        updated = record.updated_at.isoformat() if record.updated_at is not None else None
+        _echo_json({"tenant": record.tenant, "limits": dict(record.limits), "updated_at": updated})
+        return
+    table = Table(title=f"limits of tenant {escape(record.tenant)}")
+    table.add_column("limit")
+    table.add_column("value", justify="right")
+    for field in TENANT_LIMIT_FIELDS:
+        value = record.limits.get(field)
+        shown = (
+            "[dim]the server's[/dim]"
+            if value is None
+            else (format_bytes(value) if field == "stored_file_bytes" else f"{value:,}")
+        )
+        table.add_row(field, shown)
+    Console().print(table)
+
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

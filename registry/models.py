@@ -105,6 +105,22 @@ class Tenant(Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class TenantLimit(Model):
+    """A tenant's limits as the operator set them in the registry (``treelm registry tenant limits``);
+    NULL: the server's own setting. Servers read them every few seconds (cluster/service/quota.py)."""
+
+    __tablename__ = "tenant_limits"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    max_running: Mapped[int | None] = mapped_column(Integer)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    fine_tuning_jobs: Mapped[int | None] = mapped_column(Integer)
+    stored_files: Mapped[int | None] = mapped_column(Integer)
+    stored_file_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class BaseModel(Model):
     """A base (root) model: its digest and the architecture facts memory estimates need."""
 

@@ -48,6 +48,7 @@ from hierarchy.secret_files import read_passphrase
 from hierarchy.updates.distribution import parse_delegation
 from hierarchy.updates.envelope import Envelope
 from registry.db import open_registry
+from registry.limits import all_tenant_limits
 
 __all__ = ["TreeIngress"]
 
@@ -131,7 +132,7 @@ class TreeIngress:
             self._registry,
             NodeAccess(Catalog(self._registry).node_visibility, ttl_s=config.node_cache_ttl_s),
             policies,
-            Quotas(config.quotas),
+            Quotas(config.quotas, overrides=lambda: all_tenant_limits(self._registry)),
             wake=updates.wake_jobs,
         )
 

@@ -97,7 +97,7 @@ class FineTuningCalls:
         if not isinstance(filename, str) or len(filename) > MAX_FILENAME_CHARS:
             raise BadArgument("file", f"the file name must be at most {MAX_FILENAME_CHARS} characters")
         parsed = await asyncio.to_thread(parse_training_file, content, filename)
-        quota = self._quotas.policy.for_tenant(caller.tenant)
+        quota = self._quotas.for_tenant(caller.tenant)
         return await asyncio.to_thread(
             add_file,
             self.registry,
@@ -154,7 +154,7 @@ class FineTuningCalls:
             visibility=visibility,
             hyperparameters=hyper.to_dict(),
         )
-        limit = self._quotas.policy.for_tenant(caller.tenant).fine_tuning_jobs
+        limit = self._quotas.for_tenant(caller.tenant).fine_tuning_jobs
         record = await asyncio.to_thread(create_job, self.registry, job, max_active=limit)
         self._notify()
         return record

@@ -23,10 +23,18 @@ The engine enforces the first two (nodes/runtime/fair.py: they travel with each 
 replica applies the limits the ingress read); the ingress process keeps the token buckets. On a
 Ray cluster each trunk replica and each ingress therefore bounds a tenant on its own.
 Anonymous callers (auth off) share the limits of the tenant named ``""`` in the file, else the defaults.
+
+Limits an operator set in the registry (``treelm registry tenant limits``, registry/limits.py)
+override the file's and the defaults, field by field. ``Quotas`` reads them when built and then
+at most every ``refresh_s`` seconds, in a thread (never on the event loop), so a change reaches
+every server of a cluster within seconds and without a restart; a failed read keeps the last
+limits it had.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -39,7 +47,13 @@ from cluster.service.auth import Caller
 from cluster.service.trunk import Trunk, TrunkView
 from nodes.runtime.requests import GenerationRequest, GenerationResult, TenantLimits, TokenChunk
 
-__all__ = ["QuotaPolicy", "Quotas", "TenantQuota", "TenantTrunk"]
+__all__ = ["LIMITS_REFRESH_S", "QuotaPolicy", "Quotas", "TenantQuota", "TenantTrunk"]
+
+log = logging.getLogger("treelm.server")
+
+LIMITS_REFRESH_S = 2.0  # how stale the registry's tenant limits may be in a server
+# tenant -> {limit: value}: what the registry sets (registry.limits.all_tenant_limits)
+Overrides = Mapping[str, Mapping[str, int]]
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,19 @@ class QuotaPolicy:
                 raise ServeError(f"{path}: tenant {name!r}: {exc}") from None
         return cls(defaults, out)
 
+    def with_overrides(self, overrides: Overrides) -> QuotaPolicy:
+        """This policy with the registry's limits laid over each named tenant's, field by field."""
+        if not overrides:
+            return self
+        tenants = dict(self.tenants)
+        for name, limits in overrides.items():
+            known = {k: v for k, v in limits.items() if k in _FIELDS}
+            tenants[name] = replace(self.for_tenant(name), **known)
+        return QuotaPolicy(self.defaults, tenants)
+
+
+_FIELDS = frozenset(f.name for f in fields(TenantQuota))
+
 
 class _Bucket:
     """A token bucket over generated tokens (capacity = the per-minute rate)."""
@@ -116,12 +143,49 @@ class _Bucket:
 
 
 class Quotas:
-    """The policy and each tenant's token bucket (one event loop: no lock)."""
+    """The policy and each tenant's token bucket (one event loop: no lock; the registry's
+    limits are swapped in whole by a reading thread)."""
 
-    def __init__(self, policy: QuotaPolicy | None = None, clock: Callable[[], float] = time.monotonic):
-        self.policy = policy or QuotaPolicy()
+    def __init__(
+        self,
+        policy: QuotaPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        overrides: Callable[[], Overrides] | None = None,
+        refresh_s: float = LIMITS_REFRESH_S,
+    ):
+        self.configured = policy or QuotaPolicy()  # the server's own: options and file
+        self.policy = self.configured
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        self._overrides = overrides
+        self._refresh_s = refresh_s
+        self._read_at = float("-inf")
+        self._reading = threading.Lock()
+        if overrides is not None:
+            self._read()  # the first requests already see them
+
+    def for_tenant(self, tenant: str | None) -> TenantQuota:
+        """The tenant's limits now (the registry's over the server's)."""
+        self._refresh()
+        return self.policy.for_tenant(tenant)
+
+    def _refresh(self) -> None:
+        if self._overrides is None or time.monotonic() - self._read_at < self._refresh_s:
+            return
+        if self._reading.acquire(blocking=False):
+            self._read_at = time.monotonic()
+            threading.Thread(target=self._read, args=(True,), name="treelm-tenant-limits", daemon=True).start()
+
+    def _read(self, locked: bool = False) -> None:
+        assert self._overrides is not None
+        try:
+            self.policy = self.configured.with_overrides(self._overrides())
+            self._read_at = time.monotonic()
+        except Exception as exc:  # the registry is away: keep the limits we have
+            log.warning("cannot read tenant limits from the registry (keeping the last ones): %s", exc)
+        finally:
+            if locked:
+                self._reading.release()
 
     def bind(self, trunk: Trunk, caller: Caller) -> TenantTrunk:
         return TenantTrunk(trunk, self, caller.tenant)
@@ -142,7 +206,7 @@ class Quotas:
             bucket.level -= tokens
 
     def _bucket(self, tenant: str | None) -> _Bucket | None:
-        rate = self.policy.for_tenant(tenant).tokens_per_minute
+        rate = self.for_tenant(tenant).tokens_per_minute
         if rate is None:
             return None
         key = tenant or ""
@@ -164,7 +228,7 @@ class TenantTrunk(TrunkView):
 
     def _stamp(self, request: GenerationRequest) -> GenerationRequest:
         self._quotas.check(self.tenant)
-        limits = self._quotas.policy.for_tenant(self.tenant).engine_limits
+        limits = self._quotas.for_tenant(self.tenant).engine_limits
         return replace(request, tenant=self.tenant, limits=limits)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:

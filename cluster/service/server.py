@@ -75,6 +75,7 @@ from protos.treelm.v1 import (
 )
 from registry.forgetting import PerplexityPoint
 from registry.forgetting import latest as latest_perplexities
+from registry.limits import all_tenant_limits
 
 __all__ = ["MAX_REQUEST_BODY_BYTES", "MAX_REQUEST_BYTES", "SERVICE_NAMES", "ServerConfig", "TreeServer"]
 
@@ -212,7 +213,8 @@ class TreeServer:
         self.distribution_calls = DistributionCalls(distribution, self.access)  # gRPC and HTTP alike
         self.fine_tuning = fine_tuning  # files and jobs, gRPC and HTTP alike; None: they answer 501
         self.file_uploads = UploadSlots()  # training-file uploads in progress, both transports
-        self.quotas = Quotas(config.quotas)
+        # The registry's per-tenant limits over the server's own (treelm registry tenant limits).
+        self.quotas = Quotas(config.quotas, overrides=lambda: all_tenant_limits(catalog.registry))
         retention = RetentionCache(catalog.registry)
         self.recorder = ResponseRecorder(retention) if config.feedback else None
         self.feedback = FeedbackCalls(retention, self.access)  # answers even with recording off (old records)

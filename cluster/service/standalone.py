@@ -46,6 +46,7 @@ from nodes.store.tree import BuiltTree, open_tree
 from registry.access import record_deployment
 from registry.db import Registry, open_registry
 from registry.errors import InvalidMemorySize, RegistryError
+from registry.limits import all_tenant_limits
 from registry.memory import parse_cache_size, parse_memory_size
 
 __all__ = ["StandaloneOptions", "serve_standalone"]
@@ -136,7 +137,7 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             registry,
             NodeAccess(Catalog(registry).node_visibility, ttl_s=server_config.node_cache_ttl_s),
             {tree.name: runner.policy} if runner is not None else {},
-            Quotas(server_config.quotas),
+            Quotas(server_config.quotas, overrides=lambda: all_tenant_limits(registry)),
             wake=runner.wake if runner is not None else None,
         )
         asyncio.run(_run(engine, registry, server_config, say, coordinator, distribution, fine_tuning, runner))

@@ -225,7 +225,7 @@ def test_database_problems_exit_2(capsys, tmp_path, built_tree):
         assert code == 2 and "treelm registry upgrade" in " ".join(err.split()), err
     assert snapshot(old) == before
     code, out, _ = cli(capsys, "registry", "upgrade", "--db", old)
-    assert code == 0 and "from schema 0001_core to 0008_fine_tuning" in out
+    assert code == 0 and "from schema 0001_core to 0009_tenant_limits" in out
 
 
 def test_the_console_script_prints_no_traceback(tmp_path):

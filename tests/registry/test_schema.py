@@ -30,7 +30,7 @@ from tests.registry.helpers import demo_tree, snapshot
 
 def test_migrations_create_exactly_the_models_schema(db_url):
     status, created = init_registry(db_url)
-    assert created and status.current == head_revision() == "0008_fine_tuning"
+    assert created and status.current == head_revision() == "0009_tenant_limits"
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -190,7 +190,7 @@ def test_token_roles_migration_keeps_old_tokens_as_tenant_tokens_without_expiry(
             {"salt": salt, "hash": _hash(salt, secret)},
         )
     engine.dispose()
-    assert upgrade_registry(db_url)[1].current == "0008_fine_tuning"
+    assert upgrade_registry(db_url)[1].current == "0009_tenant_limits"
     with open_registry(db_url) as reg:
         grant = authenticate_token(reg, f"tlm_0123456789abcdef_{secret}")
         assert (grant.tenant, grant.role, grant.expires_at) == ("acme", "tenant", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -198,3 +199,54 @@ def test_limits_file_overrides_keep_the_other_defaults(tmp_path):
     policy = QuotaPolicy.load(path, TenantQuota(max_running=8, max_queued=32))
     assert policy.for_tenant("trial") == TenantQuota(max_running=8, max_queued=32, tokens_per_minute=5000)
     assert policy.for_tenant("other") == policy.for_tenant(None) == TenantQuota(max_running=8, max_queued=32)
+
+
+def test_registry_limits_lie_over_the_servers_field_by_field():
+    from cluster.service.quota import Quotas
+
+    configured = QuotaPolicy(TenantQuota(max_running=8), {"trial": TenantQuota(max_running=8, tokens_per_minute=100)})
+    rows = {"trial": {"max_queued": 4}, "acme": {"tokens_per_minute": 50}}
+    quotas = Quotas(configured, overrides=lambda: rows)
+    # trial keeps its file's tokens per minute and takes the registry's queue bound; acme the defaults plus its own.
+    assert quotas.for_tenant("trial") == TenantQuota(max_running=8, max_queued=4, tokens_per_minute=100)
+    assert quotas.for_tenant("acme") == TenantQuota(max_running=8, tokens_per_minute=50)
+    assert quotas.for_tenant("other") == TenantQuota(max_running=8)
+
+    def broken() -> dict:
+        raise OSError("the database is away")
+
+    failing = Quotas(configured, overrides=broken)  # a failed read keeps the server's own limits
+    assert failing.for_tenant("trial") == configured.for_tenant("trial")
+
+
+def test_a_limit_set_in_the_registry_reaches_a_running_server_within_seconds(world):
+    from registry.limits import set_tenant_limits
+
+    s = serve(world, http_port=0)
+    try:
+        with treelm.Client(s.target, token=world.tokens[FLOODER], retries=NO_RETRY) as a:
+            a.generate(NODE, "before", max_new_tokens=2)
+            set_tenant_limits(world.registry, FLOODER, {"tokens_per_minute": 1})
+            deadline = time.monotonic() + 10
+            kind = None
+            while kind is None and time.monotonic() < deadline:  # no restart: the server reads the registry
+                try:
+                    a.generate(NODE, "spend", max_new_tokens=2)
+                except treelm.Overloaded as exc:
+                    kind = exc.kind
+                time.sleep(0.2)
+            assert kind == "rate-limited"
+            with treelm.Client(s.target, token=world.tokens[TRICKLE], retries=NO_RETRY) as b:
+                b.generate(NODE, "other tenant", max_new_tokens=2)  # its limits are the server's
+            set_tenant_limits(world.registry, FLOODER, {}, clear=["tokens_per_minute"])
+            deadline = time.monotonic() + 10
+            served = False
+            while not served and time.monotonic() < deadline:
+                try:
+                    served = a.generate(NODE, "after", max_new_tokens=1).usage.completion_tokens == 1
+                except treelm.Overloaded:
+                    time.sleep(0.2)
+            assert served
+    finally:
+        set_tenant_limits(world.registry, FLOODER, {}, clear=["tokens_per_minute"])
+        s.stop()
