@@ -4,15 +4,16 @@
     .venv/bin/python benchmarks/load_bench.py --deployments single  # without Ray
 
 The tiny Llama tree of grpc_bench.py (chains up to depth 3), one torch thread per engine, the
-same engine settings on both deployments (batch 32):
+same engine settings on both deployments (batch 32; the callers' one tenant may fill it):
 
   single   `treelm serve --http-port`: gRPC and the OpenAI-compatible HTTP API in one process
   cluster  `treelm cluster up` on this machine: the ingress (gRPC + HTTP) and one trunk replica
 
 and both wire formats against each:
 
-  grpc     treelm.AsyncClient.generate
-  http     the official openai client (AsyncOpenAI), POST /v1/completions
+  grpc         treelm.AsyncClient.generate
+  http         the official openai client (AsyncOpenAI), POST /v1/completions
+  grpc-stream  treelm.AsyncClient.stream, read to its last chunk (``--wires`` picks some)
 
 For every deployment, wire and concurrency in ``--levels``: that many callers, each sending the
 next request (greedy, exactly ``--tokens`` new tokens: end-of-text is biased away; nodes in turn) as soon as its last one is
@@ -50,7 +51,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from grpc_bench import PROMPTS, tiny_tree  # noqa: E402 (the same tree)
 
 RESULTS = REPO / "benchmarks" / "results"
-WIRES = ("grpc", "http")
+# Every caller is one tenant: its share of the batch must not be what limits the batch.
+_ONE_TENANT = ("--tenant-max-running", str(64))
+WIRES = ("grpc", "http", "grpc-stream")
 BATCH = 32
 
 
@@ -81,6 +84,7 @@ def prepare(workdir: Path, deployments: list[str]) -> dict:
             base=base,
             registry_url=url,
             temp_dir=temp,
+            ingress={"tenant_limits": {"max_running": 2 * BATCH}},  # one tenant may fill the batch
             trees={
                 tree_dir: {
                     "replicas": 1,
@@ -105,7 +109,7 @@ def start_single(paths: dict) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
     args = ["serve", paths["tree_dir"], "--db", paths["db"], "--port", "0", "--http-port", "0", "--threads", "1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *args, "--max-batch", str(BATCH), "--grace", "5"],
+        [sys.executable, "-m", "cluster.cli", *args, "--max-batch", str(BATCH), *_ONE_TENANT, "--grace", "5"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -153,6 +157,11 @@ class Wires:
         if wire == "grpc":
             result = await self.grpc.generate(node, prompt, max_new_tokens=tokens, logit_bias={self.eos: -100.0})
             return result.usage.completion_tokens
+        if wire == "grpc-stream":
+            count = 0
+            async for chunk in self.grpc.stream(node, prompt, max_new_tokens=tokens, logit_bias={self.eos: -100.0}):
+                count += len(chunk.token_ids)
+            return count
         answer = await self.http.completions.create(
             model=node, prompt=prompt, max_tokens=tokens, temperature=0, logit_bias={str(self.eos): -100}
         )
@@ -202,11 +211,11 @@ async def level(wires: Wires, wire: str, nodes: list[str], callers: int, seconds
 async def measure(target: str, base_url: str, paths: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
     wires = Wires(target, base_url, paths["token"], paths["eos"])
     try:
-        for wire in WIRES:  # warm: adapters loaded, channels and connections open
+        for wire in args.wires:  # warm: adapters loaded, channels and connections open
             await level(wires, wire, paths["nodes"], 4, 2.0, args.tokens)
-        out: dict[str, list[dict]] = {wire: [] for wire in WIRES}
+        out: dict[str, list[dict]] = {wire: [] for wire in args.wires}
         for callers in args.levels:
-            for wire in WIRES:  # the wires alternate at each level: load from elsewhere hits both alike
+            for wire in args.wires:  # the wires alternate at each level: load from elsewhere hits both alike
                 row = await level(wires, wire, paths["nodes"], callers, args.seconds, args.tokens)
                 out[wire].append(row)
                 print(
@@ -239,7 +248,7 @@ def plot(table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"grpc": "-", "http": "--"}
+    styles = {"grpc": "-", "http": "--", "grpc-stream": ":"}
     colors = {"single": "#39c", "cluster": "#c63"}
     for deployment, wires in table.items():
         for wire, rows in wires.items():
@@ -270,11 +279,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per deployment, wire and level")
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per request")
     parser.add_argument("--deployments", default="single,cluster", help="single, cluster or both")
+    parser.add_argument("--wires", type=lambda s: s.split(","), default=list(WIRES), help=",".join(WIRES))
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     deployments = [d for d in args.deployments.split(",") if d]
     if set(deployments) - {"single", "cluster"} or not deployments:
         parser.error("--deployments takes single, cluster or both")
+    if set(args.wires) - set(WIRES) or not args.wires:
+        parser.error(f"--wires takes some of {', '.join(WIRES)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="load-bench-"))
     started = time.time()
     table: dict[str, dict[str, list[dict]]] = {}

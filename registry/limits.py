@@ -31,7 +31,10 @@ TENANT_LIMIT_FIELDS = (
     "stored_files",
     "stored_file_bytes",
 )
-_MAX_VALUE = (1 << 62) - 1  # fits every database's BIGINT
+# Each column's largest value: INTEGER (32 bits) on PostgreSQL for counts, BIGINT for tokens and bytes.
+_MAX_VALUE = {
+    f: (1 << 62) - 1 if f in ("tokens_per_minute", "stored_file_bytes") else (1 << 31) - 1 for f in TENANT_LIMIT_FIELDS
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ def _check(values: Mapping[str, int | None]) -> None:
             raise InvalidInput(f"unknown tenant limit {name!r}; known: {', '.join(TENANT_LIMIT_FIELDS)}")
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_VALUE:
-            raise InvalidInput(f"tenant limit {name} must be a whole number >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_VALUE[name]:
+            raise InvalidInput(f"tenant limit {name} must be a whole number 1..{_MAX_VALUE[name]}, got {value!r}")
 
 
 def _record(name: str, row: TenantLimit | None) -> TenantLimitsRecord:

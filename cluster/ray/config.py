@@ -162,7 +162,7 @@ class TrunkConfig:
     max_batch: int = 16
     max_queue: int = 256
     tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
-    tenant_contended_running: int | None = None  # a tenant's rows admitted while others have requests (None: max)
+    tenant_contended_running: int | None = None  # a tenant's requests admitted while others have some (None: max)
     prefill_chunk: int = 32  # a longer prompt is prefilled this many tokens per step while rows decode (0: whole)
     host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
     prefix_cache: int = 256 << 20  # bytes of prompt-prefix keys/values a replica reuses (0: off)

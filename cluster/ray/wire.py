@@ -30,7 +30,7 @@ class TrunkSpec:
     max_batch: int = 16
     max_queue: int = 256
     tenant_step_rows: int | None = None  # nodes.runtime.parking: a tenant's rows per step under contention
-    tenant_contended_running: int | None = None  # nodes.runtime.fair: a tenant's rows admitted under contention
+    tenant_contended_running: int | None = None  # nodes.runtime.fair: a tenant's requests admitted under contention
     prefill_chunk: int = 32  # nodes.runtime.prefill: tokens of a long prompt per step while rows decode
     max_adapters: int = 64
     host_cache: int = 1 << 30

@@ -160,7 +160,8 @@ class StatusInterceptor(_WrappingInterceptor):
             refusals.info("call failed: %s %s", status.code.name, clip(status.details, LOGGED_DETAIL_CHARS))
         if self._penalty is not None and status.http_status in PENALIZED_HTTP_STATUSES:
             tenant = CALLER.get().tenant
-            await self._penalty.hold(tenant if tenant is not None else f"peer {context.peer()}")
+            # ipv4:HOST:PORT / ipv6:[HOST]:PORT: the host alone, so reconnecting makes no new caller.
+            await self._penalty.hold(tenant if tenant is not None else f"peer {context.peer().rpartition(':')[0]}")
         await context.abort(status.code, status.details, status.trailing_metadata())
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:

@@ -108,6 +108,11 @@ class ServerMetrics:
         )
         self.tokens = Counter("treelm_tokens", "Tokens processed", ["node", "kind"], registry=r)
         self.in_flight = Gauge("treelm_in_flight_requests", "Calls being served", registry=r)
+        # cluster/service/refusals.py: answers to refused calls held back now, and ever held back.
+        self.refusals_held = Gauge("treelm_refusals_held", "Refused calls whose answer waits now", registry=r)
+        self.refusals_delayed = Gauge(
+            "treelm_refusals_delayed", "Refused calls answered late since the server started", registry=r
+        )
         self._http: WSGIServer | None = None
 
     def node_label(self, node: str) -> str:

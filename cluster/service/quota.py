@@ -25,10 +25,10 @@ Ray cluster each trunk replica and each ingress therefore bounds a tenant on its
 Anonymous callers (auth off) share the limits of the tenant named ``""`` in the file, else the defaults.
 
 Limits an operator set in the registry (``treelm registry tenant limits``, registry/limits.py)
-override the file's and the defaults, field by field. ``Quotas`` reads them when built and then
-at most every ``refresh_s`` seconds, in a thread (never on the event loop), so a change reaches
-every server of a cluster within seconds and without a restart; a failed read keeps the last
-limits it had.
+override the file's and the defaults, field by field. ``Quotas`` reads them when built (one
+small query) and again, in a thread, when a request finds its copy older than ``refresh_s``
+(that request still uses the copy), so a change reaches every busy server within a few seconds
+and without a restart; a failed read keeps the last limits it had.
 """
 
 from __future__ import annotations
@@ -122,7 +122,10 @@ class QuotaPolicy:
         tenants = dict(self.tenants)
         for name, limits in overrides.items():
             known = {k: v for k, v in limits.items() if k in _FIELDS}
-            tenants[name] = replace(self.for_tenant(name), **known)
+            try:
+                tenants[name] = replace(self.for_tenant(name), **known)
+            except ServeError as exc:  # a row written around registry/limits.py: that tenant keeps the server's
+                log.warning("tenant %r: ignoring its limits in the registry: %s", name, exc)
         return QuotaPolicy(self.defaults, tenants)
 
 

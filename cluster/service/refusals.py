@@ -10,8 +10,10 @@ thousand a second take its CPU from every other tenant, and used to write a thou
   ``delay_s``. A client that waits for each answer (as every SDK and the flood of issue 21 do) is
   slowed to about one refusal per ``delay_s``; waiting costs the server a timer, not CPU time; a
   well-behaved caller never comes near the budget. At most ``max_held`` answers wait at once, so
-  many connections cannot turn waiting into memory. Callers are their tenant, or their peer
-  address before a token is known.
+  many connections cannot turn waiting into memory; past that, refusals are answered at once (a
+  caller sending hundreds of refused calls in parallel is bounded by its connections, not by
+  this). Callers are their tenant, or their peer address (without the port) before a token is
+  known.
 
 One event loop owns each: no locks.
 """
@@ -26,8 +28,9 @@ __all__ = ["PENALIZED_HTTP_STATUSES", "REFUSAL_LINES_PER_S", "RefusalLog", "Refu
 
 REFUSAL_LINES_PER_S = 20
 # The caller's own mistakes. 429 and 503 are not: they tell a caller to come back later, and
-# already carry Retry-After.
-PENALIZED_HTTP_STATUSES = frozenset({400, 401, 403, 404, 409, 413})
+# already carry Retry-After; nor is 409, which also answers races between honest writers, a
+# version not served during a rollout and a database behind its schema.
+PENALIZED_HTTP_STATUSES = frozenset({400, 401, 403, 404, 413})
 _MAX_CALLERS = 4096  # callers tracked at once; past it, the ones idle for a second are forgotten
 
 
@@ -64,10 +67,11 @@ class RefusalPenalty:
 
     ``per_second`` 0 turns it off."""
 
-    def __init__(self, per_second: int = 20, delay_s: float = 0.5, max_held: int = 256):
-        if per_second < 0 or not delay_s >= 0 or max_held < 0:
-            raise ValueError("per_second, delay_s and max_held must be >= 0")
+    def __init__(self, per_second: int = 20, delay_s: float = 0.5, max_held: int = 256, window_s: float = 1.0):
+        if per_second < 0 or not delay_s >= 0 or max_held < 0 or not window_s > 0:
+            raise ValueError("per_second, delay_s and max_held must be >= 0, window_s > 0")
         self.per_second = per_second
+        self.window_s = window_s  # the budget is per_second refusals per window
         self.delay_s = delay_s
         self.max_held = max_held
         self._callers: dict[str, tuple[float, int]] = {}  # caller -> (its window's start, refusals in it)
@@ -80,7 +84,7 @@ class RefusalPenalty:
             return 0.0
         now = time.monotonic()
         start, count = self._callers.get(caller, (now, 0))
-        if now - start >= 1.0:
+        if now - start >= self.window_s:
             start, count = now, 0
         if caller not in self._callers and len(self._callers) >= _MAX_CALLERS:
             self._forget(now)
@@ -102,6 +106,6 @@ class RefusalPenalty:
             self.held -= 1
 
     def _forget(self, now: float) -> None:
-        self._callers = {k: v for k, v in self._callers.items() if now - v[0] < 1.0}
+        self._callers = {k: v for k, v in self._callers.items() if now - v[0] < self.window_s}
         if len(self._callers) >= _MAX_CALLERS:  # thousands of callers refused within a second
             self._callers.clear()

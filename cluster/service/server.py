@@ -234,6 +234,8 @@ class TreeServer:
         self.metrics.registry.register(FeedbackCollector(catalog.registry, self._feedback_label))
         self.metrics.watch_forgetting(self._forgetting, self._public_served)
         self.refusal_penalty = RefusalPenalty(per_second=config.refusals_per_s)
+        self.metrics.refusals_held.set_function(lambda: self.refusal_penalty.held)
+        self.metrics.refusals_delayed.set_function(lambda: self.refusal_penalty.delayed_total)
         self.status_interceptor = StatusInterceptor(observe=self.metrics.observe_call, penalty=self.refusal_penalty)
         self.metrics.in_flight.set_function(self._in_flight)
         self.authenticator = Authenticator(

@@ -64,7 +64,7 @@ class Limits:
     max_prefill_tokens: int
     tenant: TenantLimits = field(default_factory=TenantLimits)  # a tenant's share when its request carries no limits
     step_rows: int | None = None  # a tenant's rows per decode step while other tenants have rows (None: all)
-    contended_running: int | None = None  # a tenant's rows admitted while other tenants are present (None: its max)
+    contended_running: int | None = None  # a tenant's requests admitted while other tenants are present (None: its max)
     prefill_chunk: int = 0  # a longer prompt is prefilled this many tokens per step, between decode steps (0: whole)
 
 

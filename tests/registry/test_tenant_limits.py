@@ -33,11 +33,12 @@ def test_limits_are_set_merged_cleared_and_listed_for_servers(reg):
 @pytest.mark.parametrize(
     ("values", "clear", "error", "message"),
     [
-        ({"max_running": 0}, (), InvalidInput, "max_running must be a whole number >= 1"),
+        ({"max_running": 0}, (), InvalidInput, "max_running must be a whole number 1"),
         ({"max_queued": -3}, (), InvalidInput, "max_queued"),
         ({"tokens_per_minute": True}, (), InvalidInput, "tokens_per_minute"),
         ({"tokens_per_minute": 1.5}, (), InvalidInput, "tokens_per_minute"),
         ({"stored_files": 1 << 63}, (), InvalidInput, "stored_files"),
+        ({"max_running": 3_000_000_000}, (), InvalidInput, "max_running must be a whole number 1..2147483647"),
         ({"colour": 3}, (), InvalidInput, "unknown tenant limit 'colour'"),
         ({"max_running": 2}, ("colour",), InvalidInput, "unknown tenant limit 'colour'"),
     ],
