@@ -193,6 +193,7 @@ def ingress_application(config: ClusterConfig) -> Application:
         upload_idle_s=ing.upload_idle_s,
         quotas=ing.quotas,
         feedback=ing.feedback,
+        refusals_per_s=ing.refusals_per_s,
     )
     actor: dict = {"num_cpus": ing.cpus}
     if ing.on_head:

@@ -136,6 +136,7 @@ class IngressConfig:
     upload_idle_s: float = 30.0  # a stream that sends nothing for this long is aborted
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # `tenant_limits:` (cluster/service/quota.py)
     feedback: bool = True  # record every response for feedback (cluster/service/responses.py)
+    refusals_per_s: int = 20  # a caller's refusals a second answered at once (cluster/service/refusals.py; 0: off)
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,7 @@ def _ingress(r: _Reader) -> IngressConfig:
         upload_idle_s=r.number("upload_idle_s", IngressConfig.upload_idle_s, strict=True),
         quotas=_quotas(r.child("tenant_limits")),
         feedback=r.flag("feedback", True),
+        refusals_per_s=r.integer("refusals_per_s", IngressConfig.refusals_per_s, low=0),
     )
     if (config.variant_key is None) != (not config.variant_delegations):
         raise r.error("variant_key", "serving variants needs variant_key and variant_delegations (one per tree)")

@@ -90,6 +90,7 @@ class TreeIngress:
             spool_dir=_spool_dir(spec),
             quotas=spec.quotas,
             feedback=spec.feedback,
+            refusals_per_s=spec.refusals_per_s,
         )
         try:
             # Updates go to the one desk actor on the head (cluster/ray/desk.py), never run here.

@@ -85,6 +85,7 @@ class IngressSpec:
     upload_idle_s: float = 30.0
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per-tenant limits, stamped on each request
     feedback: bool = True  # record every response for feedback (ServerConfig.feedback)
+    refusals_per_s: int = 20  # ServerConfig.refusals_per_s
 
 
 def tree_content_digest(tree_dir: Path) -> str:

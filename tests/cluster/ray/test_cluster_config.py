@@ -63,6 +63,8 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert parse({**doc, "ingress": {"variant_cache": "3GiB"}}, tmp_path).ingress.variant_cache_bytes == 3 << 30
     assert config.ingress.metrics_host == "127.0.0.1"  # /metrics has no token: local unless widened
     assert parse({**doc, "ingress": {"metrics_host": "0.0.0.0"}}, tmp_path).ingress.metrics_host == "0.0.0.0"
+    assert config.ingress.refusals_per_s == 20  # as `treelm serve`; 0 turns the refusal penalty off
+    assert parse({**doc, "ingress": {"refusals_per_s": 0}}, tmp_path).ingress.refusals_per_s == 0
     quotas = config.ingress.quotas  # the same per-tenant defaults as `treelm serve`
     assert quotas.defaults == TenantQuota(max_running=16, max_queued=64, tokens_per_minute=None) and not quotas.tenants
     (tmp_path / "limits.yaml").write_text("tenants:\n  trial: {tokens_per_minute: 500}\n", encoding="utf-8")
@@ -130,6 +132,7 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
             "trunks[0].engine.tenant_step_rows",
             "an integer >= 1",
         ),
+        (lambda d: d.update(ingress={"refusals_per_s": -1}), "ingress.refusals_per_s", "an integer >= 0"),
         (
             lambda d: d["trunks"][0].update(engine={"tenant_contended_running": 0}),
             "trunks[0].engine.tenant_contended_running",
