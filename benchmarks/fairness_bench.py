@@ -16,10 +16,11 @@ requests of ``--tokens`` new tokens, one after another, through ``treelm.AsyncCl
              ``--cpus shared`` lets it share the server's (benchmarks/placement.py)
 
 Reported: B's p50 and p90 latency in each phase and their ratio (the goal: p50 within 2x), B's
-p50 time in the engine's queue (what fair admission decides; the rest is decoding in a batch
-that the flood makes wider, and the CPU the flood's own traffic takes), how
-many calls of each tenant were refused (RESOURCE_EXHAUSTED, with the kind the server gave), and
-how many flood streams completed. Writes benchmarks/results/fairness_bench.json and .png; the
+p50 time in the engine's queue (what fair admission decides) and in the engine in all (queue,
+prefill and decoding in a batch that the flood makes wider; the rest of B's latency is the
+server's event loop, gRPC and auth, which the flood's own traffic slows), how many calls of each
+tenant were refused (RESOURCE_EXHAUSTED, with the kind the server gave), and how many flood
+streams completed. Writes benchmarks/results/fairness_bench.json and .png; the
 last line printed is ``fairness: p50_ratio=X.XX b_refused=N a_refused=M``.
 """
 
@@ -84,21 +85,24 @@ def flood_token(paths: dict) -> str:
         return issue_token(reg, "globex").token
 
 
-async def trickle(client, count: int, tokens: int) -> tuple[list[float], list[float], collections.Counter]:
-    """B's calls one after another: end-to-end latencies, engine queue times (the part fairness decides), refusals."""
+async def trickle(client, count: int, tokens: int) -> tuple[list[float], list[float], list[float], collections.Counter]:
+    """B's calls one after another: end-to-end latencies, engine queue times (the part fairness
+    decides), time in the engine (queue + prefill + decode), refusals."""
     import treelm
 
     latencies, queued, refused = [], [], collections.Counter()
+    engine: list[float] = []
     for i in range(count):
         started = time.perf_counter()
         try:
             result = await client.generate(NODE, PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens)
             latencies.append(time.perf_counter() - started)
             queued.append(result.timings.queue_s)
+            engine.append(result.timings.total_s)
         except treelm.Overloaded as exc:
             refused[exc.kind or "queue-full"] += 1
         await asyncio.sleep(0.02)  # a steady trickle, not a second flood
-    return latencies, queued, refused
+    return latencies, queued, engine, refused
 
 
 async def _flood(target: str, token: str, args: argparse.Namespace) -> None:
@@ -155,19 +159,20 @@ async def measure(target: str, tokens: dict[str, str], args: argparse.Namespace,
     out: dict = {}
     async with treelm.AsyncClient(target, token=tokens["b"], retries=no_retry, timeout=300) as b:
         await trickle(b, 8, args.tokens)  # warm: adapters loaded, channel open
-        latencies, queued, refused = await trickle(b, args.requests, args.tokens)
-        out["unloaded"] = {"latencies": latencies, "queued": queued, "b_refused": dict(refused)}
+        latencies, queued, engine, refused = await trickle(b, args.requests, args.tokens)
+        out["unloaded"] = {"latencies": latencies, "queued": queued, "engine": engine, "b_refused": dict(refused)}
 
         flood = start_flood(target, tokens["a"], args, place)
         try:
             await asyncio.sleep(3.0)  # the flood is on: the batch and the flooder's queue are full
-            latencies, queued, refused = await trickle(b, args.requests, args.tokens)
+            latencies, queued, engine, refused = await trickle(b, args.requests, args.tokens)
         finally:
             flood.send_signal(signal.SIGTERM)
             report = json.loads(flood.communicate(timeout=120)[0].strip().splitlines()[-1])
         out["flood"] = {
             "latencies": latencies,
             "queued": queued,
+            "engine": engine,
             "b_refused": dict(refused),
             "a_refused": report["refused"],
             "a_completed": report["completed"],
@@ -232,6 +237,7 @@ def main() -> None:
             "p50_ms": 1000 * statistics.median(runs[p]["latencies"]),
             "p90_ms": pct(runs[p]["latencies"], 90),
             "queue_p50_ms": 1000 * statistics.median(runs[p]["queued"]),
+            "engine_p50_ms": 1000 * statistics.median(runs[p]["engine"]),
             "b_refused": sum(runs[p]["b_refused"].values()),
             "b_served": len(runs[p]["latencies"]),
         }
@@ -239,11 +245,14 @@ def main() -> None:
     }
     ratio = table["flood"]["p50_ms"] / table["unloaded"]["p50_ms"]
     a_refused = sum(runs["flood"]["a_refused"].values())
-    print(f"{'phase':<10} {'B p50 ms':>9} {'B p90 ms':>9} {'B queue p50 ms':>15} {'B served':>9} {'B refused':>10}")
+    print(
+        f"{'phase':<10} {'B p50 ms':>9} {'B p90 ms':>9} {'B queue p50 ms':>15} {'B engine p50 ms':>16} "
+        f"{'B served':>9} {'B refused':>10}"
+    )
     for p in PHASES:
         t = table[p]
         print(
-            f"{p:<10} {t['p50_ms']:>9.1f} {t['p90_ms']:>9.1f} {t['queue_p50_ms']:>15.1f} "
+            f"{p:<10} {t['p50_ms']:>9.1f} {t['p90_ms']:>9.1f} {t['queue_p50_ms']:>15.1f} {t['engine_p50_ms']:>16.1f} "
             f"{t['b_served']:>9} {t['b_refused']:>10}"
         )
     print(f"CPUs: {place.describe()}")
