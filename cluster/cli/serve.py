@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from cluster.cli.passphrase import PasswordEnv, PasswordFile, passphrase
+from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING
 
 __all__ = ["serve_command"]
 
@@ -90,13 +91,14 @@ def serve_command(
         ),
     ] = None,
     tenant_contended_running: Annotated[
-        int | None,
+        int,
         typer.Option(
             "--tenant-contended-running",
-            min=1,
-            help="while other tenants have requests, a tenant's requests admitted to the batch (default: its max)",
+            min=0,
+            help="while a light tenant (fewer requests in the batch than this) has requests, another tenant's "
+            "requests admitted to the batch (0: off)",
         ),
-    ] = None,
+    ] = DEFAULT_CONTENDED_RUNNING,
     refusals_per_s: Annotated[
         int,
         typer.Option(
@@ -209,7 +211,7 @@ def serve_command(
         max_batch=max_batch,
         max_queue=max_queue,
         tenant_step_rows=tenant_step_rows,
-        tenant_contended_running=tenant_contended_running,
+        tenant_contended_running=tenant_contended_running or None,
         prefill_chunk=prefill_chunk,
         threads=threads,
         job_threads=job_threads,

@@ -25,6 +25,7 @@ from cluster.errors import ClusterConfigError, ServeError
 from cluster.service.client_certs import ClientTenants
 from cluster.service.quota import QuotaPolicy, TenantQuota
 from nodes.errors import NodesError
+from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING
 from nodes.store.tree import open_tree
 from registry.errors import InvalidMemorySize
 from registry.memory import parse_cache_size, parse_memory_size
@@ -163,7 +164,7 @@ class TrunkConfig:
     max_batch: int = 16
     max_queue: int = 256
     tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
-    tenant_contended_running: int | None = None  # a tenant's requests admitted while others have some (None: max)
+    tenant_contended_running: int | None = DEFAULT_CONTENDED_RUNNING  # nodes.runtime.fair (None: off)
     prefill_chunk: int = 32  # a longer prompt is prefilled this many tokens per step while rows decode (0: whole)
     host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
     prefix_cache: int = 256 << 20  # bytes of prompt-prefix keys/values a replica reuses (0: off)
@@ -500,7 +501,7 @@ def _trunk(r: _Reader) -> TrunkConfig:
         max_batch=engine.integer("max_batch", 16, low=1),
         max_queue=engine.integer("max_queue", 256, low=1),
         tenant_step_rows=engine.integer("tenant_step_rows", None, low=1),
-        tenant_contended_running=engine.integer("tenant_contended_running", None, low=1),
+        tenant_contended_running=engine.integer("tenant_contended_running", DEFAULT_CONTENDED_RUNNING, low=0) or None,
         prefill_chunk=engine.integer("prefill_chunk", 32, low=0),
         host_cache=_memory(engine, "host_cache") or (1 << 30),
         prefix_cache=_prefix_cache(engine),

@@ -15,6 +15,7 @@ from pathlib import Path
 import ray.exceptions
 
 from cluster.service.quota import QuotaPolicy
+from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING
 from nodes.store.tree import NODE_RECORD, TREE_RECORD
 
 __all__ = ["IngressSpec", "TrunkInfo", "TrunkSpec", "remote_cause", "tree_content_digest"]
@@ -30,7 +31,7 @@ class TrunkSpec:
     max_batch: int = 16
     max_queue: int = 256
     tenant_step_rows: int | None = None  # nodes.runtime.parking: a tenant's rows per step under contention
-    tenant_contended_running: int | None = None  # nodes.runtime.fair: a tenant's requests admitted under contention
+    tenant_contended_running: int | None = DEFAULT_CONTENDED_RUNNING  # nodes.runtime.fair (None: off)
     prefill_chunk: int = 32  # nodes.runtime.prefill: tokens of a long prompt per step while rows decode
     max_adapters: int = 64
     host_cache: int = 1 << 30

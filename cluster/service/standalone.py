@@ -42,6 +42,7 @@ from cluster.updates.policy import UpdatePolicy
 from hierarchy.errors import KeyFormatError
 from hierarchy.updates.envelope import Envelope
 from nodes.runtime.engine import Engine, EngineConfig
+from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING
 from nodes.store.tree import BuiltTree, open_tree
 from registry.access import record_deployment
 from registry.db import Registry, open_registry
@@ -66,7 +67,7 @@ class StandaloneOptions:
     max_batch: int = 32
     max_queue: int = 1024
     tenant_step_rows: int | None = None  # a tenant's rows per decode step while others have rows (None: all)
-    tenant_contended_running: int | None = None  # a tenant's requests admitted while others have some (None: max)
+    tenant_contended_running: int | None = DEFAULT_CONTENDED_RUNNING  # nodes.runtime.fair (None: off)
     prefill_chunk: int = 32  # a longer prompt is prefilled this many tokens per step while rows decode (0: whole)
     threads: int | None = None  # torch threads for the engine; None: torch's default
     updates: bool = True  # serve the signed update protocol over this tree dir and registry

@@ -62,7 +62,13 @@ from nodes.runtime.grammar import Grammars, RowGrammar
 from nodes.runtime.kv import check_supported
 from nodes.runtime.logprobs import TokenTable
 from nodes.runtime.prefix import PrefixCache
-from nodes.runtime.requests import GenerationRequest, GenerationResult, TenantLimits, TokenChunk
+from nodes.runtime.requests import (
+    DEFAULT_CONTENDED_RUNNING,
+    GenerationRequest,
+    GenerationResult,
+    TenantLimits,
+    TokenChunk,
+)
 from nodes.runtime.scheduler import Job, Limits, Scheduler
 from nodes.store.tree import BuiltNode, BuiltTree
 from nodes.store.versions import SNAPSHOT_RECORD, open_served_tree
@@ -110,10 +116,8 @@ class EngineConfig:
         metadata={"help": "a tenant's rows decoded per step while other tenants have rows; None = all rows"},
     )
     tenant_contended_running: int | None = field(
-        default=None,
-        metadata={
-            "help": "a tenant's requests admitted to the batch while other tenants have requests; None = its max"
-        },
+        default=DEFAULT_CONTENDED_RUNNING,
+        metadata={"help": "a tenant's requests admitted to the batch while a light tenant has requests; None = off"},
     )
 
     def __post_init__(self) -> None:

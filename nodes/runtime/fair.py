@@ -12,13 +12,25 @@ takes the next job from :meth:`FairQueue.peek` instead of a single FIFO:
 - **Per-tenant limits** (``GenerationRequest.limits``, else the engine's defaults): a tenant with
   ``max_running`` jobs in the batch is skipped (it earns no credit) until one finishes; a tenant
   with ``max_queued`` jobs waiting is refused :class:`~nodes.errors.TenantOverLimit`.
-- **Shares under contention** (``contended_running``, off by default): while another tenant has
-  jobs waiting or running, or had within the last ``CONTENDED_LINGER_S``, a tenant admits jobs
-  only while it has fewer than that many in the batch. On a CPU a decode step costs about its
-  rows' worth, so a flood's 16 rows make every step of another tenant's single row several
-  times slower; this keeps the batch narrow while tenants share it, without moving any running
-  row (the flood's rows already in the batch finish; it just admits fewer). The linger keeps it
-  on between the requests of a tenant that sends one after another.
+- **Shares under contention** (``contended_running``; the engine's default is
+  ``DEFAULT_CONTENDED_RUNNING``): while a *light* tenant (fewer jobs in the batch than the share)
+  has jobs waiting or running, or had within the last ``CONTENDED_LINGER_S``, every other tenant
+  admits jobs only while it has fewer than the share in the batch. On a CPU a decode step costs
+  more with every row (the output head's matmul above all), so a flood's 16 rows make each step of
+  another tenant's single row slower; this keeps the batch narrow while a light tenant shares
+  it, without moving any running row (the flood's rows already in the batch finish; it just
+  admits fewer). The linger keeps it on between the requests of a tenant that sends one after
+  another. Heavy tenants (the share or more each) do not hold each other to it, so a tenant
+  alone, or two heavy ones, keep the whole batch.
+- **Prefills out of a light tenant's way** (with the contended share): a newcomer is prefilled
+  in a forward of its own, between decode steps, and on a CPU that forward costs about a decode
+  step, so a flood's newcomers, one after another, each stall every running row once. While a
+  *light* tenant (fewer jobs in the batch than the share, and no more than this tenant) has
+  jobs running, a tenant with jobs of its own in the batch waits ``CONTENDED_DEFER_S`` after
+  its last admission before admitting again, then admits all it may in one round (one
+  prefill forward for them all). A tenant sending one request after another thus decodes
+  without the flood's prefills, which land between its requests; the flood is never held
+  longer than that, and two heavy tenants never wait for each other.
 - **The global bound** (``max_queue``) is shared fairly: when it is reached, the newest job of
   the tenant with the longest queue is refused (TenantOverLimit) to make room, unless that
   tenant is the newcomer's own or holds no more than it: a tenant is refused before any tenant
@@ -31,21 +43,38 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from nodes.errors import QueueFull, TenantOverLimit
 from nodes.runtime.jobs import Job
-from nodes.runtime.requests import TenantLimits
+from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING, TenantLimits
 
-__all__ = ["ANONYMOUS_TENANT", "CONTENDED_LINGER_S", "QUANTUM_TOKENS", "FairQueue"]
+__all__ = [
+    "ANONYMOUS_TENANT",
+    "CONTENDED_DEFER_S",
+    "CONTENDED_LINGER_S",
+    "DEFAULT_CONTENDED_RUNNING",
+    "QUANTUM_TOKENS",
+    "FairQueue",
+]
 
 ANONYMOUS_TENANT = ""  # the queue of requests without a tenant
 # Credit per turn, in token-budget units. The shares do not depend on it; a small one keeps turns
 # short (a turn serves about one typical request, so another tenant waits at most that between
 # its turns), a large request just takes its tenant a few turns of credit.
 QUANTUM_TOKENS = 64
-_RETRY_AFTER_S = 1.0  # what a refusal suggests: a slot frees within a few decode steps
+# A refusal's retry hint: how long the refused tenant's queue takes to drain to the request's
+# place, from the pace its jobs were admitted at lately, within these bounds (a flat 1 s had a
+# 200-stream flood come back ~200 times a second, and answering that took the server's CPU from
+# the tenants it serves: benchmarks/fairness_bench.py).
+_RETRY_AFTER_MIN_S = 1.0
+_RETRY_AFTER_MAX_S = 30.0
+_PACE_WEIGHT = 0.2  # of the newest interval between a tenant's admissions in its moving average
 CONTENDED_LINGER_S = 0.5  # a tenant counts as present this long after its last job left
+# How long a tenant with jobs running waits between admission rounds while a light tenant decodes:
+# longer than a short request takes (so the flood's prefills fall between a light tenant's
+# requests), short next to a long one's decoding (so the flood's rows are refilled in time).
+CONTENDED_DEFER_S = 0.25
 
 
 def tenant_of(job: Job) -> str:
@@ -61,11 +90,18 @@ class FairQueue:
         defaults: TenantLimits | None = None,
         contended_running: int | None = None,
         linger_s: float = CONTENDED_LINGER_S,
+        defer_s: float = CONTENDED_DEFER_S,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.max_queue = max_queue
         self.defaults = defaults or TenantLimits()
         self.contended_running = contended_running  # None: no share under contention
         self.linger_s = linger_s
+        self.defer_s = defer_s
+        self._clock = clock
+        self._round = 0.0  # the current admission round (begin_round); 0: rounds not kept, nothing deferred
+        self._admitted_in: dict[str, float] = {}  # tenant -> the round of its latest admission
+        self._pace: dict[str, tuple[float, float]] = {}  # tenant -> (its last admission, moving mean interval)
         self._left: dict[str, float] = {}  # tenant -> when its last job left (waiting or running)
         self._queues: dict[str, collections.deque[Job]] = {}  # insertion order = round order
         self._credit: dict[str, int] = {}
@@ -95,7 +131,7 @@ class FairQueue:
         if bound is not None and self.queued(key) >= bound:
             raise TenantOverLimit(
                 f"your tenant has {self.queued(key)} requests waiting (its bound is {bound}); retry later",
-                _RETRY_AFTER_S,
+                self.retry_after(key),
             )
 
     def push(self, job: Job) -> Job | None:
@@ -113,7 +149,8 @@ class FairQueue:
             if heaviest == tenant or len(self._queues[heaviest]) <= mine + 1:
                 error = TenantOverLimit if heaviest == tenant else QueueFull
                 raise error(
-                    f"{self._size} requests are waiting (the bound is {self.max_queue}); retry later", _RETRY_AFTER_S
+                    f"{self._size} requests are waiting (the bound is {self.max_queue}); retry later",
+                    self.retry_after(tenant),
                 )
             evicted = self._queues[heaviest].pop()  # its newest: the oldest keep their place
             self._size -= 1
@@ -122,6 +159,18 @@ class FairQueue:
         self._credit.setdefault(tenant, 0)
         self._size += 1
         return evicted
+
+    def retry_after(self, tenant: str) -> float:
+        """Seconds until ``tenant``'s queue has room again, about: its waiting jobs at its recent pace."""
+        pace = self._pace.get(tenant)
+        if pace is None:
+            return _RETRY_AFTER_MIN_S
+        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, (self.queued(tenant) + 1) * pace[1]))
+
+    def begin_round(self) -> None:
+        """The scheduler starts admitting (between two decode steps): admissions of one round are
+        prefilled together, and a deferred tenant's wait counts from its last round."""
+        self._round = self._clock()
 
     def peek(self) -> Job | None:
         """The job deficit round robin serves next; None when no tenant may run one now."""
@@ -148,6 +197,16 @@ class FairQueue:
         if admitted:
             self._credit[tenant] -= job.budget
             self._running[tenant] += 1
+            if self._round:
+                self._admitted_in[tenant] = self._round
+            now = self._clock()
+            last = self._pace.get(tenant)
+            if last is None:
+                self._pace[tenant] = (now, 0.0)
+            else:
+                interval = now - last[0]
+                mean = interval if last[1] == 0.0 else (1 - _PACE_WEIGHT) * last[1] + _PACE_WEIGHT * interval
+                self._pace[tenant] = (now, mean)
         if not queue:
             self._dropped(tenant)
 
@@ -158,8 +217,7 @@ class FairQueue:
         if self._running[tenant] <= 0:
             del self._running[tenant]
             if tenant not in self._queues:
-                self._limits.pop(tenant, None)
-                self._gone(tenant)
+                self._forget(tenant)
 
     def drain(self) -> list[Job]:
         jobs = list(self)
@@ -181,21 +239,37 @@ class FairQueue:
             if self._turn == tenant:
                 self._turn = None
             if not self._running[tenant]:
-                self._limits.pop(tenant, None)
-                self._gone(tenant)
+                self._forget(tenant)
 
     def _at_running_limit(self, tenant: str) -> bool:
         limit = self._limits.get(tenant, self.defaults).max_running
         if limit is not None and self._running[tenant] >= limit:
             return True
         share = self.contended_running
-        return share is not None and self._running[tenant] >= share and self._contended(tenant)
+        if share is None or not self._contended(tenant):
+            return False
+        return self._running[tenant] >= share or self._deferred(tenant, share)
+
+    def _deferred(self, tenant: str, share: int) -> bool:
+        """``tenant`` has jobs running and a light tenant decodes: it admits once per ``defer_s``."""
+        mine = self._running[tenant]
+        last = self._admitted_in.get(tenant)
+        if not mine or not self._round or last is None or last == self._round:
+            return False  # nothing of its own runs yet, or it admits in this round already
+        if self._round - last >= self.defer_s:
+            return False
+        return any(0 < n <= mine and n < share for t, n in self._running.items() if t != tenant)
 
     def _contended(self, tenant: str) -> bool:
-        """Another tenant has jobs here, or had within the linger."""
-        if any(t != tenant for t in self._queues) or any(t != tenant for t in self._running):
+        """A light tenant (fewer jobs in the batch than the share) has jobs here, or had within the linger.
+
+        Heavy tenants (the share or more each) do not hold each other to it: the batch stays full."""
+        share = self.contended_running or 0
+        if any(t != tenant and self._running[t] < share for t in self._queues):
             return True
-        now = time.monotonic()
+        if any(t != tenant and n < share for t, n in self._running.items()):
+            return True
+        now = self._clock()
         for other, left in list(self._left.items()):
             if now - left >= self.linger_s:
                 del self._left[other]  # gone for good: forgotten (the dict stays as small as the tenants present)
@@ -203,7 +277,14 @@ class FairQueue:
                 return True
         return False
 
+    def _forget(self, tenant: str) -> None:
+        """``tenant`` has nothing waiting or running: what was kept about it goes."""
+        self._limits.pop(tenant, None)
+        self._admitted_in.pop(tenant, None)
+        self._pace.pop(tenant, None)
+        self._gone(tenant)
+
     def _gone(self, tenant: str) -> None:
         """``tenant`` has no job waiting or running any more."""
         if self.contended_running is not None:
-            self._left[tenant] = time.monotonic()
+            self._left[tenant] = self._clock()

@@ -256,6 +256,8 @@ class Scheduler(Prefill):
         admitted: list[Job] = []
         rows = len(self.running) + len(self.parking)  # parked rows come back to the batch
         width = 0
+        with self._cond:
+            self._waiting.begin_round()
         while True:
             with self._cond:
                 head = self._waiting.peek()

@@ -175,3 +175,74 @@ def test_rows_already_running_are_never_taken_back_when_another_tenant_arrives()
     queue.finished(running[4])
     head = queue.peek()
     assert head is not None and head.request.request_id == "a6"
+
+
+def _round(queue: FairQueue) -> list[str]:
+    """One admission round, as the scheduler runs it between decode steps."""
+    queue.begin_round()
+    return [job.request.request_id for job in _admit_all(queue)]
+
+
+def test_a_heavy_tenant_admits_in_rounds_while_a_light_one_decodes() -> None:
+    queue = FairQueue(100, TenantLimits(max_running=4), contended_running=4, linger_s=5.0, defer_s=60.0)
+    for i in range(10):
+        queue.push(_job("a", f"a{i}"))
+    assert _round(queue) == ["a0", "a1", "a2", "a3"]  # its whole share in one round
+    queue.push(_job("b", "b0"))
+    first = queue.peek()
+    assert first is not None and first.request.request_id == "b0"
+    queue.pop(first, admitted=True)  # B's row decodes beside A's four
+    # Two of A's rows end while B decodes: A waits (its prefills would stall B's steps)...
+    for _ in range(2):
+        queue.finished(_job("a", "done"))
+    assert _round(queue) == []
+    # ...until B's row ends: then both of A's free slots are filled in one round.
+    queue.finished(first)
+    assert _round(queue) == ["a4", "a5"]
+
+
+def test_a_deferred_tenant_waits_at_most_defer_s_and_peers_of_equal_weight_do_not_wait() -> None:
+    queue = FairQueue(100, TenantLimits(max_running=4), contended_running=4, linger_s=5.0, defer_s=0.0)
+    for i in range(10):
+        queue.push(_job("a", f"a{i}"))
+    assert _round(queue) == ["a0", "a1", "a2", "a3"]
+    queue.push(_job("b", "b0"))
+    assert _round(queue) == ["b0"]
+    queue.finished(_job("a", "done"))
+    assert _round(queue) == ["a4"]  # defer_s 0: never held
+    # Two heavy tenants (each at or above the share) never defer for each other.
+    heavy = FairQueue(100, TenantLimits(max_running=2), contended_running=2, linger_s=5.0, defer_s=60.0)
+    for i in range(6):
+        heavy.push(_job("a", f"a{i}"))
+        heavy.push(_job("b", f"b{i}"))
+    assert sorted(_round(heavy)) == ["a0", "a1", "b0", "b1"]
+    heavy.finished(_job("a", "done"))
+    assert _round(heavy) == ["a2"]
+
+
+def test_the_retry_hint_follows_the_tenants_pace() -> None:
+    clock = [100.0]
+    queue = FairQueue(max_queue=100, defaults=TenantLimits(max_queued=4), clock=lambda: clock[0])
+    assert queue.retry_after("a") == 1.0  # nothing known yet: the floor
+    for i in range(6):
+        queue.push(_job("a", f"a{i}"))
+        job = queue.peek()
+        assert job is not None
+        queue.pop(job, admitted=True)  # one admission every 2 s
+        clock[0] += 2.0
+    for i in range(4):
+        queue.push(_job("a", f"q{i}"))
+    with pytest.raises(TenantOverLimit) as refused:
+        queue.push(_job("a", "late"))
+    # Four waiting at one admission per 2 s: a request made now would wait about 10 s.
+    assert refused.value.retry_after_s == pytest.approx(10.0)
+    assert queue.retry_after("b") == 1.0  # another tenant's pace is its own
+    backlog = FairQueue(max_queue=100, clock=lambda: clock[0])
+    for i in range(40):
+        backlog.push(_job("c", f"c{i}"))
+    for _ in range(2):  # admitted 2 s apart, 38 left waiting: 78 s, capped
+        job = backlog.peek()
+        assert job is not None
+        backlog.pop(job, admitted=True)
+        clock[0] += 2.0
+    assert backlog.retry_after("c") == 30.0

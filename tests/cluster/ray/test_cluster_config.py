@@ -72,6 +72,9 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert limited.ingress.quotas.for_tenant("trial") == TenantQuota(max_queued=8, tokens_per_minute=500)
     assert limited.ingress.quotas.for_tenant("acme") == TenantQuota(max_queued=8)
     assert trunk.prefill_chunk == 32 and trunk.prefix_cache == 256 << 20  # prompt-prefix reuse: 0 or off turns it off
+    assert trunk.tenant_contended_running == 4  # as `treelm serve`; 0 turns the contended share off
+    off = parse({**doc, "trunks": [{**doc["trunks"][0], "engine": {"tenant_contended_running": 0}}]}, tmp_path)
+    assert off.trunks[0].tenant_contended_running is None
     for value, want in (("64MiB", 64 << 20), (0, 0), ("off", 0)):
         changed = copy.deepcopy(doc)
         changed["trunks"][0]["engine"] = {"prefix_cache": value}
@@ -134,9 +137,9 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         ),
         (lambda d: d.update(ingress={"refusals_per_s": -1}), "ingress.refusals_per_s", "an integer >= 0"),
         (
-            lambda d: d["trunks"][0].update(engine={"tenant_contended_running": 0}),
+            lambda d: d["trunks"][0].update(engine={"tenant_contended_running": -1}),
             "trunks[0].engine.tenant_contended_running",
-            "an integer >= 1",
+            "an integer >= 0",
         ),
         (lambda d: d.update(ray={"ports": {"gcs": 6379}}), "ray.ports.gcs", "Redis"),
         (lambda d: d.update(ray={"ports": {"dashboard": 8265}}), "ray.ports.dashboard", "dashboard"),
