@@ -1,6 +1,7 @@
 """Benchmark: one tenant floods `treelm serve` with 200 streams; another tenant's latency and refusals.
 
-    .venv/bin/python benchmarks/fairness_bench.py            # about two minutes on 2 cores
+    .venv/bin/python benchmarks/fairness_bench.py                          # about a minute on 2 cores
+    .venv/bin/python benchmarks/fairness_bench.py --deployment cluster     # the same against a Ray cluster
 
 One `treelm serve` process (the tiny Llama tree of grpc_bench.py, one torch thread, auth on,
 ``--max-queue 32`` as in issue 21's measurement, every tenant limit at its default unless given
@@ -33,12 +34,14 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +77,42 @@ def start_server(paths: dict, extra: list[str], place: Placement) -> tuple[subpr
         if found:
             return proc, found.group(1)
     raise RuntimeError("treelm serve did not start")
+
+
+def start_cluster(paths: dict, workdir: Path, place: Placement) -> tuple[Callable[[], None], str]:
+    """``treelm cluster up`` on this machine (``--deployment cluster``): the ingress and one trunk
+    replica, every setting at its default (the engine's batch 16 and queue 256; the replica takes
+    as many calls at once); returns a stopper and the ingress's gRPC target."""
+    from tests.cluster.ray.cluster_harness import cluster_yaml, free_port_block
+
+    base = free_port_block()
+    temp = Path(tempfile.mkdtemp(prefix="tl-fair-ray-"))
+    config = cluster_yaml(
+        workdir / "cluster.yaml",
+        base=base,
+        registry_url=paths["db"],
+        temp_dir=temp,
+        trees={paths["tree_dir"]: {"replicas": 1}},
+    )
+    state = workdir / "state"
+
+    def cli(*argv: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "cluster.cli", *argv],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=600,
+            preexec_fn=place.preexec(place.server),  # Ray's processes inherit the server's cores
+        )
+
+    cli("cluster", "up", str(config), "--state-dir", str(state))
+
+    def stop() -> None:
+        cli("cluster", "down", "--state-dir", str(state))
+        shutil.rmtree(temp, ignore_errors=True)
+
+    return stop, f"127.0.0.1:{base + 20}"
 
 
 def flood_token(paths: dict) -> str:
@@ -211,6 +250,12 @@ def main() -> None:
     parser.add_argument("--ignore-hint", action="store_true", help="the flooder retries after 50 ms, not retry-after")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "treelm-grpc-bench")
     parser.add_argument("--cpus", choices=("split", "shared"), default="split", help="see benchmarks/placement.py")
+    parser.add_argument(
+        "--deployment",
+        choices=("single", "cluster"),
+        default="single",
+        help="treelm serve, or treelm cluster up (Ray: the ingress and one replica; --server-arg is ignored)",
+    )
     parser.add_argument("--flood-child", nargs=2, metavar=("TARGET", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood_child:
@@ -221,13 +266,20 @@ def main() -> None:
     tokens = {"b": paths["token"], "a": flood_token(paths)}
     place = Placement(args.cpus)
     place.measured_here()
-    server, target = start_server(paths, args.server_arg, place)
+    if args.deployment == "cluster":
+        stop, target = start_cluster(paths, args.workdir, place)
+    else:
+        server, target = start_server(paths, args.server_arg, place)
+
+        def stop() -> None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+
     started = time.time()
     try:
         runs = asyncio.run(measure(target, tokens, args, place))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
+        stop()
 
     def pct(values: list[float], q: float) -> float:
         return 1000 * statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else float("nan")
@@ -255,13 +307,13 @@ def main() -> None:
             f"{p:<10} {t['p50_ms']:>9.1f} {t['p90_ms']:>9.1f} {t['queue_p50_ms']:>15.1f} {t['engine_p50_ms']:>16.1f} "
             f"{t['b_served']:>9} {t['b_refused']:>10}"
         )
-    print(f"CPUs: {place.describe()}")
+    print(f"deployment: {args.deployment}; CPUs: {place.describe()}")
     print(f"B p50 flood / unloaded: {ratio:.2f}x (goal: within 2x)")
     print(f"A: {runs['flood']['a_completed']} streams completed, refused {runs['flood']['a_refused']}")
     record = {
         "benchmark": "fairness_bench",
         "settings": vars(args)
-        | {"workdir": str(args.workdir), "node": NODE, "max_queue": 32, "threads": 1}
+        | {"workdir": str(args.workdir), "node": NODE, "max_queue": 32, "threads": 1, "deployment": args.deployment}
         | {"placement": place.describe()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "duration_s": time.time() - started,

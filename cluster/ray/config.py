@@ -158,7 +158,9 @@ class TrunkConfig:
     max_replicas: int = 1
     initial_replicas: int | None = None
     target_ongoing_requests: float = 8.0  # autoscaling aims at this many requests per replica
-    max_ongoing_requests: int = 64  # sent to one replica at once; the engine batches them together
+    max_ongoing_requests: int = (
+        16 + 256
+    )  # calls one replica takes at once: by default its batch and queue (max_batch + max_queue)
     resources: ReplicaResources = ReplicaResources()
     max_adapters: int = 64  # per replica: active adapters in the engine and node ids Serve routes by
     max_batch: int = 16
@@ -488,6 +490,8 @@ def _trunk(r: _Reader) -> TrunkConfig:
     for node in preload:
         if node != tree.name and not tree.has(node):
             raise r.error("preload", f"{node!r} is not a node of tree {tree.name!r}")
+    max_batch = engine.integer("max_batch", 16, low=1)
+    max_queue = engine.integer("max_queue", 256, low=1)
     config = TrunkConfig(
         tree_dir=tree_dir,
         tree=tree.name,
@@ -495,11 +499,13 @@ def _trunk(r: _Reader) -> TrunkConfig:
         max_replicas=high,
         initial_replicas=initial,
         target_ongoing_requests=r.number("target_ongoing_requests", 8.0, strict=True),
-        max_ongoing_requests=r.integer("max_ongoing_requests", 64, low=1),
+        # Every call a replica may hold reaches its engine's fair queue: beyond it, calls would wait
+        # in Serve's first-come queue in front of it, where a flood holds up every other tenant.
+        max_ongoing_requests=r.integer("max_ongoing_requests", max_batch + max_queue, low=1),
         resources=resources,
         max_adapters=r.integer("max_adapters", 64, low=1),
-        max_batch=engine.integer("max_batch", 16, low=1),
-        max_queue=engine.integer("max_queue", 256, low=1),
+        max_batch=max_batch,
+        max_queue=max_queue,
         tenant_step_rows=engine.integer("tenant_step_rows", None, low=1),
         tenant_contended_running=engine.integer("tenant_contended_running", DEFAULT_CONTENDED_RUNNING, low=0) or None,
         prefill_chunk=engine.integer("prefill_chunk", 32, low=0),

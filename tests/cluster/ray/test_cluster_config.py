@@ -73,6 +73,12 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
     assert limited.ingress.quotas.for_tenant("acme") == TenantQuota(max_queued=8)
     assert trunk.prefill_chunk == 32 and trunk.prefix_cache == 256 << 20  # prompt-prefix reuse: 0 or off turns it off
     assert trunk.tenant_contended_running == 4  # as `treelm serve`; 0 turns the contended share off
+    # Every call a replica holds reaches the engine's fair queue (none waits in Serve's FIFO in front).
+    assert trunk.max_ongoing_requests == trunk.max_batch + trunk.max_queue == 16 + 256
+    small = parse({**doc, "trunks": [{**doc["trunks"][0], "engine": {"max_batch": 8, "max_queue": 32}}]}, tmp_path)
+    assert small.trunks[0].max_ongoing_requests == 40
+    given = parse({**doc, "trunks": [{**doc["trunks"][0], "max_ongoing_requests": 4}]}, tmp_path)
+    assert given.trunks[0].max_ongoing_requests == 4
     off = parse({**doc, "trunks": [{**doc["trunks"][0], "engine": {"tenant_contended_running": 0}}]}, tmp_path)
     assert off.trunks[0].tenant_contended_running is None
     for value, want in (("64MiB", 64 << 20), (0, 0), ("off", 0)):
