@@ -5,6 +5,7 @@ retry hint; tokens per minute are enforced per tenant."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 
@@ -108,6 +109,50 @@ def test_a_flood_of_200_streams_never_refuses_or_starves_another_tenant(world, s
     for before, after in out["seen"]:
         assert len(set(after) - before) <= 5
     assert out["completed"]  # the flooder is served too, not shut out
+
+
+async def _sample_batch(world, stop: threading.Event, samples: list[tuple[int, int]]) -> None:
+    """(the trickle tenant's rows, the flooder's rows) in the engine's batch, every millisecond."""
+    scheduler = world.engine._scheduler
+    while not stop.is_set():
+        tenants = [row.job.request.tenant for row in list(scheduler.running)]
+        samples.append((tenants.count(TRICKLE), tenants.count(FLOODER)))
+        await asyncio.sleep(0.001)
+
+
+def test_with_the_default_share_a_flooder_gains_no_row_past_4_while_another_tenant_is_present(
+    tiny_base_dir, tmp_path_factory
+):
+    # The engine's defaults but a batch of 8: the contended share (4) leaves room the flood would fill.
+    world = make_world(tiny_base_dir, tmp_path_factory.mktemp("share"), EngineConfig(max_batch_size=8, max_queue=32))
+    quotas = QuotaPolicy(TenantQuota(max_queued=8), {TRICKLE: TenantQuota(max_queued=8)})
+    server = serve(world, quotas=quotas)
+    samples: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    async def run() -> dict:
+        sampler = asyncio.ensure_future(_sample_batch(world, stop, samples))
+        try:
+            return await _flood_and_trickle(world, server)
+        finally:
+            stop.set()
+            await sampler
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        server.stop()
+        world.engine.close()
+        world.registry.close()
+    assert out["trickle_errors"] == [] and len(out["seen"]) == 5  # the other tenant: served, never refused
+    assert out["refusals"] and {r.kind for r in out["refusals"]} == {"tenant-over-limit"}
+    assert all(r.retry_after is not None and r.retry_after >= 1 for r in out["refusals"])
+    assert any(b and a for b, a in samples)  # both tenants were in the batch together
+    # Rows already running are never taken back, but while the other tenant is in the batch the
+    # flooder at its share (4) or above admits nothing more: its count never rises from there.
+    gains = [(prev, cur) for prev, cur in itertools.pairwise(samples) if cur[0] and prev[1] >= 4 and cur[1] > prev[1]]
+    assert gains == []
+    assert out["completed"]
 
 
 def test_http_flood_gets_429_with_retry_after_and_the_other_tenant_is_served(world, server):
