@@ -101,7 +101,8 @@ class FairQueue:
         self._clock = clock
         self._round = 0.0  # the current admission round (begin_round); 0: rounds not kept, nothing deferred
         self._admitted_in: dict[str, float] = {}  # tenant -> the round of its latest admission
-        self._pace: dict[str, tuple[float, float]] = {}  # tenant -> (its last admission, moving mean interval)
+        # tenant -> (its last admission, the moving mean of the intervals; None until there is one)
+        self._pace: dict[str, tuple[float, float | None]] = {}
         self._left: dict[str, float] = {}  # tenant -> when its last job left (waiting or running)
         self._queues: dict[str, collections.deque[Job]] = {}  # insertion order = round order
         self._credit: dict[str, int] = {}
@@ -162,10 +163,10 @@ class FairQueue:
 
     def retry_after(self, tenant: str) -> float:
         """Seconds until ``tenant``'s queue has room again, about: its waiting jobs at its recent pace."""
-        pace = self._pace.get(tenant)
-        if pace is None:
+        _, mean = self._pace.get(tenant, (0.0, None))
+        if mean is None:
             return _RETRY_AFTER_MIN_S
-        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, (self.queued(tenant) + 1) * pace[1]))
+        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, (self.queued(tenant) + 1) * mean))
 
     def begin_round(self) -> None:
         """The scheduler starts admitting (between two decode steps): admissions of one round are
@@ -200,13 +201,13 @@ class FairQueue:
             if self._round:
                 self._admitted_in[tenant] = self._round
             now = self._clock()
-            last = self._pace.get(tenant)
-            if last is None:
-                self._pace[tenant] = (now, 0.0)
-            else:
-                interval = now - last[0]
-                mean = interval if last[1] == 0.0 else (1 - _PACE_WEIGHT) * last[1] + _PACE_WEIGHT * interval
+            if tenant in self._pace:
+                last, mean = self._pace[tenant]
+                interval = now - last
+                mean = interval if mean is None else (1 - _PACE_WEIGHT) * mean + _PACE_WEIGHT * interval
                 self._pace[tenant] = (now, mean)
+            else:
+                self._pace[tenant] = (now, None)
         if not queue:
             self._dropped(tenant)
 

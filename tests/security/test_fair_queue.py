@@ -246,3 +246,17 @@ def test_the_retry_hint_follows_the_tenants_pace() -> None:
         backlog.pop(job, admitted=True)
         clock[0] += 2.0
     assert backlog.retry_after("c") == 30.0
+
+
+def test_a_burst_of_admissions_at_one_instant_counts_in_the_pace() -> None:
+    clock = [100.0]
+    queue = FairQueue(max_queue=100, clock=lambda: clock[0])
+    for i in range(6):
+        queue.push(_job("a", f"a{i}"))
+    for step in (0.0, 0.0, 10.0):  # two in one round, then one 10 s later
+        clock[0] += step
+        job = queue.peek()
+        assert job is not None
+        queue.pop(job, admitted=True)
+    # Intervals 0 then 10 s: a mean of 2 s (not restarted by the burst), three waiting: 8 s.
+    assert queue.retry_after("a") == pytest.approx(8.0)
