@@ -154,13 +154,16 @@ def build_candidate(
         child_adapter = bench.adapter(chain[-1])
         before = bench.adapters(chain)
         before_key: tuple[Hashable, ...] = tuple(chain)
+        kind = "probe"
         if override is not None and override[0] == child:
-            child_adapter, child_key = override[1], ("new", override[2])
+            # The updating child's new adapter over the candidate counts its update twice; it is
+            # never served so (re-validated, held, rebased): reported, not gated (nodes.build.gate).
+            child_adapter, child_key, kind = override[1], ("new", override[2]), "stale"
             before, before_key = [*bench.adapters(parent_chain), child_adapter], (*parent_chain, child_key)
         comparisons.append(
             Comparison(
                 f"probe {view.node_id(child)}",
-                "probe",
+                kind,
                 bench.probe(child),
                 before,
                 [*ancestors, candidate, child_adapter],

@@ -10,6 +10,11 @@ and a child re-validated over a new parent version is compared on its probe text
 comparison is ``after / before - 1`` (relative perplexity change); any one above its bound
 rejects, and :class:`GateReport` keeps every figure so the refusal can say exactly why.
 
+A ``stale`` check is measured and reported but never rejects: the updating child's new adapter
+over the candidate parent, which counts the update twice (once in its adapter, once folded into
+the parent). That chain is never served: when the parent's version lands, the child is
+re-validated over it and held on its pin if it drifts, until its rebased version is ready.
+
 Texts are a node's eval text as recorded in node.json (``data.eval``: the file, relative to the
 spec the tree was built from, and its sha256, checked), or files named explicitly.
 """
@@ -78,7 +83,10 @@ class GateBounds:
         }
 
     def bound(self, kind: str) -> float:
-        """The signed bound on the relative change of a check of ``kind`` (a fall for feedback)."""
+        """The signed bound on the relative change of a check of ``kind`` (a fall for feedback;
+        a ``stale`` check is reported against the re-pin bound, see the module docstring)."""
+        if kind == "stale":
+            return self.repin
         return -self.feedback if kind == "feedback" else float(getattr(self, kind))
 
 
@@ -149,7 +157,7 @@ class Comparison:
     """One gate check to run: a text under the chain served now and under the changed chain."""
 
     name: str  # e.g. "parent held-out", "probe demo/en/medical/cardiology", "canary"
-    kind: str  # parent | probe | canary | repin | rebase | feedback: which bound applies
+    kind: str  # parent | probe | canary | repin | rebase | feedback | stale: which bound applies
     text: EvalText
     before: Sequence[AdapterWeights]  # the chain served now (top ancestor first)
     after: Sequence[AdapterWeights]  # the chain with the change
@@ -173,7 +181,14 @@ class GateCheck:
         return self.after / self.before - 1.0
 
     @property
+    def gated(self) -> bool:
+        """False for a ``stale`` check: measured and reported, never a reason to reject."""
+        return self.kind != "stale"
+
+    @property
     def passed(self) -> bool:
+        if not self.gated:
+            return True
         if not math.isfinite(self.after) or self.change > self.bound:
             return False
         if self.kind == "rebase":  # a rebased child must stay close to what it was: better counts too
@@ -181,6 +196,11 @@ class GateCheck:
         return self.kind != "feedback" or self.change < 0  # feedback must improve, not merely hold
 
     def describe(self) -> str:
+        if not self.gated:
+            return (
+                f"{self.name}: perplexity {self.before:.3f} -> {self.after:.3f} ({self.change:+.2%}; "
+                "not gated: held on its pin until rebased where it drifts)"
+            )
         verdict = "ok" if self.passed else ("NO IMPROVEMENT" if self.kind == "feedback" else "REGRESSION")
         return (
             f"{self.name}: perplexity {self.before:.3f} -> {self.after:.3f} ({self.change:+.2%}, bound "

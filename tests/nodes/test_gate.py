@@ -75,3 +75,18 @@ def test_max_tokens_measures_the_prefix_of_each_text(setup):
     assert short.perplexity(chain, medical) != pytest.approx(evaluator.perplexity(chain, medical), rel=1e-6)
     with pytest.raises(ValueError, match="max_tokens"):
         Evaluator(evaluator.base, max_tokens=1)
+
+
+def test_a_stale_check_is_reported_against_the_repin_bound_but_never_rejects(setup):
+    """The updating child's new adapter over the candidate counts its update twice and is never
+    served so: its figure is in the report (against the re-pin bound), not among the failures."""
+    tree, evaluator, chain = setup
+    medical = node_eval_text(tree, tree.node("ut/en/medical"))
+    stale = Comparison("probe ut/en/medical", "stale", medical, chain, chain[:1])  # far worse
+    probe = Comparison("probe ut/en/medical", "probe", medical, chain, chain[:1])
+    bounds = GateBounds(repin=0.03)
+    report = evaluator.run("candidate", [stale], bounds)
+    check = report.checks[0]
+    assert check.change > 0.03 and check.bound == 0.03 and check.passed and report.passed
+    assert "not gated" in check.describe() and check.to_dict()["kind"] == "stale"
+    assert not evaluator.run("candidate", [probe], bounds).passed  # the same figure as a probe rejects
