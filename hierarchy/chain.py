@@ -21,7 +21,7 @@ import torch
 
 from hierarchy.errors import ChainError
 
-__all__ = ["LoraFactors", "compose_delta", "effective_weight", "flatten_chain", "pad_rank"]
+__all__ = ["LoraFactors", "compose_delta", "effective_weight", "flatten_chain", "pad_rank", "refit_over"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,40 @@ def pad_rank(factors: LoraFactors, rank: int) -> LoraFactors:
     a = torch.cat([factors.A, factors.A.new_zeros(extra, factors.in_features)], dim=0)
     b = torch.cat([factors.B, factors.B.new_zeros(factors.out_features, extra)], dim=1)
     return LoraFactors(A=a, B=b, scale=factors.scale)
+
+
+def refit_over(
+    own: LoraFactors, old: Sequence[LoraFactors], new: Sequence[LoraFactors], rank: int
+) -> tuple[LoraFactors, float]:
+    """``own`` re-expressed over a changed parent chain: the best rank-``rank`` factors (SVD, scale
+    ``own.scale``) of ``own.delta() + delta(old) - delta(new)``, so that ``new`` plus the result
+    gives the effective weight ``old`` plus ``own`` gave, up to the truncated tail. Returns the
+    factors and the relative error of the fit (Frobenius norm of what the rank cut left out, over
+    the norm of the target; 0.0 when the target is zero).
+
+    ``old`` or ``new`` may be empty (the parent did not, or no longer, adapts this layer).
+    """
+    if rank < 1:
+        raise ChainError(f"rank must be >= 1, got {rank}")
+    for factors in (*old, *new):
+        if (factors.out_features, factors.in_features) != (own.out_features, own.in_features):
+            raise ChainError(
+                f"a parent chain adapts a {factors.out_features}x{factors.in_features} layer, "
+                f"the own adapter a {own.out_features}x{own.in_features} one"
+            )
+    target = own.delta().double()
+    if old:
+        target = target + compose_delta(old).double()
+    if new:
+        target = target - compose_delta(new).double()
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    k = min(rank, int(s.numel()))
+    total = float(torch.linalg.vector_norm(s))
+    error = float(torch.linalg.vector_norm(s[k:])) / total if total > 0 else 0.0
+    # Balanced factors (sqrt of the singular values on each side), unscaled by own.scale.
+    root = (s[:k] / own.scale).sqrt()
+    a = root[:, None] * vh[:k]
+    b = u[:, :k] * root[None, :]
+    if k < rank:  # a layer narrower than the rank: zero-pad, the delta is unchanged
+        return pad_rank(LoraFactors(A=a.to(own.A.dtype), B=b.to(own.B.dtype), scale=own.scale), rank), error
+    return LoraFactors(A=a.to(own.A.dtype), B=b.to(own.B.dtype), scale=own.scale), error

@@ -3,7 +3,10 @@
 A child's adapter was trained over its parent's old version; over the new one its effective model
 drifts. Its rebased version is its adapter re-fit over the new parent chain (nodes.build.distill):
 KL towards the old effective model's next-token distributions on the child's training text, plus
-its own LM loss on it. The rebased version is gated on the child's own probe text (within
+its own LM loss on it. The fit starts (``rebase.start: refit``) from the child's adapter
+re-expressed over the new parent: chains add in weight space, so ``own + old parent - new parent``
+cut to the child's rank by SVD is the old effective model up to that cut, and the distillation
+only has to correct the cut. The rebased version is gated on the child's own probe text (within
 ``gate.rebase`` of what the old effective model scores, either way), signed with the policy's
 ``rebase.key``, stored and recorded like any version (an update record of kind ``rebase``, its
 forgetting history, including ``stale``: the un-rebased child over the new parent) and served:
@@ -20,25 +23,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import torch
+
 from cluster.updates.history import history_changes
 from cluster.updates.pins import PinDecision, TreeView, pin_changes, plan_pins
-from cluster.updates.policy import UpdatePolicy
+from cluster.updates.policy import RebasePolicy, UpdatePolicy
 from cluster.updates.rounds import new_id
 from cluster.updates.workbench import Workbench
 from hierarchy.ids import NodeId
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import FileEntry, LayerSpec, UpdateManifest, sign_manifest
-from nodes.build.distill import Target
+from nodes.build.distill import Target, refit_adapter
 from nodes.build.gate import Comparison, GateCheck
+from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, VersionStore
 from registry.db import Registry
 from registry.updates import AddEvent, AddUpdate, AddVersion, Change, MoveAlias
 
-__all__ = ["Rebase", "rebase_child"]
+__all__ = ["Rebase", "rebase_child", "refit_child"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,22 @@ class Rebase:
 
     def figures(self) -> dict[str, Any]:
         return {"child": self.child, "rebased": self.check.to_dict(), "stale": self.stale.to_dict()}
+
+
+def refit_child(
+    bench: Workbench,
+    policy: RebasePolicy,
+    old_chain: Sequence[AdapterWeights],
+    new_parent: Sequence[AdapterWeights],
+    tokens: torch.Tensor,
+) -> AdapterWeights:
+    """The child's adapter (``old_chain[-1]``, trained over ``old_chain[:-1]``) re-fit over
+    ``new_parent``: from its re-expression there (``policy.start``), distilled towards the old
+    effective model on ``tokens`` plus ``policy.lm_weight`` times its own LM loss."""
+    own = old_chain[-1]
+    start = refit_adapter(own, old_chain[:-1], new_parent)[0] if policy.start == "refit" else own
+    targets = [Target(tokens, old_chain), Target(tokens, None, policy.lm_weight)]
+    return bench.distill(new_parent, start, targets, policy)
 
 
 def rebase_child(
@@ -73,9 +96,7 @@ def rebase_child(
     own_link = view.pins[child].link
     old_chain = (*new_parent[:-1], before, own_link)
     teacher, ancestors, own = bench.adapters(old_chain), bench.adapters(new_parent), bench.adapter(own_link)
-    tokens = bench.train_tokens(child)
-    targets = [Target(tokens, teacher), Target(tokens, None, policy.rebase.lm_weight)]
-    rebased = bench.distill(ancestors, own, targets, policy.rebase)
+    rebased = refit_child(bench, policy.rebase, teacher, ancestors, bench.train_tokens(child))
     node_id, version = view.node_id(child), view.latest(child) + 1
     rebased_key = (*new_parent, ("rebased", own_link, version))
     report = bench.measure(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hierarchy.chain import flatten_chain
+from hierarchy.chain import flatten_chain, refit_over
 from hierarchy.spec import TrainSettings
 from nodes.build.compose import chain_by_module
 from nodes.build.finetune import FineTuneResult, load_own, lora_settings_of
@@ -33,7 +33,7 @@ from nodes.build.training import ChainLinear, ChainPatch, TrainResult
 from nodes.errors import AdapterError, BuildError
 from nodes.store.adapters import AdapterWeights
 
-__all__ = ["Target", "distill"]
+__all__ = ["Target", "distill", "refit_adapter"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,22 @@ class Target:
     # Frozen adapters added to the student's chain for this stream only (a sibling's own adapter
     # over a parent being consolidated: its effective model is what must not move).
     around: Sequence[AdapterWeights] = ()
+
+
+def refit_adapter(
+    own: AdapterWeights, old: Sequence[AdapterWeights], new: Sequence[AdapterWeights]
+) -> tuple[AdapterWeights, float]:
+    """``own`` (trained over the chain ``old``) re-expressed over the chain ``new`` at its own rank,
+    layer by layer (hierarchy.chain.refit_over): the start of a rebase. The chains are additive in
+    weight space, so the fit is exact up to what the rank cut leaves out; the distillation that
+    follows corrects that and what the own layers cannot carry (a parent's change in a layer the
+    child does not adapt). Returns the adapter and the largest relative error of a layer's fit."""
+    old_by, new_by = chain_by_module(old), chain_by_module(new)
+    factors, worst = {}, 0.0
+    for name, mine in own.factors.items():
+        factors[name], error = refit_over(mine, old_by.get(name, []), new_by.get(name, []), own.r)
+        worst = max(worst, error)
+    return AdapterWeights(own.r, own.alpha, own.target_modules, factors, own.dropout), worst
 
 
 Frozen = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]

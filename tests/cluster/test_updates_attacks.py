@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
+from cluster.updates.forgetting import measure_update
 from cluster.updates.keys import register_key, revoke, rotate
 from cluster.updates.package import Package, read_package, write_package
+from cluster.updates.policy import POLICY_FILE, UpdatePolicy
 from hierarchy import errors as e
 from hierarchy.updates.envelope import Envelope, Signature
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.screening import Verdict
+from nodes.build.gate import read_eval_text
 from tests.cluster.update_world import (
     World,
     built_tree,
@@ -39,7 +42,12 @@ RAD, CARD, LEGAL = "en/medical/radiology", "en/medical/cardiology", "en/legal"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = make_world(tmp_path_factory.mktemp("attacks"), built_tree(tmp_path_factory))
+    # The gate is what these attacks meet: auto (concat, or TIES on sign conflicts) passes a poisoned
+    # increment to it whole. (The
+    # default contrast merge shrinks it where the parent's and siblings' inputs lie, so the sibling
+    # and held-out poisons no longer hurt enough to be refused: see the last test.)
+    w = make_world(tmp_path_factory.mktemp("attacks"), built_tree(tmp_path_factory), UpdatePolicy(merge="auto"))
+    (w.tree / POLICY_FILE).write_text("merge: auto\n")  # the same policy for the CLI's submissions
     # History to replay against: en/legal is at v2 (its increment waits in en's candidate).
     legal_v2, _ = package_of(w, LEGAL, honest_adapter(w, LEGAL), out=w.folder / "legal-v2")
     assert w.coordinator.submit(legal_v2).state == "aggregated"
@@ -80,12 +88,16 @@ def _parent_poison(w: World) -> Package:
     return package_of(w, RAD, adapter)[0]
 
 
-def _sibling_poison(w: World) -> Package:
+def _sibling_poison_adapter(w: World):
     """Helps radiology, keeps the parent's own text, and ascends on cardiology's text."""
     rad, med = tokens(w, w.local(RAD)), tokens(w, w.data / "en/medical/train.txt")
     card = tokens(w, w.data / CARD / "train.txt")
     loss = lambda m, g: 2 * lm_loss(m, rad, g) - lm_loss(m, card, g) + lm_loss(m, med, g)  # noqa: E731
-    return package_of(w, RAD, crafted_adapter(w, RAD, loss, steps=30))[0]
+    return crafted_adapter(w, RAD, loss, steps=30)
+
+
+def _sibling_poison(w: World) -> Package:
+    return package_of(w, RAD, _sibling_poison_adapter(w))[0]
 
 
 def _scaled(w: World, factor: float) -> Package:
@@ -251,3 +263,17 @@ def test_refusals_are_not_recorded_but_an_accepted_update_is(world):
         world.coordinator.submit(_honest(world, signers=[]))
     assert stored_state(world) == before  # a refused package leaves no trace (the server log has it)
     assert Path(world.tree / "snapshot.json").is_file()
+
+
+def test_the_default_merge_shrinks_a_sibling_poison_below_the_gate(world):
+    """The sibling poison that auto hands to the gate (refused above) hurts cardiology by less
+    than the gate's bound once the default contrast merge has shrunk it where the parent's and the
+    other children's inputs lie: the merge protects siblings before the gate has to."""
+    poison = _sibling_poison_adapter(world)
+    view, bench = world.coordinator._view(), world.coordinator.bench
+    text = read_eval_text(world.local(RAD), "radiology update text")
+    concat = measure_update(bench, UpdatePolicy(merge="auto"), view, RAD, poison, text)
+    default = measure_update(bench, UpdatePolicy(), view, RAD, poison, text)
+    assert default.method == "contrast"
+    assert concat.siblings[CARD] > 0.02 and not concat.gate_passed
+    assert default.siblings[CARD] <= 0.02 < concat.siblings[CARD]

@@ -15,7 +15,7 @@ from cluster.service.metrics import ServerMetrics
 from cluster.updates.forgetting import measure_update
 from cluster.updates.policy import DistillPolicy, UpdatePolicy
 from hierarchy.updates.aggregate import MergePolicy
-from nodes.build.distill import Target
+from nodes.build.distill import Target, refit_adapter
 from nodes.build.finetune import chain_perplexity
 from nodes.build.gate import read_eval_text
 from nodes.store.adapters import AdapterWeights
@@ -34,6 +34,11 @@ def test_merge_is_a_name_or_a_mapping_in_the_policy(tmp_path):
     file.write_text("merge: {method: dare, drop: 0.3, seed: 4}\n")
     assert UpdatePolicy.from_file(file).merge.drop == 0.3
     assert UpdatePolicy().with_(merge="ties", eta=1.0).merge == MergePolicy(method="ties", eta=1.0)
+    # The default (chosen from the demo tree's measurements) also fills a mapping that names no method.
+    assert UpdatePolicy().merge == MergePolicy(method="contrast", eta=0.5)
+    assert UpdatePolicy.from_dict({"merge": {"strength": 8}}).merge == MergePolicy(
+        method="contrast", eta=0.5, strength=8
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,6 +117,33 @@ def test_distillation_towards_the_current_chain_changes_nothing_and_pulls_a_move
     assert bench.train_text(CARD).label != bench.probe(CARD).label  # trained on the training text
 
 
+def test_the_refit_start_re_expresses_a_child_over_a_moved_parent(world):
+    """refit_adapter: chains add in weight space, so the child's adapter re-expressed over a moved
+    parent gives back its old effective weights up to the rank cut it reports, and its perplexity
+    ends far closer to the old model's than the child left as it was (what a rebase starts from)."""
+    bench = world.coordinator.bench
+    view = world.coordinator._view()
+    en, med, card = (bench.adapter(view.chain(p)[-1]) for p in ("en", "en/medical", CARD))
+    moved = AdapterWeights(
+        med.r, med.alpha, med.target_modules, {m: replace(f, B=f.B * 1.6) for m, f in med.factors.items()}
+    )
+    fitted, error = refit_adapter(card, [en, med], [en, moved])
+    assert fitted.r == card.r and set(fitted.factors) == set(card.factors) and 0 < error < 1
+    for module, f in fitted.factors.items():
+        target = card.factors[module].delta() + med.factors[module].delta() - moved.factors[module].delta()
+        residual = (f.delta() - target).norm() / target.norm()
+        assert residual <= error + 1e-5  # the reported error bounds every layer's cut
+    probe = bench.evaluator.tokens(bench.probe(CARD))
+    model = bench.evaluator.base.model
+    old = chain_perplexity(model, [en, med, card], probe, 32)
+    stale = chain_perplexity(model, [en, moved, card], probe, 32)
+    refit = chain_perplexity(model, [en, moved, fitted], probe, 32)
+    assert abs(refit / old - 1) < abs(stale / old - 1) / 3
+    # Over an unchanged parent it is the child itself (to rounding).
+    same, error = refit_adapter(card, [en, med], [en, med])
+    assert error < 1e-6 and abs(chain_perplexity(model, [en, med, same], probe, 32) / old - 1) < 1e-4
+
+
 @pytest.mark.parametrize(
     "body, named",
     [
@@ -119,6 +151,7 @@ def test_distillation_towards_the_current_chain_changes_nothing_and_pulls_a_move
         ({"rebase": {"lr": 0}}, "rebase.lr"),
         ({"rebase": {"lm_weight": "x"}}, "rebase.lm_weight"),
         ({"rebase": {"stepz": 3}}, "unknown rebase field.*stepz"),
+        ({"rebase": {"start": "scratch"}}, "rebase.start must be one of refit, own"),
         ({"consolidate": 5}, "consolidate must be a mapping"),
         ({"gate": {"rebase": -0.01}}, "rebase"),
     ],
@@ -132,6 +165,10 @@ def test_distillation_settings_load():
     policy = UpdatePolicy.from_dict({"consolidate": {"steps": 12}, "rebase": {"steps": 0}, "gate": {"rebase": 0.02}})
     assert policy.consolidate == DistillPolicy(steps=12) and policy.rebase.steps == 0 and policy.gate.rebase == 0.02
     assert UpdatePolicy().rebase.steps > 0 and UpdatePolicy().consolidate.steps == 0
+    assert (
+        UpdatePolicy().rebase.start == "refit"
+        and UpdatePolicy.from_dict({"rebase": {"start": "own"}}).rebase.start == "own"
+    )
 
 
 def test_every_protocol_version_records_its_forgetting_history(tmp_path_factory, capsys):

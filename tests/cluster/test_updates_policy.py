@@ -25,7 +25,9 @@ RAD, CARD, ONC, MED = "en/medical/radiology", "en/medical/cardiology", "en/medic
 
 
 def test_the_parent_waits_for_m_increments_then_merges_them_exactly(tmp_path_factory):
-    w = make_world(tmp_path_factory.mktemp("m2"), built_tree(tmp_path_factory), UpdatePolicy(min_updates=2))
+    w = make_world(
+        tmp_path_factory.mktemp("m2"), built_tree(tmp_path_factory), UpdatePolicy(min_updates=2, merge="auto")
+    )
     try:
         parent = served(w, MED)[1]
         olds = {p: served(w, p)[1] for p in (RAD, CARD)}

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hierarchy.chain import LoraFactors, compose_delta, effective_weight, flatten_chain, pad_rank
+from hierarchy.chain import LoraFactors, compose_delta, effective_weight, flatten_chain, pad_rank, refit_over
 from hierarchy.errors import ChainError
 
 
@@ -70,3 +70,39 @@ def test_shape_errors_are_typed():
         compose_delta([a, b])
     with pytest.raises(ChainError, match="empty chain"):
         flatten_chain([])
+
+
+def test_refit_over_a_changed_parent_keeps_the_effective_weight():
+    """own + old parent == refit + new parent: exact when the target fits the rank, and the
+    reported error is the SVD tail (what the rank cut leaves out) otherwise."""
+    ancestor, old_parent, new_parent = random_chain(3, [2, 3, 3])
+    own = random_chain(4, [4])[0]
+    w0 = torch.randn(12, 10, dtype=torch.float64)
+    before = effective_weight(w0, [ancestor, old_parent, own])
+    # Rank 10 (the layer's width): the target always fits, so the fit is exact.
+    wide, error = refit_over(own, [ancestor, old_parent], [ancestor, new_parent], 10)
+    assert error == pytest.approx(0.0, abs=1e-9) and wide.scale == own.scale
+    torch.testing.assert_close(effective_weight(w0, [ancestor, new_parent, wide]), before, rtol=0, atol=1e-9)
+    # At own's rank (4) the target (rank up to 10) is cut; the error is the tail of its spectrum.
+    cut, error = refit_over(own, [ancestor, old_parent], [ancestor, new_parent], own.rank)
+    assert cut.rank == own.rank
+    target = own.delta() + old_parent.delta() - new_parent.delta()
+    s = torch.linalg.svdvals(target)
+    assert error == pytest.approx(float(s[4:].norm() / s.norm()), rel=1e-9) and 0 < error < 1
+    residual = effective_weight(w0, [ancestor, new_parent, cut]) - before
+    assert float(residual.norm() / target.norm()) == pytest.approx(error, rel=1e-6)
+    # Unchanged parent: the own factors' delta comes back (its rank fits), error 0.
+    same, error = refit_over(own, [old_parent], [old_parent], own.rank)
+    torch.testing.assert_close(same.delta(), own.delta(), rtol=0, atol=1e-9)
+    assert error == pytest.approx(0.0, abs=1e-9)
+
+
+def test_refit_over_pads_narrow_layers_and_refuses_bad_input():
+    own = random_chain(5, [3], out=2, inp=10)[0]
+    fitted, _ = refit_over(own, [], [], 3)
+    assert fitted.rank == 3  # the layer has only 2 singular values: the third rank is zero-padded
+    torch.testing.assert_close(fitted.delta(), own.delta(), rtol=0, atol=1e-9)
+    with pytest.raises(ChainError, match="rank must be >= 1"):
+        refit_over(own, [], [], 0)
+    with pytest.raises(ChainError, match="adapts a 12x10 layer, the own adapter a 2x10 one"):
+        refit_over(own, random_chain(6, [2]), [], 3)
