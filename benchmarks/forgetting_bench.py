@@ -39,9 +39,9 @@ import torch  # noqa: E402
 
 from cluster.updates.coordinator import Coordinator  # noqa: E402
 from cluster.updates.forgetting import measure_update  # noqa: E402
-from cluster.updates.policy import DistillPolicy, UpdatePolicy  # noqa: E402
+from cluster.updates.policy import REBASE_STARTS, DistillPolicy, RebasePolicy, UpdatePolicy  # noqa: E402
+from cluster.updates.rebase import refit_child  # noqa: E402
 from hierarchy.spec import TrainSettings, load_spec  # noqa: E402
-from nodes.build.distill import Target  # noqa: E402
 from nodes.build.finetune import fine_tune  # noqa: E402
 from nodes.build.gate import EvalText, read_eval_text  # noqa: E402
 from nodes.build.training import tokenize_text  # noqa: E402
@@ -104,11 +104,10 @@ def working_copy(tree: Path, work: Path) -> Path:
     return out
 
 
-def rebase_changes(
-    coordinator: Coordinator, view, parent: str, candidate, policy: DistillPolicy, lm: float, updated: dict
-):
+def rebase_changes(coordinator: Coordinator, view, parent: str, candidate, policy: RebasePolicy, updated: dict):
     """Each child of ``parent``: its own probe's relative change over the candidate parent, rebased
-    (distilled towards its old effective model) and un-rebased, against its old effective model."""
+    (as the protocol rebases: cluster.updates.rebase.refit_child) and un-rebased, against its old
+    effective model."""
     bench = coordinator.bench
     chain = view.chain(parent)
     new_parent = [*bench.adapters(chain[:-1]), candidate]
@@ -119,8 +118,7 @@ def rebase_changes(
         if child in updated:  # the updating child serves its update when its parent's version lands
             old = [*old[:-1], updated[child]]
         own = old[-1]
-        tokens = bench.train_tokens(child)
-        fitted = bench.distill(new_parent, own, [Target(tokens, old), Target(tokens, None, lm)], policy)
+        fitted = refit_child(bench, policy, child, old, new_parent)
         text = bench.probe(child)
         before = ev.perplexity(old, text)
         rebased[child] = ev.perplexity([*new_parent, fitted], text) / before - 1
@@ -140,6 +138,7 @@ def main() -> int:
     parser.add_argument("--rebase-steps", type=int, default=20)
     parser.add_argument("--rebase-lm", type=float, default=UpdatePolicy().rebase.lm_weight, help="own LM loss weight")
     parser.add_argument("--rebase-lr", type=float, default=UpdatePolicy().rebase.lr)
+    parser.add_argument("--rebase-start", choices=REBASE_STARTS, default=UpdatePolicy().rebase.start)
     parser.add_argument("--rebase-methods", help="rebase the children only for these methods (default: all)")
     parser.add_argument("--rebase-etas", help="rebase the children only at these etas (default: all)")
     parser.add_argument("--no-rebase", action="store_true", help="leave max_rebased_child_change out (faster)")
@@ -202,6 +201,10 @@ def main() -> int:
                 fig = measure_update(bench, policy, view, NODE, new.adapter, update_text)
                 row = {k: v for k, v in fig.to_dict().items() if k not in ("method",)}
                 row = {"method": name, **row}
+                # What refused it, and the updating child's own adapter over the candidate (reported, not gated).
+                checks = fig.build.report.checks if fig.build is not None else ()
+                row["gate_failures"] = [c.describe() for c in checks if not c.passed]
+                row["double_counted_child"] = next((c.change for c in checks if c.kind == "stale"), None)
                 rebase = (
                     not args.no_rebase
                     and (args.rebase_methods is None or name in args.rebase_methods.split(","))
@@ -213,8 +216,13 @@ def main() -> int:
                         view,
                         "en/medical",
                         fig.build.adapter,
-                        DistillPolicy(steps=args.rebase_steps, lr=args.rebase_lr, batch_size=8),
-                        args.rebase_lm,
+                        RebasePolicy(
+                            steps=args.rebase_steps,
+                            lr=args.rebase_lr,
+                            batch_size=8,
+                            lm_weight=args.rebase_lm,
+                            start=args.rebase_start,
+                        ),
                         {NODE: new.adapter},
                     )
                     row["max_rebased_child_change"] = max(rebased.values(), key=abs)  # signed, largest |.|

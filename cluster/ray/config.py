@@ -122,7 +122,8 @@ class IngressConfig:
     update_threads: int = 1  # torch threads of the desk's gate and aggregation work (it shares the head's cores)
     # Fine-tuning jobs (a tree whose update policy has customize.key): each runs as a Ray task asking
     # for job_cpus CPUs (anywhere in the cluster: operators add training capacity by adding machines),
-    # with job_threads torch threads; the desk runs one job at a time per tree, the rest queue.
+    # with job_threads torch threads; the desk runs one job at a time per tree, the rest queue. Each
+    # child's rebase re-fit is such a task too (cluster/ray/rebase.py), a level's children at once.
     job_cpus: float = 1.0
     job_threads: int = 1
     variant_key: Path | None = None  # the key that signs variant manifests for devices (Distribution)

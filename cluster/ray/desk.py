@@ -34,6 +34,7 @@ import ray
 from cluster.errors import ClusterError, ReplicaUnavailable, UpdateStateError
 from cluster.jobs.runner import JobRunner
 from cluster.ray.jobs import RayLauncher
+from cluster.ray.rebase import RayRefitter
 from cluster.ray.wire import remote_cause
 from cluster.updates.coordinator import Coordinator
 from cluster.updates.keys import load_signing_key
@@ -61,7 +62,7 @@ class DeskSpec:
     registry_url: str
     trees: tuple[tuple[str, str], ...]
     threads: int = 1  # torch threads for gating and aggregation (replicas keep theirs)
-    job_cpus: float = 1.0  # each fine-tuning job's Ray task asks for this many CPUs (cluster/ray/jobs.py)
+    job_cpus: float = 1.0  # each fine-tuning job's and each rebase's Ray task asks for this many CPUs
     job_threads: int = 1  # torch threads of a job's worker
 
 
@@ -94,7 +95,12 @@ class UpdateDesk:
         self._coordinators: dict[str, Coordinator] = {}
         for name, tree_dir in spec.trees:
             self._coordinators[name] = Coordinator.open(
-                self._registry, tree_dir, UpdatePolicy.for_tree(tree_dir), background=self._rounds.submit
+                self._registry,
+                tree_dir,
+                UpdatePolicy.for_tree(tree_dir),
+                background=self._rounds.submit,
+                # A level's rebases run as parallel Ray tasks, each asking for job_cpus (cluster/ray/rebase.py).
+                refitter=RayRefitter(spec.job_cpus, spec.job_threads),
             )
         for coordinator in self._coordinators.values():  # load the gate's base now, not on the first submission
             self._rounds.submit(_warm, coordinator)

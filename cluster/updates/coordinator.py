@@ -45,7 +45,7 @@ from cluster.updates.operator_actions import OperatorActions
 from cluster.updates.package import Package
 from cluster.updates.pins import PinDecision, TreeView, pin_changes, plan_pins
 from cluster.updates.policy import UpdatePolicy
-from cluster.updates.rebase import rebase_child
+from cluster.updates.rebase import LocalRefitter, Refitter, plan_rebase, rebase_child
 from cluster.updates.rounds import (
     CandidateBuild,
     build_candidate,
@@ -121,12 +121,15 @@ class Coordinator(OperatorActions, TreeGrowth):
         *,
         clock: Callable[[], float] = time.time,
         background: Callable[[Callable[[], object]], object] | None = None,
+        refitter: Refitter | None = None,
     ):
         """``background``: runs the next level's aggregation round after ``approve`` returns (an
         executor's ``submit``); None runs it before ``approve`` returns. Either way the contribution
-        is recorded in the approval's transaction, so a round lost to a crash is made by ``tick``."""
+        is recorded in the approval's transaction, so a round lost to a crash is made by ``tick``.
+        ``refitter``: where rebases' re-fits run (None: here, one after another)."""
         self.registry = registry
         self._background = background
+        self.refitter = refitter
         self.store = VersionStore(tree_dir)
         self.tree: BuiltTree = self.store.tree
         self.policy = policy or UpdatePolicy.for_tree(self.store.root)
@@ -146,8 +149,9 @@ class Coordinator(OperatorActions, TreeGrowth):
         *,
         clock: Callable[[], float] = time.time,
         background: Callable[[Callable[[], object]], object] | None = None,
+        refitter: Refitter | None = None,
     ) -> Coordinator:
-        coordinator = cls(registry, tree_dir, policy, clock=clock, background=background)
+        coordinator = cls(registry, tree_dir, policy, clock=clock, background=background, refitter=refitter)
         coordinator.prepare()
         return coordinator
 
@@ -625,22 +629,38 @@ class Coordinator(OperatorActions, TreeGrowth):
 
     def _rebase_children(self, parent: str, before: ChainLink) -> None:
         """Rebase every child of ``parent`` (whose stable link was ``before``), then their children
-        over the rebased versions, one at a time (see cluster.updates.rebase)."""
+        over the rebased versions, a level at a time: a level's re-fits are handed to the refitter
+        at once (a Ray cluster runs them in parallel) outside the lock, then each is gated, signed
+        and committed under it (see cluster.updates.rebase)."""
         key = load_rebase_key(str(self.policy.rebase.key))
-        queue = [(child, before) for child in self._view().children(parent)]
-        while queue:
-            child, old = queue.pop(0)
+        refitter = self.refitter or LocalRefitter(self.bench)
+        level = [(child, before) for child in self._view().children(parent)]
+        while level:
+            plans = []
             with self._locked():
-                view = self._view(history_for=child)
-                own = view.pins[child].link
-                over = view.chain(view.parent(child))
-                if over[-1] == old or self.store.node(own).raw.get("parent_adapter_digest") == over[-1].adapter:
-                    continue  # the parent moved back, or the child was already made over its new version
-                now = datetime.fromtimestamp(int(self.clock()), tz=UTC)
-                done = rebase_child(self.bench, self.store, self.registry, self.policy, view, child, old, key, now)
-                self._commit(done.changes, view, done.decisions)
-            if done.link is not None:
-                queue += [(grandchild, own) for grandchild in view.children(child)]
+                view = self._view()
+                for child, old in level:
+                    own = view.pins[child].link
+                    over = view.chain(view.parent(child))
+                    if over[-1] == old or self.store.node(own).raw.get("parent_adapter_digest") == over[-1].adapter:
+                        continue  # the parent moved back, or the child was already made over its new version
+                    plans.append(plan_rebase(self.bench, self.policy, view, child, old))
+            fits = refitter.fit([p.request for p in plans]) if plans else []
+            level = []
+            for plan, (fitted, fit) in zip(plans, fits, strict=True):
+                with self._locked():
+                    view = self._view(history_for=plan.child)
+                    moved = view.pins[plan.child].link != plan.own_link
+                    if moved or tuple(view.chain(view.parent(plan.child))) != plan.new_parent:
+                        log.info("rebase of %s dropped: its chain moved while it was re-fit", plan.child)
+                        continue
+                    now = datetime.fromtimestamp(int(self.clock()), tz=UTC)
+                    done = rebase_child(
+                        self.bench, self.store, self.registry, self.policy, view, plan, fitted, fit, key, now
+                    )
+                    self._commit(done.changes, view, done.decisions)
+                if done.link is not None:
+                    level += [(grandchild, plan.own_link) for grandchild in view.children(plan.child)]
 
     # -- reading -------------------------------------------------------------------------------
     def resolve(self, update_id: str) -> str:

@@ -15,18 +15,22 @@ are then rebased over it in turn.
 
 Until then the child keeps the pin it got when the parent moved (re-validated over the new parent,
 or held on the old one), so no request ever sees a half-rebased chain. The coordinator runs
-rebases in its ``background`` runner: a server's round thread, or the Ray update desk's thread
-pool (one thread: children one after another, never alongside an aggregation round).
+rebases in its ``background`` runner (a server's round thread, the Ray update desk's thread pool),
+a level of the subtree at a time: :func:`plan_rebase` for each child under the tree's lock, the
+re-fits through a :class:`Refitter` outside it (:class:`LocalRefitter`: one after another with the
+workbench's model; cluster.ray.rebase.RayRefitter: parallel Ray tasks), then :func:`rebase_child`
+gates, signs and records each under the lock again, dropping one whose chain moved meanwhile.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,16 +40,27 @@ from cluster.updates.policy import RebasePolicy, UpdatePolicy
 from cluster.updates.rounds import new_id
 from cluster.updates.workbench import Workbench
 from hierarchy.ids import NodeId
+from hierarchy.spec import TrainSettings
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import FileEntry, LayerSpec, UpdateManifest, sign_manifest
-from nodes.build.distill import Target, refit_adapter
+from nodes.build.distill import Target, distill, refit_adapter
 from nodes.build.gate import Comparison, GateCheck
 from nodes.store.adapters import AdapterWeights
 from nodes.store.versions import ChainLink, VersionStore
 from registry.db import Registry
 from registry.updates import AddEvent, AddUpdate, AddVersion, Change, MoveAlias
 
-__all__ = ["Rebase", "rebase_child", "refit_child"]
+__all__ = [
+    "LocalRefitter",
+    "Rebase",
+    "RebasePlan",
+    "RefitRequest",
+    "Refitter",
+    "plan_rebase",
+    "rebase_child",
+    "refit",
+    "refit_child",
+]
 
 
 @dataclass(frozen=True)
@@ -63,20 +78,107 @@ class Rebase:
         return {"child": self.child, "rebased": self.check.to_dict(), "stale": self.stale.to_dict()}
 
 
-def refit_child(
-    bench: Workbench,
-    policy: RebasePolicy,
-    old_chain: Sequence[AdapterWeights],
-    new_parent: Sequence[AdapterWeights],
-    tokens: torch.Tensor,
-) -> AdapterWeights:
+@dataclass(frozen=True)
+class RefitRequest:
+    """One child's re-fit, self-contained (adapters as tensors, the base by its directory and
+    digest) so that a worker on another machine can run it: see :class:`Refitter`."""
+
+    child: str
+    old_chain: tuple[AdapterWeights, ...]  # the old effective model: the old parent chain + the child
+    new_parent: tuple[AdapterWeights, ...]
+    tokens: torch.Tensor  # the child's training text
+    policy: RebasePolicy
+    seq_len: int
+    base_dir: str
+    base_digest: str
+
+
+class Refitter(Protocol):
+    """Runs re-fits: all of one level's children are handed over at once (a Ray cluster runs them in
+    parallel as tasks, cluster.ray.rebase); returns each adapter with where and how long it ran."""
+
+    def fit(self, requests: Sequence[RefitRequest]) -> list[tuple[AdapterWeights, dict[str, Any]]]: ...
+
+
+def refit(model: torch.nn.Module, request: RefitRequest) -> AdapterWeights:
     """The child's adapter (``old_chain[-1]``, trained over ``old_chain[:-1]``) re-fit over
     ``new_parent``: from its re-expression there (``policy.start``), distilled towards the old
     effective model on ``tokens`` plus ``policy.lm_weight`` times its own LM loss."""
-    own = old_chain[-1]
-    start = refit_adapter(own, old_chain[:-1], new_parent)[0] if policy.start == "refit" else own
-    targets = [Target(tokens, old_chain), Target(tokens, None, policy.lm_weight)]
-    return bench.distill(new_parent, start, targets, policy)
+    policy, own = request.policy, request.old_chain[-1]
+    start = refit_adapter(own, request.old_chain[:-1], request.new_parent)[0] if policy.start == "refit" else own
+    targets = [Target(request.tokens, request.old_chain), Target(request.tokens, None, policy.lm_weight)]
+    settings = TrainSettings(
+        steps=policy.steps, lr=policy.lr, batch_size=policy.batch_size, max_seq_len=request.seq_len, seed=policy.seed
+    )
+    return distill(model, list(request.new_parent), start, targets, settings).adapter
+
+
+class LocalRefitter:
+    """Re-fits one after another with the workbench's own model (a server's round thread)."""
+
+    def __init__(self, bench: Workbench):
+        self.bench = bench
+
+    def fit(self, requests: Sequence[RefitRequest]) -> list[tuple[AdapterWeights, dict[str, Any]]]:
+        out = []
+        for request in requests:
+            started = time.perf_counter()
+            ev = self.bench.evaluator
+            with ev.lock:
+                adapter = refit(ev.base.model, request)
+            out.append((adapter, {"on": "local", "seconds": round(time.perf_counter() - started, 3)}))
+        return out
+
+
+def refit_request(
+    bench: Workbench,
+    policy: RebasePolicy,
+    child: str,
+    old_chain: Sequence[AdapterWeights],
+    new_parent: Sequence[AdapterWeights],
+) -> RefitRequest:
+    tree = bench.store.tree
+    return RefitRequest(
+        child,
+        tuple(old_chain),
+        tuple(new_parent),
+        bench.train_tokens(child),
+        policy,
+        bench.seq_len,
+        str(tree.base_dir),
+        tree.base_digest,
+    )
+
+
+def refit_child(
+    bench: Workbench,
+    policy: RebasePolicy,
+    child: str,
+    old_chain: Sequence[AdapterWeights],
+    new_parent: Sequence[AdapterWeights],
+) -> AdapterWeights:
+    """:func:`refit` of ``child`` here, with the workbench's model."""
+    return LocalRefitter(bench).fit([refit_request(bench, policy, child, old_chain, new_parent)])[0][0]
+
+
+@dataclass(frozen=True)
+class RebasePlan:
+    """What one child's rebase starts from: the chains as they were when its re-fit was asked for."""
+
+    child: str
+    own_link: ChainLink
+    old_chain: tuple[ChainLink, ...]  # the parent's old link ``before`` in place of its new one
+    new_parent: tuple[ChainLink, ...]
+    request: RefitRequest
+
+
+def plan_rebase(bench: Workbench, policy: UpdatePolicy, view: TreeView, child: str, before: ChainLink) -> RebasePlan:
+    """``child`` re-fit over its parent's served chain, replacing the parent's old link ``before``."""
+    new_parent = tuple(view.chain(view.parent(child)))
+    own_link = view.pins[child].link
+    old_chain = (*new_parent[:-1], before, own_link)
+    request = refit_request(bench, policy.rebase, child, bench.adapters(old_chain), bench.adapters(new_parent))
+    return RebasePlan(child, own_link, old_chain, new_parent, request)
 
 
 def rebase_child(
@@ -85,18 +187,17 @@ def rebase_child(
     registry: Registry,
     policy: UpdatePolicy,
     view: TreeView,
-    child: str,
-    before: ChainLink,
+    plan: RebasePlan,
+    fitted: AdapterWeights,
+    fit: dict[str, Any],
     key: SigningKey,
     now: datetime,
 ) -> Rebase:
-    """Re-fit ``child`` over its parent's served chain, replacing the parent's old link ``before``."""
+    """Gate, sign and record ``plan``'s re-fit adapter ``fitted`` (``fit``: where it ran)."""
+    child, own_link, old_chain, new_parent = plan.child, plan.own_link, plan.old_chain, plan.new_parent
     parent = view.parent(child)
-    new_parent = view.chain(parent)
-    own_link = view.pins[child].link
-    old_chain = (*new_parent[:-1], before, own_link)
     teacher, ancestors, own = bench.adapters(old_chain), bench.adapters(new_parent), bench.adapter(own_link)
-    rebased = refit_child(bench, policy.rebase, teacher, ancestors, bench.train_tokens(child))
+    rebased = fitted
     node_id, version = view.node_id(child), view.latest(child) + 1
     rebased_key = (*new_parent, ("rebased", own_link, version))
     report = bench.measure(
@@ -123,7 +224,12 @@ def rebase_child(
         ],
     )
     check, stale = report.checks
-    figures = {"rebased": check.to_dict(), "stale": stale.to_dict(), "over": [x.to_dict() for x in new_parent]}
+    figures = {
+        "rebased": check.to_dict(),
+        "stale": stale.to_dict(),
+        "over": [x.to_dict() for x in new_parent],
+        "fit": fit,
+    }
     if not check.passed:
         event = AddEvent("rebase-rejected", node_id, None, figures | {"reason": check.describe()})
         return Rebase(child, check, stale, None, [event], [])

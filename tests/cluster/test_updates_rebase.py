@@ -62,6 +62,7 @@ def test_each_child_gets_a_signed_rebased_version_within_the_bound(rebased):
         assert manifest.version == record.version and manifest.parent_version == 2
         check = record.figures["rebased"]
         assert abs(check["change"]) <= 0.01 and check["passed"]
+        assert record.figures["fit"]["on"] == "local" and record.figures["fit"]["seconds"] > 0
         # Served over en/medical v2 with the rebased version, made for that chain.
         chain = pins[node_id].chain
         assert list(chain[:-1]) == list(med_chain) and chain[-1]["version"] == record.version
