@@ -140,7 +140,9 @@ def main() -> int:
     parser.add_argument("--rebase-lr", type=float, default=UpdatePolicy().rebase.lr)
     parser.add_argument("--rebase-start", choices=REBASE_STARTS, default=UpdatePolicy().rebase.start)
     parser.add_argument("--rebase-methods", help="rebase the children only for these methods (default: all)")
-    parser.add_argument("--rebase-etas", help="rebase the children only at these etas (default: all)")
+    parser.add_argument(
+        "--rebase-etas", default="0.5", help="rebase the children only at these etas (default: 0.5, the policy's)"
+    )
     parser.add_argument("--no-rebase", action="store_true", help="leave max_rebased_child_change out (faster)")
     parser.add_argument("--gate-max-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -272,6 +274,7 @@ def show(rows: list[dict]) -> None:
         "parent gain",
         "max sibling regression",
         "max ancestor change",
+        "updater (not gated)",
         "max rebased child change",
         "un-rebased",
         "gate",
@@ -288,6 +291,7 @@ def show(rows: list[dict]) -> None:
             pct(r["parent_gain"]),
             pct(r["max_sibling_regression"]),
             pct(r["max_ancestor_change"]),
+            pct(r["double_counted_child"]),
             pct(r["max_rebased_child_change"]),
             pct(r["max_stale_child_change"]),
             "accepts" if r["gate_passed"] else "rejects",
