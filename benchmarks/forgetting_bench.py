@@ -313,31 +313,23 @@ def plot(rows: list[dict], out: Path, tree: str) -> None:
         axes[0].plot(xs, ys, marker="o", label=name)
         for r, x, y in zip(mine, xs, ys, strict=True):
             axes[0].annotate(f"{r['eta']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        rebased = [r for r in mine if r["max_rebased_child_change"] is not None]
-        if rebased:
-            axes[1].plot(
-                [r["eta"] for r in rebased],
-                [r["max_rebased_child_change"] * 100 for r in rebased],
-                marker="o",
-                label=f"{name} rebased",
-            )
-            axes[1].plot(
-                [r["eta"] for r in rebased],
-                [r["max_stale_child_change"] * 100 for r in rebased],
-                marker="x",
-                linestyle=":",
-                label=f"{name} un-rebased",
-            )
     axes[0].axvline(2.0, color="#c44", linestyle="--", linewidth=1)
     axes[0].set_xlabel("largest sibling regression (%, own eval text; gate bound 2%)")
     axes[0].set_ylabel("en/medical gain on the update's text (%)")
     axes[0].set_title(f"gain vs forgetting per method (labels: eta) - {tree}")
     axes[0].legend(fontsize=7)
-    axes[1].axhline(1.0, color="#c44", linestyle="--", linewidth=1)
-    axes[1].set_xlabel("eta")
-    axes[1].set_ylabel("largest |change| of a child's own perplexity (%)")
-    axes[1].set_title("children over the new parent: rebased vs not")
-    axes[1].legend(fontsize=6)
+    # Rebased against un-rebased, per method and eta where the run rebased (signed: the largest |.|).
+    rebased = [r for r in rows if r["max_rebased_child_change"] is not None]
+    labels = [f"{r['method']}\n{r['eta']:g}" for r in rebased]
+    xs = list(range(len(rebased)))
+    axes[1].bar([x - 0.2 for x in xs], [r["max_stale_child_change"] * 100 for r in rebased], 0.4, label="un-rebased")
+    axes[1].bar([x + 0.2 for x in xs], [r["max_rebased_child_change"] * 100 for r in rebased], 0.4, label="rebased")
+    for bound in (1.0, -1.0):
+        axes[1].axhline(bound, color="#c44", linestyle="--", linewidth=1)
+    axes[1].set_xticks(xs, labels, fontsize=7)
+    axes[1].set_ylabel("child's own perplexity change, largest |.| (%)")
+    axes[1].set_title("children over the new parent (gate.rebase: within 1%)")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
