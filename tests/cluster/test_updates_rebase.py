@@ -8,9 +8,11 @@ import pytest
 
 from cluster.updates.keys import write_key_files
 from cluster.updates.policy import RebasePolicy, UpdatePolicy
-from hierarchy.updates.envelope import Envelope
+from cluster.updates.rebase import LocalRefitter
+from hierarchy.updates.envelope import Envelope, sign_payload
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import parse_manifest
+from hierarchy.updates.statements import ROLLBACK_PAYLOAD_TYPE, rollback_statement
 from nodes.build.gate import GateBounds
 from registry.forgetting import history
 from registry.updates import current_pins, list_update_events, list_updates
@@ -101,5 +103,38 @@ def test_no_key_no_rebase_and_a_failed_gate_keeps_the_pin(tmp_path_factory):
         refused = [e for e in list_update_events(w.registry) if e.event == "rebase-rejected"]
         assert len(refused) == 3 and not [u for u in list_updates(w.registry, tree=TREE) if u.kind == "rebase"]
         assert all(len(v) == 3 for k, v in pins_after_approval.items() if k.count("/") == 3)
+    finally:
+        w.close()
+
+
+def test_a_rebase_whose_parent_moved_while_it_was_re_fit_is_dropped(tmp_path_factory):
+    """Re-fits run outside the tree's lock: if the parent moves meanwhile (here an operator rolls
+    en/medical back while the children are being re-fit), the results are dropped rather than
+    recorded over a chain that is no longer served, and the children keep their pins."""
+    folder = tmp_path_factory.mktemp("moved")
+    write_key_files(folder / "k", SigningKey.generate())
+    policy = UpdatePolicy(rebase=RebasePolicy(steps=2, batch_size=2, key=str(folder / "k")))
+    w = make_world(folder, built_tree(tmp_path_factory), policy)
+    local = LocalRefitter(w.coordinator.bench)
+
+    class RollingBack:  # the real re-fits, then the operator's rollback before they are recorded
+        def fit(self, requests):
+            out = local.fit(requests)
+            node = f"{TREE}/{MED}"
+            statement = rollback_statement(node, 2, 1)
+            w.coordinator.rollback(node, 1, sign_payload(ROLLBACK_PAYLOAD_TYPE, statement, [w.keys.operator]))
+            return out
+
+    w.coordinator.refitter = RollingBack()
+    try:
+        status = w.coordinator.submit(package_of(w, "en/medical/oncology", honest_adapter(w, "en/medical/oncology"))[0])
+        _approve(w, status.candidate_id)
+        assert not [u for u in list_updates(w.registry, tree=TREE) if u.kind == "rebase"]
+        assert not [e for e in list_update_events(w.registry) if e.event in ("rebased", "rebase-rejected")]
+        pins = current_pins(w.registry, TREE)
+        med_v1 = pins[f"{TREE}/{MED}"].chain
+        assert med_v1[-1]["version"] == 1
+        for child in CHILDREN:  # served over en/medical v1 again, with no rebased version
+            assert list(pins[f"{TREE}/{child}"].chain[:-1]) == list(med_v1)
     finally:
         w.close()
