@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from cluster.errors import PolicyError
+from hierarchy.spec import TrainSettings
 from hierarchy.updates.aggregate import MergePolicy
 from hierarchy.updates.screening import ScreenPolicy
 from hierarchy.updates.trust import Role
@@ -123,6 +124,12 @@ class DistillPolicy:
         _number("batch_size", self.batch_size, integer=True, low=1, high=1024)
         _number("lm_weight", self.lm_weight, low=0, high=100)
         _number("seed", self.seed, integer=True, low=0)
+
+    def settings(self, seq_len: int) -> TrainSettings:
+        """The distillation run's settings over windows of ``seq_len`` tokens."""
+        return TrainSettings(
+            steps=self.steps, lr=self.lr, batch_size=self.batch_size, max_seq_len=seq_len, seed=self.seed
+        )
 
     @classmethod
     def from_dict(cls, name: str, obj: Any, base_dir: Path | None = None) -> Any:

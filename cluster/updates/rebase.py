@@ -40,7 +40,6 @@ from cluster.updates.policy import RebasePolicy, UpdatePolicy
 from cluster.updates.rounds import new_id
 from cluster.updates.workbench import Workbench
 from hierarchy.ids import NodeId
-from hierarchy.spec import TrainSettings
 from hierarchy.updates.keys import SigningKey
 from hierarchy.updates.manifest import FileEntry, LayerSpec, UpdateManifest, sign_manifest
 from nodes.build.distill import Target, distill, refit_adapter
@@ -107,10 +106,7 @@ def refit(model: torch.nn.Module, request: RefitRequest) -> AdapterWeights:
     policy, own = request.policy, request.old_chain[-1]
     start = refit_adapter(own, request.old_chain[:-1], request.new_parent)[0] if policy.start == "refit" else own
     targets = [Target(request.tokens, request.old_chain), Target(request.tokens, None, policy.lm_weight)]
-    settings = TrainSettings(
-        steps=policy.steps, lr=policy.lr, batch_size=policy.batch_size, max_seq_len=request.seq_len, seed=policy.seed
-    )
-    return distill(model, list(request.new_parent), start, targets, settings).adapter
+    return distill(model, list(request.new_parent), start, targets, policy.settings(request.seq_len)).adapter
 
 
 class LocalRefitter:

@@ -123,12 +123,9 @@ class Workbench:
         self, ancestors: Sequence[AdapterWeights], own: AdapterWeights, targets: Sequence[Target], policy: DistillPolicy
     ) -> AdapterWeights:
         """``nodes.build.distill.distill`` with the workbench's model and ``policy``'s settings."""
-        settings = TrainSettings(
-            steps=policy.steps, lr=policy.lr, batch_size=policy.batch_size, max_seq_len=self.seq_len, seed=policy.seed
-        )
         ev = self.evaluator
         with ev.lock:
-            return distill(ev.base.model, list(ancestors), own, targets, settings).adapter
+            return distill(ev.base.model, list(ancestors), own, targets, policy.settings(self.seq_len)).adapter
 
     def feedback(self, path: str) -> EvalText | None:
         """Node ``path``'s held-out feedback (written by `update make --from-feedback`), if it has any.
