@@ -176,6 +176,13 @@ def serve_command(
             help="memory for reusing prompt prefixes' keys/values per exact chain and version (0 turns it off)",
         ),
     ] = "256MiB",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="weights: fp32 (exact), bf16, int8 (weight-only, bf16 activations) or auto (bf16 on CPUs with bf16)",
+        ),
+    ] = "fp32",
 ) -> None:
     """Serve a built tree over gRPC (Inference, Registry, Updates, Admin, health, reflection) and,
     with --http-port, the OpenAI-compatible HTTP API."""
@@ -222,6 +229,7 @@ def serve_command(
         variant_delegation=variant_delegation,
         variant_cache=variant_cache,
         prefix_cache=prefix_cache,
+        precision=precision,
     )
     if insecure_no_auth:
         err.print(

@@ -105,6 +105,7 @@ def trunk_spec(config: ClusterConfig, trunk: TrunkConfig) -> TrunkSpec:
         max_adapters=trunk.max_adapters,
         host_cache=trunk.host_cache,
         prefix_cache=trunk.prefix_cache,
+        precision=trunk.precision,
         preload=trunk.preload,
         content=tree_content_digest(trunk.tree_dir),
     )

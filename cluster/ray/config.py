@@ -24,6 +24,7 @@ import yaml
 from cluster.errors import ClusterConfigError, ServeError
 from cluster.service.client_certs import ClientTenants
 from cluster.service.quota import QuotaPolicy, TenantQuota
+from nodes.base.precision import PRECISIONS
 from nodes.errors import NodesError
 from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING
 from nodes.store.tree import open_tree
@@ -171,6 +172,7 @@ class TrunkConfig:
     prefill_chunk: int = 32  # a longer prompt is prefilled this many tokens per step while rows decode (0: whole)
     host_cache: int = 1 << 30  # bytes of inactive adapters a replica keeps in memory
     prefix_cache: int = 256 << 20  # bytes of prompt-prefix keys/values a replica reuses (0: off)
+    precision: str = "fp32"  # nodes.base.precision: fp32, bf16, int8 or auto (resolved on the replica's machine)
     preload: tuple[str, ...] = ()  # node ids loaded before a replica takes traffic
     health_check_period_s: float = 2.0
     graceful_shutdown_s: float = 10.0
@@ -512,6 +514,7 @@ def _trunk(r: _Reader) -> TrunkConfig:
         prefill_chunk=engine.integer("prefill_chunk", 32, low=0),
         host_cache=_memory(engine, "host_cache") or (1 << 30),
         prefix_cache=_prefix_cache(engine),
+        precision=engine.text("precision", "fp32", choices=(*PRECISIONS, "auto")),
         preload=tuple(preload),
         health_check_period_s=r.number("health_check_period_s", 2.0, low=0.1),
         graceful_shutdown_s=r.number("graceful_shutdown_s", 10.0),

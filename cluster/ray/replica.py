@@ -125,6 +125,7 @@ class TrunkReplicaBase:
             max_active_adapters=spec.max_adapters,
             host_cache_bytes=spec.host_cache,
             prefix_cache_bytes=spec.prefix_cache,
+            precision=spec.precision,
         )
         self.engine = Engine(base_dir, spec.tree_dir, config)  # a dir: the engine follows its snapshots
         self._trunk = EngineTrunk(self.engine)  # its snapshot() is what Admin.Status shows per trunk

@@ -36,6 +36,7 @@ class TrunkSpec:
     max_adapters: int = 64
     host_cache: int = 1 << 30
     prefix_cache: int = 256 << 20
+    precision: str = "fp32"  # nodes.base.precision, resolved where the replica runs ("auto")
     preload: tuple[str, ...] = ()
     content: str = ""  # digest of tree.json and every node.json: a rebuilt tree restarts the replicas
 

@@ -41,6 +41,7 @@ from cluster.updates.keys import load_signing_key
 from cluster.updates.policy import UpdatePolicy
 from hierarchy.errors import KeyFormatError
 from hierarchy.updates.envelope import Envelope
+from nodes.base.precision import PRECISIONS
 from nodes.runtime.engine import Engine, EngineConfig
 from nodes.runtime.requests import DEFAULT_CONTENDED_RUNNING
 from nodes.store.tree import BuiltTree, open_tree
@@ -78,6 +79,7 @@ class StandaloneOptions:
     variant_delegation: Path | None = None  # root's delegation of that key (treelm keys delegate-variants)
     variant_cache: str = "20GiB"  # bound on TREE_DIR/variants (Distributor's LRU eviction)
     prefix_cache: str = "256MiB"  # the engine's prompt-prefix keys/values ("0" or "off": none)
+    precision: str = "fp32"  # nodes.base.precision: fp32, bf16, int8 or auto
     job_threads: int = 1  # CPU threads of a fine-tuning job's worker process (one job at a time)
 
     @property
@@ -89,6 +91,8 @@ class StandaloneOptions:
             raise ServeError(f"--threads must be >= 1, got {self.threads}")
         if self.job_threads < 1:
             raise ServeError(f"--job-threads must be >= 1, got {self.job_threads}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ServeError(f"--precision must be one of {', '.join(PRECISIONS)} or auto, got {self.precision!r}")
         if (self.variant_key is None) != (self.variant_delegation is None):
             raise ServeError("serving variants needs both --variant-key and --variant-delegation")
         try:
@@ -127,6 +131,7 @@ def serve_standalone(options: StandaloneOptions, say: Say) -> None:
             tenant_step_rows=options.tenant_step_rows,
             tenant_contended_running=options.tenant_contended_running,
             prefill_chunk=options.prefill_chunk,
+            precision=options.precision,
         )
         engine = Engine(tree.base_dir, tree.root, config)
         if coordinator is not None:

@@ -13,7 +13,7 @@ The bank never copies the base weights and never merges anything into them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -90,6 +90,7 @@ class BankLinear(torch.nn.Module):
     """A base ``nn.Linear`` plus the low-rank terms of the current batch's adapters."""
 
     _bank: AdapterBank  # set with object.__setattr__ (see __init__)
+    _base_forward: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(self, name: str, base: torch.nn.Linear, bank: AdapterBank):
         super().__init__()
@@ -98,13 +99,15 @@ class BankLinear(torch.nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         object.__setattr__(self, "_bank", bank)  # not a submodule: avoid a reference cycle in the module tree
+        # The base's own forward (F.linear, or an int8 layer's kernel), without Module.__call__'s hooks.
+        object.__setattr__(self, "_base_forward", base.forward)
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects the layer still finds the base weight
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
+        y = self._base_forward(x)
         batch = self._bank.batch
         if batch is None:
             return y

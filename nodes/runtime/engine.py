@@ -48,6 +48,7 @@ from typing import Any
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
 from nodes.base.model import LoadedBase, load_base
+from nodes.base.precision import PRECISIONS, apply_precision, precision_of, resolve_precision
 from nodes.errors import (
     BaseModelError,
     DeadlineExceeded,
@@ -119,10 +120,20 @@ class EngineConfig:
         default=DEFAULT_CONTENDED_RUNNING,
         metadata={"help": "a tenant's requests admitted to the batch while a light tenant has requests; None = off"},
     )
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "fp32, bf16, int8 (weight-only, bf16 activations) or auto (bf16 where the CPU has it)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise EngineConfigError(
+                f"EngineConfig.precision must be one of {', '.join(PRECISIONS)} or auto, got {self.precision!r}"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "precision":
+                continue
             if value is None and f.name in (
                 "max_context",
                 "tenant_max_running",
@@ -204,6 +215,10 @@ class Engine:
         else:
             self.base = load_base(base, digest=self.tree.base_digest or None)
         model: Any = self.base.model  # a transformers PreTrainedModel
+        wanted = resolve_precision(self.config.precision)
+        if precision_of(model) != wanted:  # a LoadedBase is converted in place, as the bank wraps it in place
+            apply_precision(model, wanted)
+        self.precision = precision_of(model)
         tokenizer: Any = self.base.tokenizer
         check_supported(model.config)
         self.tokenizer: Any = tokenizer

@@ -230,6 +230,7 @@ def next_tokens(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], 
 
     ``logits`` may be changed in place when every row is processed and none wants logprobs.
     """
+    logits = logits.float()  # a bf16/int8 model's logits: sample and score in fp32 (a no-op for fp32)
     if batch.plain:
         return logits.argmax(dim=-1).tolist(), None
     if batch.processed is None:

@@ -85,6 +85,11 @@ def test_a_minimal_file_gets_explicit_ports_and_safe_defaults(doc, tmp_path):
         changed = copy.deepcopy(doc)
         changed["trunks"][0]["engine"] = {"prefix_cache": value}
         assert parse(changed, tmp_path).trunks[0].prefix_cache == want
+    assert trunk.precision == "fp32"  # exact by default; bf16/int8/auto are asked for
+    for value in ("bf16", "int8", "auto"):
+        changed = copy.deepcopy(doc)
+        changed["trunks"][0]["engine"] = {"precision": value}
+        assert parse(changed, tmp_path).trunks[0].precision == value
 
 
 def test_the_examples_are_valid(tree_dir, monkeypatch):
@@ -176,6 +181,7 @@ def test_the_examples_are_valid(tree_dir, monkeypatch):
         (lambda d: d.update(ingress={"variant_cache": "big"}), "ingress.variant_cache", "not a size"),
         (lambda d: d["trunks"][0].update(engine={"prefix_cache": "-1GiB"}), "trunks[0].engine.prefix_cache", "size"),
         (lambda d: d["trunks"][0].update(engine={"prefill_chunk": -1}), "trunks[0].engine.prefill_chunk", ">= 0"),
+        (lambda d: d["trunks"][0].update(engine={"precision": "fp16"}), "trunks[0].engine.precision", "bf16, int8"),
         (
             lambda d: d.update(ingress={"variant_key": "/nope/k", "variant_delegations": ["/nope/d"]}),
             "ingress.variant_key",
