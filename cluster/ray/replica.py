@@ -188,7 +188,9 @@ class TrunkReplicaBase:
         self._enter(request)
         try:
             await self._route(request.node)
-            async for chunk in self.engine.stream(request):
+            # Coalesced: each item costs a Ray object and a hop through the ingress, so the tokens
+            # made while the last one travelled go together (a reader that keeps up gets each alone).
+            async for chunk in self.engine.stream(request, coalesce=True):
                 yield chunk
             ok = True
         finally:

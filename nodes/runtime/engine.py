@@ -59,6 +59,7 @@ from nodes.errors import (
 )
 from nodes.runtime.bank import AdapterBank
 from nodes.runtime.cache import AdapterCache, CacheStats
+from nodes.runtime.chunks import merge_chunks
 from nodes.runtime.grammar import Grammars, RowGrammar
 from nodes.runtime.kv import check_supported
 from nodes.runtime.logprobs import TokenTable
@@ -396,9 +397,11 @@ class Engine:
             self._abandon(job)
             raise
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    async def stream(self, request: GenerationRequest, *, coalesce: bool = False) -> AsyncIterator[TokenChunk]:
         """Yield the request's tokens as they come; the last chunk has ``finish_reason`` and usage.
 
+        With ``coalesce``, the chunks that arrived while the reader was away are merged into one
+        (:func:`nodes.runtime.chunks.merge_chunks`): a reader that pays per chunk catches up.
         Closing the iterator early (a client disconnect) cancels the request;
         its slot is freed at the next step.
         """
@@ -406,13 +409,18 @@ class Engine:
         job, sink = await self._submit(request, streaming=True)
         try:
             while True:
-                item = await sink.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, TokenChunk):
-                    yield item
-                elif isinstance(item, GenerationResult):
-                    return
+                items = [await sink.queue.get()]
+                if coalesce:
+                    while not sink.queue.empty():
+                        items.append(sink.queue.get_nowait())
+                    items = merge_chunks(items)
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, TokenChunk):
+                        yield item
+                    elif isinstance(item, GenerationResult):
+                        return
         finally:
             self._abandon(job)
 
