@@ -11,6 +11,8 @@
   adapter lives in exactly one of them (moved, never copied).
 - **disk**: every load re-hashes the node's files against node.json before the
   weights are read (:func:`nodes.store.adapters.read_adapter` with ``expected_sha256``).
+  Each load is timed (read, verify, lay out for the bank): the total, and p50/p99 over the
+  last :data:`LOAD_WINDOW` loads, are in :class:`CacheStats`.
 
 ``acquire``/``release`` are called from the engine's model thread; ``stats`` may
 be called from any thread.
@@ -18,8 +20,10 @@ be called from any thread.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +32,9 @@ from nodes.runtime.bank import AdapterBank, PreparedAdapter, prepare_adapter
 from nodes.store.adapters import read_adapter
 from nodes.store.tree import BuiltNode
 
-__all__ = ["AdapterCache", "CacheStats"]
+__all__ = ["LOAD_WINDOW", "AdapterCache", "CacheStats"]
+
+LOAD_WINDOW = 1024  # the most recent disk loads whose durations the percentiles cover
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,19 @@ class CacheStats:
     hits_host: int  # promoted from host memory without touching disk
     evictions_active: int  # bank -> host
     evictions_host: int  # host -> dropped (disk only)
+    load_seconds: float = 0.0  # summed over every load: read + sha256 check + layout for the bank
+    load_p50_s: float = 0.0  # median duration of the last LOAD_WINDOW loads (0.0 before the first)
+    load_p99_s: float = 0.0  # 99th percentile (nearest rank) of the same loads
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return dict(self.__dict__)
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of ``ordered`` (ascending) by nearest rank; 0.0 when empty."""
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 class AdapterCache:
@@ -72,6 +88,8 @@ class AdapterCache:
         self._counts = dict.fromkeys(
             ("loads", "integrity_failures", "hits_active", "hits_host", "evictions_active", "evictions_host"), 0
         )
+        self._load_seconds = 0.0
+        self._recent_loads: deque[float] = deque(maxlen=LOAD_WINDOW)  # seconds, oldest first
 
     # -- the engine's side ---------------------------------------------------
     def acquire(self, chain: Sequence[BuiltNode]) -> tuple[str, ...]:
@@ -121,6 +139,7 @@ class AdapterCache:
             self._active[key] = adapter
 
     def _load(self, node: BuiltNode, key: str) -> PreparedAdapter:
+        started = time.perf_counter()
         try:
             weights = read_adapter(node.directory, expected_sha256=node.sha256, dtype=self._bank.dtype)
         except IntegrityError:
@@ -128,8 +147,11 @@ class AdapterCache:
                 self._counts["integrity_failures"] += 1
             raise
         adapter = prepare_adapter(key, weights, self._shapes, self._bank.dtype)
+        seconds = time.perf_counter() - started
         with self._lock:
             self._counts["loads"] += 1
+            self._load_seconds += seconds
+            self._recent_loads.append(seconds)
         return adapter
 
     def _evict_one_active(self, protect: tuple[str, ...]) -> None:  # caller holds the lock
@@ -162,6 +184,7 @@ class AdapterCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
+            recent = sorted(self._recent_loads)
             return CacheStats(
                 active=len(self._active),
                 active_limit=self.max_active,
@@ -171,4 +194,7 @@ class AdapterCache:
                 host_bytes_limit=self.host_bytes_limit,
                 pinned=len(self._pins),
                 **self._counts,
+                load_seconds=self._load_seconds,
+                load_p50_s=_nearest_rank(recent, 0.5),
+                load_p99_s=_nearest_rank(recent, 0.99),
             )

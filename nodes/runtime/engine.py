@@ -175,8 +175,8 @@ class EngineStats:
     prefix_tokens_reused: int = 0  # prompt tokens not computed again
     prefix_bytes: int = 0  # keys/values held by the prefix cache
 
-    def as_dict(self) -> dict[str, int | bool]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cache"}
+    def as_dict(self) -> dict[str, int | float | bool]:
+        out: dict[str, int | float | bool] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cache"}
         out.update({f"cache_{k}": v for k, v in self.cache.as_dict().items()})
         return out
 

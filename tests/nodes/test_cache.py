@@ -138,3 +138,48 @@ def test_a_verified_copy_is_used_until_evicted_then_reverified(world):
     with pytest.raises(IntegrityError):
         cache.acquire(chain(tree, "fr"))
     assert cache.stats().integrity_failures == 1 and cache.tier_of("en") == "active"
+
+
+def slow_reads(monkeypatch, seconds: dict[str, float]) -> None:
+    """Make reading a node's adapter take at least ``seconds[node path]`` (a slow disk)."""
+    import time
+
+    import nodes.runtime.cache as cache_module
+
+    real = cache_module.read_adapter
+
+    def read(directory, **kw):
+        time.sleep(next((s for path, s in seconds.items() if directory.as_posix().endswith(f"/nodes/{path}")), 0.0))
+        return real(directory, **kw)
+
+    monkeypatch.setattr(cache_module, "read_adapter", read)
+
+
+def test_disk_loads_are_timed_and_hits_are_not(world, monkeypatch):
+    tree, bank = world
+    slow_reads(monkeypatch, {"en": 0.02, "en/medical": 0.02, "en/medical/radiology": 0.02, "fr": 0.2})
+    cache = AdapterCache(bank, max_active=3, host_bytes=10**9)
+    assert (cache.stats().load_p50_s, cache.stats().load_p99_s, cache.stats().load_seconds) == (0.0, 0.0, 0.0)
+    cache.release(cache.acquire(chain(tree, "en/medical/radiology")))  # three loads of >= 20 ms
+    cache.release(cache.acquire(chain(tree, "fr")))  # one of >= 200 ms; "en" goes to host memory
+    s = cache.stats()
+    assert s.loads == 4 and 0.02 <= s.load_p50_s < 0.2 <= s.load_p99_s
+    assert s.load_seconds >= 0.26
+    cache.release(cache.acquire(chain(tree, "en/medical")))  # from host memory and the bank: no disk
+    after = cache.stats()
+    assert (after.hits_host, after.loads, after.load_seconds) == (1, 4, s.load_seconds)
+    assert after.as_dict()["load_p99_s"] == s.load_p99_s
+
+
+def test_load_percentiles_cover_only_the_most_recent_loads(world, monkeypatch):
+    import nodes.runtime.cache as cache_module
+
+    tree, bank = world
+    monkeypatch.setattr(cache_module, "LOAD_WINDOW", 2)
+    slow_reads(monkeypatch, {"en": 0.2, "fr": 0.2})
+    cache = AdapterCache(bank, max_active=3, host_bytes=0)
+    for path in ("en", "fr", "en/legal", "en/medical"):  # two slow loads, then two fast ones
+        cache.release(cache.acquire(chain(tree, path)))
+    s = cache.stats()
+    assert s.loads == 4 and s.load_p99_s < 0.2  # the window forgot the slow ones ...
+    assert s.load_seconds >= 0.4  # ... the total did not

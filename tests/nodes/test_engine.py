@@ -217,10 +217,12 @@ def test_stats_report_the_engine_and_its_cache(engine, tree):
         "cache_evictions_active",
         "cache_pinned",
         "cache_active",
+        "cache_load_p99_s",
     ):
         assert key in flat
     assert stats.cache.loads == stats.cache.active == 8  # every node loaded (verified) once, all still active
     assert stats.cache.hits_active > 0 and stats.failed == 0 and not stats.closed
+    assert 0 < stats.cache.load_p50_s <= stats.cache.load_p99_s <= stats.cache.load_seconds
 
 
 async def test_preload_loads_and_verifies_ahead_of_traffic(tiny_base_dir, tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,8 +124,16 @@ def _random_adapter(shapes, node: RandomNode, generator: torch.Generator, init_s
     return AdapterWeights(r=node.r, alpha=node.alpha, target_modules=tuple(node.targets), factors=factors)
 
 
-def make_random_tree(root: str | Path, base_dir: str | Path, spec: RandomTreeSpec = RandomTreeSpec()) -> BuiltTree:
-    """Write ``spec`` as a built tree under ``root`` over the base at ``base_dir``; return it opened."""
+def make_random_tree(
+    root: str | Path,
+    base_dir: str | Path,
+    spec: RandomTreeSpec = RandomTreeSpec(),
+    on_node: Callable[[str], None] | None = None,
+) -> BuiltTree:
+    """Write ``spec`` as a built tree under ``root`` over the base at ``base_dir``; return it opened.
+
+    ``on_node(path)`` is called after each node is written (a benchmark's progress bar).
+    """
     root, base_dir = Path(root), Path(base_dir).resolve()
     digest = base_digest(base_dir)
     shapes = _linear_shapes(base_dir)
@@ -163,6 +171,8 @@ def make_random_tree(root: str | Path, base_dir: str | Path, spec: RandomTreeSpe
         }
         (directory / NODE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         records[node.path] = record
+        if on_node is not None:
+            on_node(node.path)
     tree_record = {
         "name": spec.name,
         "base": {"dir": str(base_dir), "digest": digest, "model": spec.base_model},
