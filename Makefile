@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install llama protos test lint demo bench clean help
+.PHONY: install llama llama-server protos test lint demo bench clean help
 
 help:
 	@echo "make test   - install into .venv and run the whole test suite"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint   - ruff (lint + format check), mypy, import-linter (part of make test)"
 	@echo "make protos - regenerate the committed gRPC code after editing protos/treelm/v1/*.proto"
 	@echo "make llama  - add llama-cpp-python (the GGUF variants' llama.cpp checks run with it)"
+	@echo "make llama-server - build llama.cpp's llama-server (benchmarks/llamacpp_bench.py runs against it)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,22 @@ llama: install
 	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 		CMAKE_ARGS='$(LLAMA_CMAKE)' $(BIN)/pip wheel --quiet --no-cache-dir --no-deps -w $(LLAMA_WHEELS) 'llama-cpp-python==$(LLAMA_VERSION)'
 	$(BIN)/pip install --quiet $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+
+# Optional: llama.cpp's `llama-server` for benchmarks/llamacpp_bench.py, built from the llama.cpp that
+# llama-cpp-python $(LLAMA_VERSION) vendors, with the same flags, into a per-machine cache (~10 min on
+# 2 cores, once). Static, no web UI (the prebuilt one would be fetched from the network), no HTTPS.
+# The benchmark finds it there, or at $$LLAMA_SERVER. `make test` does not need it.
+LLAMA_SERVER_DIR := $(HOME)/.cache/treelm/llama-server/$(shell echo '$(LLAMA_VERSION) $(LLAMA_CMAKE)' | sha256sum | cut -c1-12)
+LLAMA_SERVER_CMAKE := $(LLAMA_CMAKE) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+llama-server: install
+	@test -x $(LLAMA_SERVER_DIR)/llama-server || { set -e; src=$$(mktemp -d); \
+		$(BIN)/pip download --quiet --no-binary :all: --no-deps -d $$src 'llama-cpp-python==$(LLAMA_VERSION)'; \
+		tar xzf $$src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$src; \
+		cmake -S $$src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $$src/build $(LLAMA_SERVER_CMAKE); \
+		cmake --build $$src/build --target llama-server -j$(shell nproc); \
+		mkdir -p $(LLAMA_SERVER_DIR); cp $$src/build/bin/llama-server $(LLAMA_SERVER_DIR)/; rm -rf $$src; }
+	@echo "llama-server: $(LLAMA_SERVER_DIR)/llama-server"
 
 # The gRPC code generated from protos/treelm/v1/*.proto is committed, so `pip install .` needs no
 # build step; run this after editing a .proto (tests/treelm/test_generated_protos.py checks it).

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nodes.errors import AdapterError
-from nodes.runtime.plan import BankBatch, BucketKind, LayerBatch, StackedWeights, plan_buckets
+from nodes.runtime.plan import BankBatch, BucketKind, LayerBatch, StackedWeights, fuse_ranges, plan_buckets
 from nodes.store.adapters import AdapterWeights
 
 __all__ = ["AdapterBank", "BankLinear", "PreparedAdapter", "PreparedFactors", "prepare_adapter"]
@@ -171,7 +171,7 @@ class AdapterBank:
         self._adapters: dict[str, PreparedAdapter] = {}
         # Stacks of the last plan, reused by the next one (the prefill plan and the decode plan of the
         # same rows, or a batch that lost one row, share most buckets). Holds nothing else.
-        self._stacks: dict[tuple[str, tuple[str, ...]], StackedWeights] = {}
+        self._stacks: dict[tuple[str, BucketKind, tuple[str, ...]], StackedWeights] = {}
         first = next(iter(model.parameters()))
         # Adapters are kept (and their low-rank products run) in fp32 under a bf16/fp16 base: on
         # CPU a rank-8 product in bf16 took 10x an fp32 one (oneDNN's per-call cost at these
@@ -210,7 +210,7 @@ class AdapterBank:
     def remove(self, key: str) -> PreparedAdapter:
         if self.batch is not None and key in self.batch.adapter_keys:
             raise AdapterError(f"adapter {key!r} is in use by the current batch")
-        self._stacks = {m: w for m, w in self._stacks.items() if key not in m[1]}
+        self._stacks = {m: w for m, w in self._stacks.items() if key not in m[2]}
         return self._adapters.pop(key)
 
     def _wrap(self, name: str) -> None:
@@ -245,20 +245,21 @@ class AdapterBank:
                 users.setdefault(key, []).append(seq)
         layers: dict[str, LayerBatch] = {}
         shared: dict[tuple, tuple] = {}  # layer signature -> buckets (layers of one kind share row plans)
-        stacks: dict[tuple[str, tuple[str, ...]], StackedWeights] = {}
+        stacks: dict[tuple[str, BucketKind, tuple[str, ...]], StackedWeights] = {}
         for name in self._wrapped:
             present = {k: self._adapters[k].modules[name] for k in users if name in self._adapters[k].modules}
             if not present:
                 continue
             signature = tuple(sorted((k, f.rank) for k, f in present.items()))
             if signature not in shared:
-                shared[signature] = plan_buckets(
+                buckets, needs_zero_row = plan_buckets(
                     {k: users[k] for k in present}, {k: f.rank for k, f in present.items()}, len(seqs), tokens_per_seq
                 )
+                shared[signature] = fuse_ranges(buckets), needs_zero_row
             buckets, needs_zero_row = shared[signature]
             weights = []
             for bucket in buckets:
-                memo = (name, bucket.keys)
+                memo = (name, bucket.kind, bucket.keys)
                 previous = stacks.get(memo) or self._stacks.get(memo)
                 stacked = _stack(bucket, present, previous)
                 stacks[memo] = stacked
@@ -287,6 +288,12 @@ def _stack(bucket, present: Mapping[str, PreparedFactors], previous: StackedWeig
         return StackedWeights(bucket=bucket, a=f.a_t, b=f.b_t)
     if previous is not None:  # same adapters in the same order at this layer: the same tensors
         return StackedWeights(bucket=bucket, a=previous.a, b=previous.b)
+    if bucket.kind in (BucketKind.FULL, BucketKind.SLICE):  # fused over the same rows: concatenated along rank
+        return StackedWeights(
+            bucket=bucket,
+            a=torch.cat([present[k].a_t for k in bucket.keys], dim=1),
+            b=torch.cat([present[k].b_t for k in bucket.keys], dim=0),
+        )
     return StackedWeights(
         bucket=bucket,
         a=torch.stack([present[k].a_t for k in bucket.keys]),

@@ -20,6 +20,11 @@ Bucket kinds (see :class:`RowBucket`):
 
 - ``FULL``: one adapter over every row: ``y += (x @ A^T) @ (sB)^T``.
 - ``SLICE``: one adapter over the contiguous rows ``start:stop``: the same on slices.
+
+  FULL and SLICE buckets over the same rows (a chain whose every element covers exactly those
+  rows: one stream, or every row on one node) are fused by :func:`fuse_ranges` into one
+  bucket of several keys whose factors are concatenated along rank: ``x @ [A_1; A_2]^T`` then
+  ``@ [s_1 B_1, s_2 B_2]^T`` is the sum of the chain's terms in two matmuls, not two per element.
 - ``RUN``: G >= 2 adapters with ``cap`` contiguous rows each, side by side:
   ``y[start:stop].view(G, cap, out).baddbmm_(bmm(x[start:stop].view(G, cap, in), A), B)``.
 - ``SUBSET``: one adapter over scattered rows: gather, two matmuls, ``index_add``.
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BankBatch", "BucketKind", "LayerBatch", "RowBucket", "StackedWeights", "plan_buckets"]
+__all__ = ["BankBatch", "BucketKind", "LayerBatch", "RowBucket", "StackedWeights", "fuse_ranges", "plan_buckets"]
 
 
 class BucketKind(enum.Enum):
@@ -52,7 +57,7 @@ class RowBucket:
 
     kind: BucketKind
     keys: tuple[str, ...]  # G adapter keys, in stacking order
-    rank: int  # r of every adapter in the bucket at this layer
+    rank: int  # r of every adapter in the bucket at this layer (a fused FULL/SLICE bucket: the sum of its ranks)
     capacity: int  # rows per adapter (after padding); N for FULL
     src_rows: torch.Tensor | None = None  # SUBSET/STACKED: [G * capacity] int64 rows of x to gather (N = the zero row)
     dst_rows: torch.Tensor | None = None  # SUBSET/STACKED: [G * capacity] int64 rows of y to add into (padding -> 0)
@@ -66,8 +71,8 @@ class StackedWeights:
     """One bucket's factors at one layer, laid out for the matmuls."""
 
     bucket: RowBucket
-    a: torch.Tensor  # FULL/SUBSET: [in, r]; STACKED: [G, in, r]   (A transposed)
-    b: torch.Tensor  # FULL/SUBSET: [r, out]; STACKED: [G, r, out] (scale * B, transposed)
+    a: torch.Tensor  # FULL/SLICE/SUBSET: [in, r]; RUN/STACKED: [G, in, r]   (A transposed; fused: r = sum of ranks)
+    b: torch.Tensor  # FULL/SLICE/SUBSET: [r, out]; RUN/STACKED: [G, r, out] (scale * B, transposed)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,31 @@ def plan_buckets(
         buckets += gathered
         any_pad = any_pad or pad
     return tuple(buckets), any_pad
+
+
+def fuse_ranges(buckets: Sequence[RowBucket]) -> tuple[RowBucket, ...]:
+    """FULL/SLICE buckets over the same rows (of any ranks) as one bucket each, factors concatenated."""
+    ranges: dict[tuple[int, int], list[RowBucket]] = {}
+    others: list[RowBucket] = []
+    for bucket in buckets:
+        if bucket.kind in (BucketKind.FULL, BucketKind.SLICE):
+            ranges.setdefault((bucket.start, bucket.stop), []).append(bucket)
+        else:
+            others.append(bucket)
+    fused = [
+        group[0]
+        if len(group) == 1
+        else RowBucket(
+            group[0].kind,
+            tuple(k for b in group for k in b.keys),
+            sum(b.rank for b in group),
+            group[0].capacity,
+            start=group[0].start,
+            stop=group[0].stop,
+        )
+        for group in ranges.values()
+    ]
+    return (*fused, *others)
 
 
 def _is_range(seqs: Sequence[int]) -> bool:

@@ -182,3 +182,22 @@ def test_adapters_that_do_not_fit_the_base_are_refused(setup):
     with pytest.raises(AdapterError, match="not active"):
         bank.plan([("missing",)], 1)
     assert "wrong" not in bank and "stray" not in bank
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_a_chain_over_the_same_rows_is_one_fused_bucket(setup, tokens):
+    bank, chains, ids, reference = setup
+    # Every row on one node: the whole chain covers every row, one FULL bucket of concatenated factors.
+    rows = [("en/medical/radiology", 0), ("en/medical/radiology", 1)]
+    plan = _check(bank, chains, ids, reference, rows, tokens)
+    ranks = {"en": 8, "en/medical": 4, "en/medical/radiology": 2}
+    for layer in plan.layers.values():
+        (w,) = layer.weights  # the adapters of the chain that adapt this layer (not all adapt every layer)
+        assert w.bucket.kind is BucketKind.FULL and set(w.bucket.keys) <= set(ranks)
+        assert w.a.shape[-1] == w.b.shape[-2] == w.bucket.rank == sum(ranks[k] for k in w.bucket.keys)
+    assert any(len(layer.weights[0].bucket.keys) == 3 for layer in plan.layers.values())
+    # The last rows on one node below a shared ancestor: that node's chain below "en" is one SLICE bucket.
+    rows = [("en/legal", 0), ("en/medical/radiology", 1), ("en/medical/radiology", 2)]
+    plan = _check(bank, chains, ids, reference, rows, tokens)
+    fused = {(w.bucket.kind, frozenset(w.bucket.keys)) for layer in plan.layers.values() for w in layer.weights}
+    assert (BucketKind.SLICE, frozenset({"en/medical", "en/medical/radiology"})) in fused
