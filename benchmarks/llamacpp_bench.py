@@ -21,8 +21,8 @@ Cases, each as that many closed-loop callers sending ``--rounds`` requests each:
   mixed x16 / x32   16 / 32 callers over all nodes in turn
 
 Reported: tokens/s per case and server, and TreeLM / llama.cpp at the same precision (TreeLM
-fp32 against F32; TreeLM ``--treelm-dtype`` against Q8_0 when `treelm serve` has a dtype
-option, else TreeLM fp32 against Q8_0, labelled so). Greedy agreement at F32 is measured on
+fp32 against F32; TreeLM ``--treelm-precision`` (default int8: ``treelm serve --precision
+int8``) against Q8_0). Greedy agreement at F32 is measured on
 one prompt per node (texts equal, and leading tokens equal), not asserted.
 Writes benchmarks/results/llamacpp.json and .png. Skips (exit 0) with a message where
 llama-server or the built tree is absent.
@@ -53,7 +53,6 @@ from llamacpp_setup import (  # noqa: E402
     Export,
     export_tree,
     find_llama_server,
-    serve_options,
     start_llama,
     start_treelm,
     stop,
@@ -201,13 +200,9 @@ async def run_all(export: Export, binary: Path, prompts: dict[str, list[str]], d
     servers = Servers(ARGS.tokens, export)
     table: dict[str, dict[str, dict]] = {}
     outputs: dict[str, dict[str, str]] = {}
-    options = serve_options()
     runs: list[tuple[str, list[str]]] = [("treelm fp32", [])]
-    if ARGS.treelm_dtype != "fp32":
-        if "--dtype" in options:
-            runs.append((f"treelm {ARGS.treelm_dtype}", ["--dtype", ARGS.treelm_dtype]))
-        else:
-            print(f"treelm serve has no --dtype option here: {ARGS.treelm_dtype} is not measured", flush=True)
+    if ARGS.treelm_precision != "fp32":
+        runs.append((f"treelm {ARGS.treelm_precision}", ["--precision", ARGS.treelm_precision]))
     try:
         for label, extra in runs:
             proc, base_url, token = start_treelm(ARGS.tree, work, threads=ARGS.threads, batch=SLOTS, extra=extra)
@@ -240,11 +235,8 @@ async def run_all(export: Export, binary: Path, prompts: dict[str, list[str]], d
 def comparisons(table: dict[str, dict[str, dict]]) -> list[tuple[str, str, str]]:
     """(label, TreeLM run, llama.cpp run) pairs at the same precision, then the labelled fallback."""
     pairs = [("fp32 vs F32", "treelm fp32", "llama.cpp F32")]
-    int8 = next((k for k in table if k.startswith("treelm ") and k != "treelm fp32"), None)
-    if int8:
-        pairs.append((f"{int8[7:]} vs Q8_0", int8, "llama.cpp Q8_0"))
-    else:
-        pairs.append(("fp32 vs Q8_0 (TreeLM int8 not available)", "treelm fp32", "llama.cpp Q8_0"))
+    low = next((k for k in table if k.startswith("treelm ") and k != "treelm fp32"), "treelm fp32")
+    pairs.append((f"{low[7:]} vs Q8_0", low, "llama.cpp Q8_0"))
     return pairs
 
 
@@ -299,7 +291,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="requests per caller (one stream: 4x)")
     parser.add_argument("--prompt-words", type=int, default=10)
     parser.add_argument("--ctx-per-slot", type=int, default=256)
-    parser.add_argument("--treelm-dtype", default="int8", help="TreeLM's precision against Q8_0 (fp32: none)")
+    parser.add_argument(
+        "--treelm-precision",
+        default="int8",
+        choices=("int8", "bf16", "fp32"),
+        help="TreeLM's precision against Q8_0 (fp32: none)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.parse_args(namespace=ARGS)
     binary = find_llama_server()

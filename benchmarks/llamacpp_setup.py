@@ -146,19 +146,6 @@ def start_llama(
     return proc, url
 
 
-def serve_options() -> str:
-    """`treelm serve --help`, to pass only options this checkout has."""
-    done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", "--help"],
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "250"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return done.stdout
-
-
 def start_treelm(
     tree_dir: Path, work: Path, *, threads: int, batch: int, extra: list[str]
 ) -> tuple[subprocess.Popen, str, str]:
