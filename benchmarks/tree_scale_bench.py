@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import gc
 import importlib.util
 import json
 import os
@@ -56,6 +54,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from engine_bench import rss_bytes, settle  # noqa: E402  (benchmarks/ on the path above)
 
 RESULTS = REPO / "benchmarks" / "results"
 CASES = {"32": (2, 3, 4), "1000": (10, 9, 10)}  # languages x domains x sub-domains
@@ -121,19 +121,6 @@ def zipf_stream(nodes: list[str], count: int, seed: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- worker (own process)
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def settle() -> int:
-    """Collect garbage and hand freed heap back to the OS, then read RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-    return rss_bytes()
 
 
 async def closed_loop(engine, requests: list) -> list:
