@@ -20,8 +20,8 @@ def merge_chunks(items: Sequence[object]) -> list[object]:
     """``items`` in order, the TokenChunks of each choice merged between any other items.
 
     Choices interleave (one token of each per step), so chunks merge per choice, each merged
-    chunk where its first one was: order within a choice is kept, and index 0 stays first. A
-    merged chunk keeps its first ``index`` and ``echo`` and takes the last one's ``finish_reason``,
+    chunk where its first one was: order within a choice is kept. A merged chunk keeps its
+    first ``index`` (the engine numbers the chunks it sends again) and ``echo`` and takes the last one's ``finish_reason``,
     ``node_version``, ``usage`` and ``timings``; texts, token ids and logprobs are concatenated.
     Anything that is not a TokenChunk (the final result, an error) is kept as it is and ends
     the merging before it.

@@ -41,7 +41,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +407,7 @@ class Engine:
         """
         await self._compile(request)
         job, sink = await self._submit(request, streaming=True)
+        sent = 0  # coalesced chunks are numbered again: ``index`` is the chunk's position in the stream
         try:
             while True:
                 items = [await sink.queue.get()]
@@ -418,7 +419,8 @@ class Engine:
                     if isinstance(item, BaseException):
                         raise item
                     if isinstance(item, TokenChunk):
-                        yield item
+                        yield replace(item, index=sent) if coalesce and item.index != sent else item
+                        sent += 1
                     elif isinstance(item, GenerationResult):
                         return
         finally:
