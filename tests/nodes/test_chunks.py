@@ -43,9 +43,12 @@ def test_each_choice_merges_in_order_and_other_items_end_the_merging():
         _chunk(6, finish="stop"),
     ]
     merged = merge_chunks(items)
+    # Each merged chunk where its last member was: choice 0's (0, 2) at 2, choice 1's (1, 3) at 3.
     assert [getattr(m, "token_ids", m) for m in merged] == [(0, 2), (1, 3), (4,), marker, (5, 6)]
     assert [getattr(m, "index", None) for m in merged] == [0, 1, 4, None, 5]
     assert merged[1].finish_reason == "length" and merged[0].text == "t0t2" and merged[4].finish_reason == "stop"
+    late = merge_chunks([_chunk(0, choice=1), _chunk(1), _chunk(2, choice=1, finish="stop")])
+    assert [m.token_ids for m in late] == [(1,), (0, 2)]  # the chunk that ends the request stays last
     assert merge_chunks([]) == [] and merge_chunks([_chunk(7)]) == [_chunk(7)]
 
 
