@@ -251,7 +251,8 @@ def main() -> None:
         "tokens": args.tokens,
         "runs": {},
     }
-    for precision in args.precisions.split(","):
+    # fp32 first: every other precision is compared with it.
+    for precision in ["fp32", *(p for p in args.precisions.split(",") if p != "fp32")]:
         print(f"== {precision}", flush=True)
         record["runs"][precision] = asyncio.run(measure(precision, tree, args.texts, args))
     summarise(record)

@@ -55,7 +55,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from engine_bench import rss_bytes, settle  # noqa: E402  (benchmarks/ on the path above)
+from engine_bench import PROMPTS, rss_bytes, settle  # noqa: E402  (benchmarks/ on the path above)
 
 RESULTS = REPO / "benchmarks" / "results"
 CASES = {"32": (2, 3, 4), "1000": (10, 9, 10)}  # languages x domains x sub-domains
@@ -63,16 +63,6 @@ RANK = 8
 TARGETS = ("q_proj", "v_proj")
 CONCURRENCY = 32
 ZIPF_EXPONENT = 1.0
-PROMPTS = (
-    "The patient was admitted with chest pain and shortness of breath.",
-    "The radiologist reviewed the scan of the patient",
-    "The contract was signed by both parties on the first day",
-    "TreeLM serves a tree of language models. The base model sits at the root",
-    "Domain models and sub-domain models sit below the language models,",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ 0123456789",
-    "The scan showed no sign of fracture. The patient",
-    "Both parties agreed that the contract",
-)
 MIB = 1 << 20
 
 

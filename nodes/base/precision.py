@@ -104,16 +104,18 @@ def _replace_linears(module: torch.nn.Module) -> int:
 
 
 def apply_precision(model: Any, precision: str) -> int:
-    """Convert ``model`` in place to ``precision``; returns the number of int8 layers (0 unless int8).
+    """Convert ``model`` in place to ``precision``; returns the number of int8 layers converted now.
 
-    For int8 a head tied to the input embedding gets its own quantized copy: the embedding
+    A model already at ``precision`` is left as it is; one at another precision than fp32 is
+    refused (converting again would compound the rounding). For int8 a head tied to the input embedding gets its own quantized copy: the embedding
     stays bf16 (a lookup reads one row; the head reads every row every step).
     """
     precision = resolve_precision(precision)
-    if precision == "fp32":
+    current = precision_of(model)
+    if current == precision:
         return 0
-    if precision_of(model) != "fp32":
-        raise BaseModelError(f"the model is already {precision_of(model)}; load it again to convert it")
+    if current != "fp32":
+        raise BaseModelError(f"the model is already {current}; load it again to serve it as {precision}")
     if precision == "bf16":
         model.to(torch.bfloat16)
         return 0

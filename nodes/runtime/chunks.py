@@ -45,7 +45,7 @@ def merge_chunks(items: Sequence[object]) -> list[object]:
         last = runs[at][1] if at is not None else None
         if (
             at is not None
-            and last is not None
+            and last is not None  # (known when ``at`` is; for the type checker)
             and last.finish_reason is None
             and item.echo is None
             and (last.logprobs is None) == (item.logprobs is None)

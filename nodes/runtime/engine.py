@@ -48,7 +48,7 @@ from typing import Any
 from hierarchy.errors import InvalidNodePath
 from hierarchy.ids import NodeId
 from nodes.base.model import LoadedBase, load_base
-from nodes.base.precision import PRECISIONS, apply_precision, precision_of, resolve_precision
+from nodes.base.precision import PRECISIONS, apply_precision, precision_of
 from nodes.errors import (
     BaseModelError,
     DeadlineExceeded,
@@ -216,9 +216,7 @@ class Engine:
         else:
             self.base = load_base(base, digest=self.tree.base_digest or None)
         model: Any = self.base.model  # a transformers PreTrainedModel
-        wanted = resolve_precision(self.config.precision)
-        if precision_of(model) != wanted:  # a LoadedBase is converted in place, as the bank wraps it in place
-            apply_precision(model, wanted)
+        apply_precision(model, self.config.precision)  # a LoadedBase in place, as the bank wraps it in place
         self.precision = precision_of(model)
         tokenizer: Any = self.base.tokenizer
         check_supported(model.config)

@@ -69,6 +69,9 @@ def test_int8_keeps_unaligned_layers_and_unties_the_head(tiny_base_dir):
     assert count == sum(isinstance(m, Int8Linear) for m in model.modules()) > 0
     with pytest.raises(BaseModelError, match="already int8"):
         apply_precision(model, "bf16")
+    with pytest.raises(BaseModelError, match="already int8"):
+        apply_precision(model, "fp32")  # never served as anything but what it is
+    assert apply_precision(model, "int8") == 0 and precision_of(model) == "int8"
 
 
 async def _logprobs(engine: Engine, node: str) -> list[float]:
