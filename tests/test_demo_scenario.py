@@ -17,6 +17,9 @@ def test_the_demo_scenario_runs_end_to_end_and_can_run_again(tmp_path_factory, t
     built_before = sorted((p.relative_to(built), p.stat().st_mtime_ns) for p in (built / "tree").rglob("*"))
     policy = tmp_path / "update-policy.yaml"  # the demo's feedback policy, with the tiny tree's looser gate
     policy.write_text(
+        # merge: auto as examples/demo/update-policy.yaml: the step-5 answers are read right after the
+        # climb, and with the default contrast merge the re-pinned chain could answer as before
+        "merge: auto\n"
         "feedback: {key: ../keys/cardiology, min_corrections: 150, steps: 30, lr: 0.003}\n"
         "gate: {parent: 0.1, probe: 0.1, canary: 0.1, repin: 0.1}\n"
         "customize: {key: ../keys/service, n_epochs: 2, learning_rate: 0.01, lora_rank: 4, batch_size: 4,"
