@@ -34,6 +34,7 @@ import ray
 from cluster.errors import ClusterError, ReplicaUnavailable, UpdateStateError
 from cluster.jobs.runner import JobRunner
 from cluster.ray.jobs import RayLauncher
+from cluster.ray.priority import yield_to_serving
 from cluster.ray.rebase import RayRefitter
 from cluster.ray.wire import remote_cause
 from cluster.updates.coordinator import Coordinator
@@ -89,6 +90,7 @@ class UpdateDesk:
         from registry.db import open_registry
 
         torch.set_num_threads(spec.threads)  # the replicas on this machine keep their cores
+        yield_to_serving()  # gating and aggregating wait for a replica's decode steps
         self._registry = open_registry(spec.registry_url)
         # The next level's round runs after an approval returns; calls keep being answered meanwhile.
         self._rounds = ThreadPoolExecutor(1, thread_name_prefix="treelm-desk-round")

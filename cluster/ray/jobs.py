@@ -22,6 +22,7 @@ import ray
 
 from cluster.errors import JobError
 from cluster.jobs.runner import JobLaunch
+from cluster.ray.priority import niceness, yield_to_serving
 from cluster.ray.wire import remote_cause
 
 __all__ = ["RayJobHandle", "RayLauncher"]
@@ -31,9 +32,14 @@ def _train(launch: JobLaunch, threads: int) -> tuple[Any, ...]:
     """The task: ("ok", result, {relative path: bytes}) or ("error", code, message, figures)."""
     from cluster.jobs.worker import run_job
 
+    yield_to_serving()  # a replica on the same machine decodes first
     context = ray.get_runtime_context()
-    # Where it ran and what Ray gave it: recorded in the job's result (operators see the placement).
-    ran_on = {"ray_node": context.get_node_id(), "resources": dict(context.get_assigned_resources())}
+    # Where it ran, what Ray gave it and at what priority: recorded in the job's result (operators see the placement).
+    ran_on = {
+        "ray_node": context.get_node_id(),
+        "resources": dict(context.get_assigned_resources()),
+        "niceness": niceness(),
+    }
     with tempfile.TemporaryDirectory(prefix=f"treelm-{launch.job_id}-") as tmp:
         try:
             result = run_job(launch.db_url, launch.tree_dir, launch.job_id, tmp, threads, launch.policy)
@@ -89,8 +95,9 @@ class RayLauncher:
         self.cpus = cpus
         self.threads = threads
         # max_retries=0: a job whose worker died ends failed (the tenant sees why) rather than
-        # training again behind the runner's back.
-        self._task = ray.remote(num_cpus=cpus, max_retries=0)(_train)
+        # training again behind the runner's back. max_calls=1: the worker lowered its priority
+        # (cluster.ray.priority) and holds a base model; it exits rather than serve Ray again.
+        self._task = ray.remote(num_cpus=cpus, max_retries=0, max_calls=1)(_train)
 
     def start(self, launch: JobLaunch) -> RayJobHandle:
         ref = self._task.options(name=f"treelm-job-{launch.job_id}").remote(launch, self.threads)

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from cluster.errors import CoordinatorError
+from cluster.ray.priority import niceness, yield_to_serving
 from cluster.ray.wire import remote_cause
 from cluster.updates.rebase import RefitRequest, refit
 from nodes.store.adapters import AdapterWeights
@@ -32,6 +33,7 @@ def _refit_task(request: RefitRequest, threads: int) -> tuple[AdapterWeights, di
     from nodes.base.model import load_base
 
     torch.set_num_threads(threads)
+    yield_to_serving()  # a replica on the same machine decodes first
     started = time.perf_counter()
     base = load_base(request.base_dir, digest=request.base_digest)
     adapter = refit(base.model, request)
@@ -41,6 +43,7 @@ def _refit_task(request: RefitRequest, threads: int) -> tuple[AdapterWeights, di
         "ray_node": context.get_node_id(),
         "task": context.get_task_id(),
         "resources": dict(context.get_assigned_resources()),
+        "niceness": niceness(),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -53,7 +56,8 @@ class RayRefitter:
         self.threads = threads
 
     def fit(self, requests: Sequence[RefitRequest]) -> list[tuple[AdapterWeights, dict[str, Any]]]:
-        task = ray.remote(_refit_task).options(num_cpus=self.cpus, max_retries=1)
+        # max_calls=1: the worker lowered its priority (cluster.ray.priority); it exits after the fit.
+        task = ray.remote(num_cpus=self.cpus, max_retries=1, max_calls=1)(_refit_task)
         refs = [task.remote(r, self.threads) for r in requests]  # all at once: Ray places them
         out = []
         for request, ref in zip(requests, refs, strict=True):

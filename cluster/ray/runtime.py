@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cluster.errors import ClusterError, RayStartError
 from cluster.ray.config import ClusterConfig, RayPorts
+from cluster.ray.priority import WORKER_NICENESS
 
 __all__ = [
     "ClusterState",
@@ -139,6 +140,9 @@ def ray_env(auth: str, token: Path | None) -> dict[str, str]:
         "RAY_AUTH_MODE": auth,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(SHUTDOWN_DRAIN_S),
+        # Replicas and the ingress serve at a normal priority (Ray's default is 15); the desk and
+        # its tasks lower themselves (cluster.ray.priority).
+        "RAY_worker_niceness": str(WORKER_NICENESS),
         # Replicas load models from local directories only, one torch thread each (see DESIGN.md).
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -125,7 +125,9 @@ def learning_story(
                 ["it climbs: en/medical's candidate approved", "evaluator + operator", f"{med} {done.state}"]
             )
         lap("5c. approvals")
-        after = {q: _answer(hospital, node, q, max_new_tokens).text for q, _ in pairs}
+        with ThreadPoolExecutor(8) as pool:  # the same eight clinicians ask again
+            again = list(pool.map(lambda qa: _answer(hospital, node, qa[0], max_new_tokens), pairs))
+        after = {q: r.text for (q, _), r in zip(pairs, again, strict=True)}
         changed = sum(after[q] != before[q] for q, _ in pairs)
         table.rows.append(["answers to the corrected questions changed", "clinicians", f"{changed}/{len(pairs)}"])
         for question, truth in shown:

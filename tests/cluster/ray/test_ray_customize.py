@@ -14,6 +14,7 @@ import time
 import openai
 import pytest
 
+from cluster.ray.priority import BACKGROUND_NICENESS
 from tests.cluster.http_harness import openai_client
 from tests.cluster.jobs_world import chat_file
 from tests.cluster.ray.cluster_harness import wait_until
@@ -90,6 +91,7 @@ def test_a_tenant_grows_the_tree_through_the_openai_client_while_the_cluster_ser
     assert job.fine_tuned_model in {m.id for m in owner.models.list()}
     # The job ran as a Ray task with its own CPU request (anywhere in the cluster), not in the desk.
     assert result["ran_on"]["resources"].get("CPU") == 1.0 and result["ran_on"]["ray_node"]
+    assert result["ran_on"]["niceness"] == BACKGROUND_NICENESS  # below the replica that kept answering
 
 
 def _answer(client, model: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.ray.priority import BACKGROUND_NICENESS
 from cluster.ray.rebase import RayRefitter
 from cluster.updates.keys import write_key_files
 from cluster.updates.policy import RebasePolicy, UpdatePolicy
@@ -39,6 +40,7 @@ def test_a_levels_rebases_run_as_parallel_ray_tasks(ray_world, tmp_path_factory)
         fits = [e.detail["fit"] for e in events]
         # One batch of three Ray tasks, each with its own task id and the half CPU it asked for.
         assert all(f["on"] == "ray" and f["batch"] == 3 and f["resources"].get("CPU") == 0.5 for f in fits)
+        assert all(f["niceness"] == BACKGROUND_NICENESS for f in fits)  # the replicas decode first
         assert len({f["task"] for f in fits}) == 3 and all(f["seconds"] > 0 for f in fits)
         records = {u.node_id: u for u in list_updates(w.registry, tree=TREE) if u.kind == "rebase"}
         assert records, "at least one child must have been rebased on the tiny tree"

@@ -10,6 +10,7 @@ import pytest
 
 import treelm
 from cluster.ray.board import board
+from cluster.ray.priority import WORKER_NICENESS
 from tests.cluster.grpc_harness import PRIVATE
 from tests.cluster.ray.cluster_harness import expected, wait_until
 
@@ -77,6 +78,7 @@ def test_status_reports_replicas_where_they_run_and_what_they_hold(ray_world, ca
         for replica in trunk["replicas"]:
             assert replica["state"] == "RUNNING" and replica["machine_id"] == head["machine_id"]
             os.kill(replica["pid"], 0)  # a live process on this machine
+            assert os.getpriority(os.PRIO_PROCESS, replica["pid"]) == WORKER_NICENESS  # not Ray's 15
             # p50 covers the last minute: a replica whose last request is older reports none.
             assert (replica["p50_ms"] is None or replica["p50_ms"] > 0) and replica["queue_depth"] == 0
     assert any(r["p50_ms"] for r in replicas_of(status, "kb"))  # kb's replica answered just now
