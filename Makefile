@@ -80,7 +80,7 @@ test: install llama lint
 
 demo: install
 	# `build` validates examples/demo/tree.yaml first; `treelm tree show` prints it as a tree.
-	# Trains the nine demo nodes over SmolLM2 on every core (first run ~9 min on 2 cores; later runs reuse them).
+	# Trains the nine demo nodes over SmolLM2 on every core (first run ~9-11 min on 2 cores; later runs reuse them).
 	$(BIN)/treelm tree build examples/demo/tree.yaml --out examples/demo/build --threads $(shell nproc)
 	# The scenario through the SDK (state: examples/demo/state/; tables + PNGs: demo-report/).
 	$(BIN)/python examples/demo/run_demo.py --cluster examples/demo/cluster.yaml
