@@ -52,6 +52,12 @@ def _answer(client: Client, node: str, question: str, max_new_tokens: int):
     )
 
 
+def _answer_all(client: Client, node: str, pairs: list[tuple[str, str]], max_new_tokens: int) -> list:
+    """Every question of ``pairs``, eight clinicians at a time (the engine batches them)."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda qa: _answer(client, node, qa[0], max_new_tokens), pairs))
+
+
 def _wait_for_decision(state: DemoState, node: str, timeout_s: float) -> dict:
     """The Ray desk decides on its own timer: poll `treelm update log` until it has made (or refused) one."""
     deadline = time.monotonic() + timeout_s
@@ -82,8 +88,7 @@ def learning_story(
     with Client(address, token=state.tokens[HOSPITAL], timeout=600) as hospital:
         hospital.set_retention(node, True)
         table.rows.append(["retention on for the node (off by default)", HOSPITAL, node])
-        with ThreadPoolExecutor(8) as pool:  # clinicians work at the same time
-            results = list(pool.map(lambda qa: _answer(hospital, node, qa[0], max_new_tokens), pairs))
+        results = _answer_all(hospital, node, pairs, max_new_tokens)
         before = {q: r.text for (q, _), r in zip(pairs, results, strict=True)}
         with ThreadPoolExecutor(8) as pool:
             list(
@@ -125,8 +130,7 @@ def learning_story(
                 ["it climbs: en/medical's candidate approved", "evaluator + operator", f"{med} {done.state}"]
             )
         lap("5c. approvals")
-        with ThreadPoolExecutor(8) as pool:  # the same eight clinicians ask again
-            again = list(pool.map(lambda qa: _answer(hospital, node, qa[0], max_new_tokens), pairs))
+        again = _answer_all(hospital, node, pairs, max_new_tokens)
         after = {q: r.text for (q, _), r in zip(pairs, again, strict=True)}
         changed = sum(after[q] != before[q] for q, _ in pairs)
         table.rows.append(["answers to the corrected questions changed", "clinicians", f"{changed}/{len(pairs)}"])

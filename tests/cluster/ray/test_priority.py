@@ -22,7 +22,7 @@ _CHILD = textwrap.dedent(
     from cluster.ray.priority import niceness, yield_to_serving
 
     seen = {}
-    started, go, done = threading.Event(), threading.Event(), threading.Event()
+    started, started2, go = threading.Event(), threading.Event(), threading.Event()
 
     def before():  # exists when yield_to_serving runs
         started.set(); go.wait(); seen["before"] = niceness()
@@ -30,7 +30,6 @@ _CHILD = textwrap.dedent(
     def lowest():  # already below the background level: stays there
         os.setpriority(os.PRIO_PROCESS, 0, 15); started2.set(); go.wait(); seen["lowest"] = niceness()
 
-    started2 = threading.Event()
     t1, t2 = threading.Thread(target=before), threading.Thread(target=lowest)
     t1.start(); t2.start(); started.wait(); started2.wait()
     seen["main_before"] = niceness()
